@@ -1,0 +1,246 @@
+//! CPU matrix products with weights kept in 16 bits and math in f32.
+//!
+//! Decode (a few rows) is memory-bound: [`gemv`] streams each weight row once, converts it in
+//! registers (bf16 → f32 is a 16-bit shift, f16 → f32 one instruction) and dots it with every input
+//! row. Prefill (many rows) is compute-bound: [`gemm_blocked`] converts a block of weight rows to f32
+//! once and hands it to the `gemm` crate, so the conversion is amortised over all rows.
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::SyncPtr;
+use crate::tensor::DType;
+
+/// Weights of a [`super::CpuBackend`] matrix.
+pub enum MatData {
+    F32(Vec<f32>),
+    /// bf16 bit patterns.
+    BF16(Vec<u16>),
+    /// IEEE f16 bit patterns.
+    F16(Vec<u16>),
+}
+
+/// A `[rows, cols]` weight matrix in host memory.
+pub struct CpuMat {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: MatData,
+}
+
+impl CpuMat {
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            MatData::F32(_) => DType::F32,
+            MatData::BF16(_) => DType::BF16,
+            MatData::F16(_) => DType::F16,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.rows * self.cols * self.dtype().size()
+    }
+
+    /// Row `r` converted to f32 into `out`.
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let (a, b) = (r * self.cols, (r + 1) * self.cols);
+        match &self.data {
+            MatData::F32(w) => out.copy_from_slice(&w[a..b]),
+            MatData::BF16(w) => out.iter_mut().zip(&w[a..b]).for_each(|(o, &x)| *o = bf16_to_f32(x)),
+            MatData::F16(w) => out.iter_mut().zip(&w[a..b]).for_each(|(o, &x)| *o = f16_to_f32(x)),
+        }
+    }
+}
+
+/// Inputs of at most this many rows take the streaming GEMV path.
+pub const GEMV_MAX_ROWS: usize = 4;
+/// Weight rows per parallel task.
+const ROW_BLOCK: usize = 32;
+
+/// `y[m, n] = x[m, k] · wᵀ`.
+pub fn matmul(x: &[f32], m: usize, w: &CpuMat, y: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    debug_assert!(x.len() >= m * k && y.len() >= m * n);
+    if m == 0 {
+        return;
+    }
+    if m <= GEMV_MAX_ROWS {
+        gemv(x, m, w, y, simd_level());
+    } else {
+        gemm_blocked(x, m, w, y);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Simd {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+pub fn simd_level() -> Simd {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return Simd::Avx512;
+    }
+    Simd::Scalar
+}
+
+/// Streaming product for a few input rows; parallel over blocks of weight rows.
+pub fn gemv(x: &[f32], m: usize, w: &CpuMat, y: &mut [f32], simd: Simd) {
+    let (n, k) = (w.rows, w.cols);
+    assert!(m <= GEMV_MAX_ROWS);
+    let yp = SyncPtr(y.as_mut_ptr());
+    (0..n.div_ceil(ROW_BLOCK)).into_par_iter().for_each(|blk| {
+        let mut acc = [0f32; GEMV_MAX_ROWS];
+        for j in blk * ROW_BLOCK..((blk + 1) * ROW_BLOCK).min(n) {
+            dot_row(w, j, x, m, k, &mut acc, simd);
+            for (r, a) in acc.iter().enumerate().take(m) {
+                // SAFETY: each (r, j) is written by exactly one task.
+                unsafe { *yp.get().add(r * n + j) = *a };
+            }
+        }
+    });
+}
+
+#[inline]
+fn dot_row(w: &CpuMat, j: usize, x: &[f32], m: usize, k: usize, acc: &mut [f32; GEMV_MAX_ROWS], simd: Simd) {
+    let off = j * k;
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe {
+            use avx512::*;
+            match &w.data {
+                MatData::F32(d) => dot_rows(d[off..off + k].as_ptr(), x, m, k, acc, load_f32, |v| v),
+                MatData::BF16(d) => dot_rows(d[off..off + k].as_ptr(), x, m, k, acc, load_bf16, bf16_to_f32),
+                MatData::F16(d) => dot_rows(d[off..off + k].as_ptr(), x, m, k, acc, load_f16, f16_to_f32),
+            }
+        },
+        Simd::Scalar => {
+            for (r, a) in acc.iter_mut().enumerate().take(m) {
+                let xr = &x[r * k..(r + 1) * k];
+                *a = match &w.data {
+                    MatData::F32(d) => scalar_dot(&d[off..off + k], xr, |v| v),
+                    MatData::BF16(d) => scalar_dot(&d[off..off + k], xr, bf16_to_f32),
+                    MatData::F16(d) => scalar_dot(&d[off..off + k], xr, f16_to_f32),
+                };
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn bf16_to_f32(v: u16) -> f32 {
+    f32::from_bits((v as u32) << 16)
+}
+
+#[inline(always)]
+fn f16_to_f32(v: u16) -> f32 {
+    half::f16::from_bits(v).to_f32()
+}
+
+/// Eight partial sums, so the compiler can vectorise where no explicit SIMD path exists.
+#[inline]
+fn scalar_dot<T: Copy>(w: &[T], x: &[f32], cvt: impl Fn(T) -> f32) -> f32 {
+    let mut s = [0f32; 8];
+    let chunks = w.len() / 8;
+    for c in 0..chunks {
+        for l in 0..8 {
+            s[l] += cvt(w[c * 8 + l]) * x[c * 8 + l];
+        }
+    }
+    let mut t: f32 = s.iter().sum();
+    for i in chunks * 8..w.len() {
+        t += cvt(w[i]) * x[i];
+    }
+    t
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    pub unsafe fn load_f32(p: *const f32) -> __m512 {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    pub unsafe fn load_bf16(p: *const u16) -> __m512 {
+        let h = _mm256_loadu_si256(p as *const __m256i);
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+    }
+    #[inline(always)]
+    pub unsafe fn load_f16(p: *const u16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    }
+
+    /// Dot of one weight row (16-wide loads, two accumulators per input row) with `m` input rows.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dot_rows<T: Copy>(
+        w: *const T,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        acc: &mut [f32; super::GEMV_MAX_ROWS],
+        load: unsafe fn(*const T) -> __m512,
+        scalar: fn(T) -> f32,
+    ) {
+        let mut a0 = [_mm512_setzero_ps(); super::GEMV_MAX_ROWS];
+        let mut a1 = [_mm512_setzero_ps(); super::GEMV_MAX_ROWS];
+        let xp = x.as_ptr();
+        let mut i = 0;
+        while i + 32 <= k {
+            let w0 = load(w.add(i));
+            let w1 = load(w.add(i + 16));
+            for r in 0..m {
+                a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(r * k + i)), a0[r]);
+                a1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(r * k + i + 16)), a1[r]);
+            }
+            i += 32;
+        }
+        while i + 16 <= k {
+            let w0 = load(w.add(i));
+            for r in 0..m {
+                a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(r * k + i)), a0[r]);
+            }
+            i += 16;
+        }
+        for r in 0..m {
+            let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+            for t in i..k {
+                s += scalar(*w.add(t)) * x[r * k + t];
+            }
+            acc[r] = s;
+        }
+    }
+}
+
+/// Many input rows: convert a block of weight rows to f32 and multiply with the `gemm` crate.
+pub fn gemm_blocked(x: &[f32], m: usize, w: &CpuMat, y: &mut [f32]) {
+    let (n, k) = (w.rows, w.cols);
+    if let MatData::F32(d) = &w.data {
+        // SAFETY: pointers and strides describe x [m,k], wᵀ [k,n] and y [m,n], all in bounds.
+        unsafe {
+            gemm::gemm(
+                m, n, k, y.as_mut_ptr(), 1, n as isize, false, x.as_ptr(), 1, k as isize, d.as_ptr(), k as isize, 1,
+                0.0, 1.0, false, false, false, Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+        return;
+    }
+    // Blocks big enough to amortise gemm's packing, small enough to stay in cache and give each thread work.
+    let block = (n.div_ceil(rayon::current_num_threads() * 4)).clamp(16, 256);
+    let yp = SyncPtr(y.as_mut_ptr());
+    (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
+        let (j0, j1) = (b * block, ((b + 1) * block).min(n));
+        let mut wf = vec![0f32; (j1 - j0) * k];
+        for j in j0..j1 {
+            w.row_f32(j, &mut wf[(j - j0) * k..(j - j0 + 1) * k]);
+        }
+        // SAFETY: this task writes only columns j0..j1 of y.
+        unsafe {
+            gemm::gemm(
+                m, j1 - j0, k, yp.get().add(j0), 1, n as isize, false, x.as_ptr(), 1, k as isize, wf.as_ptr(),
+                k as isize, 1, 0.0, 1.0, false, false, false, Parallelism::None,
+            );
+        }
+    });
+}

@@ -1,0 +1,281 @@
+//! xlstm-large: the xLSTM-7B architecture (NX-AI, 2025; Hugging Face `modeling_xlstm.py`).
+//!
+//! x = Embedding(ids); per block: x += mLSTMLayer(RMSNorm(x)); x += SwiGLU-FFN(RMSNorm(x));
+//! logits = 30·tanh(lm_head(RMSNorm(x)) / 30). The mLSTM layer: q, k, v, o, ĩ, f̃ projections,
+//! gates soft-capped at 15, the mLSTM cell per head, per-head LayerNorm, sigmoid(o) gate, out_proj.
+use crate::backend::{Backend, MlstmDims, MlstmKernel};
+use crate::config::LargeConfig;
+use crate::error::Result;
+use crate::model::{LogitRows, Network, Rows};
+use crate::state::{mlstm_zeros, LayerState};
+use crate::tensor::{DType, HostTensor};
+use crate::weights::Weights;
+
+struct Block<B: Backend> {
+    norm_mlstm: B::Buf,
+    q: B::Mat,
+    k: B::Mat,
+    v: B::Mat,
+    o: B::Mat,
+    igate: B::Mat,
+    fgate: B::Mat,
+    igate_bias: B::Buf,
+    fgate_bias: B::Buf,
+    head_norm: B::Buf,
+    out_proj: B::Mat,
+    norm_ffn: B::Buf,
+    up_gate: B::Mat,
+    up: B::Mat,
+    down: B::Mat,
+}
+
+/// Activation buffers, sized for `rows` rows and grown on demand (never inside a decode loop once warm).
+struct Scratch<B: Backend> {
+    rows: usize,
+    x: B::Buf,
+    xn: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    o: B::Buf,
+    i: B::Buf,
+    f: B::Buf,
+    h: B::Buf,
+    hn: B::Buf,
+    y: B::Buf,
+    g: B::Buf,
+    u: B::Buf,
+    /// silu(g) ⊙ u
+    a: B::Buf,
+    last: B::Buf,
+    logits: B::Buf,
+}
+
+pub struct LargeNet<B: Backend> {
+    cfg: LargeConfig,
+    dims: MlstmDims,
+    embedding: B::Mat,
+    blocks: Vec<Block<B>>,
+    out_norm: Option<B::Buf>,
+    lm_head: B::Mat,
+    scratch: Option<Scratch<B>>,
+}
+
+fn vector<B: Backend>(b: &B, t: HostTensor) -> Result<B::Buf> {
+    b.upload(&t.to_f32())
+}
+
+impl<B: Backend> LargeNet<B> {
+    pub fn new(backend: &B, cfg: &LargeConfig, mut w: Weights) -> Result<Self> {
+        let dt: DType = w.dtype;
+        let (d, qk, vd, nh, ff, voc) = (cfg.hidden_size, cfg.qk_dim(), cfg.v_dim(), cfg.num_heads, cfg.ffn_dim(), cfg.vocab_size);
+        let mat = |t: HostTensor| backend.matrix(t, dt);
+        let fused = cfg.weight_mode == "fused";
+        let emb = w.take_any(&["backbone.embeddings.weight", "embedding.weight"], &[voc, d])?;
+        let lm_head = if cfg.tie_word_embeddings { emb.clone() } else { w.take("lm_head.weight", &[voc, d])? };
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("backbone.blocks.{i}");
+            let ml = format!("{p}.mlstm_layer");
+            let (q, k, v, o, ig, fg, ib, fb);
+            if fused {
+                let qkvo = w.take(&format!("{ml}.qkv_opreact.weight"), &[2 * qk + 2 * vd, d])?;
+                q = qkvo.rows(0, qk);
+                k = qkvo.rows(qk, 2 * qk);
+                v = qkvo.rows(2 * qk, 2 * qk + vd);
+                o = qkvo.rows(2 * qk + vd, 2 * qk + 2 * vd);
+                let ifw = w.take(&format!("{ml}.ifgate_preact.weight"), &[2 * nh, d])?;
+                let ifb = w.take(&format!("{ml}.ifgate_preact.bias"), &[2 * nh])?;
+                (ig, fg) = (ifw.rows(0, nh), ifw.rows(nh, 2 * nh));
+                (ib, fb) = (ifb.rows(0, nh), ifb.rows(nh, 2 * nh));
+            } else {
+                q = w.take(&format!("{ml}.q.weight"), &[qk, d])?;
+                k = w.take(&format!("{ml}.k.weight"), &[qk, d])?;
+                v = w.take(&format!("{ml}.v.weight"), &[vd, d])?;
+                o = w.take(&format!("{ml}.ogate_preact.weight"), &[vd, d])?;
+                ig = w.take(&format!("{ml}.igate_preact.weight"), &[nh, d])?;
+                fg = w.take(&format!("{ml}.fgate_preact.weight"), &[nh, d])?;
+                ib = w.take(&format!("{ml}.igate_preact.bias"), &[nh])?;
+                fb = w.take(&format!("{ml}.fgate_preact.bias"), &[nh])?;
+            }
+            let (up_gate, up) = if fused {
+                let z = w.take(&format!("{p}.ffn.proj_up_gate_z.weight"), &[2 * ff, d])?;
+                (z.rows(0, ff), z.rows(ff, 2 * ff))
+            } else {
+                (w.take(&format!("{p}.ffn.proj_up_gate.weight"), &[ff, d])?, w.take(&format!("{p}.ffn.proj_up.weight"), &[ff, d])?)
+            };
+            blocks.push(Block {
+                norm_mlstm: vector(backend, w.take(&format!("{p}.norm_mlstm.weight"), &[d])?)?,
+                q: mat(q)?,
+                k: mat(k)?,
+                v: mat(v)?,
+                o: mat(o)?,
+                // The gate rows are tiny ([NH, D]); f32 keeps their dot products exact at no cost.
+                igate: backend.matrix(ig, DType::F32)?,
+                fgate: backend.matrix(fg, DType::F32)?,
+                igate_bias: vector(backend, ib)?,
+                fgate_bias: vector(backend, fb)?,
+                head_norm: vector(backend, w.take(&format!("{ml}.multihead_norm.weight"), &[vd])?)?,
+                out_proj: mat(w.take(&format!("{ml}.out_proj.weight"), &[d, vd])?)?,
+                norm_ffn: vector(backend, w.take(&format!("{p}.norm_ffn.weight"), &[d])?)?,
+                up_gate: mat(up_gate)?,
+                up: mat(up)?,
+                down: mat(w.take(&format!("{p}.ffn.proj_down.weight"), &[d, ff])?)?,
+            });
+        }
+        let out_norm = if cfg.add_out_norm { Some(vector(backend, w.take("backbone.out_norm.weight", &[d])?)?) } else { None };
+        let net = LargeNet {
+            cfg: cfg.clone(),
+            dims: MlstmDims { heads: nh, dk: cfg.qk_head_dim(), dv: cfg.v_head_dim() },
+            embedding: mat(emb)?,
+            blocks,
+            out_norm,
+            lm_head: mat(lm_head)?,
+            scratch: None,
+        };
+        w.finish()?;
+        Ok(net)
+    }
+
+    fn ensure_scratch(&mut self, b: &B, rows: usize) -> Result<()> {
+        if self.scratch.as_ref().is_some_and(|s| s.rows >= rows) {
+            return Ok(());
+        }
+        let c = &self.cfg;
+        let (d, qk, v, nh, ff) = (c.hidden_size, c.qk_dim(), c.v_dim(), c.num_heads, c.ffn_dim());
+        self.scratch = Some(Scratch {
+            rows,
+            x: b.zeros(rows * d)?,
+            xn: b.zeros(rows * d)?,
+            q: b.zeros(rows * qk)?,
+            k: b.zeros(rows * qk)?,
+            v: b.zeros(rows * v)?,
+            o: b.zeros(rows * v)?,
+            i: b.zeros(rows * nh)?,
+            f: b.zeros(rows * nh)?,
+            h: b.zeros(rows * v)?,
+            hn: b.zeros(rows * v)?,
+            y: b.zeros(rows * d)?,
+            g: b.zeros(rows * ff)?,
+            u: b.zeros(rows * ff)?,
+            a: b.zeros(rows * ff)?,
+            last: b.zeros(rows * d)?,
+            logits: b.zeros(rows * c.vocab_size)?,
+        });
+        Ok(())
+    }
+}
+
+impl<B: Backend> Network<B> for LargeNet<B> {
+    fn new_state(&self, backend: &B, batch: usize) -> Result<Vec<LayerState<B::Buf>>> {
+        (0..self.blocks.len())
+            .map(|_| Ok(LayerState::Mlstm { cell: mlstm_zeros(backend, self.dims, batch)?, conv: None }))
+            .collect()
+    }
+
+    fn max_segment(&self) -> usize {
+        // ~ a few hundred MB of activations at the 7B shape.
+        512
+    }
+
+    fn weight_bytes_per_token(&self, b: &B) -> usize {
+        let per_block: usize = self
+            .blocks
+            .iter()
+            .map(|k| [&k.q, &k.k, &k.v, &k.o, &k.igate, &k.fgate, &k.out_proj, &k.up_gate, &k.up, &k.down].iter().map(|m| b.matrix_bytes(m)).sum::<usize>())
+            .sum();
+        per_block + b.matrix_bytes(&self.lm_head)
+    }
+
+    fn forward(&mut self, b: &B, ids: &[u32], rows: Rows, state: &mut [LayerState<B::Buf>], logits: LogitRows) -> Result<Vec<f32>> {
+        let n = ids.len();
+        self.ensure_scratch(b, n)?;
+        let c = &self.cfg;
+        let (d, vd, nh, ff, eps) = (c.hidden_size, c.v_dim(), c.num_heads, c.ffn_dim(), c.norm_eps);
+        let s = self.scratch.as_mut().expect("scratch allocated above");
+        b.embed(&self.embedding, ids, &mut s.x)?;
+        for (blk, layer) in self.blocks.iter().zip(state.iter_mut()) {
+            let LayerState::Mlstm { cell, .. } = layer else { unreachable!("xlstm-large state holds mLSTM layers only") };
+            // mLSTM sub-block
+            b.rms_norm(&s.x, n, d, &blk.norm_mlstm, eps, &mut s.xn)?; //        [n, D]
+            b.matmul(&s.xn, n, &blk.q, &mut s.q)?; //                            [n, qk]
+            b.matmul(&s.xn, n, &blk.k, &mut s.k)?; //                            [n, qk]
+            b.matmul(&s.xn, n, &blk.v, &mut s.v)?; //                            [n, v]
+            b.matmul(&s.xn, n, &blk.o, &mut s.o)?; //                            [n, v]
+            b.matmul(&s.xn, n, &blk.igate, &mut s.i)?; //                        [n, NH]
+            b.matmul(&s.xn, n, &blk.fgate, &mut s.f)?; //                        [n, NH]
+            b.bias_soft_cap(&mut s.i, n, nh, Some(&blk.igate_bias), c.gate_soft_cap)?;
+            b.bias_soft_cap(&mut s.f, n, nh, Some(&blk.fgate_bias), c.gate_soft_cap)?;
+            match rows {
+                Rows::Sequence(kernel) => b.mlstm_prefill(kernel, self.dims, n, &s.q, &s.k, &s.v, &s.i, &s.f, cell, c.eps, &mut s.h)?,
+                Rows::Step => b.mlstm_step(self.dims, n, &s.q, &s.k, &s.v, &s.i, &s.f, cell, c.eps, &mut s.h)?,
+            }
+            b.group_norm(&s.h, n, vd, self.dims.dv, &blk.head_norm, None, eps, &mut s.hn)?; // per-head LayerNorm
+            b.sigmoid_gate(&s.o, &mut s.hn, n * vd)?;
+            b.matmul(&s.hn, n, &blk.out_proj, &mut s.y)?; //                     [n, D]
+            b.add(&mut s.x, &s.y, n * d)?;
+            // FFN sub-block (SwiGLU)
+            b.rms_norm(&s.x, n, d, &blk.norm_ffn, eps, &mut s.xn)?;
+            b.matmul(&s.xn, n, &blk.up_gate, &mut s.g)?; //                      [n, F]
+            b.matmul(&s.xn, n, &blk.up, &mut s.u)?; //                           [n, F]
+            b.swiglu(&s.g, &s.u, n * ff, &mut s.a)?;
+            b.matmul(&s.a, n, &blk.down, &mut s.y)?; //                          [n, D]
+            b.add(&mut s.x, &s.y, n * d)?;
+        }
+        let (first, count) = match logits {
+            LogitRows::None => return Ok(Vec::new()),
+            LogitRows::All => (0, n),
+            LogitRows::Last => (n - 1, 1),
+        };
+        b.copy(&s.x, first * d, &mut s.last, 0, count * d)?;
+        let normed = match &self.out_norm {
+            Some(w) => {
+                b.rms_norm(&s.last, count, d, w, eps, &mut s.xn)?;
+                &s.xn
+            }
+            None => &s.last,
+        };
+        b.matmul(normed, count, &self.lm_head, &mut s.logits)?; //                 [count, V]
+        b.bias_soft_cap(&mut s.logits, count, c.vocab_size, None, c.output_logit_soft_cap)?;
+        b.download(&s.logits, count * c.vocab_size)
+    }
+}
+
+/// The MlstmKernel used when nothing else is asked: chunkwise with the config's chunk size.
+pub fn default_kernel(cfg: &LargeConfig) -> MlstmKernel {
+    MlstmKernel::Chunkwise { chunk: cfg.chunk_size }
+}
+
+/// Every tensor of an xlstm-large checkpoint ("single" weight mode, Hugging Face names), with a
+/// random init that keeps activations in a sane range.
+pub fn weight_specs(c: &LargeConfig) -> Vec<crate::model::random::WeightSpec> {
+    use crate::model::random::{Init, WeightSpec as W};
+    let (d, qk, v, nh, ff, voc) = (c.hidden_size, c.qk_dim(), c.v_dim(), c.num_heads, c.ffn_dim(), c.vocab_size);
+    let mut s = vec![W::new("backbone.embeddings.weight", &[voc, d], Init::around(0.0, 1.0))];
+    for i in 0..c.num_hidden_layers {
+        let p = format!("backbone.blocks.{i}");
+        let ml = format!("{p}.mlstm_layer");
+        s.push(W::new(format!("{p}.norm_mlstm.weight"), &[d], Init::around(1.0, 0.1)));
+        s.push(W::new(format!("{ml}.q.weight"), &[qk, d], Init::fan_in(d)));
+        s.push(W::new(format!("{ml}.k.weight"), &[qk, d], Init::fan_in(d)));
+        s.push(W::new(format!("{ml}.v.weight"), &[v, d], Init::fan_in(d)));
+        s.push(W::new(format!("{ml}.ogate_preact.weight"), &[v, d], Init::fan_in(d)));
+        s.push(W::new(format!("{ml}.igate_preact.weight"), &[nh, d], Init::fan_in(d)));
+        s.push(W::new(format!("{ml}.igate_preact.bias"), &[nh], Init::around(-1.0, 1.0)));
+        s.push(W::new(format!("{ml}.fgate_preact.weight"), &[nh, d], Init::fan_in(d)));
+        s.push(W::new(format!("{ml}.fgate_preact.bias"), &[nh], Init::around(3.0, 1.0)));
+        s.push(W::new(format!("{ml}.multihead_norm.weight"), &[v], Init::around(1.0, 0.1)));
+        s.push(W::new(format!("{ml}.out_proj.weight"), &[d, v], Init::fan_in(v)));
+        s.push(W::new(format!("{p}.norm_ffn.weight"), &[d], Init::around(1.0, 0.1)));
+        s.push(W::new(format!("{p}.ffn.proj_up_gate.weight"), &[ff, d], Init::fan_in(d)));
+        s.push(W::new(format!("{p}.ffn.proj_up.weight"), &[ff, d], Init::fan_in(d)));
+        s.push(W::new(format!("{p}.ffn.proj_down.weight"), &[d, ff], Init::fan_in(ff)));
+    }
+    if c.add_out_norm {
+        s.push(W::new("backbone.out_norm.weight", &[d], Init::around(1.0, 0.1)));
+    }
+    if !c.tie_word_embeddings {
+        s.push(W::new("lm_head.weight", &[voc, d], Init::fan_in(d)));
+    }
+    s
+}

@@ -1,0 +1,153 @@
+//! Model families, each written once against the [`Backend`] interface, and the [`Model`] that the CLI,
+//! generation and (later) the server drive.
+pub mod large;
+pub mod lm;
+pub mod random;
+
+use std::path::Path;
+
+use crate::backend::{Backend, MlstmKernel};
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::state::{LayerState, State};
+use crate::tensor::DType;
+use crate::weights::{Checkpoint, Weights};
+
+/// How the rows of one forward call relate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rows {
+    /// Consecutive tokens of one sequence (batch 1), through the given mLSTM kernel.
+    Sequence(MlstmKernel),
+    /// One token for each of `rows` sequences (row b belongs to state slot b): a recurrent step.
+    Step,
+}
+
+/// Which rows get logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitRows {
+    All,
+    Last,
+    None,
+}
+
+/// What a model family implements: its layers over a block of rows, and its state layout.
+pub trait Network<B: Backend>: Send {
+    /// Fresh (zero) state for `batch` sequences.
+    fn new_state(&self, backend: &B, batch: usize) -> Result<Vec<LayerState<B::Buf>>>;
+    /// Runs `ids` (laid out as `rows` says) through every layer, advancing `state`, and returns the
+    /// requested logits as host f32, row-major [n, V].
+    fn forward(&mut self, backend: &B, ids: &[u32], rows: Rows, state: &mut [LayerState<B::Buf>], logits: LogitRows) -> Result<Vec<f32>>;
+    /// Bytes of weights one decode step reads (all matrices but the embedding table).
+    fn weight_bytes_per_token(&self, backend: &B) -> usize;
+    /// Longest sequence segment processed in one call (bounds activation memory).
+    fn max_segment(&self) -> usize;
+}
+
+/// A loaded model on one backend.
+pub struct Model<B: Backend> {
+    pub backend: B,
+    pub config: ModelConfig,
+    pub dtype: DType,
+    pub chunk_size: usize,
+    net: Box<dyn Network<B>>,
+}
+
+impl<B: Backend> Model<B> {
+    /// Loads `dir` (config.json + safetensors) with weights in `dtype`.
+    pub fn load(backend: B, dir: &Path, dtype: DType) -> Result<Self> {
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(dir)?;
+        let weights = ckpt.load(dtype)?;
+        Self::from_weights(backend, config, weights)
+    }
+
+    pub fn from_weights(backend: B, config: ModelConfig, weights: Weights) -> Result<Self> {
+        let dtype = weights.dtype;
+        let (net, chunk_size): (Box<dyn Network<B>>, usize) = match &config {
+            ModelConfig::Large(c) => (Box::new(large::LargeNet::new(&backend, c, weights)?), c.chunk_size),
+            ModelConfig::Lm(c) => (Box::new(lm::LmNet::new(&backend, c, weights)?), 64),
+        };
+        Ok(Model { backend, config, dtype, chunk_size, net })
+    }
+
+    /// A model of `config`'s shape with random weights (for trying things out and benchmarks).
+    pub fn random(backend: B, config: ModelConfig, dtype: DType, seed: u64) -> Result<Self> {
+        let weights = random::random_weights(&config, dtype, seed)?;
+        Self::from_weights(backend, config, weights)
+    }
+
+    pub fn fingerprint(&self) -> String {
+        match &self.config {
+            ModelConfig::Large(c) => format!(
+                "xlstm-large:L{}:D{}:H{}:V{}:qk{}:v{}",
+                c.num_hidden_layers, c.hidden_size, c.num_heads, c.vocab_size, c.qk_dim(), c.v_dim()
+            ),
+            ModelConfig::Lm(c) => c.fingerprint(),
+        }
+    }
+
+    pub fn new_state(&self, batch: usize) -> Result<State<B>> {
+        if batch == 0 {
+            return Err(Error::Input("batch size must be at least 1".into()));
+        }
+        Ok(State { batch, position: 0, fingerprint: self.fingerprint(), layers: self.net.new_state(&self.backend, batch)? })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.config.vocab_size()
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        let v = self.vocab_size();
+        if let Some(bad) = ids.iter().find(|&&t| t as usize >= v) {
+            return Err(Error::Input(format!("token id {bad} is out of range: the vocabulary has {v} tokens (0..{})", v - 1)));
+        }
+        Ok(())
+    }
+
+    /// Feeds a prompt segment of one sequence (state batch 1) through `kernel`; long prompts go in
+    /// segments (multiples of the chunk) with the state carried. Returns logits for `logits` rows.
+    pub fn prefill(&mut self, ids: &[u32], state: &mut State<B>, kernel: MlstmKernel, logits: LogitRows) -> Result<Vec<f32>> {
+        if ids.is_empty() {
+            return Err(Error::Input("the prompt is empty: give at least one token".into()));
+        }
+        if state.batch != 1 {
+            return Err(Error::State(format!("prefill runs one sequence; this state holds {}", state.batch)));
+        }
+        self.check_ids(ids)?;
+        let chunk = match kernel {
+            MlstmKernel::Chunkwise { chunk } => chunk.max(1),
+            MlstmKernel::Sequence => 1,
+        };
+        let seg = (self.net.max_segment() / chunk).max(1) * chunk;
+        let mut out = Vec::new();
+        let n_seg = ids.len().div_ceil(seg);
+        for (si, part) in ids.chunks(seg).enumerate() {
+            let want = match logits {
+                LogitRows::All => LogitRows::All,
+                LogitRows::Last if si + 1 == n_seg => LogitRows::Last,
+                _ => LogitRows::None,
+            };
+            let l = self.net.forward(&self.backend, part, Rows::Sequence(kernel), &mut state.layers, want)?;
+            out.extend_from_slice(&l);
+            state.position += part.len();
+        }
+        Ok(out)
+    }
+
+    /// One recurrent step for every sequence of the state: `ids[b]` is sequence b's next token.
+    /// Returns logits [B, V].
+    pub fn step(&mut self, ids: &[u32], state: &mut State<B>) -> Result<Vec<f32>> {
+        if ids.len() != state.batch {
+            return Err(Error::Input(format!("step got {} tokens for a batch of {}", ids.len(), state.batch)));
+        }
+        self.check_ids(ids)?;
+        let l = self.net.forward(&self.backend, ids, Rows::Step, &mut state.layers, LogitRows::All)?;
+        state.position += 1;
+        Ok(l)
+    }
+
+    pub fn weight_bytes_per_token(&self) -> usize {
+        self.net.weight_bytes_per_token(&self.backend)
+    }
+}

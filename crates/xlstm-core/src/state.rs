@@ -1,0 +1,197 @@
+//! Recurrent state as a first-class value: everything a sequence carries from one token to the next
+//! (every layer's mLSTM C, n, m; sLSTM c, n, m, h; rolling conv inputs). Fixed-size whatever the
+//! context length. It can be created, advanced (by the model), cloned, saved to a file and restored.
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::backend::{Backend, MlstmState, SlstmState};
+use crate::error::{Error, Result};
+
+/// A causal conv1d's last `taps` inputs per sequence: [B, taps, channels].
+pub struct ConvState<Buf> {
+    pub buf: Buf,
+    pub taps: usize,
+    pub channels: usize,
+}
+
+pub enum LayerState<Buf> {
+    Mlstm { cell: MlstmState<Buf>, conv: Option<ConvState<Buf>> },
+    Slstm { cell: SlstmState<Buf>, conv: ConvState<Buf> },
+}
+
+/// One named state tensor: name, shape, buffer.
+pub type StateTensor<'a, Buf> = (&'static str, Vec<usize>, &'a Buf);
+
+impl<Buf> LayerState<Buf> {
+    /// The tensors of this layer at batch size `b`, in a fixed order.
+    pub fn tensors(&self, b: usize) -> Vec<StateTensor<'_, Buf>> {
+        let mut out = Vec::new();
+        let conv = match self {
+            LayerState::Mlstm { cell, conv } => {
+                let d = cell.dims;
+                out.push(("C", vec![b, d.heads, d.dk, d.dv], &cell.c));
+                out.push(("n", vec![b, d.heads, d.dk], &cell.n));
+                out.push(("m", vec![b, d.heads, 1], &cell.m));
+                conv.as_ref()
+            }
+            LayerState::Slstm { cell, conv } => {
+                let w = cell.width;
+                out.push(("c", vec![b, w], &cell.c));
+                out.push(("n", vec![b, w], &cell.n));
+                out.push(("m", vec![b, w], &cell.m));
+                out.push(("h", vec![b, w], &cell.h));
+                Some(conv)
+            }
+        };
+        if let Some(c) = conv {
+            out.push(("conv", vec![b, c.taps, c.channels], &c.buf));
+        }
+        out
+    }
+
+    fn tensors_mut(&mut self) -> Vec<&mut Buf> {
+        match self {
+            LayerState::Mlstm { cell, conv } => {
+                let mut v = vec![&mut cell.c, &mut cell.n, &mut cell.m];
+                if let Some(c) = conv {
+                    v.push(&mut c.buf);
+                }
+                v
+            }
+            LayerState::Slstm { cell, conv } => vec![&mut cell.c, &mut cell.n, &mut cell.m, &mut cell.h, &mut conv.buf],
+        }
+    }
+}
+
+/// The recurrent state of `batch` sequences of one model.
+pub struct State<B: Backend> {
+    pub batch: usize,
+    /// Tokens consumed so far (the same for every sequence of the batch).
+    pub position: usize,
+    /// Identifies the model shape this state belongs to; checked on restore.
+    pub fingerprint: String,
+    pub layers: Vec<LayerState<B::Buf>>,
+}
+
+const STATE_FORMAT: &str = "xlstm-state/1";
+
+impl<B: Backend> State<B> {
+    /// A deep copy (e.g. to branch a conversation from a cached prompt).
+    pub fn try_clone(&self, backend: &B) -> Result<Self> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            layers.push(clone_layer(backend, l, self.batch)?);
+        }
+        Ok(State { batch: self.batch, position: self.position, fingerprint: self.fingerprint.clone(), layers })
+    }
+
+    /// Named host copies of every tensor: `state_{layer}_{name}`.
+    pub fn to_host(&self, backend: &B) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+        let mut out = Vec::new();
+        for (li, l) in self.layers.iter().enumerate() {
+            for (name, shape, buf) in l.tensors(self.batch) {
+                let len = shape.iter().product();
+                out.push((format!("state_{li}_{name}"), shape, backend.download(buf, len)?));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn save(&self, backend: &B, path: &Path) -> Result<()> {
+        let host = self.to_host(backend)?;
+        let views: Vec<(String, safetensors::tensor::TensorView)> = host
+            .iter()
+            .map(|(n, shape, data)| {
+                let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytemuck::cast_slice(data))
+                    .expect("shape matches data");
+                (n.clone(), view)
+            })
+            .collect();
+        let meta: HashMap<String, String> = [
+            ("format".to_string(), STATE_FORMAT.to_string()),
+            ("fingerprint".to_string(), self.fingerprint.clone()),
+            ("position".to_string(), self.position.to_string()),
+            ("batch".to_string(), self.batch.to_string()),
+        ]
+        .into();
+        safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| Error::file(path, e))
+    }
+
+    /// Overwrites this state (created by the same model) with one saved by [`State::save`].
+    pub fn load_into(&mut self, backend: &B, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|e| Error::file(path, e))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::file(path, format!("not a saved state ({e})")))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::file(path, e))?;
+        let md = meta.metadata().clone().unwrap_or_default();
+        if md.get("format").map(String::as_str) != Some(STATE_FORMAT) {
+            return Err(Error::file(path, "not a state file written by `xlstm` (format tag missing)"));
+        }
+        if md.get("fingerprint") != Some(&self.fingerprint) {
+            return Err(Error::file(path, format!(
+                "state belongs to a different model ({}), this model is {}",
+                md.get("fingerprint").map(String::as_str).unwrap_or("?"),
+                self.fingerprint
+            )));
+        }
+        let batch: usize = md.get("batch").and_then(|b| b.parse().ok()).unwrap_or(0);
+        if batch != self.batch {
+            return Err(Error::file(path, format!("state has batch {batch}, expected {}", self.batch)));
+        }
+        let mut uploads = Vec::new();
+        for (li, l) in self.layers.iter().enumerate() {
+            for (name, shape, _) in l.tensors(self.batch) {
+                let key = format!("state_{li}_{name}");
+                let t = st.tensor(&key).map_err(|_| Error::file(path, format!("tensor `{key}` missing")))?;
+                if t.shape() != shape.as_slice() || t.dtype() != safetensors::Dtype::F32 {
+                    return Err(Error::file(path, format!("tensor `{key}` has the wrong shape or dtype")));
+                }
+                let data: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                uploads.push(backend.upload(&data)?);
+            }
+        }
+        let mut it = uploads.into_iter();
+        for l in &mut self.layers {
+            for slot in l.tensors_mut() {
+                *slot = it.next().expect("one upload per tensor");
+            }
+        }
+        self.position = md.get("position").and_then(|p| p.parse().ok()).unwrap_or(0);
+        Ok(())
+    }
+}
+
+fn clone_layer<B: Backend>(backend: &B, l: &LayerState<B::Buf>, batch: usize) -> Result<LayerState<B::Buf>> {
+    let dup = |buf: &B::Buf, len: usize| -> Result<B::Buf> {
+        let mut out = backend.zeros(len)?;
+        backend.copy(buf, 0, &mut out, 0, len)?;
+        Ok(out)
+    };
+    let lens: Vec<usize> = l.tensors(batch).iter().map(|(_, s, _)| s.iter().product()).collect();
+    Ok(match l {
+        LayerState::Mlstm { cell, conv } => LayerState::Mlstm {
+            cell: MlstmState { c: dup(&cell.c, lens[0])?, n: dup(&cell.n, lens[1])?, m: dup(&cell.m, lens[2])?, dims: cell.dims },
+            conv: match conv {
+                Some(c) => Some(ConvState { buf: dup(&c.buf, lens[3])?, taps: c.taps, channels: c.channels }),
+                None => None,
+            },
+        },
+        LayerState::Slstm { cell, conv } => LayerState::Slstm {
+            cell: SlstmState {
+                c: dup(&cell.c, lens[0])?,
+                n: dup(&cell.n, lens[1])?,
+                m: dup(&cell.m, lens[2])?,
+                h: dup(&cell.h, lens[3])?,
+                width: cell.width,
+                heads: cell.heads,
+            },
+            conv: ConvState { buf: dup(&conv.buf, lens[4])?, taps: conv.taps, channels: conv.channels },
+        },
+    })
+}
+
+/// A zeroed mLSTM layer state for `batch` sequences.
+pub fn mlstm_zeros<B: Backend>(backend: &B, dims: crate::backend::MlstmDims, batch: usize) -> Result<MlstmState<B::Buf>> {
+    let u = batch * dims.heads;
+    Ok(MlstmState { c: backend.zeros(u * dims.dk * dims.dv)?, n: backend.zeros(u * dims.dk)?, m: backend.zeros(u)?, dims })
+}

@@ -1,0 +1,113 @@
+//! xlstm-large against the reference (Hugging Face transformers `xLSTMForCausalLM`), on the golden
+//! cases in tests/data: logits within 1e-4 relative (Frobenius) of the float64 reference, states
+//! after the prompt within 1e-4, greedy continuation identical.
+mod common;
+
+use common::*;
+use xlstm_core::model::LogitRows;
+use xlstm_core::state::LayerState;
+use xlstm_core::{CpuBackend, DType, MlstmKernel, Model};
+
+const TOL: f64 = 1e-4;
+
+fn load(case: &str) -> Model<CpuBackend> {
+    Model::load(CpuBackend::new(), &case_dir(case), DType::F32).expect("golden case loads")
+}
+
+fn check_parallel_and_state(case: &str) {
+    let exp = Expected::load(case);
+    let mut model = load(case);
+    let ids = exp.ids("input_ids");
+    let chunk = model.chunk_size;
+    let mut st = model.new_state(1).unwrap();
+    let logits = model.prefill(&ids, &mut st, MlstmKernel::Chunkwise { chunk }, LogitRows::All).unwrap();
+    let err = rel_err(&logits, &exp.f64("logits_f64"));
+    assert!(err < TOL, "{case}: chunkwise logits rel err {err:e}");
+    for (li, layer) in st.layers.iter().enumerate() {
+        let LayerState::Mlstm { cell, .. } = layer else { panic!() };
+        for (name, buf) in [("C", &cell.c), ("n", &cell.n), ("m", &cell.m)] {
+            let want = exp.f64(&format!("state_{li}_{name}"));
+            let e = rel_err(buf, &want);
+            assert!(e < TOL, "{case}: state_{li}_{name} rel err {e:e}");
+        }
+    }
+}
+
+fn check_step(case: &str) {
+    let exp = Expected::load(case);
+    let mut model = load(case);
+    let ids = exp.ids("input_ids");
+    let mut st = model.new_state(1).unwrap();
+    let mut all = Vec::new();
+    for &t in &ids {
+        all.extend(model.step(&[t], &mut st).unwrap());
+    }
+    let err = rel_err(&all, &exp.f64("logits_f64"));
+    assert!(err < TOL, "{case}: step logits rel err {err:e}");
+}
+
+fn check_greedy(case: &str) {
+    let exp = Expected::load(case);
+    let mut model = load(case);
+    let prompt = exp.ids("gen_prompt");
+    let want = exp.ids("gen_greedy");
+    let mut st = model.new_state(1).unwrap();
+    let chunk = model.chunk_size;
+    let mut logits = model.prefill(&prompt, &mut st, MlstmKernel::Chunkwise { chunk }, LogitRows::Last).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..want.len() {
+        let t = argmax(&logits);
+        got.push(t);
+        logits = model.step(&[t], &mut st).unwrap();
+    }
+    assert_eq!(got, want, "{case}: greedy continuation differs from the reference");
+}
+
+#[test]
+fn large_tiny_parallel_logits_and_state() {
+    check_parallel_and_state("large_tiny");
+}
+#[test]
+fn large_tiny_step_logits() {
+    check_step("large_tiny");
+}
+#[test]
+fn large_tiny_greedy() {
+    check_greedy("large_tiny");
+}
+#[test]
+fn large_tiny_bf16_sharded_parallel_logits_and_state() {
+    check_parallel_and_state("large_tiny_bf16_sharded");
+}
+#[test]
+fn large_tiny_bf16_sharded_step_logits() {
+    check_step("large_tiny_bf16_sharded");
+}
+#[test]
+fn large_tiny_bf16_sharded_greedy() {
+    check_greedy("large_tiny_bf16_sharded");
+}
+
+/// Weights kept in bf16 (the CPU backend's 16-bit path) stay close to the f32 reference.
+#[test]
+fn large_tiny_bf16_compute_dtype_close() {
+    let exp = Expected::load("large_tiny");
+    let mut model = Model::load(CpuBackend::new(), &case_dir("large_tiny"), DType::BF16).unwrap();
+    let ids = exp.ids("input_ids");
+    let mut st = model.new_state(1).unwrap();
+    let logits = model.prefill(&ids, &mut st, MlstmKernel::Chunkwise { chunk: 16 }, LogitRows::All).unwrap();
+    let err = rel_err(&logits, &exp.f64("logits_f64"));
+    assert!(err < 3e-2, "bf16 weights: rel err {err:e} (a bf16 model should land within a few 1e-2)");
+}
+
+/// The sequence kernel (a loop of steps) agrees with the reference too.
+#[test]
+fn large_tiny_sequence_kernel() {
+    let exp = Expected::load("large_tiny");
+    let mut model = load("large_tiny");
+    let ids = exp.ids("input_ids");
+    let mut st = model.new_state(1).unwrap();
+    let logits = model.prefill(&ids, &mut st, MlstmKernel::Sequence, LogitRows::All).unwrap();
+    let err = rel_err(&logits, &exp.f64("logits_f64"));
+    assert!(err < TOL, "sequence kernel rel err {err:e}");
+}
