@@ -93,6 +93,10 @@ impl<B: Backend> Model<B> {
         Ok(State { batch, position: 0, fingerprint: self.fingerprint(), layers: self.net.new_state(&self.backend, batch)? })
     }
 
+    pub fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.config.vocab_size()
     }

@@ -1,0 +1,83 @@
+//! `xlstm generate`
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use xlstm_core::generate::{generate, GenerateParams};
+use xlstm_core::sampling::SamplingParams;
+use xlstm_core::MlstmKernel;
+
+use crate::load::{load, ModelArgs};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt text.
+    #[arg(long, short)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop when this text appears (repeatable).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Keep generating past the EOS token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Prefill chunk size (default: the model's, 64 for xLSTM-7B).
+    #[arg(long)]
+    pub chunk_size: Option<usize>,
+    /// Refuse prompts longer than this many tokens.
+    #[arg(long)]
+    pub max_prompt_tokens: Option<usize>,
+    /// Also write the stats as JSON to this file.
+    #[arg(long)]
+    pub stats_json: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let mut loaded = load(&a.model)?;
+    let params = GenerateParams {
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            repetition_penalty: a.repetition_penalty,
+            seed: a.seed,
+        },
+        stop_strings: a.stop.clone(),
+        stop_on_eos: !a.ignore_eos,
+        prefill_kernel: a.chunk_size.map(|chunk| MlstmKernel::Chunkwise { chunk }),
+        max_prompt_tokens: a.max_prompt_tokens,
+    };
+    if a.chunk_size == Some(0) {
+        anyhow::bail!("--chunk-size must be positive");
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let gen = generate(&mut loaded.model, &loaded.tokenizer, &a.prompt, &params, |piece| {
+        let _ = out.write_all(piece.as_bytes());
+        let _ = out.flush();
+    })?;
+    writeln!(out)?;
+    eprintln!("{}", gen.stats.line());
+    if let Some(path) = a.stats_json {
+        std::fs::write(&path, serde_json::to_string_pretty(&gen.stats)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

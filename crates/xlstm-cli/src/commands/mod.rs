@@ -1,0 +1,4 @@
+pub mod bench;
+pub mod generate;
+pub mod inspect;
+pub mod logits;

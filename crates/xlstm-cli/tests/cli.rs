@@ -1,0 +1,184 @@
+//! The `xlstm` binary as a user runs it: real commands, real files, and bad input that must end in a
+//! one-line error and a non-zero exit, never a panic.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn xlstm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xlstm")).args(args).env_remove("XLSTM_MODEL").env_remove("XLSTM_DEVICE").output().expect("runs")
+}
+
+fn data(case: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(case).to_string_lossy().into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Fails the way a user sees it: non-zero, one `error:` line naming the problem, no panic.
+fn assert_clean_error(o: &Output, needle: &str) {
+    let e = stderr(o);
+    assert!(!o.status.success(), "expected failure, got success; stderr: {e}");
+    assert!(!e.contains("panicked") && !e.contains("RUST_BACKTRACE"), "panic instead of an error: {e}");
+    assert!(e.contains(needle), "error should mention `{needle}`: {e}");
+    assert_eq!(e.lines().filter(|l| l.starts_with("error:")).count(), 1, "one error line: {e}");
+}
+
+fn read_logits(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("logits").unwrap();
+    (t.shape().to_vec(), t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
+}
+
+fn expected_f64(case: &str, name: &str) -> Vec<f64> {
+    let bytes = std::fs::read(Path::new(&data(case)).join("expected.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    match t.dtype() {
+        safetensors::Dtype::F64 => t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
+        safetensors::Dtype::I64 => t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+        d => panic!("{d:?}"),
+    }
+}
+
+fn rel(a: &[f32], b: &[f64]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
+    (num / b.iter().map(|y| y * y).sum::<f64>()).sqrt()
+}
+
+#[test]
+fn logits_command_matches_the_reference_in_both_modes() {
+    let tmp = tempfile::tempdir().unwrap();
+    for case in ["large_tiny", "large_tiny_bf16_sharded"] {
+        let ids: Vec<String> = expected_f64(case, "input_ids").iter().map(|&x| (x as i64).to_string()).collect();
+        let want = expected_f64(case, "logits_f64");
+        for mode in ["parallel", "step"] {
+            let out = tmp.path().join(format!("{case}-{mode}.safetensors"));
+            let o = xlstm(&["logits", "--model", &data(case), "--tokens", &ids.join(","), "--mode", mode, "--out", out.to_str().unwrap()]);
+            assert!(o.status.success(), "{}", stderr(&o));
+            let (shape, logits) = read_logits(&out);
+            assert_eq!(shape, vec![ids.len(), 512]);
+            let e = rel(&logits, &want);
+            assert!(e < 1e-4, "{case} {mode}: rel err {e:e}");
+        }
+    }
+}
+
+#[test]
+fn generate_runs_the_builtin_default_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let stats = tmp.path().join("stats.json");
+    let o = xlstm(&["generate", "--prompt", "Hello", "--max-new-tokens", "12", "--layers", "2", "--model-dim", "128", "--heads", "2", "--stats-json", stats.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("RANDOM weights"), "must say the weights are random: {e}");
+    assert!(e.contains("prefill") && e.contains("decode") && e.contains("ttft"), "stats line: {e}");
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert_eq!(s["prompt_tokens"], 5);
+    assert_eq!(s["generated_tokens"], 12);
+    assert!(s["decode_tok_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn generate_is_reproducible_with_a_seed_and_greedy_matches_reference() {
+    let args = ["generate", "--prompt", "abc", "--max-new-tokens", "8", "--layers", "2", "--model-dim", "128", "--heads", "2", "--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--seed", "5"];
+    let a = xlstm(&args);
+    let b = xlstm(&args);
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert_eq!(a.stdout, b.stdout, "same seed, same text");
+}
+
+#[test]
+fn bench_prints_json_with_floor_and_ratio() {
+    let o = xlstm(&["bench", "--config", "tiny", "--prompt-len", "40", "--gen-len", "4", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for key in ["prefill", "decode", "bandwidth", "decode_floor_ms_per_step", "decode_ratio_to_floor"] {
+        assert!(!v[key].is_null(), "missing {key} in {v}");
+    }
+    assert!(v["decode"]["tok_s"].as_f64().unwrap() > 0.0);
+    assert!(v["bandwidth"]["copy_gb_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn inspect_reports_parameters_and_dtypes() {
+    let o = xlstm(&["inspect", "--model", &data("large_tiny_bf16_sharded"), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["family"], "xlstm-large");
+    assert_eq!(v["shards"], 2);
+    assert!(v["stored_dtypes"]["BF16"].as_u64().unwrap() > 0);
+    let cfg: xlstm_core::config::LargeConfig = serde_json::from_value(v["config"].clone()).unwrap();
+    assert_eq!(v["parameters"].as_u64().unwrap() as usize, cfg.num_params());
+}
+
+/// Copies a golden case so a test can damage it.
+fn scratch_case(case: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(data(case)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    tmp
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let tiny = data("large_tiny");
+    let o = xlstm(&["logits", "--model", "/no/such/dir", "--tokens", "1", "--out", "/tmp/x"]);
+    assert_clean_error(&o, "no such model directory");
+    let o = xlstm(&["logits", "--model", &tiny, "--tokens", "1,99999", "--out", "/tmp/x"]);
+    assert_clean_error(&o, "out of range");
+    let o = xlstm(&["logits", "--model", &tiny, "--tokens", "1,x", "--out", "/tmp/x"]);
+    assert_clean_error(&o, "not a token id");
+    let o = xlstm(&["generate", "--model", &tiny, "--prompt", ""]);
+    assert_clean_error(&o, "empty");
+    let o = xlstm(&["generate", "--model", &tiny, "--prompt", "hello", "--device", "cuda"]);
+    assert_clean_error(&o, "cuda");
+    let o = xlstm(&["generate", "--model", &tiny, "--prompt", "hello there", "--max-prompt-tokens", "3"]);
+    assert_clean_error(&o, "longer than");
+    let o = xlstm(&["generate", "--model", &tiny, "--prompt", "hi", "--top-p", "0"]);
+    assert_clean_error(&o, "top-p");
+
+    // truncated weights
+    let d = scratch_case("large_tiny");
+    let w = d.path().join("model.safetensors");
+    let len = std::fs::metadata(&w).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&w).unwrap().set_len(len / 2).unwrap();
+    let o = xlstm(&["logits", "--model", d.path().to_str().unwrap(), "--tokens", "1", "--out", "/tmp/x"]);
+    assert_clean_error(&o, "model.safetensors");
+
+    // garbage weights
+    std::fs::write(&w, b"not a safetensors file at all").unwrap();
+    let o = xlstm(&["inspect", "--model", d.path().to_str().unwrap()]);
+    assert_clean_error(&o, "not a valid safetensors");
+
+    // missing weights file
+    std::fs::remove_file(&w).unwrap();
+    let o = xlstm(&["logits", "--model", d.path().to_str().unwrap(), "--tokens", "1", "--out", "/tmp/x"]);
+    assert_clean_error(&o, "neither model.safetensors");
+
+    // config that does not match the weights (shape mismatch)
+    let d = scratch_case("large_tiny");
+    let cfg = std::fs::read_to_string(d.path().join("config.json")).unwrap().replace("\"vocab_size\": 512", "\"vocab_size\": 500");
+    std::fs::write(d.path().join("config.json"), cfg).unwrap();
+    let o = xlstm(&["logits", "--model", d.path().to_str().unwrap(), "--tokens", "1", "--out", "/tmp/x"]);
+    assert_clean_error(&o, "shape");
+
+    // unknown model type / unknown config field
+    let d = scratch_case("large_tiny");
+    let cfg = std::fs::read_to_string(d.path().join("config.json")).unwrap();
+    std::fs::write(d.path().join("config.json"), cfg.replace("\"model_type\": \"xlstm\"", "\"model_type\": \"llama\"")).unwrap();
+    let o = xlstm(&["logits", "--model", d.path().to_str().unwrap(), "--tokens", "1", "--out", "/tmp/x"]);
+    assert_clean_error(&o, "unknown model_type");
+    std::fs::write(d.path().join("config.json"), cfg.replace("\"use_bias\": false", "\"use_bias\": false, \"frobnicate\": 3")).unwrap();
+    let o = xlstm(&["logits", "--model", d.path().to_str().unwrap(), "--tokens", "1", "--out", "/tmp/x"]);
+    assert_clean_error(&o, "frobnicate");
+
+    // missing shard of a sharded checkpoint
+    let d = scratch_case("large_tiny_bf16_sharded");
+    std::fs::remove_file(d.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let o = xlstm(&["logits", "--model", d.path().to_str().unwrap(), "--tokens", "1", "--out", "/tmp/x"]);
+    assert_clean_error(&o, "missing");
+}

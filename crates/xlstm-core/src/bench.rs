@@ -1,0 +1,102 @@
+//! Benchmark measurements: timed prefill and decode after warm-up, and the floors to compare them
+//! with (the machine's measured memory bandwidth for decode, FLOPs for prefill).
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::backend::{Backend, MlstmKernel};
+use crate::error::Result;
+use crate::model::{LogitRows, Model};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Bandwidth {
+    /// STREAM-style copy: (bytes read + bytes written) / time.
+    pub copy_gb_s: f64,
+    /// Read-only streaming (a sum over a buffer).
+    pub read_gb_s: f64,
+}
+
+/// Measures host memory bandwidth with all rayon threads on buffers far larger than the caches.
+pub fn host_bandwidth() -> Bandwidth {
+    let n = 64 << 20; // 64 Mi f32 = 256 MiB per buffer
+    let src: Vec<f32> = (0..n).into_par_iter().map(|i| i as f32).collect();
+    let mut dst = vec![0f32; n];
+    let part = n / (rayon::current_num_threads() * 8);
+    let mut best_copy = f64::MAX;
+    let mut best_read = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        dst.par_chunks_mut(part).zip(src.par_chunks(part)).for_each(|(d, s)| d.copy_from_slice(s));
+        best_copy = best_copy.min(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        let s: f32 = src.par_chunks(part).map(|c| c.iter().sum::<f32>()).sum();
+        std::hint::black_box(s);
+        best_read = best_read.min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    let bytes = (n * 4) as f64;
+    Bandwidth { copy_gb_s: 2.0 * bytes / best_copy / 1e9, read_gb_s: bytes / best_read / 1e9 }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PrefillResult {
+    pub tokens: usize,
+    pub ms: f64,
+    pub tok_s: f64,
+    /// 2 × parameters-in-matrices per token.
+    pub gflop_per_token: f64,
+    pub achieved_gflop_s: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeResult {
+    pub batch: usize,
+    pub steps: usize,
+    pub ms_per_step: f64,
+    pub tok_s: f64,
+    /// Weight bytes one step reads (every matrix once, whatever the batch).
+    pub weight_bytes_per_step: usize,
+    pub achieved_gb_s: f64,
+}
+
+fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    (0..n as u64).map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed)) % vocab as u64) as u32).collect()
+}
+
+/// Times a prefill of `len` tokens (after one warm-up prefill of the same length).
+pub fn prefill<B: Backend>(model: &mut Model<B>, len: usize, kernel: MlstmKernel, reps: usize) -> Result<PrefillResult> {
+    let ids = tokens(len, model.vocab_size(), 7);
+    let mut best = f64::MAX;
+    for _ in 0..reps.max(1) + 1 {
+        let mut st = model.new_state(1)?;
+        let t = Instant::now();
+        model.prefill(&ids, &mut st, kernel, LogitRows::Last)?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let gflop = 2.0 * model.weight_bytes_per_token() as f64 / model.dtype.size() as f64 / 1e9;
+    Ok(PrefillResult { tokens: len, ms: best * 1e3, tok_s: len as f64 / best, gflop_per_token: gflop, achieved_gflop_s: gflop * len as f64 / best })
+}
+
+/// Times `steps` decode steps of a batch (after `warmup` untimed steps).
+pub fn decode<B: Backend>(model: &mut Model<B>, batch: usize, steps: usize, warmup: usize) -> Result<DecodeResult> {
+    let mut st = model.new_state(batch)?;
+    let ids = tokens(batch, model.vocab_size(), 3);
+    for _ in 0..warmup {
+        model.step(&ids, &mut st)?;
+    }
+    let t = Instant::now();
+    for _ in 0..steps.max(1) {
+        model.step(&ids, &mut st)?;
+    }
+    let per = t.elapsed().as_secs_f64() / steps.max(1) as f64;
+    let bytes = model.weight_bytes_per_token();
+    Ok(DecodeResult {
+        batch,
+        steps: steps.max(1),
+        ms_per_step: per * 1e3,
+        tok_s: batch as f64 / per,
+        weight_bytes_per_step: bytes,
+        achieved_gb_s: bytes as f64 / per / 1e9,
+    })
+}

@@ -1,0 +1,187 @@
+//! Text generation: prefill the prompt with the chunkwise kernel, then decode one token at a time with
+//! the recurrent step, sampling each token, streaming text as it forms, stopping on EOS, on a stop
+//! string or at the token budget.
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::backend::{Backend, MlstmKernel};
+use crate::error::{Error, Result};
+use crate::model::{LogitRows, Model};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::state::State;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_strings: Vec<String>,
+    /// Stop when the model emits its EOS token.
+    pub stop_on_eos: bool,
+    /// Prompt kernel (chunkwise with the model's chunk size by default).
+    pub prefill_kernel: Option<MlstmKernel>,
+    /// Refuse prompts longer than this many tokens (None: no limit; xLSTM state is fixed-size).
+    pub max_prompt_tokens: Option<usize>,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            max_new_tokens: 64,
+            sampling: SamplingParams::default(),
+            stop_strings: Vec::new(),
+            stop_on_eos: true,
+            prefill_kernel: None,
+            max_prompt_tokens: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    MaxTokens,
+    Eos,
+    StopString,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub time_to_first_token_ms: f64,
+    pub prefill_ms: f64,
+    pub prefill_tok_s: f64,
+    pub decode_ms: f64,
+    pub decode_tok_s: f64,
+    pub peak_rss_mb: f64,
+    pub stop_reason: StopReason,
+}
+
+impl GenerationStats {
+    pub fn line(&self) -> String {
+        format!(
+            "prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | peak mem {:.0} MB | stop: {:?}",
+            self.prompt_tokens, self.generated_tokens, self.time_to_first_token_ms, self.prefill_tok_s, self.decode_tok_s, self.peak_rss_mb, self.stop_reason
+        )
+    }
+}
+
+pub struct Generation {
+    pub text: String,
+    pub tokens: Vec<u32>,
+    pub stats: GenerationStats,
+}
+
+/// The prompt's ids with BOS inserted where the model asks for it (`force_bos_token_insert`).
+pub fn prompt_ids<B: Backend>(model: &Model<B>, tok: &Tokenizer, prompt: &str) -> Result<Vec<u32>> {
+    let mut ids = tok.encode(prompt)?;
+    if ids.is_empty() {
+        return Err(Error::Input("the prompt is empty: give some text with --prompt".into()));
+    }
+    if let Some(bos) = model.config.bos_token_id() {
+        if ids.first() != Some(&bos) {
+            ids.insert(0, bos);
+        }
+    }
+    Ok(ids)
+}
+
+/// Generates from `prompt`, calling `on_text` with each piece of text as soon as it is complete.
+pub fn generate<B: Backend>(
+    model: &mut Model<B>,
+    tok: &Tokenizer,
+    prompt: &str,
+    params: &GenerateParams,
+    mut on_text: impl FnMut(&str),
+) -> Result<Generation> {
+    let ids = prompt_ids(model, tok, prompt)?;
+    if let Some(limit) = params.max_prompt_tokens {
+        if ids.len() > limit {
+            return Err(Error::Input(format!(
+                "the prompt is {} tokens, longer than the allowed {limit}: shorten it or raise --max-prompt-tokens",
+                ids.len()
+            )));
+        }
+    }
+    let mut sampler = Sampler::new(params.sampling.clone())?;
+    let kernel = params.prefill_kernel.unwrap_or(MlstmKernel::Chunkwise { chunk: model.chunk_size });
+    let eos = if params.stop_on_eos { model.config.eos_token_id() } else { None };
+
+    let t0 = Instant::now();
+    let mut state: State<B> = model.new_state(1)?;
+    let mut logits = model.prefill(&ids, &mut state, kernel, LogitRows::Last)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+
+    let mut history = ids.clone();
+    let mut out_ids = Vec::new();
+    let mut text = String::new();
+    let mut decoder = StreamDecoder::default();
+    let mut ttft = None;
+    let mut reason = StopReason::MaxTokens;
+    let t_decode = Instant::now();
+    let mut decode_steps = 0usize;
+    while out_ids.len() < params.max_new_tokens {
+        let next = sampler.sample(&mut logits, &history);
+        ttft.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+        if Some(next) == eos {
+            reason = StopReason::Eos;
+            break;
+        }
+        out_ids.push(next);
+        history.push(next);
+        if let Some(piece) = decoder.push(tok, next)? {
+            text.push_str(&piece);
+            if let Some(cut) = stop_position(&text, &params.stop_strings) {
+                let keep = piece.len().saturating_sub(text.len() - cut);
+                on_text(&piece[..keep]);
+                text.truncate(cut);
+                reason = StopReason::StopString;
+                break;
+            }
+            on_text(&piece);
+        }
+        if out_ids.len() == params.max_new_tokens {
+            break;
+        }
+        logits = model.step(&[next], &mut state)?;
+        decode_steps += 1;
+    }
+    if reason != StopReason::StopString {
+        if let Some(rest) = decoder.flush(tok)? {
+            text.push_str(&rest);
+            on_text(&rest);
+        }
+    }
+    let decode_s = t_decode.elapsed().as_secs_f64();
+    let stats = GenerationStats {
+        prompt_tokens: ids.len(),
+        generated_tokens: out_ids.len(),
+        time_to_first_token_ms: ttft.unwrap_or(prefill_s) * 1e3,
+        prefill_ms: prefill_s * 1e3,
+        prefill_tok_s: ids.len() as f64 / prefill_s.max(1e-9),
+        decode_ms: decode_s * 1e3,
+        decode_tok_s: if decode_steps > 0 { decode_steps as f64 / decode_s.max(1e-9) } else { 0.0 },
+        peak_rss_mb: crate::sys::peak_rss_bytes() as f64 / 1e6,
+        stop_reason: reason,
+    };
+    Ok(Generation { text, tokens: out_ids, stats })
+}
+
+/// Byte offset where the first stop string begins in `text`.
+fn stop_position(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_cut_at_the_earliest() {
+        let stops = vec!["\n\n".to_string(), "END".to_string()];
+        assert_eq!(stop_position("abc END x\n\n", &stops), Some(4));
+        assert_eq!(stop_position("abc", &stops), None);
+    }
+}
