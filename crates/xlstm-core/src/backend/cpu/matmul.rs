@@ -109,9 +109,9 @@ fn dot_row(w: &CpuMat, j: usize, x: &[f32], m: usize, k: usize, acc: &mut [f32; 
         Simd::Avx512 => unsafe {
             use avx512::*;
             match &w.data {
-                MatData::F32(d) => dot_rows(d[off..off + k].as_ptr(), x, m, k, acc, load_f32, |v| v),
-                MatData::BF16(d) => dot_rows(d[off..off + k].as_ptr(), x, m, k, acc, load_bf16, bf16_to_f32),
-                MatData::F16(d) => dot_rows(d[off..off + k].as_ptr(), x, m, k, acc, load_f16, f16_to_f32),
+                MatData::F32(d) => dot_rows_f32(d[off..off + k].as_ptr(), x, m, k, acc),
+                MatData::BF16(d) => dot_rows_bf16(d[off..off + k].as_ptr(), x, m, k, acc),
+                MatData::F16(d) => dot_rows_f16(d[off..off + k].as_ptr(), x, m, k, acc),
             }
         },
         Simd::Scalar => {
@@ -158,59 +158,47 @@ fn scalar_dot<T: Copy>(w: &[T], x: &[f32], cvt: impl Fn(T) -> f32) -> f32 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    #[inline(always)]
-    pub unsafe fn load_f32(p: *const f32) -> __m512 {
-        _mm512_loadu_ps(p)
-    }
-    #[inline(always)]
-    pub unsafe fn load_bf16(p: *const u16) -> __m512 {
-        let h = _mm256_loadu_si256(p as *const __m256i);
-        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
-    }
-    #[inline(always)]
-    pub unsafe fn load_f16(p: *const u16) -> __m512 {
-        _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+    /// Dot of one weight row (16-wide loads, two accumulators per input row) with `m` input rows.
+    /// One function per weight dtype, so the widening load is inlined into the loop.
+    macro_rules! dot_rows {
+        ($name:ident, $t:ty, |$p:ident| $load:expr, |$v:ident| $scalar:expr) => {
+            #[target_feature(enable = "avx512f")]
+            pub unsafe fn $name(w: *const $t, x: &[f32], m: usize, k: usize, acc: &mut [f32; super::GEMV_MAX_ROWS]) {
+                let mut a0 = [_mm512_setzero_ps(); super::GEMV_MAX_ROWS];
+                let mut a1 = [_mm512_setzero_ps(); super::GEMV_MAX_ROWS];
+                let xp = x.as_ptr();
+                let mut i = 0;
+                while i + 32 <= k {
+                    let w0 = { let $p = w.add(i); $load };
+                    let w1 = { let $p = w.add(i + 16); $load };
+                    for r in 0..m {
+                        a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(r * k + i)), a0[r]);
+                        a1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(r * k + i + 16)), a1[r]);
+                    }
+                    i += 32;
+                }
+                while i + 16 <= k {
+                    let w0 = { let $p = w.add(i); $load };
+                    for r in 0..m {
+                        a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(r * k + i)), a0[r]);
+                    }
+                    i += 16;
+                }
+                for r in 0..m {
+                    let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+                    for t in i..k {
+                        let $v = *w.add(t);
+                        s += $scalar * x[r * k + t];
+                    }
+                    acc[r] = s;
+                }
+            }
+        };
     }
 
-    /// Dot of one weight row (16-wide loads, two accumulators per input row) with `m` input rows.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn dot_rows<T: Copy>(
-        w: *const T,
-        x: &[f32],
-        m: usize,
-        k: usize,
-        acc: &mut [f32; super::GEMV_MAX_ROWS],
-        load: unsafe fn(*const T) -> __m512,
-        scalar: fn(T) -> f32,
-    ) {
-        let mut a0 = [_mm512_setzero_ps(); super::GEMV_MAX_ROWS];
-        let mut a1 = [_mm512_setzero_ps(); super::GEMV_MAX_ROWS];
-        let xp = x.as_ptr();
-        let mut i = 0;
-        while i + 32 <= k {
-            let w0 = load(w.add(i));
-            let w1 = load(w.add(i + 16));
-            for r in 0..m {
-                a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(r * k + i)), a0[r]);
-                a1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(r * k + i + 16)), a1[r]);
-            }
-            i += 32;
-        }
-        while i + 16 <= k {
-            let w0 = load(w.add(i));
-            for r in 0..m {
-                a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp.add(r * k + i)), a0[r]);
-            }
-            i += 16;
-        }
-        for r in 0..m {
-            let mut s = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
-            for t in i..k {
-                s += scalar(*w.add(t)) * x[r * k + t];
-            }
-            acc[r] = s;
-        }
-    }
+    dot_rows!(dot_rows_f32, f32, |p| _mm512_loadu_ps(p), |v| v);
+    dot_rows!(dot_rows_bf16, u16, |p| _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i)), 16)), |v| super::bf16_to_f32(v));
+    dot_rows!(dot_rows_f16, u16, |p| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)), |v| super::f16_to_f32(v));
 }
 
 /// Many input rows: convert a block of weight rows to f32 and multiply with the `gemm` crate.
