@@ -7,7 +7,7 @@ use clap::Args;
 use xlstm_core::config::{LargeConfig, ModelConfig};
 use xlstm_core::tokenizer::Tokenizer;
 use xlstm_core::weights::Checkpoint;
-use xlstm_core::{hub, CpuBackend, DType, Model};
+use xlstm_core::{hub, Backend, CpuBackend, DType, Model};
 
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
@@ -42,15 +42,20 @@ pub struct ModelArgs {
     pub weight_seed: u64,
 }
 
-pub struct Loaded {
-    pub model: Model<CpuBackend>,
+pub struct Loaded<B: Backend> {
+    pub model: Model<B>,
     pub tokenizer: Tokenizer,
 }
 
-/// The one backend in this build; other names are refused, never silently replaced.
-pub fn backend(device: &str) -> Result<CpuBackend> {
+/// A command body that runs on whichever backend `--device` names.
+pub trait OnBackend {
+    fn run<B: Backend>(self, backend: B) -> Result<()>;
+}
+
+/// Runs `job` on the device named; a device that is not there is an error, never a silent fall-back.
+pub fn on_device(device: &str, job: impl OnBackend) -> Result<()> {
     match device {
-        "cpu" | "auto" => Ok(CpuBackend::new()),
+        "cpu" | "auto" => job.run(CpuBackend::new()),
         "cuda" | "gpu" | "metal" | "vulkan" => {
             bail!("device `{device}` is not available in this build of xlstm (no {device} backend yet); use --device cpu")
         }
@@ -107,8 +112,7 @@ fn lm_default_config(a: &ModelArgs) -> Result<ModelConfig> {
     bail!("--slstm-at needs the xlstm-lm family, which this build does not have yet")
 }
 
-pub fn load(a: &ModelArgs) -> Result<Loaded> {
-    let backend = backend(&a.device)?;
+pub fn load<B: Backend>(backend: B, a: &ModelArgs) -> Result<Loaded<B>> {
     match &a.model {
         Some(spec) => {
             let dir = hub::resolve(spec)?;

@@ -66,6 +66,7 @@ impl Checkpoint {
             for (name, view) in st.tensors() {
                 let t = convert(&name, view.dtype(), view.shape(), view.data(), dtype)
                     .map_err(|e| Error::file(shard, e))?;
+                release_pages(&mmap, view.data());
                 tensors.insert(name, t);
             }
         }
@@ -89,6 +90,18 @@ impl Checkpoint {
 
     pub fn bytes_on_disk(&self) -> u64 {
         self.shards.iter().filter_map(|s| s.metadata().ok()).map(|m| m.len()).sum()
+    }
+}
+
+/// Drops the file pages of a tensor already converted, so a shard's mapped pages never pile up in
+/// resident memory next to the converted weights (peak = converted weights + one tensor).
+fn release_pages(mmap: &memmap2::Mmap, data: &[u8]) {
+    #[cfg(unix)]
+    {
+        let off = data.as_ptr() as usize - mmap.as_ptr() as usize;
+        // SAFETY: the map is read-only and file-backed: dropped pages are re-read from the file if
+        // touched again, and nothing borrows this tensor's bytes any more.
+        let _ = unsafe { mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, data.len()) };
     }
 }
 

@@ -5,7 +5,8 @@ use xlstm_core::bench;
 use xlstm_core::config::{LargeConfig, ModelConfig};
 use xlstm_core::{DType, MlstmKernel, Model};
 
-use crate::load::{backend, load, ModelArgs};
+use crate::load::{load, on_device, ModelArgs, OnBackend};
+use xlstm_core::Backend;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -47,6 +48,16 @@ pub fn named_shape(name: &str) -> Result<LargeConfig> {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    on_device(&a.model.device.clone(), a)
+}
+
+impl OnBackend for Args {
+    fn run<B: Backend>(self, backend: B) -> Result<()> {
+        bench_on(backend, self)
+    }
+}
+
+fn bench_on<B: Backend>(backend: B, a: Args) -> Result<()> {
     if a.batch == 0 || a.prompt_len == 0 {
         bail!("--batch and --prompt-len must be at least 1");
     }
@@ -55,15 +66,15 @@ pub fn run(a: Args) -> Result<()> {
             let cfg = named_shape(name)?;
             let dtype = if a.model.dtype == "auto" { DType::BF16 } else { DType::parse(&a.model.dtype)? };
             eprintln!("bench: {name} shape, random weights, {dtype}");
-            Model::random(backend(&a.model.device)?, ModelConfig::Large(cfg), dtype, 0)?
+            Model::random(backend, ModelConfig::Large(cfg), dtype, 0)?
         }
         None if a.random_weights && a.model.model.is_some() => {
             let dir = xlstm_core::hub::resolve(a.model.model.as_deref().unwrap_or_default())?;
             let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
             let dtype = if a.model.dtype == "auto" { DType::BF16 } else { DType::parse(&a.model.dtype)? };
-            Model::random(backend(&a.model.device)?, cfg, dtype, 0)?
+            Model::random(backend, cfg, dtype, 0)?
         }
-        None => load(&a.model)?.model,
+        None => load(backend, &a.model)?.model,
     };
     let params = match &model.config {
         ModelConfig::Large(c) => c.num_params(),

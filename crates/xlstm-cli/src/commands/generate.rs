@@ -7,7 +7,8 @@ use xlstm_core::generate::{generate, GenerateParams};
 use xlstm_core::sampling::SamplingParams;
 use xlstm_core::MlstmKernel;
 
-use crate::load::{load, ModelArgs};
+use crate::load::{load, on_device, ModelArgs, OnBackend};
+use xlstm_core::Backend;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -50,7 +51,17 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let mut loaded = load(&a.model)?;
+    on_device(&a.model.device.clone(), a)
+}
+
+impl OnBackend for Args {
+    fn run<B: Backend>(self, backend: B) -> Result<()> {
+        generate_on(backend, self)
+    }
+}
+
+fn generate_on<B: Backend>(backend: B, a: Args) -> Result<()> {
+    let mut loaded = load(backend, &a.model)?;
     let params = GenerateParams {
         max_new_tokens: a.max_new_tokens,
         sampling: SamplingParams {

@@ -6,7 +6,8 @@ use anyhow::{bail, Context, Result};
 use safetensors::tensor::TensorView;
 use xlstm_core::{LogitRows, MlstmKernel};
 
-use crate::load::{load, ModelArgs};
+use crate::load::{load, on_device, ModelArgs, OnBackend};
+use xlstm_core::Backend;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum Mode {
@@ -34,6 +35,16 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
+    on_device(&a.model.device.clone(), a)
+}
+
+impl OnBackend for Args {
+    fn run<B: Backend>(self, backend: B) -> Result<()> {
+        logits_on(backend, self)
+    }
+}
+
+fn logits_on<B: Backend>(backend: B, a: Args) -> Result<()> {
     let ids: Vec<u32> = a
         .tokens
         .iter()
@@ -46,7 +57,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.chunk_size == Some(0) {
         bail!("--chunk-size must be positive");
     }
-    let mut loaded = load(&a.model)?;
+    let mut loaded = load(backend, &a.model)?;
     let m = &mut loaded.model;
     let mut state = m.new_state(1)?;
     let logits = match a.mode {
