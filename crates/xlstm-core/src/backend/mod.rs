@@ -48,6 +48,55 @@ pub struct SlstmState<Buf> {
     pub heads: usize,
 }
 
+/// The four gate pre-activations an sLSTM cell takes from its input (the input-side projections
+/// `W x`, without the recurrent term and without bias), each `[rows, NH·DH]`, head-major
+/// (channel `h·DH + d`). Order as in the cell: input `i`, forget `f`, cell input `z`, output `o`.
+pub struct SlstmGates<'a, Buf> {
+    pub i: &'a Buf,
+    pub f: &'a Buf,
+    pub z: &'a Buf,
+    pub o: &'a Buf,
+}
+
+/// Sizes of a block-diagonal ("headwise") projection: `blocks` independent `[dout, din]` matrices;
+/// the input row is `blocks·din` wide, the output row `blocks·dout`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadwiseDims {
+    pub blocks: usize,
+    pub din: usize,
+    pub dout: usize,
+}
+
+/// Sizes of a causal depthwise conv1d: `channels` independent filters of `kernel` taps. Its rolling
+/// state holds the last `kernel − 1` inputs of each sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvDims {
+    pub channels: usize,
+    pub kernel: usize,
+}
+
+impl ConvDims {
+    /// Inputs kept between calls (`kernel − 1`, 0 for a kernel of 0 or 1 taps).
+    pub fn taps(&self) -> usize {
+        self.kernel.saturating_sub(1)
+    }
+}
+
+/// Activation of a gated feed-forward (`act(gate) ⊙ up`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// Exact GELU, `0.5·x·(1 + erf(x/√2))` (torch's default, `approximate='none'`).
+    Gelu,
+    /// SiLU / swish, `x·σ(x)`.
+    Silu,
+    Relu,
+    /// `relu(x)²`.
+    ReluSquared,
+    Sigmoid,
+    /// SELU with torch's constants (α = 1.6732632…, scale = 1.0507009…).
+    Selu,
+}
+
 pub trait Backend: Send + Sync + Sized + 'static {
     /// An f32 buffer in the backend's memory.
     type Buf: Send + Sync;
@@ -87,6 +136,34 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf, len: usize, out: &mut Self::Buf) -> Result<()>;
     /// `x = sigmoid(gate) ⊙ x` over `len` values.
     fn sigmoid_gate(&self, gate: &Self::Buf, x: &mut Self::Buf, len: usize) -> Result<()>;
+    /// `out = act(gate) ⊙ up` over `len` values (a gated feed-forward's middle).
+    fn gated_act(&self, act: Activation, gate: &Self::Buf, up: &Self::Buf, len: usize, out: &mut Self::Buf) -> Result<()>;
+    /// `x[r, j] += scale[j] · y[r, j]` for `rows` rows of `width` (a per-channel scaled skip).
+    fn scaled_add(&self, x: &mut Self::Buf, y: &Self::Buf, scale: &Self::Buf, rows: usize, width: usize) -> Result<()>;
+    /// Strided 2-D copy: `dst[r·dst_stride + dst_off + j] = src[r·src_stride + src_off + j]` for
+    /// `r < rows`, `j < width` (e.g. concatenating activations column-wise).
+    #[allow(clippy::too_many_arguments)]
+    fn copy_cols(&self, src: &Self::Buf, src_stride: usize, src_off: usize, dst: &mut Self::Buf, dst_stride: usize, dst_off: usize, rows: usize, width: usize) -> Result<()>;
+    /// Block-diagonal projection: `x [rows, blocks·din]`, `w [blocks, dout, din]` (f32, row-major),
+    /// `out[r, b·dout + o] = Σ_j w[b, o, j] · x[r, b·din + j] (+ bias[b·dout + o])`, `out [rows, blocks·dout]`.
+    #[allow(clippy::too_many_arguments)]
+    fn headwise(&self, x: &Self::Buf, rows: usize, w: &Self::Buf, dims: HeadwiseDims, bias: Option<&Self::Buf>, out: &mut Self::Buf) -> Result<()>;
+
+    // ---- causal depthwise conv1d ----------------------------------------------------------------
+    // Weights `w [kernel, channels]` (tap-major: `w[k, c]`; tap `kernel − 1` multiplies the current
+    // input, tap 0 the input `kernel − 1` steps back), `bias [channels]`. The rolling state
+    // `[B, kernel − 1, channels]` holds each sequence's previous inputs, oldest first (zeros at the
+    // start). `y[t, c] = bias[c] + Σ_k w[k, c] · x[t − (kernel − 1) + k, c]`, where inputs before the
+    // segment come from the state; then SiLU when `silu`. The state is advanced past the inputs.
+
+    /// A segment of `seq` consecutive inputs `x [seq, channels]` of one sequence (state batch 1);
+    /// writes `out [seq, channels]`.
+    #[allow(clippy::too_many_arguments)]
+    fn conv1d_prefill(&self, dims: ConvDims, seq: usize, x: &Self::Buf, w: &Self::Buf, bias: &Self::Buf, state: &mut Self::Buf, silu: bool, out: &mut Self::Buf) -> Result<()>;
+    /// One input for each of `batch` sequences: `x [B, channels]` (row b uses state slot b);
+    /// writes `out [B, channels]`.
+    #[allow(clippy::too_many_arguments)]
+    fn conv1d_step(&self, dims: ConvDims, batch: usize, x: &Self::Buf, w: &Self::Buf, bias: &Self::Buf, state: &mut Self::Buf, silu: bool, out: &mut Self::Buf) -> Result<()>;
 
     // ---- mLSTM --------------------------------------------------------------------------------
     /// One recurrent step for `batch` sequences: q, k [B, NH·DK], v [B, NH·DV], i, f [B, NH]
@@ -96,4 +173,20 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// A segment of `seq` tokens of one sequence (batch 1), state carried in and out.
     #[allow(clippy::too_many_arguments)]
     fn mlstm_prefill(&self, kernel: MlstmKernel, dims: MlstmDims, seq: usize, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, i: &Self::Buf, f: &Self::Buf, state: &mut MlstmState<Self::Buf>, eps: f32, h: &mut Self::Buf) -> Result<()>;
+
+    // ---- sLSTM --------------------------------------------------------------------------------
+    // H = state.width = NH·DH channels, head-major; NH = state.heads. `gates` are the input-side
+    // pre-activations (see [`SlstmGates`]). `r [NH, 4·DH, DH]`: per head h a DH → 4·DH map of the
+    // previous output, rows gate-major (`r[h, g·DH + o, j]`, g = i, f, z, o). `bias [4·H]`, gate-major
+    // (`bias[g·H + h·DH + d]`). Per step, per channel:
+    //   raw_g = gates.g + Σ_j r[h, g·DH + o, j]·h_prev[h·DH + j] + bias_g
+    //   lfm = m + logsigmoid(raw_f);  m' = raw_i if the sequence is fresh (its n all zero) else max(raw_i, lfm)
+    //   i = min(e^(raw_i − m'), 1);  f = min(e^(lfm − m'), 1);  c' = f·c + i·tanh(raw_z);  n' = f·n + i
+    //   h' = σ(raw_o)·c'/n'
+    // State (c, n, m, h) is updated in place; `y` receives h' for every row.
+
+    /// One step for `batch` sequences: gates `[B, H]`, row b uses state slot b; `y [B, H]`.
+    fn slstm_step(&self, batch: usize, gates: SlstmGates<'_, Self::Buf>, r: &Self::Buf, bias: &Self::Buf, state: &mut SlstmState<Self::Buf>, y: &mut Self::Buf) -> Result<()>;
+    /// `seq` consecutive steps of one sequence (state batch 1): gates `[seq, H]`, `y [seq, H]`.
+    fn slstm_prefill(&self, seq: usize, gates: SlstmGates<'_, Self::Buf>, r: &Self::Buf, bias: &Self::Buf, state: &mut SlstmState<Self::Buf>, y: &mut Self::Buf) -> Result<()>;
 }

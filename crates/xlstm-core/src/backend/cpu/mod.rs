@@ -1,11 +1,14 @@
 //! The CPU backend: the reference every other backend is tested against, and the default.
 //! Weights stay in their 16-bit dtype (bf16/f16) and are widened in registers; all math is f32.
+pub mod act;
+pub mod conv;
 pub mod matmul;
 pub mod mlstm;
+pub mod slstm;
 
 use rayon::prelude::*;
 
-use super::{Backend, MlstmDims, MlstmKernel, MlstmState};
+use super::{Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostData, HostTensor};
 pub use matmul::{CpuMat, MatData};
@@ -164,6 +167,79 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn gated_act(&self, act: Activation, gate: &Vec<f32>, up: &Vec<f32>, len: usize, out: &mut Vec<f32>) -> Result<()> {
+        check_len("gated_act", "gate", gate.len(), len)?;
+        check_len("gated_act", "up", up.len(), len)?;
+        check_len("gated_act", "out", out.len(), len)?;
+        out[..len].par_chunks_mut(4096).zip(gate[..len].par_chunks(4096)).zip(up[..len].par_chunks(4096)).for_each(
+            |((o, g), u)| o.iter_mut().zip(g).zip(u).for_each(|((o, &g), &u)| *o = act::apply(act, g) * u),
+        );
+        Ok(())
+    }
+
+    fn scaled_add(&self, x: &mut Vec<f32>, y: &Vec<f32>, scale: &Vec<f32>, rows: usize, width: usize) -> Result<()> {
+        check_len("scaled_add", "x", x.len(), rows * width)?;
+        check_len("scaled_add", "y", y.len(), rows * width)?;
+        check_len("scaled_add", "scale", scale.len(), width)?;
+        x[..rows * width].chunks_mut(width).zip(y[..rows * width].chunks(width)).for_each(|(x, y)| {
+            x.iter_mut().zip(y).zip(&scale[..width]).for_each(|((x, &y), &s)| *x += s * y);
+        });
+        Ok(())
+    }
+
+    fn copy_cols(&self, src: &Vec<f32>, src_stride: usize, src_off: usize, dst: &mut Vec<f32>, dst_stride: usize, dst_off: usize, rows: usize, width: usize) -> Result<()> {
+        if rows == 0 || width == 0 {
+            return Ok(());
+        }
+        if src_off + width > src_stride || dst_off + width > dst_stride {
+            return Err(Error::Device(format!(
+                "cpu copy_cols: columns {src_off}+{width} / {dst_off}+{width} overrun row strides {src_stride} / {dst_stride}"
+            )));
+        }
+        check_len("copy_cols", "src", src.len(), (rows - 1) * src_stride + src_off + width)?;
+        check_len("copy_cols", "dst", dst.len(), (rows - 1) * dst_stride + dst_off + width)?;
+        for r in 0..rows {
+            let (s, d) = (r * src_stride + src_off, r * dst_stride + dst_off);
+            dst[d..d + width].copy_from_slice(&src[s..s + width]);
+        }
+        Ok(())
+    }
+
+    fn headwise(&self, x: &Vec<f32>, rows: usize, w: &Vec<f32>, d: HeadwiseDims, bias: Option<&Vec<f32>>, out: &mut Vec<f32>) -> Result<()> {
+        check_len("headwise", "x", x.len(), rows * d.blocks * d.din)?;
+        check_len("headwise", "w", w.len(), d.blocks * d.dout * d.din)?;
+        check_len("headwise", "out", out.len(), rows * d.blocks * d.dout)?;
+        if let Some(b) = bias {
+            check_len("headwise", "bias", b.len(), d.blocks * d.dout)?;
+        }
+        conv::headwise(x, rows, w, d.blocks, d.din, d.dout, bias.map(|b| b.as_slice()), out);
+        Ok(())
+    }
+
+    fn conv1d_prefill(&self, d: ConvDims, seq: usize, x: &Vec<f32>, w: &Vec<f32>, bias: &Vec<f32>, state: &mut Vec<f32>, silu: bool, out: &mut Vec<f32>) -> Result<()> {
+        check_conv("conv1d_prefill", d, seq, 1, x, w, bias, state, out)?;
+        conv::conv_seq(d.channels, d.kernel, seq, x, w, bias, state, silu, out);
+        Ok(())
+    }
+
+    fn conv1d_step(&self, d: ConvDims, batch: usize, x: &Vec<f32>, w: &Vec<f32>, bias: &Vec<f32>, state: &mut Vec<f32>, silu: bool, out: &mut Vec<f32>) -> Result<()> {
+        check_conv("conv1d_step", d, batch, batch, x, w, bias, state, out)?;
+        conv::conv_step(d.channels, d.kernel, batch, x, w, bias, state, silu, out);
+        Ok(())
+    }
+
+    fn slstm_step(&self, batch: usize, g: SlstmGates<'_, Vec<f32>>, r: &Vec<f32>, bias: &Vec<f32>, s: &mut SlstmState<Vec<f32>>, y: &mut Vec<f32>) -> Result<()> {
+        let p = check_slstm("slstm_step", batch, batch, &g, r, bias, s, y)?;
+        slstm::step(&p, batch, s.heads, &mut s.c, &mut s.n, &mut s.m, &mut s.h, y);
+        Ok(())
+    }
+
+    fn slstm_prefill(&self, seq: usize, g: SlstmGates<'_, Vec<f32>>, r: &Vec<f32>, bias: &Vec<f32>, s: &mut SlstmState<Vec<f32>>, y: &mut Vec<f32>) -> Result<()> {
+        let p = check_slstm("slstm_prefill", seq, 1, &g, r, bias, s, y)?;
+        slstm::prefill(&p, seq, &mut s.c, &mut s.n, &mut s.m, &mut s.h, y);
+        Ok(())
+    }
+
     fn mlstm_step(&self, d: MlstmDims, batch: usize, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, i: &Vec<f32>, f: &Vec<f32>, s: &mut MlstmState<Vec<f32>>, eps: f32, h: &mut Vec<f32>) -> Result<()> {
         check_mlstm("mlstm_step", d, batch, batch, q, k, v, i, f, s, h)?;
         mlstm::step(d, batch, q, k, v, i, f, &mut s.c, &mut s.n, &mut s.m, eps, h);
@@ -194,4 +270,36 @@ fn check_mlstm(op: &str, d: MlstmDims, rows: usize, batch: usize, q: &[f32], k: 
     check_len(op, "C", s.c.len(), batch * nh * d.dk * d.dv)?;
     check_len(op, "n", s.n.len(), batch * nh * d.dk)?;
     check_len(op, "m", s.m.len(), batch * nh)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_conv(op: &str, d: ConvDims, rows: usize, batch: usize, x: &[f32], w: &[f32], bias: &[f32], state: &[f32], out: &[f32]) -> Result<()> {
+    if d.kernel == 0 {
+        return Err(Error::Device(format!("cpu {op}: a conv1d needs at least one tap")));
+    }
+    let ch = d.channels;
+    check_len(op, "x", x.len(), rows * ch)?;
+    check_len(op, "w", w.len(), d.kernel * ch)?;
+    check_len(op, "bias", bias.len(), ch)?;
+    check_len(op, "state", state.len(), batch * d.taps() * ch)?;
+    check_len(op, "out", out.len(), rows * ch)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_slstm<'a>(op: &str, rows: usize, batch: usize, g: &SlstmGates<'a, Vec<f32>>, r: &'a [f32], bias: &'a [f32], s: &SlstmState<Vec<f32>>, y: &[f32]) -> Result<slstm::HeadParams<'a>> {
+    let (w, nh) = (s.width, s.heads);
+    if nh == 0 || w % nh != 0 {
+        return Err(Error::Device(format!("cpu {op}: width {w} does not split into {nh} heads")));
+    }
+    let dh = w / nh;
+    for (name, b) in [("i", g.i), ("f", g.f), ("z", g.z), ("o", g.o)] {
+        check_len(op, name, b.len(), rows * w)?;
+    }
+    check_len(op, "r", r.len(), nh * 4 * dh * dh)?;
+    check_len(op, "bias", bias.len(), 4 * w)?;
+    for (name, b) in [("c", &s.c), ("n", &s.n), ("m", &s.m), ("h", &s.h)] {
+        check_len(op, name, b.len(), batch * w)?;
+    }
+    check_len(op, "y", y.len(), rows * w)?;
+    Ok(slstm::HeadParams { gates: [g.i, g.f, g.z, g.o], r, bias, width: w, dh })
 }
