@@ -108,8 +108,8 @@ fn lm_default_config(a: &ModelArgs) -> Result<ModelConfig> {
     if let Some(bad) = a.slstm_at.iter().find(|&&i| i >= a.layers) {
         bail!("--slstm-at {bad} is not a block index (the model has {} blocks)", a.layers);
     }
-    // TODO(issue 3): LmConfig::with_shape lands with the xlstm-lm family.
-    bail!("--slstm-at needs the xlstm-lm family, which this build does not have yet")
+    let c = xlstm_core::model::lm::LmConfig::with_shape(a.layers, a.model_dim, a.heads, a.vocab_size, &a.slstm_at, 4096)?;
+    Ok(ModelConfig::Lm(c))
 }
 
 pub fn load<B: Backend>(backend: B, a: &ModelArgs) -> Result<Loaded<B>> {

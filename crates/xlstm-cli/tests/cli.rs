@@ -50,7 +50,7 @@ fn rel(a: &[f32], b: &[f64]) -> f64 {
 #[test]
 fn logits_command_matches_the_reference_in_both_modes() {
     let tmp = tempfile::tempdir().unwrap();
-    for case in ["large_tiny", "large_tiny_bf16_sharded"] {
+    for case in ["large_tiny", "large_tiny_bf16_sharded", "lm_tiny"] {
         let ids: Vec<String> = expected_f64(case, "input_ids").iter().map(|&x| (x as i64).to_string()).collect();
         let want = expected_f64(case, "logits_f64");
         for mode in ["parallel", "step"] {
@@ -78,6 +78,15 @@ fn generate_runs_the_builtin_default_model() {
     assert_eq!(s["prompt_tokens"], 5);
     assert_eq!(s["generated_tokens"], 12);
     assert!(s["decode_tok_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn builtin_default_with_slstm_blocks_is_an_xlstm_lm_model() {
+    let o = xlstm(&["generate", "--prompt", "Hi", "--max-new-tokens", "6", "--layers", "4", "--model-dim", "128", "--heads", "4", "--slstm-at", "1,3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("xlstm-lm"), "{}", stderr(&o));
+    let o = xlstm(&["generate", "--prompt", "Hi", "--layers", "2", "--model-dim", "128", "--heads", "2", "--slstm-at", "5"]);
+    assert_clean_error(&o, "--slstm-at");
 }
 
 #[test]

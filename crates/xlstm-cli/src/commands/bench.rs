@@ -78,7 +78,7 @@ fn bench_on<B: Backend>(backend: B, a: Args) -> Result<()> {
     };
     let params = match &model.config {
         ModelConfig::Large(c) => c.num_params(),
-        ModelConfig::Lm(_) => 0,
+        ModelConfig::Lm(c) => c.num_params(),
     };
     let bw = bench::host_bandwidth();
     let kernel = MlstmKernel::Chunkwise { chunk: a.chunk_size.unwrap_or(model.chunk_size) };
