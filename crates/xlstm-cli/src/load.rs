@@ -7,6 +7,8 @@ use clap::Args;
 use xlstm_core::config::{LargeConfig, ModelConfig};
 use xlstm_core::tokenizer::Tokenizer;
 use xlstm_core::weights::Checkpoint;
+use xlstm_core::settings::Settings;
+use xlstm_core::watchdog::Watchdog;
 use xlstm_core::{hub, Backend, CpuBackend, DType, Model};
 
 #[derive(Args, Clone, Debug)]
@@ -40,11 +42,32 @@ pub struct ModelArgs {
     /// Seed of the built-in model's random weights.
     #[arg(long, default_value_t = 0)]
     pub weight_seed: u64,
+    #[command(flatten)]
+    pub runtime: crate::runtime::RuntimeArgs,
 }
 
 pub struct Loaded<B: Backend> {
     pub model: Model<B>,
     pub tokenizer: Tokenizer,
+    pub settings: Settings,
+}
+
+/// Applies the settings that act on the process and the model: worker threads (before any parallel
+/// work), the model's chunk size and the memory watchdog.
+pub fn configure<B: Backend>(model: &mut Model<B>, settings: &Settings) -> Result<()> {
+    if let Some(chunk) = settings.chunk_size()? {
+        model.chunk_size = chunk;
+    }
+    model.watchdog = Watchdog::start(settings, model.backend.memory_probe())?;
+    Ok(())
+}
+
+/// Worker threads for the CPU backend: set once, before the first parallel section.
+pub fn init_workers(settings: &Settings) -> Result<()> {
+    if let Some(n) = settings.workers()? {
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().ok();
+    }
+    Ok(())
 }
 
 /// A command body that runs on whichever backend `--device` names.
@@ -113,14 +136,16 @@ fn lm_default_config(a: &ModelArgs) -> Result<ModelConfig> {
 }
 
 pub fn load<B: Backend>(backend: B, a: &ModelArgs) -> Result<Loaded<B>> {
-    match &a.model {
+    let settings = a.runtime.resolve()?;
+    init_workers(&settings)?;
+    let (mut model, tokenizer) = match &a.model {
         Some(spec) => {
             let dir = hub::resolve(spec)?;
             let ckpt = Checkpoint::open(&dir)?;
             let dtype = weight_dtype(&a.dtype, Some(&ckpt))?;
             let model = Model::load(backend, &dir, dtype).with_context(|| format!("loading {}", dir.display()))?;
             let tokenizer = Tokenizer::for_model_dir(&dir)?;
-            Ok(Loaded { model, tokenizer })
+            (model, tokenizer)
         }
         None => {
             let config = default_config(a)?;
@@ -130,7 +155,9 @@ pub fn load<B: Backend>(backend: B, a: &ModelArgs) -> Result<Loaded<B>> {
                 config.family(), a.layers, a.model_dim, a.heads, a.vocab_size
             );
             let model = Model::random(backend, config, dtype, a.weight_seed)?;
-            Ok(Loaded { model, tokenizer: Tokenizer::Bytes })
+            (model, Tokenizer::Bytes)
         }
-    }
+    };
+    configure(&mut model, &settings)?;
+    Ok(Loaded { model, tokenizer, settings })
 }

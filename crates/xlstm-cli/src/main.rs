@@ -2,6 +2,7 @@
 //! library (`xlstm-core`); errors print as one line and exit non-zero.
 mod commands;
 mod load;
+mod runtime;
 
 use std::process::ExitCode;
 
@@ -24,6 +25,8 @@ enum Command {
     Bench(commands::bench::Args),
     /// Show a model's config, parameter count, dtypes and memory needs.
     Inspect(commands::inspect::Args),
+    /// Print the effective runtime settings (memory watchdog, tuning knobs) and where each comes from.
+    Config(commands::config::Args),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
         Command::Logits(a) => commands::logits::run(a),
         Command::Bench(a) => commands::bench::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
+        Command::Config(a) => commands::config::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -191,3 +191,90 @@ fn bad_input_is_a_clear_error() {
     let o = xlstm(&["logits", "--model", d.path().to_str().unwrap(), "--tokens", "1", "--out", "/tmp/x"]);
     assert_clean_error(&o, "missing");
 }
+
+fn xlstm_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_xlstm"));
+    c.args(args).env_remove("XLSTM_MODEL").env_remove("XLSTM_DEVICE");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("runs")
+}
+
+/// Soft limit: warns, halves the chunk down to the minimum, and the logits stay equal.
+#[test]
+fn soft_memory_limit_warns_and_shrinks_without_changing_results() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids: Vec<String> = expected_f64("large_tiny", "input_ids").iter().map(|&x| (x as i64).to_string()).collect();
+    let plain = tmp.path().join("plain.safetensors");
+    let shrunk = tmp.path().join("shrunk.safetensors");
+    let o = xlstm(&["logits", "--model", &data("large_tiny"), "--tokens", &ids.join(","), "--out", plain.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = xlstm_env(&["logits", "--model", &data("large_tiny"), "--tokens", &ids.join(","), "--out", shrunk.to_str().unwrap(), "--min-chunk", "4"], &[("XLSTM_MEM_SOFT_MB", "1")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("warning: soft memory limit reached"), "{}", stderr(&o));
+    let (_, a) = read_logits(&plain);
+    let (_, b) = read_logits(&shrunk);
+    let e = rel(&b, &a.iter().map(|&x| x as f64).collect::<Vec<_>>());
+    assert!(e < 1e-5, "shrinking changed the logits: {e:e}");
+
+    // generate reports each halving, 64 → 32 → 16 → 8 (the minimum), in its stats
+    let stats = tmp.path().join("stats.json");
+    let long = "abcd ".repeat(80);
+    let o = xlstm_env(&["generate", "--prompt", &long, "--max-new-tokens", "2", "--layers", "2", "--model-dim", "128", "--heads", "2", "--stats-json", stats.to_str().unwrap()], &[("XLSTM_MEM_SOFT_MB", "1")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    let ev: Vec<String> = s["memory_events"].as_array().unwrap().iter().map(|e| e.as_str().unwrap().to_string()).collect();
+    assert!(ev.iter().any(|e| e.starts_with("prefill chunk 64 -> 32")), "{ev:?}");
+    assert!(ev.iter().any(|e| e.starts_with("prefill chunk 16 -> 8")), "{ev:?}");
+    assert!(!ev.iter().any(|e| e.starts_with("prefill chunk 8 ->")), "never below the minimum: {ev:?}");
+
+    // shrinking disabled: warning only
+    let o = xlstm_env(&["generate", "--prompt", &long, "--max-new-tokens", "2", "--layers", "2", "--model-dim", "128", "--heads", "2", "--no-mem-shrink", "--stats-json", stats.to_str().unwrap()], &[("XLSTM_MEM_SOFT_MB", "1")]);
+    assert!(o.status.success() && stderr(&o).contains("warning: soft memory limit"), "{}", stderr(&o));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+    assert!(s["memory_events"].as_array().unwrap().is_empty(), "{s}");
+}
+
+#[test]
+fn hard_memory_limit_stops_cleanly() {
+    let o = xlstm_env(&["generate", "--prompt", "hello", "--layers", "2", "--model-dim", "128", "--heads", "2"], &[("XLSTM_MEM_HARD_MB", "2")]);
+    assert_clean_error(&o, "hard memory limit reached");
+    assert!(stderr(&o).contains("XLSTM_MEM_HARD_MB"), "names the knob: {}", stderr(&o));
+    // flag beats environment
+    let o = xlstm_env(&["generate", "--prompt", "hello", "--max-new-tokens", "2", "--layers", "2", "--model-dim", "128", "--heads", "2", "--mem-hard-mb", "100000"], &[("XLSTM_MEM_HARD_MB", "2")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // watchdog off
+    let o = xlstm_env(&["generate", "--prompt", "hello", "--max-new-tokens", "2", "--layers", "2", "--model-dim", "128", "--heads", "2"], &[("XLSTM_MEM_HARD_MB", "2"), ("XLSTM_MEM_WATCHDOG", "0")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn config_prints_effective_settings_and_sources() {
+    let o = xlstm_env(&["config", "--json", "--mem-soft-mb", "500", "--profile", "high-memory"], &[("XLSTM_MEM_SOFT_MB", "100"), ("XLSTM_MEM_POLL_MS", "75")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let get = |k: &str| rows.iter().find(|r| r["key"] == k).unwrap().clone();
+    assert_eq!((get("mem_soft_mb")["value"].as_str().unwrap(), get("mem_soft_mb")["source"].as_str().unwrap()), ("500", "flag"));
+    assert_eq!((get("mem_poll_ms")["value"].as_str().unwrap(), get("mem_poll_ms")["source"].as_str().unwrap()), ("75", "env"));
+    assert_eq!((get("shrink_on_soft")["value"].as_str().unwrap(), get("shrink_on_soft")["source"].as_str().unwrap()), ("0", "profile"));
+    assert_eq!(get("min_chunk")["source"], "default");
+    let o = xlstm_env(&["config"], &[("XLSTM_MEM_POLL_MS", "5")]);
+    assert_clean_error(&o, "XLSTM_MEM_POLL_MS");
+}
+
+#[test]
+fn stats_log_has_a_row_per_segment_and_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log.csv");
+    let o = xlstm(&["generate", "--prompt", &"x".repeat(300), "--max-new-tokens", "7", "--layers", "2", "--model-dim", "128", "--heads", "2", "--stats-log", log.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "elapsed_s,kind,tokens,seconds,tok_s,rss_mb,chunk");
+    let prefill: Vec<&&str> = lines.iter().filter(|l| l.contains(",prefill,")).collect();
+    let decode = lines.iter().filter(|l| l.contains(",decode,")).count();
+    assert_eq!(prefill.len(), 1, "300 tokens = one 512-token segment: {text}");
+    assert!(prefill[0].contains(",300,"), "{text}");
+    assert_eq!(decode, 6, "7 tokens = 6 decode steps after the prefill's token: {text}");
+}

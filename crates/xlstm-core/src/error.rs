@@ -21,6 +21,8 @@ pub enum Error {
     State(String),
     #[error("hub: {0}")]
     Hub(String),
+    #[error("memory: {0}")]
+    Memory(String),
 }
 
 impl Error {

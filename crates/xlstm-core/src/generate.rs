@@ -23,6 +23,10 @@ pub struct GenerateParams {
     pub prefill_kernel: Option<MlstmKernel>,
     /// Refuse prompts longer than this many tokens (None: no limit; xLSTM state is fixed-size).
     pub max_prompt_tokens: Option<usize>,
+    /// `--stats-log`: a CSV row per prefill segment and per generated token.
+    pub stats_log: Option<std::path::PathBuf>,
+    /// Live statistics for `xlstm top`.
+    pub live: Option<crate::live::Live>,
 }
 
 impl Default for GenerateParams {
@@ -34,6 +38,8 @@ impl Default for GenerateParams {
             stop_on_eos: true,
             prefill_kernel: None,
             max_prompt_tokens: None,
+            stats_log: None,
+            live: None,
         }
     }
 }
@@ -57,6 +63,8 @@ pub struct GenerationStats {
     pub decode_tok_s: f64,
     pub peak_rss_mb: f64,
     pub stop_reason: StopReason,
+    /// What the memory watchdog did (chunk shrinks), if anything.
+    pub memory_events: Vec<String>,
 }
 
 impl GenerationStats {
@@ -109,10 +117,29 @@ pub fn generate<B: Backend>(
     let kernel = params.prefill_kernel.unwrap_or(MlstmKernel::Chunkwise { chunk: model.chunk_size });
     let eos = if params.stop_on_eos { model.config.eos_token_id() } else { None };
 
+    let mut log = params.stats_log.as_deref().map(crate::live::StatsLog::create).transpose()?;
+    let live = params.live.clone().unwrap_or_default();
+    live.update(|s| {
+        s.phase = "prefill".into();
+        s.prompt_tokens = ids.len();
+    });
+    model.segments.clear();
+    model.events.clear();
+
     let t0 = Instant::now();
     let mut state: State<B> = model.new_state(1)?;
     let mut logits = model.prefill(&ids, &mut state, kernel, LogitRows::Last)?;
     let prefill_s = t0.elapsed().as_secs_f64();
+    let last_chunk = model.segments.last().map_or(0, |s| s.chunk);
+    for seg in model.segments.drain(..) {
+        if let Some(l) = log.as_mut() {
+            l.row("prefill", seg.tokens, seg.seconds, seg.chunk);
+        }
+    }
+    live.update(|s| {
+        s.prefill_tok_s = ids.len() as f64 / prefill_s.max(1e-9);
+        s.chunk = last_chunk;
+    });
 
     let mut history = ids.clone();
     let mut out_ids = Vec::new();
@@ -145,8 +172,19 @@ pub fn generate<B: Backend>(
         if out_ids.len() == params.max_new_tokens {
             break;
         }
+        model.ease_memory(None)?;
+        let t_step = Instant::now();
         logits = model.step(&[next], &mut state)?;
+        let dt = t_step.elapsed().as_secs_f64();
         decode_steps += 1;
+        live.token(dt);
+        if let Some(l) = log.as_mut() {
+            l.row("decode", 1, dt, 0);
+        }
+    }
+    live.update(|s| s.phase = "done".into());
+    if let Some(l) = log.as_mut() {
+        l.flush();
     }
     if reason != StopReason::StopString {
         if let Some(rest) = decoder.flush(tok)? {
@@ -165,6 +203,7 @@ pub fn generate<B: Backend>(
         decode_tok_s: if decode_steps > 0 { decode_steps as f64 / decode_s.max(1e-9) } else { 0.0 },
         peak_rss_mb: crate::sys::peak_rss_bytes() as f64 / 1e6,
         stop_reason: reason,
+        memory_events: std::mem::take(&mut model.events),
     };
     Ok(Generation { text, tokens: out_ids, stats })
 }

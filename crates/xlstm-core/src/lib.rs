@@ -24,3 +24,6 @@ pub mod sampling;
 pub mod sys;
 pub mod tokenizer;
 pub mod bench;
+pub mod settings;
+pub mod watchdog;
+pub mod live;

@@ -5,7 +5,7 @@ use xlstm_core::bench;
 use xlstm_core::config::{LargeConfig, ModelConfig};
 use xlstm_core::{DType, MlstmKernel, Model};
 
-use crate::load::{load, on_device, ModelArgs, OnBackend};
+use crate::load::{configure, init_workers, load, on_device, ModelArgs, OnBackend};
 use xlstm_core::Backend;
 
 #[derive(clap::Args)]
@@ -24,12 +24,6 @@ pub struct Args {
     pub gen_len: usize,
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
-    /// Untimed decode steps before timing.
-    #[arg(long, default_value_t = 3)]
-    pub warmup: usize,
-    /// Prefill chunk size (default: the model's).
-    #[arg(long)]
-    pub chunk_size: Option<usize>,
     /// Print one JSON object (otherwise a readable summary too).
     #[arg(long)]
     pub json: bool,
@@ -58,6 +52,7 @@ impl OnBackend for Args {
 }
 
 fn bench_on<B: Backend>(backend: B, a: Args) -> Result<()> {
+    init_workers(&a.model.runtime.resolve()?)?;
     if a.batch == 0 || a.prompt_len == 0 {
         bail!("--batch and --prompt-len must be at least 1");
     }
@@ -81,11 +76,14 @@ fn bench_on<B: Backend>(backend: B, a: Args) -> Result<()> {
         ModelConfig::Lm(c) => c.num_params(),
     };
     let bw = bench::host_bandwidth();
-    let kernel = MlstmKernel::Chunkwise { chunk: a.chunk_size.unwrap_or(model.chunk_size) };
+    let settings = a.model.runtime.resolve()?;
+    configure(&mut model, &settings)?;
+    let warmup = settings.warmup().max(1);
+    let kernel = MlstmKernel::Chunkwise { chunk: model.chunk_size };
     let prefill = bench::prefill(&mut model, a.prompt_len, kernel, 1)?;
-    let decode = bench::decode(&mut model, a.batch, a.gen_len, a.warmup)?;
+    let decode = bench::decode(&mut model, a.batch, a.gen_len, warmup)?;
     let floor_ms = decode.weight_bytes_per_step as f64 / (bw.copy_gb_s * 1e9) * 1e3;
-    let decode_1 = if a.batch == 1 { decode.clone() } else { bench::decode(&mut model, 1, a.gen_len, a.warmup)? };
+    let decode_1 = if a.batch == 1 { decode.clone() } else { bench::decode(&mut model, 1, a.gen_len, warmup)? };
     let report = json!({
         "device": model.backend_name(),
         "family": model.config.family(),

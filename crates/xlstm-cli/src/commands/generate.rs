@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use xlstm_core::generate::{generate, GenerateParams};
 use xlstm_core::sampling::SamplingParams;
+use xlstm_core::live::{live_dir, Live};
+use xlstm_core::watchdog::sample;
 use xlstm_core::MlstmKernel;
 
 use crate::load::{load, on_device, ModelArgs, OnBackend};
@@ -39,12 +41,12 @@ pub struct Args {
     /// Keep generating past the EOS token.
     #[arg(long)]
     pub ignore_eos: bool,
-    /// Prefill chunk size (default: the model's, 64 for xLSTM-7B).
-    #[arg(long)]
-    pub chunk_size: Option<usize>,
     /// Refuse prompts longer than this many tokens.
     #[arg(long)]
     pub max_prompt_tokens: Option<usize>,
+    /// A CSV row per prefill segment and per generated token (time, tokens, tok/s, memory).
+    #[arg(long)]
+    pub stats_log: Option<PathBuf>,
     /// Also write the stats as JSON to this file.
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
@@ -62,6 +64,11 @@ impl OnBackend for Args {
 
 fn generate_on<B: Backend>(backend: B, a: Args) -> Result<()> {
     let mut loaded = load(backend, &a.model)?;
+    let live = Live::new(a.model.model.as_deref().unwrap_or("built-in default"), &loaded.model.backend_name());
+    let _published = {
+        let probe = loaded.model.backend.memory_probe();
+        live.publish(&live_dir(), std::time::Duration::from_millis(loaded.settings.mem_poll_ms()?), move || sample(probe.as_ref()))?
+    };
     let params = GenerateParams {
         max_new_tokens: a.max_new_tokens,
         sampling: SamplingParams {
@@ -73,12 +80,11 @@ fn generate_on<B: Backend>(backend: B, a: Args) -> Result<()> {
         },
         stop_strings: a.stop.clone(),
         stop_on_eos: !a.ignore_eos,
-        prefill_kernel: a.chunk_size.map(|chunk| MlstmKernel::Chunkwise { chunk }),
+        prefill_kernel: Some(MlstmKernel::Chunkwise { chunk: loaded.model.chunk_size }),
         max_prompt_tokens: a.max_prompt_tokens,
+        stats_log: a.stats_log.clone(),
+        live: Some(live.clone()),
     };
-    if a.chunk_size == Some(0) {
-        anyhow::bail!("--chunk-size must be positive");
-    }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let gen = generate(&mut loaded.model, &loaded.tokenizer, &a.prompt, &params, |piece| {
@@ -86,6 +92,9 @@ fn generate_on<B: Backend>(backend: B, a: Args) -> Result<()> {
         let _ = out.flush();
     })?;
     writeln!(out)?;
+    for e in &gen.stats.memory_events {
+        eprintln!("memory watchdog: {e}");
+    }
     eprintln!("{}", gen.stats.line());
     if let Some(path) = a.stats_json {
         std::fs::write(&path, serde_json::to_string_pretty(&gen.stats)?).with_context(|| format!("writing {}", path.display()))?;

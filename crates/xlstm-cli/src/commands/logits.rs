@@ -29,9 +29,6 @@ pub struct Args {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value = "parallel")]
     pub mode: Mode,
-    /// Chunk size of the parallel mode (default: the model's).
-    #[arg(long)]
-    pub chunk_size: Option<usize>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -54,15 +51,12 @@ fn logits_on<B: Backend>(backend: B, a: Args) -> Result<()> {
     if ids.is_empty() {
         bail!("--tokens is empty: give at least one token id");
     }
-    if a.chunk_size == Some(0) {
-        bail!("--chunk-size must be positive");
-    }
     let mut loaded = load(backend, &a.model)?;
     let m = &mut loaded.model;
     let mut state = m.new_state(1)?;
     let logits = match a.mode {
         Mode::Parallel => {
-            let chunk = a.chunk_size.unwrap_or(m.chunk_size);
+            let chunk = m.chunk_size;
             m.prefill(&ids, &mut state, MlstmKernel::Chunkwise { chunk }, LogitRows::All)?
         }
         Mode::Step => {

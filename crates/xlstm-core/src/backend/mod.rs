@@ -116,6 +116,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn matrix(&self, w: HostTensor, dtype: DType) -> Result<Self::Mat>;
     /// Bytes a matrix occupies (what one full read of it costs).
     fn matrix_bytes(&self, w: &Self::Mat) -> usize;
+    /// Releases cached memory the backend holds beyond live buffers (the watchdog's `empty_cache`).
+    fn release_cache(&self) -> Result<()> {
+        Ok(())
+    }
+    /// A probe of device memory (bytes used, bytes total) for the watchdog's thread, where the
+    /// backend has memory of its own.
+    fn memory_probe(&self) -> Option<crate::watchdog::DeviceProbe> {
+        None
+    }
 
     // ---- dense ops ----------------------------------------------------------------------------
     /// `out[r] = table[ids[r]]` (f32).

@@ -178,6 +178,10 @@ impl<B: Backend> Network<B> for LargeNet<B> {
         512
     }
 
+    fn release_cache(&mut self) {
+        self.scratch = None;
+    }
+
     fn weight_bytes_per_token(&self, b: &B) -> usize {
         let per_block: usize = self
             .blocks

@@ -953,6 +953,10 @@ impl<B: Backend> Network<B> for LmNet<B> {
             .collect()
     }
 
+    fn release_cache(&mut self) {
+        self.scratch = None;
+    }
+
     fn max_segment(&self) -> usize {
         512
     }

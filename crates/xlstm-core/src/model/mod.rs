@@ -41,6 +41,20 @@ pub trait Network<B: Backend>: Send {
     fn weight_bytes_per_token(&self, backend: &B) -> usize;
     /// Longest sequence segment processed in one call (bounds activation memory).
     fn max_segment(&self) -> usize;
+    /// Drops cached activation buffers (they are re-made at the next call's size).
+    fn release_cache(&mut self) {}
+}
+
+/// Prefill segments hold this many chunks, so halving the chunk under memory pressure also halves the
+/// activation buffers.
+pub const CHUNKS_PER_SEGMENT: usize = 8;
+
+/// One prefill segment, as the stats log records it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SegmentStat {
+    pub tokens: usize,
+    pub chunk: usize,
+    pub seconds: f64,
 }
 
 /// A loaded model on one backend.
@@ -50,6 +64,12 @@ pub struct Model<B: Backend> {
     pub dtype: DType,
     pub chunk_size: usize,
     net: Box<dyn Network<B>>,
+    /// Samples memory between segments and tokens; None when switched off.
+    pub watchdog: Option<crate::watchdog::Watchdog>,
+    /// Prefill segments since the caller last drained this (for the stats log).
+    pub segments: Vec<SegmentStat>,
+    /// What the watchdog made the model do (chunk shrinks, cache releases), for the caller to report.
+    pub events: Vec<String>,
 }
 
 impl<B: Backend> Model<B> {
@@ -67,7 +87,7 @@ impl<B: Backend> Model<B> {
             ModelConfig::Large(c) => (Box::new(large::LargeNet::new(&backend, c, weights)?), c.chunk_size),
             ModelConfig::Lm(c) => (Box::new(lm::LmNet::new(&backend, c, weights)?), 64),
         };
-        Ok(Model { backend, config, dtype, chunk_size, net })
+        Ok(Model { backend, config, dtype, chunk_size, net, watchdog: None, segments: Vec::new(), events: Vec::new() })
     }
 
     /// A model of `config`'s shape with random weights (for trying things out and benchmarks).
@@ -119,24 +139,55 @@ impl<B: Backend> Model<B> {
             return Err(Error::State(format!("prefill runs one sequence; this state holds {}", state.batch)));
         }
         self.check_ids(ids)?;
-        let chunk = match kernel {
-            MlstmKernel::Chunkwise { chunk } => chunk.max(1),
-            MlstmKernel::Sequence => 1,
-        };
-        let seg = (self.net.max_segment() / chunk).max(1) * chunk;
+        let mut kernel = kernel;
         let mut out = Vec::new();
-        let n_seg = ids.len().div_ceil(seg);
-        for (si, part) in ids.chunks(seg).enumerate() {
+        let mut pos = 0;
+        while pos < ids.len() {
+            self.ease_memory(Some(&mut kernel))?;
+            let chunk = match kernel {
+                MlstmKernel::Chunkwise { chunk } => chunk.max(1),
+                MlstmKernel::Sequence => 1,
+            };
+            let seg = (chunk * CHUNKS_PER_SEGMENT).min((self.net.max_segment() / chunk).max(1) * chunk);
+            let part = &ids[pos..(pos + seg).min(ids.len())];
+            let last = pos + part.len() == ids.len();
             let want = match logits {
                 LogitRows::All => LogitRows::All,
-                LogitRows::Last if si + 1 == n_seg => LogitRows::Last,
+                LogitRows::Last if last => LogitRows::Last,
                 _ => LogitRows::None,
             };
+            let t = std::time::Instant::now();
             let l = self.net.forward(&self.backend, part, Rows::Sequence(kernel), &mut state.layers, want)?;
+            self.segments.push(SegmentStat { tokens: part.len(), chunk, seconds: t.elapsed().as_secs_f64() });
             out.extend_from_slice(&l);
             state.position += part.len();
+            pos += part.len();
         }
         Ok(out)
+    }
+
+    /// Asks the watchdog (if any) what to do: a hard limit is an error; at the soft limit the
+    /// configured actions run (warn, release cached buffers, halve the prefill chunk).
+    pub fn ease_memory(&mut self, kernel: Option<&mut MlstmKernel>) -> Result<()> {
+        let Some(w) = &self.watchdog else { return Ok(()) };
+        let crate::watchdog::Verdict::Ease { actions, why } = w.check()? else { return Ok(()) };
+        use crate::settings::MemAction;
+        let min_chunk = w.min_chunk;
+        if actions.contains(&MemAction::Warn) {
+            w.warn_once(&why);
+        }
+        if actions.contains(&MemAction::EmptyCache) {
+            self.net.release_cache();
+            self.backend.release_cache()?;
+        }
+        if let (true, Some(MlstmKernel::Chunkwise { chunk })) = (actions.contains(&MemAction::Shrink), kernel) {
+            if *chunk > min_chunk {
+                let to = (*chunk / 2).max(min_chunk);
+                self.events.push(format!("prefill chunk {chunk} -> {to} ({why})"));
+                *chunk = to;
+            }
+        }
+        Ok(())
     }
 
     /// One recurrent step for every sequence of the state: `ids[b]` is sequence b's next token.
