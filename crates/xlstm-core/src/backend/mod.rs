@@ -198,4 +198,74 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn slstm_step(&self, batch: usize, gates: SlstmGates<'_, Self::Buf>, r: &Self::Buf, bias: &Self::Buf, state: &mut SlstmState<Self::Buf>, y: &mut Self::Buf) -> Result<()>;
     /// `seq` consecutive steps of one sequence (state batch 1): gates `[seq, H]`, `y [seq, H]`.
     fn slstm_prefill(&self, seq: usize, gates: SlstmGates<'_, Self::Buf>, r: &Self::Buf, bias: &Self::Buf, state: &mut SlstmState<Self::Buf>, y: &mut Self::Buf) -> Result<()>;
+
+    // ---- fusable compositions (defaults: the primitive ops above, in this order) ---------------
+    // Model code calls these where several ops always go together; a backend may override one to
+    // run it in fewer passes (the CUDA backend fuses each into one or two kernels for decode). The
+    // defaults are the reference semantics: an override must compute the same values.
+
+    /// `xn = rms_norm(x)`, then `outs[j] = xn · mats[j]ᵀ` for every matrix (projections that share
+    /// one normalised input).
+    #[allow(clippy::too_many_arguments)]
+    fn norm_matmuls(&self, x: &Self::Buf, rows: usize, width: usize, weight: &Self::Buf, eps: f32, xn: &mut Self::Buf, mats: &[&Self::Mat], outs: &mut [&mut Self::Buf]) -> Result<()> {
+        self.rms_norm(x, rows, width, weight, eps, xn)?;
+        for (w, out) in mats.iter().zip(outs.iter_mut()) {
+            self.matmul(xn, rows, w, out)?;
+        }
+        Ok(())
+    }
+    /// `acc += x · wᵀ` (a projection added to the residual stream); `w` has `out` rows; `tmp`
+    /// (`[rows, out]`) is scratch whose contents are unspecified afterwards.
+    fn matmul_add(&self, x: &Self::Buf, rows: usize, w: &Self::Mat, out: usize, tmp: &mut Self::Buf, acc: &mut Self::Buf) -> Result<()> {
+        self.matmul(x, rows, w, tmp)?;
+        self.add(acc, tmp, rows * out)
+    }
+    /// A gated feed-forward's first half: `xn = rms_norm(x)`, `out = act(xn·gateᵀ) ⊙ (xn·upᵀ)`
+    /// (`gate`, `up`: `[ff, width]`); `g` and `u` (`[rows, ff]`) are scratch whose contents are
+    /// unspecified afterwards.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_gated_up(&self, x: &Self::Buf, rows: usize, width: usize, weight: &Self::Buf, eps: f32, xn: &mut Self::Buf, gate: &Self::Mat, up: &Self::Mat, ff: usize, act: Activation, g: &mut Self::Buf, u: &mut Self::Buf, out: &mut Self::Buf) -> Result<()> {
+        self.rms_norm(x, rows, width, weight, eps, xn)?;
+        self.matmul(xn, rows, gate, g)?;
+        self.matmul(xn, rows, up, u)?;
+        let len = rows * ff;
+        match act {
+            Activation::Silu => self.swiglu(g, u, len, out),
+            a => self.gated_act(a, g, u, len, out),
+        }
+    }
+    /// The gated mLSTM cell of an xlstm-large layer: ĩ, f̃ (`[rows, NH]`, raw projections) get `bias`
+    /// and the soft `cap` (the default does this in place; afterwards both are scratch); the cell runs (`kernel` None: one batched step, `rows` = batch; Some: a
+    /// prefill segment of `rows` tokens) writing `h`; then `hn = σ(o) ⊙ LayerNorm_head(h)·norm`
+    /// (per head of DV values, eps `norm_eps`).
+    #[allow(clippy::too_many_arguments)]
+    fn mlstm_gated_cell(&self, kernel: Option<MlstmKernel>, dims: MlstmDims, rows: usize, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, o: &Self::Buf, i: &mut Self::Buf, f: &mut Self::Buf, ibias: &Self::Buf, fbias: &Self::Buf, cap: f32, state: &mut MlstmState<Self::Buf>, eps: f32, norm: &Self::Buf, norm_eps: f32, h: &mut Self::Buf, hn: &mut Self::Buf) -> Result<()> {
+        self.bias_soft_cap(i, rows, dims.heads, Some(ibias), cap)?;
+        self.bias_soft_cap(f, rows, dims.heads, Some(fbias), cap)?;
+        match kernel {
+            Some(kernel) => self.mlstm_prefill(kernel, dims, rows, q, k, v, i, f, state, eps, h)?,
+            None => self.mlstm_step(dims, rows, q, k, v, i, f, state, eps, h)?,
+        }
+        let width = dims.heads * dims.dv;
+        self.group_norm(h, rows, width, dims.dv, norm, None, norm_eps, hn)?;
+        self.sigmoid_gate(o, hn, rows * width)
+    }
+    // ---- decode-step capture (optional) --------------------------------------------------------
+    /// Brackets one decode step (`Model::step` calls it before running the layers): a backend may
+    /// record the device work of a step once and replay it on later steps (the CUDA backend captures
+    /// a CUDA graph). Default: nothing.
+    fn step_begin(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Ends the step begun by `step_begin`. `Ok(true)` asks the caller to run the step once more:
+    /// the backend skipped this step's work (its recording did not match the ops it was given) and
+    /// left every buffer untouched; it runs the repeated step eagerly.
+    fn step_end(&self) -> Result<bool> {
+        Ok(false)
+    }
+    /// The device's own measured memory bandwidth, where it is not the host's (the bench's decode
+    /// floor). Default: None (host memory).
+    fn device_bandwidth(&self) -> Result<Option<crate::bench::Bandwidth>> {
+        Ok(None)
+    }
 }

@@ -3,7 +3,7 @@
 //! x = Embedding(ids); per block: x += mLSTMLayer(RMSNorm(x)); x += SwiGLU-FFN(RMSNorm(x));
 //! logits = 30·tanh(lm_head(RMSNorm(x)) / 30). The mLSTM layer: q, k, v, o, ĩ, f̃ projections,
 //! gates soft-capped at 15, the mLSTM cell per head, per-head LayerNorm, sigmoid(o) gate, out_proj.
-use crate::backend::{Backend, MlstmDims, MlstmKernel};
+use crate::backend::{Activation, Backend, MlstmDims, MlstmKernel};
 use crate::config::LargeConfig;
 use crate::error::Result;
 use crate::model::{LogitRows, Network, Rows};
@@ -195,36 +195,31 @@ impl<B: Backend> Network<B> for LargeNet<B> {
         let n = ids.len();
         self.ensure_scratch(b, n)?;
         let c = &self.cfg;
-        let (d, vd, nh, ff, eps) = (c.hidden_size, c.v_dim(), c.num_heads, c.ffn_dim(), c.norm_eps);
+        let (d, ff, eps) = (c.hidden_size, c.ffn_dim(), c.norm_eps);
         let s = self.scratch.as_mut().expect("scratch allocated above");
         b.embed(&self.embedding, ids, &mut s.x)?;
         for (blk, layer) in self.blocks.iter().zip(state.iter_mut()) {
             let LayerState::Mlstm { cell, .. } = layer else { unreachable!("xlstm-large state holds mLSTM layers only") };
-            // mLSTM sub-block
-            b.rms_norm(&s.x, n, d, &blk.norm_mlstm, eps, &mut s.xn)?; //        [n, D]
-            b.matmul(&s.xn, n, &blk.q, &mut s.q)?; //                            [n, qk]
-            b.matmul(&s.xn, n, &blk.k, &mut s.k)?; //                            [n, qk]
-            b.matmul(&s.xn, n, &blk.v, &mut s.v)?; //                            [n, v]
-            b.matmul(&s.xn, n, &blk.o, &mut s.o)?; //                            [n, v]
-            b.matmul(&s.xn, n, &blk.igate, &mut s.i)?; //                        [n, NH]
-            b.matmul(&s.xn, n, &blk.fgate, &mut s.f)?; //                        [n, NH]
-            b.bias_soft_cap(&mut s.i, n, nh, Some(&blk.igate_bias), c.gate_soft_cap)?;
-            b.bias_soft_cap(&mut s.f, n, nh, Some(&blk.fgate_bias), c.gate_soft_cap)?;
-            match rows {
-                Rows::Sequence(kernel) => b.mlstm_prefill(kernel, self.dims, n, &s.q, &s.k, &s.v, &s.i, &s.f, cell, c.eps, &mut s.h)?,
-                Rows::Step => b.mlstm_step(self.dims, n, &s.q, &s.k, &s.v, &s.i, &s.f, cell, c.eps, &mut s.h)?,
-            }
-            b.group_norm(&s.h, n, vd, self.dims.dv, &blk.head_norm, None, eps, &mut s.hn)?; // per-head LayerNorm
-            b.sigmoid_gate(&s.o, &mut s.hn, n * vd)?;
-            b.matmul(&s.hn, n, &blk.out_proj, &mut s.y)?; //                     [n, D]
-            b.add(&mut s.x, &s.y, n * d)?;
-            // FFN sub-block (SwiGLU)
-            b.rms_norm(&s.x, n, d, &blk.norm_ffn, eps, &mut s.xn)?;
-            b.matmul(&s.xn, n, &blk.up_gate, &mut s.g)?; //                      [n, F]
-            b.matmul(&s.xn, n, &blk.up, &mut s.u)?; //                           [n, F]
-            b.swiglu(&s.g, &s.u, n * ff, &mut s.a)?;
-            b.matmul(&s.a, n, &blk.down, &mut s.y)?; //                          [n, D]
-            b.add(&mut s.x, &s.y, n * d)?;
+            // mLSTM sub-block: x += out_proj(σ(o) ⊙ LN_head(mLSTM(q, k, v, ĩ, f̃))) on RMSNorm(x).
+            // The compositions below are the primitive ops in order (Backend defaults); a backend
+            // may fuse each (see backend/mod.rs, "fusable compositions").
+            b.norm_matmuls(
+                &s.x, n, d, &blk.norm_mlstm, eps, &mut s.xn,
+                &[&blk.q, &blk.k, &blk.v, &blk.o, &blk.igate, &blk.fgate],
+                &mut [&mut s.q, &mut s.k, &mut s.v, &mut s.o, &mut s.i, &mut s.f],
+            )?; //                                                               q, k [n, qk]; v, o [n, v]; ĩ, f̃ [n, NH]
+            let kernel = match rows {
+                Rows::Sequence(kernel) => Some(kernel),
+                Rows::Step => None,
+            };
+            b.mlstm_gated_cell(
+                kernel, self.dims, n, &s.q, &s.k, &s.v, &s.o, &mut s.i, &mut s.f, &blk.igate_bias, &blk.fgate_bias,
+                c.gate_soft_cap, cell, c.eps, &blk.head_norm, eps, &mut s.h, &mut s.hn,
+            )?; //                                                               hn [n, v]
+            b.matmul_add(&s.hn, n, &blk.out_proj, d, &mut s.y, &mut s.x)?; //    x += [n, D]
+            // FFN sub-block (SwiGLU): x += down(silu(up_gate(RMSNorm(x))) ⊙ up(RMSNorm(x)))
+            b.norm_gated_up(&s.x, n, d, &blk.norm_ffn, eps, &mut s.xn, &blk.up_gate, &blk.up, ff, Activation::Silu, &mut s.g, &mut s.u, &mut s.a)?;
+            b.matmul_add(&s.a, n, &blk.down, d, &mut s.y, &mut s.x)?; //        x += [n, D]
         }
         let (first, count) = match logits {
             LogitRows::None => return Ok(Vec::new()),

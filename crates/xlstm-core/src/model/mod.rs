@@ -197,7 +197,18 @@ impl<B: Backend> Model<B> {
             return Err(Error::Input(format!("step got {} tokens for a batch of {}", ids.len(), state.batch)));
         }
         self.check_ids(ids)?;
-        let l = self.net.forward(&self.backend, ids, Rows::Step, &mut state.layers, LogitRows::All)?;
+        // The backend may record this step's device work and replay it on later steps (CUDA graphs);
+        // when a replay does not fit, it skips the step untouched and asks for it to run again.
+        self.backend.step_begin()?;
+        let r = self.net.forward(&self.backend, ids, Rows::Step, &mut state.layers, LogitRows::All);
+        let l = if self.backend.step_end()? {
+            self.backend.step_begin()?;
+            let r = self.net.forward(&self.backend, ids, Rows::Step, &mut state.layers, LogitRows::All);
+            self.backend.step_end()?;
+            r?
+        } else {
+            r?
+        };
         state.position += 1;
         Ok(l)
     }
