@@ -27,6 +27,8 @@ enum Command {
     Inspect(commands::inspect::Args),
     /// Print the effective runtime settings (memory watchdog, tuning knobs) and where each comes from.
     Config(commands::config::Args),
+    /// Live terminal monitor of a running xlstm process (memory, tok/s, watchdog).
+    Top(commands::top::Args),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => commands::bench::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Config(a) => commands::config::run(a),
+        Command::Top(a) => commands::top::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -278,3 +278,55 @@ fn stats_log_has_a_row_per_segment_and_token() {
     assert!(prefill[0].contains(",300,"), "{text}");
     assert_eq!(decode, 6, "7 tokens = 6 decode steps after the prefill's token: {text}");
 }
+
+/// `xlstm top` in a real terminal (tmux) watching a real generation; q quits.
+#[test]
+fn top_monitors_a_running_generation_in_a_terminal() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("SKIPPED: tmux is not installed (.ci/run installs it)");
+        return;
+    }
+    let live = tempfile::tempdir().unwrap();
+    let live_dir = live.path().to_str().unwrap().to_string();
+    let mut gen = Command::new(env!("CARGO_BIN_EXE_xlstm"))
+        .args(["generate", "--prompt", "hello", "--max-new-tokens", "100000", "--layers", "2", "--model-dim", "256", "--heads", "2", "--ignore-eos"])
+        .env("XLSTM_LIVE_DIR", &live_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // the JSON stream sees the process first (no terminal needed)
+    let mut seen = false;
+    for _ in 0..50 {
+        let o = xlstm_env(&["top", "--json-stream", "--count", "1"], &[("XLSTM_LIVE_DIR", &live_dir)]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        if v["pid"].as_u64() == Some(gen.id() as u64) && v["generated_tokens"].as_u64().unwrap_or(0) > 0 {
+            seen = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(seen, "the running generation never showed up in `xlstm top --json-stream`");
+
+    let session = format!("xlstm-top-test-{}", std::process::id());
+    let cmd = format!("XLSTM_LIVE_DIR={live_dir} {} top --interval-ms 100", env!("CARGO_BIN_EXE_xlstm"));
+    let st = Command::new("tmux").args(["new-session", "-d", "-s", &session, "-x", "120", "-y", "32", &cmd]).status().unwrap();
+    assert!(st.success());
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let screen = String::from_utf8_lossy(&Command::new("tmux").args(["capture-pane", "-p", "-t", &session]).output().unwrap().stdout).into_owned();
+    let _ = Command::new("tmux").args(["send-keys", "-t", &session, "p"]).status();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let paused = String::from_utf8_lossy(&Command::new("tmux").args(["capture-pane", "-p", "-t", &session]).output().unwrap().stdout).into_owned();
+    let _ = Command::new("tmux").args(["send-keys", "-t", &session, "q"]).status();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    let alive = Command::new("tmux").args(["has-session", "-t", &session]).status().map(|s| s.success()).unwrap_or(false);
+    if alive {
+        let _ = Command::new("tmux").args(["kill-session", "-t", &session]).status();
+    }
+    let _ = gen.kill();
+    let _ = gen.wait();
+    assert!(screen.contains("xlstm top") && screen.contains(&format!("pid {}", gen.id())), "{screen}");
+    assert!(screen.contains("decode") && screen.contains("tok/s") && screen.contains("process memory") && screen.contains("top processes by memory"), "{screen}");
+    assert!(paused.contains("[paused]"), "p pauses: {paused}");
+    assert!(!alive, "q quits");
+}

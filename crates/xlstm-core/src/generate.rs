@@ -178,6 +178,10 @@ pub fn generate<B: Backend>(
         let dt = t_step.elapsed().as_secs_f64();
         decode_steps += 1;
         live.token(dt);
+        if let Some(w) = &model.watchdog {
+            let level = w.level();
+            live.update(|s| s.watchdog = format!("{level:?}").to_lowercase());
+        }
         if let Some(l) = log.as_mut() {
             l.row("decode", 1, dt, 0);
         }

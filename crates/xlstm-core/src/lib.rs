@@ -27,3 +27,4 @@ pub mod bench;
 pub mod settings;
 pub mod watchdog;
 pub mod live;
+pub mod stream;

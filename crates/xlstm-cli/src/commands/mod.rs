@@ -3,3 +3,4 @@ pub mod generate;
 pub mod inspect;
 pub mod logits;
 pub mod config;
+pub mod top;
