@@ -52,13 +52,37 @@ pub struct Loaded<B: Backend> {
     pub settings: Settings,
 }
 
-/// Applies the settings that act on the process and the model: worker threads (before any parallel
-/// work), the model's chunk size and the memory watchdog.
-pub fn configure<B: Backend>(model: &mut Model<B>, settings: &Settings) -> Result<()> {
+/// Applies the settings that act on the model: a stored (or, with autoscale, a fresh) tuning for
+/// this device and shape, the chunk size, the CPU tile and band knobs, and the memory watchdog.
+pub fn configure<B: Backend>(model: &mut Model<B>, settings: &mut Settings) -> Result<()> {
+    let key = xlstm_core::tune::key(model);
+    if settings.use_best() {
+        let stored = xlstm_core::tune::load_all().remove(&key);
+        let tuned = match stored {
+            Some(t) => Some(t),
+            None if settings.autoscale() => {
+                eprintln!("autoscale: probing chunk size, heads per band and tile for this machine and model...");
+                let (t, _) = xlstm_core::tune::tune(model, 256, 8)?;
+                let path = xlstm_core::tune::store(&key, &t)?;
+                eprintln!("autoscale: stored in {}", path.display());
+                Some(t)
+            }
+            None => None,
+        };
+        if let Some(t) = tuned {
+            xlstm_core::tune::apply(settings, &t);
+        }
+    }
     if let Some(chunk) = settings.chunk_size()? {
         model.chunk_size = chunk;
     }
     model.watchdog = Watchdog::start(settings, model.backend.memory_probe())?;
+    if let Some((gemv_rows, gemm_rows)) = settings.gemm_tile()? {
+        xlstm_core::backend::cpu::matmul::set_tile(gemv_rows, gemm_rows);
+    }
+    if let Some(band) = settings.heads_per_band()? {
+        xlstm_core::backend::cpu::mlstm::set_heads_per_band(band);
+    }
     Ok(())
 }
 
@@ -158,6 +182,7 @@ pub fn load<B: Backend>(backend: B, a: &ModelArgs) -> Result<Loaded<B>> {
             (model, Tokenizer::Bytes)
         }
     };
-    configure(&mut model, &settings)?;
+    let mut settings = settings;
+    configure(&mut model, &mut settings)?;
     Ok(Loaded { model, tokenizer, settings })
 }

@@ -29,6 +29,8 @@ enum Command {
     Config(commands::config::Args),
     /// Live terminal monitor of a running xlstm process (memory, tok/s, watchdog).
     Top(commands::top::Args),
+    /// Time the speed knobs on this machine and model shape; store the best for next time.
+    Tune(commands::tune::Args),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +42,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => commands::inspect::run(a),
         Command::Config(a) => commands::config::run(a),
         Command::Top(a) => commands::top::run(a),
+        Command::Tune(a) => commands::tune::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

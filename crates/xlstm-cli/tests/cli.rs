@@ -330,3 +330,35 @@ fn top_monitors_a_running_generation_in_a_terminal() {
     assert!(paused.contains("[paused]"), "p pauses: {paused}");
     assert!(!alive, "q quits");
 }
+
+/// `xlstm tune` stores the best knobs per device and shape; later runs use them unless told not to.
+#[test]
+fn tune_stores_settings_that_later_runs_apply() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("tuning.json");
+    let f = file.to_str().unwrap();
+    let shape = ["--layers", "2", "--model-dim", "128", "--heads", "2"];
+    let mut args = vec!["tune", "--prompt-len", "64", "--steps", "2"];
+    args.extend(shape);
+    let o = xlstm_env(&args, &[("XLSTM_TUNING_FILE", f)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let chunk = out["best"]["chunk_size"].as_u64().unwrap();
+    let stored: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(stored[out["key"].as_str().unwrap()]["chunk_size"].as_u64(), Some(chunk));
+
+    let chunk_used = |env: &[(&str, &str)]| -> u64 {
+        let log = tmp.path().join("log.csv");
+        let mut a = vec!["generate", "--prompt", "hello world", "--max-new-tokens", "2", "--stats-log", log.to_str().unwrap()];
+        a.extend(shape);
+        let mut e = vec![("XLSTM_TUNING_FILE", f)];
+        e.extend_from_slice(env);
+        let o = xlstm_env(&a, &e);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let text = std::fs::read_to_string(&log).unwrap();
+        text.lines().find(|l| l.contains(",prefill,")).unwrap().rsplit(',').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(chunk_used(&[]), chunk, "stored tuning applied");
+    assert_eq!(chunk_used(&[("XLSTM_USE_BEST", "0")]), 64, "XLSTM_USE_BEST=0 ignores it");
+    assert_eq!(chunk_used(&[("XLSTM_CHUNK_SIZE", "8")]), 8, "the environment beats the tuning");
+}

@@ -27,6 +27,9 @@ pub struct GenerateParams {
     pub stats_log: Option<std::path::PathBuf>,
     /// Live statistics for `xlstm top`.
     pub live: Option<crate::live::Live>,
+    /// Decode through the fused LM head (matrix product + soft-cap + top-k selection) when the
+    /// sampling settings allow it (`XLSTM_FAST_HEAD`).
+    pub fast_head: bool,
 }
 
 impl Default for GenerateParams {
@@ -40,6 +43,7 @@ impl Default for GenerateParams {
             max_prompt_tokens: None,
             stats_log: None,
             live: None,
+            fast_head: true,
         }
     }
 }
@@ -149,8 +153,13 @@ pub fn generate<B: Backend>(
     let mut reason = StopReason::MaxTokens;
     let t_decode = Instant::now();
     let mut decode_steps = 0usize;
+    let fast_k = if params.fast_head { sampler.candidates_needed() } else { None };
+    let mut cands: Option<Vec<(u32, f32)>> = None;
     while out_ids.len() < params.max_new_tokens {
-        let next = sampler.sample(&mut logits, &history);
+        let next = match cands.take() {
+            Some(c) => sampler.sample_candidates(&c),
+            None => sampler.sample(&mut logits, &history),
+        };
         ttft.get_or_insert_with(|| t0.elapsed().as_secs_f64());
         if Some(next) == eos {
             reason = StopReason::Eos;
@@ -174,7 +183,10 @@ pub fn generate<B: Backend>(
         }
         model.ease_memory(None)?;
         let t_step = Instant::now();
-        logits = model.step(&[next], &mut state)?;
+        match fast_k {
+            Some(k) => cands = model.step_top_k(&[next], &mut state, k)?.pop(),
+            None => logits = model.step(&[next], &mut state)?,
+        }
         let dt = t_step.elapsed().as_secs_f64();
         decode_steps += 1;
         live.token(dt);

@@ -28,3 +28,4 @@ pub mod settings;
 pub mod watchdog;
 pub mod live;
 pub mod stream;
+pub mod tune;

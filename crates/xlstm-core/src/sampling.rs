@@ -78,24 +78,45 @@ impl Sampler {
             return argmax(logits);
         }
         // Candidates sorted by logit, cut by top-k, softmax at the temperature, cut by top-p.
-        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        let k = if p.top_k == 0 { idx.len() } else { p.top_k.min(idx.len()) };
-        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
-        if k < idx.len() {
-            idx.select_nth_unstable_by(k - 1, by_logit);
-            idx.truncate(k);
+        let k = if p.top_k == 0 { logits.len() } else { p.top_k };
+        let cands = crate::backend::top_k_of(logits, k);
+        self.sample_sorted(&cands)
+    }
+
+    /// How many candidates [`Sampler::sample_candidates`] needs, when the k best tokens are enough to
+    /// sample exactly as from the full logits (greedy, or top-k without a repetition penalty).
+    pub fn candidates_needed(&self) -> Option<usize> {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            return None;
         }
-        idx.sort_unstable_by(by_logit);
-        let max = logits[idx[0] as usize];
-        let mut probs: Vec<f32> = idx.iter().map(|&i| ((logits[i as usize] - max) / p.temperature).exp()).collect();
+        if p.temperature == 0.0 {
+            return Some(1);
+        }
+        (p.top_k > 0).then_some(p.top_k)
+    }
+
+    /// Samples from the best candidates (id, logit), best first, as the fused LM head returns them;
+    /// identical to [`Sampler::sample`] on the full logits when `candidates_needed` allowed it.
+    pub fn sample_candidates(&mut self, cands: &[(u32, f32)]) -> u32 {
+        if self.params.temperature == 0.0 {
+            return cands[0].0;
+        }
+        self.sample_sorted(cands)
+    }
+
+    fn sample_sorted(&mut self, cands: &[(u32, f32)]) -> u32 {
+        let t = self.params.temperature;
+        let max = cands[0].1;
+        let mut probs: Vec<f32> = cands.iter().map(|&(_, l)| ((l - max) / t).exp()).collect();
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= total);
         let mut keep = probs.len();
-        if p.top_p < 1.0 {
+        if self.params.top_p < 1.0 {
             let mut acc = 0.0;
             for (j, &pr) in probs.iter().enumerate() {
                 acc += pr;
-                if acc >= p.top_p {
+                if acc >= self.params.top_p {
                     keep = j + 1;
                     break;
                 }
@@ -106,10 +127,10 @@ impl Sampler {
         for j in 0..keep {
             r -= probs[j];
             if r <= 0.0 {
-                return idx[j];
+                return cands[j].0;
             }
         }
-        idx[keep - 1]
+        cands[keep - 1].0
     }
 }
 

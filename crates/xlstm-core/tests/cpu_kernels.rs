@@ -3,7 +3,6 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use xlstm_core::backend::cpu::matmul::{self, CpuMat, MatData, Simd};
-use xlstm_core::backend::cpu::mlstm;
 use xlstm_core::backend::{Backend, MlstmDims, MlstmKernel, MlstmState};
 use xlstm_core::tensor::HostTensor;
 use xlstm_core::{CpuBackend, DType};

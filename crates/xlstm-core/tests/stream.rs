@@ -38,7 +38,7 @@ fn iterator_async_and_callbacks_agree_with_the_plain_call() {
     let (text, n) = collect(spawn(model(), Tokenizer::Bytes, "Hello".into(), params()));
     assert_eq!((text.as_str(), n), (plain.text.as_str(), 20));
 
-    let events: Vec<Event> = futures::executor::block_on(spawn(model(), Tokenizer::Bytes, "Hello".into(), params()).collect());
+    let events: Vec<Event> = futures::executor::block_on(StreamExt::collect(spawn(model(), Tokenizer::Bytes, "Hello".into(), params())));
     assert_eq!(collect(events.into_iter()).0, plain.text);
 
     let got = Arc::new(Mutex::new(String::new()));
@@ -62,6 +62,6 @@ fn iterator_async_and_callbacks_agree_with_the_plain_call() {
 
 #[test]
 fn errors_arrive_as_events() {
-    let events: Vec<Event> = spawn(model(), Tokenizer::Bytes, String::new(), params()).collect();
+    let events: Vec<Event> = Iterator::collect(spawn(model(), Tokenizer::Bytes, String::new(), params()));
     assert!(matches!(events.last(), Some(Event::Error(e)) if e.contains("empty")), "{events:?}");
 }

@@ -76,8 +76,8 @@ fn bench_on<B: Backend>(backend: B, a: Args) -> Result<()> {
         ModelConfig::Lm(c) => c.num_params(),
     };
     let bw = bench::host_bandwidth();
-    let settings = a.model.runtime.resolve()?;
-    configure(&mut model, &settings)?;
+    let mut settings = a.model.runtime.resolve()?;
+    configure(&mut model, &mut settings)?;
     let warmup = settings.warmup().max(1);
     let kernel = MlstmKernel::Chunkwise { chunk: model.chunk_size };
     let prefill = bench::prefill(&mut model, a.prompt_len, kernel, 1)?;

@@ -84,6 +84,7 @@ fn generate_on<B: Backend>(backend: B, a: Args) -> Result<()> {
         max_prompt_tokens: a.max_prompt_tokens,
         stats_log: a.stats_log.clone(),
         live: Some(live.clone()),
+        fast_head: loaded.settings.fast_head(),
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

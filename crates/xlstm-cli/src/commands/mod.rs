@@ -4,3 +4,4 @@ pub mod inspect;
 pub mod logits;
 pub mod config;
 pub mod top;
+pub mod tune;

@@ -131,6 +131,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn embed(&self, table: &Self::Mat, ids: &[u32], out: &mut Self::Buf) -> Result<()>;
     /// `out[rows, n] = x[rows, k] · wᵀ` with `w` `[n, k]`.
     fn matmul(&self, x: &Self::Buf, rows: usize, w: &Self::Mat, out: &mut Self::Buf) -> Result<()>;
+    /// Fused LM head: for each of `rows` rows, the `k` largest of `cap·tanh((x wᵀ)/cap)` (`w` has
+    /// `n` rows; cap 0 = none) as (id, value), best first, without returning the full logits.
+    /// The default composes matmul + soft-cap + a host-side selection, using `scratch` [rows, n].
+    #[allow(clippy::too_many_arguments)]
+    fn head_top_k(&self, x: &Self::Buf, rows: usize, w: &Self::Mat, n: usize, cap: f32, k: usize, scratch: &mut Self::Buf) -> Result<Vec<Vec<(u32, f32)>>> {
+        self.matmul(x, rows, w, scratch)?;
+        self.bias_soft_cap(scratch, rows, n, None, cap)?;
+        let host = self.download(scratch, rows * n)?;
+        Ok(host.chunks(n).map(|r| top_k_of(r, k)).collect())
+    }
     /// RMSNorm over `width`: `x · rsqrt(mean(x²) + eps) · weight`.
     fn rms_norm(&self, x: &Self::Buf, rows: usize, width: usize, weight: &Self::Buf, eps: f32, out: &mut Self::Buf) -> Result<()>;
     /// LayerNorm per group of `group` values (mean-centred, biased variance) times `weight[width]`,
@@ -268,4 +278,20 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn device_bandwidth(&self) -> Result<Option<crate::bench::Bandwidth>> {
         Ok(None)
     }
+}
+
+/// The `k` largest values of `x` as (index, value), best first (ties: lower index first).
+pub fn top_k_of(x: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..x.len() as u32).collect();
+    let by = |a: &u32, b: &u32| x[*b as usize].total_cmp(&x[*a as usize]).then(a.cmp(b));
+    let k = k.min(idx.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, by);
+        idx.truncate(k);
+    }
+    idx.sort_unstable_by(by);
+    idx.into_iter().map(|i| (i, x[i as usize])).collect()
 }

@@ -226,15 +226,36 @@ impl<B: Backend> Network<B> for LargeNet<B> {
             LogitRows::All => (0, n),
             LogitRows::Last => (n - 1, 1),
         };
+        self.head_logits_of(b, first, count)
+    }
+
+    fn head_logits(&mut self, b: &B, rows: usize) -> Result<Vec<f32>> {
+        self.head_logits_of(b, 0, rows)
+    }
+
+    fn head_top_k(&mut self, b: &B, rows: usize, k: usize) -> Result<Option<Vec<Vec<(u32, f32)>>>> {
+        self.final_norm(b, 0, rows)?;
+        let (c, s) = (&self.cfg, self.scratch.as_mut().expect("a forward ran"));
+        Ok(Some(b.head_top_k(&s.xn, rows, &self.lm_head, c.vocab_size, c.output_logit_soft_cap, k, &mut s.logits)?))
+    }
+}
+
+impl<B: Backend> LargeNet<B> {
+    /// Out-norm of hidden rows `first..first + count` of the last forward, into `scratch.xn`.
+    fn final_norm(&mut self, b: &B, first: usize, count: usize) -> Result<()> {
+        let d = self.cfg.hidden_size;
+        let s = self.scratch.as_mut().expect("a forward ran");
         b.copy(&s.x, first * d, &mut s.last, 0, count * d)?;
-        let normed = match &self.out_norm {
-            Some(w) => {
-                b.rms_norm(&s.last, count, d, w, eps, &mut s.xn)?;
-                &s.xn
-            }
-            None => &s.last,
-        };
-        b.matmul(normed, count, &self.lm_head, &mut s.logits)?; //                 [count, V]
+        match &self.out_norm {
+            Some(w) => b.rms_norm(&s.last, count, d, w, self.cfg.norm_eps, &mut s.xn),
+            None => b.copy(&s.last, 0, &mut s.xn, 0, count * d),
+        }
+    }
+
+    fn head_logits_of(&mut self, b: &B, first: usize, count: usize) -> Result<Vec<f32>> {
+        self.final_norm(b, first, count)?;
+        let (c, s) = (&self.cfg, self.scratch.as_mut().expect("a forward ran"));
+        b.matmul(&s.xn, count, &self.lm_head, &mut s.logits)?; //                   [count, V]
         b.bias_soft_cap(&mut s.logits, count, c.vocab_size, None, c.output_logit_soft_cap)?;
         b.download(&s.logits, count * c.vocab_size)
     }

@@ -1069,6 +1069,20 @@ impl<B: Backend> Network<B> for LmNet<B> {
             LogitRows::All => (0, n),
             LogitRows::Last => (n - 1, 1),
         };
+        self.head_logits_of(b, first, count)
+    }
+
+    fn head_logits(&mut self, b: &B, rows: usize) -> Result<Vec<f32>> {
+        self.head_logits_of(b, 0, rows)
+    }
+}
+
+impl<B: Backend> LmNet<B> {
+    /// Post-blocks norm and LM head over hidden rows `first..first + count` of the last forward.
+    fn head_logits_of(&mut self, b: &B, first: usize, count: usize) -> Result<Vec<f32>> {
+        let d = self.dims.d;
+        let vocab = self.dims.vocab;
+        let s = self.scratch.as_mut().expect("a forward ran");
         b.copy(&s.x, first * d, &mut s.last, 0, count * d)?;
         let normed = match &self.post_norm {
             Some(w) => {
@@ -1078,7 +1092,7 @@ impl<B: Backend> Network<B> for LmNet<B> {
             None => &s.last,
         };
         b.matmul(normed, count, &self.lm_head, &mut s.logits)?; //                           [count, V]
-        b.download(&s.logits, count * dm.vocab)
+        b.download(&s.logits, count * vocab)
     }
 }
 

@@ -43,6 +43,13 @@ pub trait Network<B: Backend>: Send {
     fn max_segment(&self) -> usize;
     /// Drops cached activation buffers (they are re-made at the next call's size).
     fn release_cache(&mut self) {}
+    /// After a forward with `LogitRows::None` over `rows` rows: the LM head fused with the selection
+    /// of each row's k best tokens. None where the family has no fused head (the caller falls back).
+    fn head_top_k(&mut self, _backend: &B, _rows: usize, _k: usize) -> Result<Option<Vec<Vec<(u32, f32)>>>> {
+        Ok(None)
+    }
+    /// After a forward with `LogitRows::None` over `rows` rows: those rows' logits [rows, V].
+    fn head_logits(&mut self, backend: &B, rows: usize) -> Result<Vec<f32>>;
 }
 
 /// Prefill segments hold this many chunks, so halving the chunk under memory pressure also halves the
@@ -193,6 +200,25 @@ impl<B: Backend> Model<B> {
     /// One recurrent step for every sequence of the state: `ids[b]` is sequence b's next token.
     /// Returns logits [B, V].
     pub fn step(&mut self, ids: &[u32], state: &mut State<B>) -> Result<Vec<f32>> {
+        self.step_layers(ids, state, LogitRows::All)
+    }
+
+    /// A recurrent step that returns only each sequence's `k` most likely tokens (id, logit), best
+    /// first, through the fused LM head where the family has one (else the plain head and a
+    /// selection): the same tokens and values as [`Model::step`] followed by a selection.
+    pub fn step_top_k(&mut self, ids: &[u32], state: &mut State<B>, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+        self.step_layers(ids, state, LogitRows::None)?;
+        match self.net.head_top_k(&self.backend, ids.len(), k)? {
+            Some(t) => Ok(t),
+            None => {
+                let v = self.vocab_size();
+                let logits = self.net.head_logits(&self.backend, ids.len())?;
+                Ok(logits.chunks(v).map(|r| crate::backend::top_k_of(r, k)).collect())
+            }
+        }
+    }
+
+    fn step_layers(&mut self, ids: &[u32], state: &mut State<B>, logits: LogitRows) -> Result<Vec<f32>> {
         if ids.len() != state.batch {
             return Err(Error::Input(format!("step got {} tokens for a batch of {}", ids.len(), state.batch)));
         }
@@ -200,10 +226,10 @@ impl<B: Backend> Model<B> {
         // The backend may record this step's device work and replay it on later steps (CUDA graphs);
         // when a replay does not fit, it skips the step untouched and asks for it to run again.
         self.backend.step_begin()?;
-        let r = self.net.forward(&self.backend, ids, Rows::Step, &mut state.layers, LogitRows::All);
+        let r = self.net.forward(&self.backend, ids, Rows::Step, &mut state.layers, logits);
         let l = if self.backend.step_end()? {
             self.backend.step_begin()?;
-            let r = self.net.forward(&self.backend, ids, Rows::Step, &mut state.layers, LogitRows::All);
+            let r = self.net.forward(&self.backend, ids, Rows::Step, &mut state.layers, logits);
             self.backend.step_end()?;
             r?
         } else {

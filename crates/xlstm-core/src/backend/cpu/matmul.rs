@@ -52,8 +52,25 @@ impl CpuMat {
 
 /// Inputs of at most this many rows take the streaming GEMV path.
 pub const GEMV_MAX_ROWS: usize = 4;
-/// Weight rows per parallel task.
-const ROW_BLOCK: usize = 32;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+/// Weight rows per parallel GEMV task (the tile's first number).
+static ROW_BLOCK: AtomicUsize = AtomicUsize::new(32);
+/// Weight rows per converted GEMM block (the tile's second number; 0 = sized from the thread count).
+static GEMM_BLOCK: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the matrix-product tile at run time (`XLSTM_GEMM_TILE=ROWSxCOLS`): `gemv_rows` weight rows
+/// per parallel GEMV task, `gemm_rows` weight rows per converted GEMM block (0 = automatic).
+/// Results are the same for every tile; only speed changes.
+pub fn set_tile(gemv_rows: usize, gemm_rows: usize) {
+    ROW_BLOCK.store(gemv_rows.max(1), Ordering::Relaxed);
+    GEMM_BLOCK.store(gemm_rows, Ordering::Relaxed);
+}
+
+/// The current tile: (GEMV rows per task, GEMM rows per block, 0 = automatic).
+pub fn tile() -> (usize, usize) {
+    (ROW_BLOCK.load(Ordering::Relaxed), GEMM_BLOCK.load(Ordering::Relaxed))
+}
 
 /// `y[m, n] = x[m, k] · wᵀ`.
 pub fn matmul(x: &[f32], m: usize, w: &CpuMat, y: &mut [f32]) {
@@ -89,9 +106,10 @@ pub fn gemv(x: &[f32], m: usize, w: &CpuMat, y: &mut [f32], simd: Simd) {
     let (n, k) = (w.rows, w.cols);
     assert!(m <= GEMV_MAX_ROWS);
     let yp = SyncPtr(y.as_mut_ptr());
-    (0..n.div_ceil(ROW_BLOCK)).into_par_iter().for_each(|blk| {
+    let rb = ROW_BLOCK.load(Ordering::Relaxed);
+    (0..n.div_ceil(rb)).into_par_iter().for_each(|blk| {
         let mut acc = [0f32; GEMV_MAX_ROWS];
-        for j in blk * ROW_BLOCK..((blk + 1) * ROW_BLOCK).min(n) {
+        for j in blk * rb..((blk + 1) * rb).min(n) {
             dot_row(w, j, x, m, k, &mut acc, simd);
             for (r, a) in acc.iter().enumerate().take(m) {
                 // SAFETY: each (r, j) is written by exactly one task.
@@ -99,6 +117,52 @@ pub fn gemv(x: &[f32], m: usize, w: &CpuMat, y: &mut [f32], simd: Simd) {
             }
         }
     });
+}
+
+/// Fused LM head for a few input rows: logits = cap·tanh((x wᵀ)/cap) computed block by block, keeping
+/// only each row's `k` largest (id, logit), best first; the full logits are never written out.
+pub fn head_top_k(x: &[f32], m: usize, w: &CpuMat, cap: f32, k: usize) -> Vec<Vec<(u32, f32)>> {
+    let (n, kdim) = (w.rows, w.cols);
+    assert!(m <= GEMV_MAX_ROWS && k > 0);
+    let simd = simd_level();
+    let rb = ROW_BLOCK.load(Ordering::Relaxed).max(k);
+    let partial: Vec<Vec<Vec<(u32, f32)>>> = (0..n.div_ceil(rb))
+        .into_par_iter()
+        .map(|blk| {
+            let mut best = vec![Vec::with_capacity(k + 1); m];
+            let mut acc = [0f32; GEMV_MAX_ROWS];
+            for j in blk * rb..((blk + 1) * rb).min(n) {
+                dot_row(w, j, x, m, kdim, &mut acc, simd);
+                for r in 0..m {
+                    let v = if cap > 0.0 { cap * (acc[r] / cap).tanh() } else { acc[r] };
+                    push_top(&mut best[r], k, j as u32, v);
+                }
+            }
+            best
+        })
+        .collect();
+    (0..m)
+        .map(|r| {
+            let mut best = Vec::with_capacity(k + 1);
+            for part in &partial {
+                for &(id, v) in &part[r] {
+                    push_top(&mut best, k, id, v);
+                }
+            }
+            best
+        })
+        .collect()
+}
+
+/// Keeps `best` the k largest by value, sorted descending (ties: lower id first, as argmax does).
+#[inline]
+fn push_top(best: &mut Vec<(u32, f32)>, k: usize, id: u32, v: f32) {
+    if best.len() == k && !(v > best[k - 1].1 || (v == best[k - 1].1 && id < best[k - 1].0)) {
+        return;
+    }
+    let pos = best.partition_point(|&(bi, bv)| bv > v || (bv == v && bi < id));
+    best.insert(pos, (id, v));
+    best.truncate(k);
 }
 
 #[inline]
@@ -215,7 +279,10 @@ pub fn gemm_blocked(x: &[f32], m: usize, w: &CpuMat, y: &mut [f32]) {
         return;
     }
     // Blocks big enough to amortise gemm's packing, small enough to stay in cache and give each thread work.
-    let block = (n.div_ceil(rayon::current_num_threads() * 4)).clamp(16, 256);
+    let block = match GEMM_BLOCK.load(Ordering::Relaxed) {
+        0 => (n.div_ceil(rayon::current_num_threads() * 4)).clamp(16, 256),
+        b => b,
+    };
     let yp = SyncPtr(y.as_mut_ptr());
     (0..n.div_ceil(block)).into_par_iter().for_each(|b| {
         let (j0, j1) = (b * block, ((b + 1) * block).min(n));

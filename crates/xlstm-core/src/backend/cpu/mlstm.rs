@@ -6,8 +6,22 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use super::SyncPtr;
 use crate::backend::MlstmDims;
+
+/// Heads one parallel task takes (`XLSTM_HEADS_PER_BAND`; 1 = every head its own task).
+static HEADS_PER_BAND: AtomicUsize = AtomicUsize::new(1);
+
+/// Sets how many heads one CPU task takes (speed only; results are identical).
+pub fn set_heads_per_band(n: usize) {
+    HEADS_PER_BAND.store(n.max(1), Ordering::Relaxed);
+}
+
+fn band() -> usize {
+    HEADS_PER_BAND.load(Ordering::Relaxed)
+}
 
 #[inline]
 pub fn log_sigmoid(x: f32) -> f32 {
@@ -82,6 +96,7 @@ pub fn step(d: MlstmDims, batch: usize, q: &[f32], k: &[f32], v: &[f32], i: &[f3
         .zip(m[..units].par_iter_mut())
         .zip(h[..units * dv].par_chunks_mut(dv))
         .enumerate()
+        .with_min_len(band())
         .for_each(|(u, (((c, n), m), h))| {
             step_head(
                 &q[u * dk..(u + 1) * dk], &k[u * dk..(u + 1) * dk], &v[u * dv..(u + 1) * dv], i[u], f[u], c, n, m, eps, h,
@@ -101,6 +116,7 @@ pub fn prefill(d: MlstmDims, chunk: Option<usize>, seq: usize, q: &[f32], k: &[f
         .zip(n[..d.heads * dk].par_chunks_mut(dk))
         .zip(m[..d.heads].par_iter_mut())
         .enumerate()
+        .with_min_len(band())
         .for_each(|(head, ((c, n), m))| {
             let io = HeadIo { q, k, v, i, f, d, head };
             // SAFETY: head `head` writes only columns head·DV..(head+1)·DV of each row of h.

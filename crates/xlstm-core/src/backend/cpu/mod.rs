@@ -101,6 +101,17 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn head_top_k(&self, x: &Vec<f32>, rows: usize, w: &CpuMat, n: usize, cap: f32, k: usize, scratch: &mut Vec<f32>) -> Result<Vec<Vec<(u32, f32)>>> {
+        check_len("head_top_k", "x", x.len(), rows * w.cols)?;
+        if rows > matmul::GEMV_MAX_ROWS || n != w.rows || k == 0 {
+            // many rows: the plain path (the fused kernel's gain is in the streaming GEMV)
+            self.matmul(x, rows, w, scratch)?;
+            self.bias_soft_cap(scratch, rows, n, None, cap)?;
+            return Ok(scratch[..rows * n].chunks(n).map(|r| super::top_k_of(r, k)).collect());
+        }
+        Ok(matmul::head_top_k(x, rows, w, cap, k))
+    }
+
     fn rms_norm(&self, x: &Vec<f32>, rows: usize, width: usize, weight: &Vec<f32>, eps: f32, out: &mut Vec<f32>) -> Result<()> {
         check_len("rms_norm", "x", x.len(), rows * width)?;
         check_len("rms_norm", "out", out.len(), rows * width)?;
