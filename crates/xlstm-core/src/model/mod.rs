@@ -186,6 +186,9 @@ impl<B: Backend> Model<B> {
         if actions.contains(&MemAction::EmptyCache) {
             self.net.release_cache();
             self.backend.release_cache()?;
+            if !self.events.iter().any(|e| e.starts_with("released cached buffers")) {
+                self.events.push(format!("released cached buffers ({why})"));
+            }
         }
         if let (true, Some(MlstmKernel::Chunkwise { chunk })) = (actions.contains(&MemAction::Shrink), kernel) {
             if *chunk > min_chunk {
