@@ -221,12 +221,10 @@ impl<B: Backend> Network<B> for LargeNet<B> {
             b.norm_gated_up(&s.x, n, d, &blk.norm_ffn, eps, &mut s.xn, &blk.up_gate, &blk.up, ff, Activation::Silu, &mut s.g, &mut s.u, &mut s.a)?;
             b.matmul_add(&s.a, n, &blk.down, d, &mut s.y, &mut s.x)?; //        x += [n, D]
         }
-        let (first, count) = match logits {
-            LogitRows::None => return Ok(Vec::new()),
-            LogitRows::All => (0, n),
-            LogitRows::Last => (n - 1, 1),
-        };
-        self.head_logits_of(b, first, count)
+        match logits.range(n) {
+            Some((first, count)) => self.head_logits_of(b, first, count),
+            None => Ok(Vec::new()),
+        }
     }
 
     fn head_logits(&mut self, b: &B, rows: usize) -> Result<Vec<f32>> {

@@ -1064,12 +1064,10 @@ impl<B: Backend> Network<B> for LmNet<B> {
                 }
             }
         }
-        let (first, count) = match logits {
-            LogitRows::None => return Ok(Vec::new()),
-            LogitRows::All => (0, n),
-            LogitRows::Last => (n - 1, 1),
-        };
-        self.head_logits_of(b, first, count)
+        match logits.range(n) {
+            Some((first, count)) => self.head_logits_of(b, first, count),
+            None => Ok(Vec::new()),
+        }
     }
 
     fn head_logits(&mut self, b: &B, rows: usize) -> Result<Vec<f32>> {

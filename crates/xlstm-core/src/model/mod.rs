@@ -30,6 +30,17 @@ pub enum LogitRows {
     None,
 }
 
+impl LogitRows {
+    /// The rows (first, count) of an `n`-row forward that get logits; None for none.
+    pub fn range(self, n: usize) -> Option<(usize, usize)> {
+        match self {
+            LogitRows::None => None,
+            LogitRows::All => Some((0, n)),
+            LogitRows::Last => Some((n - 1, 1)),
+        }
+    }
+}
+
 /// What a model family implements: its layers over a block of rows, and its state layout.
 pub trait Network<B: Backend>: Send {
     /// Fresh (zero) state for `batch` sequences.
