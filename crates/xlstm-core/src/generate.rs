@@ -148,6 +148,7 @@ pub fn generate<B: Backend>(
     let mut history = ids.clone();
     let mut out_ids = Vec::new();
     let mut text = String::new();
+    let mut emitted = 0usize; // bytes of `text` handed to on_text
     let mut decoder = StreamDecoder::default();
     let mut ttft = None;
     let mut reason = StopReason::MaxTokens;
@@ -170,13 +171,18 @@ pub fn generate<B: Backend>(
         if let Some(piece) = decoder.push(tok, next)? {
             text.push_str(&piece);
             if let Some(cut) = stop_position(&text, &params.stop_strings) {
-                let keep = piece.len().saturating_sub(text.len() - cut);
-                on_text(&piece[..keep]);
                 text.truncate(cut);
+                on_text(&text[emitted..]);
+                emitted = text.len();
                 reason = StopReason::StopString;
                 break;
             }
-            on_text(&piece);
+            // Hold back a tail that may be the start of a stop string.
+            let safe = text.len() - held_back(&text, &params.stop_strings);
+            if safe > emitted {
+                on_text(&text[emitted..safe]);
+                emitted = safe;
+            }
         }
         if out_ids.len() == params.max_new_tokens {
             break;
@@ -205,7 +211,9 @@ pub fn generate<B: Backend>(
     if reason != StopReason::StopString {
         if let Some(rest) = decoder.flush(tok)? {
             text.push_str(&rest);
-            on_text(&rest);
+        }
+        if text.len() > emitted {
+            on_text(&text[emitted..]);
         }
     }
     let decode_s = t_decode.elapsed().as_secs_f64();
@@ -229,6 +237,17 @@ fn stop_position(text: &str, stops: &[String]) -> Option<usize> {
     stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
 }
 
+/// Length of the longest tail of `text` that is a proper prefix of a stop string (not yet safe to emit).
+fn held_back(text: &str, stops: &[String]) -> usize {
+    stops
+        .iter()
+        .flat_map(|s| (1..s.len()).rev().filter(move |&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+        .filter(|p| text.ends_with(p))
+        .map(str::len)
+        .max()
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,5 +257,9 @@ mod tests {
         let stops = vec!["\n\n".to_string(), "END".to_string()];
         assert_eq!(stop_position("abc END x\n\n", &stops), Some(4));
         assert_eq!(stop_position("abc", &stops), None);
+        assert_eq!(held_back("abc E", &stops), 1);
+        assert_eq!(held_back("abc EN", &stops), 2);
+        assert_eq!(held_back("abc\n", &stops), 1);
+        assert_eq!(held_back("abc", &stops), 0);
     }
 }

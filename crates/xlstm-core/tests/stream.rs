@@ -65,3 +65,21 @@ fn errors_arrive_as_events() {
     let events: Vec<Event> = Iterator::collect(spawn(model(), Tokenizer::Bytes, String::new(), params()));
     assert!(matches!(events.last(), Some(Event::Error(e)) if e.contains("empty")), "{events:?}");
 }
+
+/// A stop string that spans several tokens never reaches the stream, even in part.
+#[test]
+fn stop_strings_are_never_streamed() {
+    let mut m = model();
+    let free = generate(&mut m, &Tokenizer::Bytes, "Hello", &GenerateParams { max_new_tokens: 40, ..Default::default() }, |_| {}).unwrap();
+    // pick a 3-byte stop string from the middle of the free-running output (bytes tokenizer: 3 tokens)
+    let bytes = free.text.as_bytes();
+    let Some(start) = (5..bytes.len().saturating_sub(3)).find(|&i| free.text.is_char_boundary(i) && free.text.is_char_boundary(i + 3)) else { return };
+    let stop = free.text[start..start + 3].to_string();
+    let first = free.text.find(&stop).unwrap();
+    let mut streamed = String::new();
+    let mut m = model();
+    let p = GenerateParams { max_new_tokens: 40, stop_strings: vec![stop.clone()], ..Default::default() };
+    let g = generate(&mut m, &Tokenizer::Bytes, "Hello", &p, |t| streamed.push_str(t)).unwrap();
+    assert_eq!(g.text, free.text[..first], "output is cut at the stop string");
+    assert_eq!(streamed, g.text, "the stream is exactly the output, without any of the stop string");
+}
