@@ -42,7 +42,7 @@ pub struct RuntimeArgs {
     /// Prefill chunk size [XLSTM_CHUNK_SIZE, the model's].
     #[arg(long)]
     pub chunk_size: Option<String>,
-    /// Heads per kernel launch / CPU task [XLSTM_HEADS_PER_BAND, all].
+    /// Heads per kernel launch / CPU task [XLSTM_HEADS_PER_BAND, 1: each head its own task].
     #[arg(long)]
     pub heads_per_band: Option<String>,
     /// CPU worker threads [XLSTM_WORKERS, one per core].

@@ -27,7 +27,7 @@ pub const KNOBS: &[Knob] = &[
     Knob { key: "shrink_on_soft", env: "XLSTM_SHRINK_ON_SOFT", flag: "--no-mem-shrink", default: "1", help: "allow `shrink` at the soft limit (0 disables; --no-mem-shrink)" },
     Knob { key: "min_chunk", env: "XLSTM_MIN_CHUNK", flag: "--min-chunk", default: "8", help: "smallest prefill chunk shrinking may reach" },
     Knob { key: "chunk_size", env: "XLSTM_CHUNK_SIZE", flag: "--chunk-size", default: "", help: "prefill chunk size (default: the model's, 64 for xLSTM-7B)" },
-    Knob { key: "heads_per_band", env: "XLSTM_HEADS_PER_BAND", flag: "--heads-per-band", default: "", help: "heads one kernel launch / CPU task takes (default: all)" },
+    Knob { key: "heads_per_band", env: "XLSTM_HEADS_PER_BAND", flag: "--heads-per-band", default: "", help: "heads one kernel launch / CPU task takes (default 1: each head its own task)" },
     Knob { key: "workers", env: "XLSTM_WORKERS", flag: "--workers", default: "", help: "CPU worker threads (default: one per core)" },
     Knob { key: "streams", env: "XLSTM_STREAMS", flag: "--streams", default: "1", help: "GPU streams" },
     Knob { key: "warmup", env: "XLSTM_WARMUP", flag: "--warmup", default: "1", help: "untimed warm-up passes before serving / timing" },
