@@ -21,7 +21,7 @@ pub struct ModelArgs {
     /// loads f32 checkpoints as f32 unless they would not fit in half the machine's memory.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
-    /// Where to run: cpu (default). `auto` picks the best available device.
+    /// Where to run: cpu (default), cuda (cuda:N for GPU N), or auto (CUDA when usable, else CPU).
     #[arg(long, default_value = "cpu", env = "XLSTM_DEVICE")]
     pub device: String,
     /// Built-in default model: number of blocks.
@@ -100,14 +100,46 @@ pub trait OnBackend {
 }
 
 /// Runs `job` on the device named; a device that is not there is an error, never a silent fall-back.
+/// `cuda` (alias `gpu`, or `cuda:N` for GPU N) needs a build with the `cuda` feature (the default) and
+/// a usable NVIDIA driver, GPU, NVRTC and cuBLAS at run time; `auto` takes CUDA when all of that is
+/// there and the CPU otherwise (it says which on stderr).
 pub fn on_device(device: &str, job: impl OnBackend) -> Result<()> {
     match device {
-        "cpu" | "auto" => job.run(CpuBackend::new()),
-        "cuda" | "gpu" | "metal" | "vulkan" => {
-            bail!("device `{device}` is not available in this build of xlstm (no {device} backend yet); use --device cpu")
+        "cpu" => job.run(CpuBackend::new()),
+        "auto" => {
+            #[cfg(feature = "cuda")]
+            if xlstm_cuda::probe().is_ok() {
+                if let Ok(b) = xlstm_cuda::CudaBackend::new(0) {
+                    eprintln!("device: auto -> cuda ({})", b.device_name());
+                    return job.run(b);
+                }
+            }
+            job.run(CpuBackend::new())
         }
-        other => bail!("unknown device `{other}`: use cpu or auto"),
+        d if d == "cuda" || d == "gpu" || d.starts_with("cuda:") => cuda(d, job),
+        "metal" | "vulkan" => {
+            bail!("device `{device}` is not available in this build of xlstm (no {device} backend yet); use --device cpu or cuda")
+        }
+        other => bail!("unknown device `{other}`: use cpu, cuda, cuda:N or auto"),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(device: &str, job: impl OnBackend) -> Result<()> {
+    let ordinal = match device.strip_prefix("cuda:") {
+        Some(n) => n.parse::<usize>().map_err(|_| anyhow::anyhow!("`{device}`: the GPU index after `cuda:` must be a number"))?,
+        None => 0,
+    };
+    if let Err(why) = xlstm_cuda::probe() {
+        bail!("--device {device}: CUDA is not usable here: {why}");
+    }
+    let backend = xlstm_cuda::CudaBackend::new(ordinal).with_context(|| format!("--device {device}"))?;
+    job.run(backend)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(device: &str, _job: impl OnBackend) -> Result<()> {
+    bail!("device `{device}` is not available: this xlstm was built without the `cuda` feature; use --device cpu")
 }
 
 fn total_memory_bytes() -> u64 {

@@ -75,7 +75,12 @@ fn bench_on<B: Backend>(backend: B, a: Args) -> Result<()> {
         ModelConfig::Large(c) => c.num_params(),
         ModelConfig::Lm(c) => c.num_params(),
     };
-    let bw = bench::host_bandwidth();
+    // The floor uses the memory the weights live in: the GPU's measured copy bandwidth on a device
+    // backend, the host's otherwise.
+    let bw = match model.backend.device_bandwidth()? {
+        Some(b) => b,
+        None => bench::host_bandwidth(),
+    };
     let mut settings = a.model.runtime.resolve()?;
     configure(&mut model, &mut settings)?;
     let warmup = settings.warmup().max(1);

@@ -238,16 +238,19 @@ impl<B: Backend> Model<B> {
         }
         self.check_ids(ids)?;
         // The backend may record this step's device work and replay it on later steps (CUDA graphs);
-        // when a replay does not fit, it skips the step untouched and asks for it to run again.
-        self.backend.step_begin()?;
-        let r = self.net.forward(&self.backend, ids, Rows::Step, &mut state.layers, logits);
-        let l = if self.backend.step_end()? {
+        // when it could not run the step as recorded, it left everything untouched and asks for the
+        // step again (a backend settles within three attempts: replay, record, eager).
+        let mut attempt = 0;
+        let l = loop {
             self.backend.step_begin()?;
             let r = self.net.forward(&self.backend, ids, Rows::Step, &mut state.layers, logits);
-            self.backend.step_end()?;
-            r?
-        } else {
-            r?
+            if !self.backend.step_end()? {
+                break r?;
+            }
+            attempt += 1;
+            if attempt == 3 {
+                return Err(Error::Device("the backend did not run the decode step in three attempts".into()));
+            }
         };
         state.position += 1;
         Ok(l)

@@ -1,0 +1,176 @@
+//! Where decode and prefill time goes on a GPU, at the xLSTM-7B shape (random bf16 weights):
+//! bandwidth ceilings, each fused decode kernel alone (µs and GB/s of weights read), the whole
+//! decode step eager vs replayed from the CUDA graph at several batch sizes, and prefill at several
+//! lengths. Prints one JSON line per measurement.
+//!
+//!   cargo run --release -p xlstm-cuda --example cuda_profile -- [--quick]
+use std::time::Instant;
+
+use xlstm_core::backend::{Activation, Backend, MlstmDims, MlstmKernel, MlstmState};
+use xlstm_core::config::{LargeConfig, ModelConfig};
+use xlstm_core::model::LogitRows;
+use xlstm_core::tensor::{DType, HostTensor};
+use xlstm_core::Model;
+use xlstm_cuda::{CudaBackend, CudaBuf, CudaMat};
+
+fn mat(g: &CudaBackend, r: usize, c: usize, seed: u64) -> CudaMat {
+    let mut s = seed | 1;
+    let v: Vec<f32> = (0..r * c)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) / (c as f32).sqrt()
+        })
+        .collect();
+    g.matrix(HostTensor::f32(vec![r, c], v), DType::BF16).unwrap()
+}
+
+fn buf(g: &CudaBackend, n: usize, val: f32) -> CudaBuf {
+    g.upload(&vec![val; n]).unwrap()
+}
+
+/// Median-free simple timing: `reps` calls after 3 warm-ups, synchronised, µs per call.
+fn time(g: &CudaBackend, reps: usize, mut f: impl FnMut(usize)) -> f64 {
+    for i in 0..3 {
+        f(i);
+    }
+    g.synchronize().unwrap();
+    let t = Instant::now();
+    for i in 0..reps {
+        f(i);
+    }
+    g.synchronize().unwrap();
+    t.elapsed().as_secs_f64() * 1e6 / reps as f64
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let g = CudaBackend::new(0).expect("a usable CUDA device");
+    println!("{{\"device\":\"{}\"}}", g.device_name());
+    let bw = g.measure_bandwidth().unwrap();
+    println!("{{\"bandwidth\":{{\"copy_gb_s\":{:.0},\"read_gb_s\":{:.0}}}}}", bw.copy_gb_s, bw.read_gb_s);
+
+    // ---- fused decode kernels at the 7B shape, batch 1 --------------------------------------------
+    let (d, qk, vd, nh, ff) = (4096usize, 2048usize, 4096usize, 8usize, 10944usize);
+    let sets: Vec<_> = (0..3)
+        .map(|i| {
+            let s = 100 * i as u64;
+            (
+                [mat(&g, qk, d, s + 1), mat(&g, qk, d, s + 2), mat(&g, vd, d, s + 3), mat(&g, vd, d, s + 4)],
+                mat(&g, vd, d, s + 5),
+                mat(&g, ff, d, s + 6),
+                mat(&g, ff, d, s + 7),
+                mat(&g, d, ff, s + 8),
+            )
+        })
+        .collect();
+    let gates = (g.matrix(HostTensor::f32(vec![nh, d], vec![0.01; nh * d]), DType::F32).unwrap(), g.matrix(HostTensor::f32(vec![nh, d], vec![0.01; nh * d]), DType::F32).unwrap());
+    for rows in [1usize, 2, 4, 8, 16, 64] {
+        let x = buf(&g, rows * d, 0.5);
+        let nw = buf(&g, d, 1.0);
+        let mut xn = buf(&g, rows * d, 0.0);
+        let (mut q, mut k, mut v, mut o) = (buf(&g, rows * qk, 0.0), buf(&g, rows * qk, 0.0), buf(&g, rows * vd, 0.0), buf(&g, rows * vd, 0.0));
+        let (mut i, mut f) = (buf(&g, rows * nh, 0.0), buf(&g, rows * nh, 0.0));
+        let us = time(&g, 50, |r| {
+            let s = &sets[r % 3];
+            g.norm_matmuls(&x, rows, d, &nw, 1e-6, &mut xn, &[&s.0[0], &s.0[1], &s.0[2], &s.0[3], &gates.0, &gates.1], &mut [&mut q, &mut k, &mut v, &mut o, &mut i, &mut f]).unwrap();
+        });
+        let bytes = 2.0 * (2 * qk + 2 * vd) as f64 * d as f64;
+        println!("{{\"kernel\":\"norm+qkvo+if\",\"rows\":{rows},\"us\":{us:.1},\"gb_s\":{:.0}}}", bytes / us / 1e3);
+        let mut acc = buf(&g, rows * d, 0.0);
+        let mut tmp = buf(&g, rows * d, 0.0);
+        let hn = buf(&g, rows * vd, 0.1);
+        let us = time(&g, 50, |r| g.matmul_add(&hn, rows, &sets[r % 3].1, d, &mut tmp, &mut acc).unwrap());
+        println!("{{\"kernel\":\"out_proj+add\",\"rows\":{rows},\"us\":{us:.1},\"gb_s\":{:.0}}}", 2.0 * (vd * d) as f64 / us / 1e3);
+        let (mut gg, mut uu, mut aa) = (buf(&g, rows * ff, 0.0), buf(&g, rows * ff, 0.0), buf(&g, rows * ff, 0.0));
+        let us = time(&g, 50, |r| {
+            let s = &sets[r % 3];
+            g.norm_gated_up(&x, rows, d, &nw, 1e-6, &mut xn, &s.2, &s.3, ff, Activation::Silu, &mut gg, &mut uu, &mut aa).unwrap()
+        });
+        println!("{{\"kernel\":\"norm+gate,up+swiglu\",\"rows\":{rows},\"us\":{us:.1},\"gb_s\":{:.0}}}", 2.0 * (2 * ff * d) as f64 / us / 1e3);
+        let us = time(&g, 50, |r| g.matmul_add(&aa, rows, &sets[r % 3].4, d, &mut tmp, &mut acc).unwrap());
+        println!("{{\"kernel\":\"down+add\",\"rows\":{rows},\"us\":{us:.1},\"gb_s\":{:.0}}}", 2.0 * (ff * d) as f64 / us / 1e3);
+        // the fused mLSTM cell (state 8 heads × 256 × 512 per sequence)
+        let dims = MlstmDims { heads: nh, dk: 256, dv: 512 };
+        let mut st = MlstmState { c: buf(&g, rows * nh * 256 * 512, 0.0), n: buf(&g, rows * nh * 256, 0.0), m: buf(&g, rows * nh, 0.0), dims };
+        let (ib, fb, hw) = (buf(&g, nh, 0.0), buf(&g, nh, 3.0), buf(&g, vd, 1.0));
+        let (mut h, mut hn2) = (buf(&g, rows * vd, 0.0), buf(&g, rows * vd, 0.0));
+        let us = time(&g, 50, |_| {
+            g.mlstm_gated_cell(None, dims, rows, &q, &k, &v, &o, &mut i, &mut f, &ib, &fb, 15.0, &mut st, 1e-6, &hw, 1e-6, &mut h, &mut hn2).unwrap()
+        });
+        println!("{{\"kernel\":\"mlstm_cell_step\",\"rows\":{rows},\"us\":{us:.1},\"state_gb_s\":{:.0}}}", 2.0 * 4.0 * (rows * nh * 256 * 512) as f64 / us / 1e3);
+    }
+    // chunkwise prefill of one layer's cell, 512 tokens
+    {
+        let dims = MlstmDims { heads: nh, dk: 256, dv: 512 };
+        let seq = 512;
+        let (q, k, v) = (buf(&g, seq * qk, 0.1), buf(&g, seq * qk, 0.1), buf(&g, seq * vd, 0.1));
+        let (i, f) = (buf(&g, seq * nh, 0.0), buf(&g, seq * nh, 3.0));
+        let mut st = MlstmState { c: buf(&g, nh * 256 * 512, 0.0), n: buf(&g, nh * 256, 0.0), m: buf(&g, nh, 0.0), dims };
+        let mut h = buf(&g, seq * vd, 0.0);
+        let us = time(&g, 20, |_| g.mlstm_prefill(MlstmKernel::Chunkwise { chunk: 64 }, dims, seq, &q, &k, &v, &i, &f, &mut st, 1e-6, &mut h).unwrap());
+        println!("{{\"kernel\":\"mlstm_chunkwise_512\",\"us\":{us:.1}}}");
+        for phase in ["states", "out"] {
+            std::env::set_var("XLSTM_CUDA_CHUNK_ONLY", phase);
+            let us = time(&g, 20, |_| g.mlstm_prefill(MlstmKernel::Chunkwise { chunk: 64 }, dims, seq, &q, &k, &v, &i, &f, &mut st, 1e-6, &mut h).unwrap());
+            println!("{{\"kernel\":\"mlstm_chunk_{phase}_512\",\"us\":{us:.1}}}");
+        }
+        std::env::remove_var("XLSTM_CUDA_CHUNK_ONLY");
+    }
+    // prefill-sized products (512 rows) through cuBLAS, each shape alone
+    for &(n, k) in &[(2048usize, 4096usize), (4096, 4096), (10944, 4096), (4096, 10944), (12288, 4096), (21888, 4096)] {
+        let w = mat(&g, n, k, 7);
+        let x = buf(&g, 512 * k, 0.3);
+        let mut o = buf(&g, 512 * n, 0.0);
+        let us = time(&g, 10, |_| g.matmul(&x, 512, &w, &mut o).unwrap());
+        println!("{{\"gemm\":[512,{n},{k}],\"us\":{us:.1},\"tflop_s\":{:.0}}}", 2.0 * 512.0 * (n * k) as f64 / us / 1e6);
+    }
+    drop(sets);
+
+    // ---- the whole model ------------------------------------------------------------------------
+    let cfg = LargeConfig::xlstm_7b();
+    let t = Instant::now();
+    let mut model = Model::random(g.clone(), ModelConfig::Large(cfg), DType::BF16, 0).unwrap();
+    println!("{{\"load_random_7b_s\":{:.1},\"weight_bytes_per_token\":{}}}", t.elapsed().as_secs_f64(), model.weight_bytes_per_token());
+    let floor_ms = model.weight_bytes_per_token() as f64 / (bw.copy_gb_s * 1e9) * 1e3;
+    let batches: &[usize] = if quick { &[1, 64] } else { &[1, 16, 64, 256] };
+    for &b in batches {
+        for graphs in [false, true] {
+            if !graphs && b > 16 {
+                continue;
+            }
+            g.set_graphs(graphs);
+            let mut st = model.new_state(b).unwrap();
+            let ids: Vec<u32> = (0..b as u32).map(|x| (x * 7919) % 50304).collect();
+            for _ in 0..4 {
+                model.step(&ids, &mut st).unwrap();
+            }
+            let n = if b >= 64 { 10 } else { 30 };
+            let t = Instant::now();
+            for _ in 0..n {
+                model.step(&ids, &mut st).unwrap();
+            }
+            let ms = t.elapsed().as_secs_f64() * 1e3 / n as f64;
+            println!(
+                "{{\"decode\":{{\"batch\":{b},\"graphs\":{graphs},\"ms_per_step\":{ms:.3},\"tok_s\":{:.0},\"floor_ms\":{floor_ms:.3},\"ratio\":{:.3},\"stats\":{:?}}}}}",
+                b as f64 / ms * 1e3,
+                floor_ms / ms,
+                g.graph_stats()
+            );
+        }
+    }
+    g.set_graphs(true);
+    let lens: &[usize] = if quick { &[512, 8192] } else { &[512, 2048, 8192] };
+    for &len in lens {
+        let ids: Vec<u32> = (0..len as u32).map(|x| (x * 2654435761u32) % 50304).collect();
+        let mut best = f64::MAX;
+        for _ in 0..2 {
+            let mut st = model.new_state(1).unwrap();
+            let t = Instant::now();
+            model.prefill(&ids, &mut st, MlstmKernel::Chunkwise { chunk: 64 }, LogitRows::Last).unwrap();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!("{{\"prefill\":{{\"tokens\":{len},\"ms\":{:.1},\"tok_s\":{:.0},\"tflop_s\":{:.0}}}}}", best * 1e3, len as f64 / best, len as f64 * 2.0 * 6.6e9 / best / 1e12);
+    }
+}

@@ -1,0 +1,92 @@
+// elementwise.cu — pointwise and copy ops over f32 activations, the activation → 16-bit copy for
+// cuBLAS, and a read-bandwidth probe.
+//
+// Layouts: activations are row-major [rows, width] f32; weight tables are [V, D] in f32/bf16/f16
+// (dt = DT_F32 / DT_BF16 / DT_F16). Launch shape: 1-D grid-stride loops, 256 threads a block, grid
+// sized by the caller (elements / 256, capped); `embed` is one block row per token (grid.y = rows).
+// Limits: lengths fit in 32-bit signed ints except where `long long` is used (indices into tables).
+
+// out[r, :] = table[ids[r], :]  (ids already checked against V on the host)
+extern "C" __global__ void embed(const void* table, int dt, const u32* ids, int d, float* out) {
+    int r = blockIdx.y;
+    long long row = (long long)ids[r] * d;
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < d; j += gridDim.x * blockDim.x)
+        out[(long long)r * d + j] = load_w(table, row + j, dt);
+}
+
+// x[r, j] = cap·tanh((x[r, j] + bias[j]) / cap); bias may be null; cap <= 0 skips the cap.
+extern "C" __global__ void bias_soft_cap(float* x, int rows, int width, const float* bias, float cap) {
+    int n = rows * width;
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) {
+        float y = x[e] + (bias ? bias[e % width] : 0.f);
+        x[e] = cap > 0.f ? cap * tanhf(y / cap) : y;
+    }
+}
+
+// x += y
+extern "C" __global__ void add(float* x, const float* y, int n) {
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) x[e] += y[e];
+}
+
+// x = sigmoid(gate) ⊙ x
+extern "C" __global__ void sigmoid_gate(const float* gate, float* x, int n) {
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x)
+        x[e] *= sigmoid_exact(gate[e]);
+}
+
+// Activations, numbered as in the Rust enum `Activation`: 0 GELU (exact), 1 SiLU, 2 ReLU,
+// 3 ReLU², 4 sigmoid, 5 SELU.
+__device__ __forceinline__ float act_apply(int act, float x) {
+    switch (act) {
+        case 0: return 0.5f * x * erfcf(-x * 0.70710678118654752f);
+        case 1: return x / (1.f + expf(-x));
+        case 2: return fmaxf(x, 0.f);
+        case 3: { float r = fmaxf(x, 0.f); return r * r; }
+        case 4: return 1.f / (1.f + expf(-x));
+        default: return 1.0507009873554805f * (x > 0.f ? x : 1.6732632423543772f * (expf(x) - 1.f));
+    }
+}
+
+// out = act(gate) ⊙ up  (act 1 = SwiGLU's silu)
+extern "C" __global__ void gated_act(int act, const float* gate, const float* up, float* out, int n) {
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x)
+        out[e] = act_apply(act, gate[e]) * up[e];
+}
+
+// x[r, j] += scale[j] · y[r, j]
+extern "C" __global__ void scaled_add(float* x, const float* y, const float* scale, int rows, int width) {
+    int n = rows * width;
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x)
+        x[e] += scale[e % width] * y[e];
+}
+
+// dst[r·ds + doff + j] = src[r·ss + soff + j], r < rows, j < width
+extern "C" __global__ void copy_cols(const float* src, int ss, int soff, float* dst, int ds, int doff, int rows, int width) {
+    int n = rows * width;
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) {
+        int r = e / width, j = e % width;
+        dst[(long long)r * ds + doff + j] = src[(long long)r * ss + soff + j];
+    }
+}
+
+// bf16 copy of an f32 buffer (the activation operand of the cuBLAS bf16 products); dt selects
+// bf16 (1) or f16 (2) bits.
+extern "C" __global__ void to_half(const float* x, u16* out, int n, int dt) {
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) {
+        float v = x[e];
+        if (dt == DT_BF16) out[e] = f32_to_bf16(v);
+        else { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); out[e] = h; }
+    }
+}
+
+// Σ x over n4 float4 values, grid-stride, atomically added into *out: the bench's read-bandwidth
+// probe (each value is read once).
+extern "C" __global__ void read_sum(const float4* x, long long n4, float* out) {
+    float s = 0.f;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n4; i += (long long)gridDim.x * blockDim.x) {
+        float4 v = x[i];
+        s += (v.x + v.y) + (v.z + v.w);
+    }
+    s = warp_sum(s);
+    if ((threadIdx.x & 31) == 0) atomicAdd(out, s);
+}

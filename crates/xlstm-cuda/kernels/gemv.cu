@@ -1,0 +1,257 @@
+// gemv.cu — matrix × few-vectors products for decode: out[r, n] = Σ_k W[n, k] · x[r, k], r < R ≤ 4.
+//
+// Memory-bound: every weight is read once, 16 bytes per lane per load (8 bf16/f16 or 4 f32), with 8
+// loads in flight per lane (4 per matrix for pairs), streamed past L1 (ld.global.nc.L1::no_allocate).
+// One launch covers up to 8 "segments" (matrices that share the input x, e.g. q, k, v, o and the two
+// gate rows of an mLSTM layer), each with its own dtype, output and epilogue:
+//   mode 0: out[r·ld + n] = acc          mode 1: out[r·ld + n] += acc  (residual add)
+//   mode 2: out[r·ld + n] = act(acc) · acc2, acc2 from the segment's partner matrix w2 (gated FFN)
+// Prologue: x is staged in shared memory as f32 ([R, K], R·K·4 bytes of dynamic shared memory); when
+// `norm_w` is set it is RMS-normalised first (x·rsqrt(mean x² + eps)·norm_w, per row) and block 0 also
+// writes the normalised rows to `xn_out` (if set).
+// Launch: block = 256 threads = 8 warps; each warp computes `rpw` consecutive output rows (the host
+// picks rpw so the grid is about one wave: x is staged once per block and amortised over 8·rpw rows);
+// grid = Σ_s ceil(n_s / (8·rpw)) blocks, segment s owning blocks from block0_s. Blocks never straddle
+// segments, so dtype and mode branches are block-uniform. The next row's loads start only after the
+// previous row's reduction; the other warps of the SM cover that gap.
+// Limits: R ∈ {1, 2, 3, 4}; vector path needs K % 8 == 0 (16-bit) / K % 4 == 0 (f32), else a scalar
+// path; R·K·4 bytes of shared memory (the host raises the dynamic limit; it routes larger products to
+// cuBLAS).
+
+struct GemvSeg {
+    const void* w;
+    const void* w2;
+    float* out;
+    int n;
+    int dt;
+    int mode;
+    int ld;
+    int block0;
+    int pad_;
+};
+
+struct GemvArgs {
+    GemvSeg seg[8];
+    const float* x;
+    const float* norm_w;
+    float* xn_out;
+    int nseg;
+    int k;
+    float eps;
+    int act;
+    int rpw;  // rows per warp
+    int pad_;
+};
+
+__device__ __forceinline__ uint4 ld_stream(const void* p) {
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ float gemv_act(int act, float x) {
+    switch (act) {
+        case 0: return 0.5f * x * erfcf(-x * 0.70710678118654752f);
+        case 1: return x / (1.f + expf(-x));
+        case 2: return fmaxf(x, 0.f);
+        case 3: { float r = fmaxf(x, 0.f); return r * r; }
+        case 4: return 1.f / (1.f + expf(-x));
+        default: return 1.0507009873554805f * (x > 0.f ? x : 1.6732632423543772f * (expf(x) - 1.f));
+    }
+}
+
+// 8 weights of one 16-byte chunk as f32.
+__device__ __forceinline__ void unpack8(uint4 v, int dt, float* f) {
+    u32 u[4] = {v.x, v.y, v.z, v.w};
+    if (dt == DT_BF16) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) { f[2 * i] = __uint_as_float(u[i] << 16); f[2 * i + 1] = __uint_as_float(u[i] & 0xffff0000u); }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) { f[2 * i] = f16_to_f32((u16)(u[i] & 0xffffu)); f[2 * i + 1] = f16_to_f32((u16)(u[i] >> 16)); }
+    }
+}
+
+// 8 weights of chunk c times the 8 x values of row r: x is staged "split" (the first 4 of each
+// 8-value group in the lower half of the row, the last 4 in the upper half), so consecutive lanes
+// read consecutive 16-byte words (no bank conflicts).
+template <int R>
+__device__ __forceinline__ void fma_chunk16(const float* xs, int k, int c, const float* wf, float* acc) {
+    const int hk = k >> 1;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        float4 a = *(const float4*)(xs + r * k + c * 4);
+        float4 b = *(const float4*)(xs + r * k + hk + c * 4);
+        float s = acc[r];
+        s = fmaf(wf[0], a.x, s); s = fmaf(wf[1], a.y, s); s = fmaf(wf[2], a.z, s); s = fmaf(wf[3], a.w, s);
+        s = fmaf(wf[4], b.x, s); s = fmaf(wf[5], b.y, s); s = fmaf(wf[6], b.z, s); s = fmaf(wf[7], b.w, s);
+        acc[r] = s;
+    }
+}
+
+// 4 f32 weights of chunk c (values 4c..4c+3) in the split layout.
+template <int R>
+__device__ __forceinline__ void fma_chunk32(const float* xs, int k, int c, uint4 v, float* acc) {
+    const int hk = k >> 1;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        float4 a = *(const float4*)(xs + r * k + (c & 1) * hk + (c >> 1) * 4);
+        float s = acc[r];
+        s = fmaf(__uint_as_float(v.x), a.x, s); s = fmaf(__uint_as_float(v.y), a.y, s);
+        s = fmaf(__uint_as_float(v.z), a.z, s); s = fmaf(__uint_as_float(v.w), a.w, s);
+        acc[r] = s;
+    }
+}
+
+// Index of x[j] in the staged row (split layout when K % 8 == 0, else plain).
+__device__ __forceinline__ int xoff(int j, int k, bool split) {
+    return split ? ((j >> 2) & 1) * (k >> 1) + (j >> 3) * 4 + (j & 3) : j;
+}
+
+#define GEMV_U 8
+
+// Loads round `base` of a row's chunks into wv (pair: chunks of w1 and w2 interleaved).
+__device__ __forceinline__ void gemv_load(uint4* wv, const char* w1, const char* w2, bool pair, int base, int lane, int nch) {
+#pragma unroll
+    for (int u = 0; u < GEMV_U; ++u) {
+        int uu = pair ? (u >> 1) : u;
+        int cc = base + lane + uu * 32;
+        const char* src = (pair && (u & 1)) ? w2 : w1;
+        wv[u] = cc < nch ? ld_stream(src + (long long)cc * 16) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+template <int R>
+__device__ __forceinline__ void gemv_body(const GemvArgs& a) {
+    extern __shared__ float xs[];
+    __shared__ float red[32];
+    __shared__ float inv[4];
+    const int k = a.k;
+    const bool split = (k & 7) == 0;
+    int b = blockIdx.x, s = 0;
+    while (s + 1 < a.nseg && b >= a.seg[s + 1].block0) ++s;
+    const GemvSeg sg = a.seg[s];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int rpw = a.rpw;
+    const int row0 = (b - sg.block0) * 8 * rpw + warp * rpw;  // this warp's rows: row0 .. row0 + rpw
+    const bool pair = sg.mode == 2;
+    const bool half = sg.dt != DT_F32;
+    const int per = half ? 8 : 4;  // weights per 16-byte chunk
+    const bool vec = split;
+    const int nch = k / per;
+    const long long rbytes = (long long)k * (half ? 2 : 4);
+    const int step = pair ? (GEMV_U / 2) : GEMV_U;  // chunks per lane per round
+
+    // Issue the first row's first loads before staging x, so the memory pipe fills at once.
+    uint4 wv[GEMV_U];
+    if (vec && row0 < sg.n)
+        gemv_load(wv, (const char*)sg.w + row0 * rbytes, pair ? (const char*)sg.w2 + row0 * rbytes : 0, pair, 0, lane, nch);
+
+    // Stage x (one read of global memory, 16-byte loads, 4 in flight per thread), then normalise it
+    // in place.
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        float ss = 0.f;
+        if (split) {
+            const float4* x4 = (const float4*)(a.x + r * k);
+            const int k4 = k >> 2;
+            for (int i0 = threadIdx.x; i0 < k4; i0 += 4 * blockDim.x) {
+                float4 v[4];
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    int i = i0 + u * blockDim.x;
+                    v[u] = i < k4 ? x4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+                }
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    int i = i0 + u * blockDim.x;
+                    if (i < k4) {
+                        ss = fmaf(v[u].x, v[u].x, ss); ss = fmaf(v[u].y, v[u].y, ss);
+                        ss = fmaf(v[u].z, v[u].z, ss); ss = fmaf(v[u].w, v[u].w, ss);
+                        *(float4*)(xs + r * k + (i & 1) * (k >> 1) + (i >> 1) * 4) = v[u];
+                    }
+                }
+            }
+        } else {
+            for (int j = threadIdx.x; j < k; j += blockDim.x) {
+                float v = a.x[r * k + j];
+                ss = fmaf(v, v, ss);
+                xs[r * k + j] = v;
+            }
+        }
+        if (a.norm_w) {
+            float tot = block_sum(ss, red);
+            if (threadIdx.x == 0) inv[r] = rsqrtf(tot / (float)k + a.eps);
+        }
+    }
+    if (a.norm_w) {
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const float ir = inv[r];
+            for (int j = threadIdx.x; j < k; j += blockDim.x) {
+                int idx = r * k + xoff(j, k, split);
+                float v = xs[idx] * ir * a.norm_w[j];
+                xs[idx] = v;
+                if (a.xn_out && b == 0) a.xn_out[r * k + j] = v;
+            }
+        }
+    }
+    __syncthreads();
+
+    for (int rr = 0; rr < rpw; ++rr) {
+        const int row = row0 + rr;
+        if (row >= sg.n) break;
+        const char* w1 = (const char*)sg.w + row * rbytes;
+        const char* w2 = pair ? (const char*)sg.w2 + row * rbytes : 0;
+        float acc[R], acc2[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) { acc[r] = 0.f; acc2[r] = 0.f; }
+        if (vec) {
+            for (int base = 0; base < nch; base += 32 * step) {
+                if (base > 0 || rr > 0) gemv_load(wv, w1, w2, pair, base, lane, nch);
+#pragma unroll
+                for (int u = 0; u < GEMV_U; ++u) {
+                    int uu = pair ? (u >> 1) : u;
+                    int cc = base + lane + uu * 32;
+                    if (cc < nch) {
+                        if (pair && (u & 1)) {
+                            if (half) { float wf[8]; unpack8(wv[u], sg.dt, wf); fma_chunk16<R>(xs, k, cc, wf, acc2); }
+                            else fma_chunk32<R>(xs, k, cc, wv[u], acc2);
+                        } else {
+                            if (half) { float wf[8]; unpack8(wv[u], sg.dt, wf); fma_chunk16<R>(xs, k, cc, wf, acc); }
+                            else fma_chunk32<R>(xs, k, cc, wv[u], acc);
+                        }
+                    }
+                }
+            }
+        } else {
+            for (int j = lane; j < k; j += 32) {
+                float w = load_w(sg.w, (long long)row * k + j, sg.dt);
+                float w_2 = pair ? load_w(sg.w2, (long long)row * k + j, sg.dt) : 0.f;
+#pragma unroll
+                for (int r = 0; r < R; ++r) {
+                    float xv = xs[r * k + j];
+                    acc[r] = fmaf(w, xv, acc[r]);
+                    acc2[r] = fmaf(w_2, xv, acc2[r]);
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float v = warp_sum(acc[r]);
+            float v2 = pair ? warp_sum(acc2[r]) : 0.f;
+            if (lane == 0) {
+                float* o = sg.out + (long long)r * sg.ld + row;
+                if (sg.mode == 0) *o = v;
+                else if (sg.mode == 1) *o += v;
+                else *o = gemv_act(a.act, v) * v2;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) gemv_r1(const GemvArgs a) { gemv_body<1>(a); }
+extern "C" __global__ void __launch_bounds__(256) gemv_r2(const GemvArgs a) { gemv_body<2>(a); }
+extern "C" __global__ void __launch_bounds__(256) gemv_r3(const GemvArgs a) { gemv_body<3>(a); }
+extern "C" __global__ void __launch_bounds__(256) gemv_r4(const GemvArgs a) { gemv_body<4>(a); }

@@ -1,0 +1,384 @@
+//! The device: driver checks, context, stream, loaded kernels, cuBLAS, memory, launches.
+//!
+//! Everything runs on one non-blocking stream (the context's default stream cannot be captured into
+//! a CUDA graph). Device memory is plain `cuMemAlloc`; buffers free themselves on drop.
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::sys as cbsys;
+use cudarc::driver::sys::{self, CUdeviceptr, CUfunction, CUstream};
+use cudarc::driver::{result as dres, CudaContext, CudaModule};
+use xlstm_core::{Error, Result};
+
+use crate::capture::Capture;
+use crate::kernels;
+
+/// What a usable CUDA device needs, checked in order; the first failure names what is missing.
+pub fn probe() -> std::result::Result<(), String> {
+    // SAFETY (all is_culib_present): only dlopen attempts.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("the CUDA driver library (libcuda.so) was not found: this machine has no NVIDIA driver".into());
+    }
+    if let Err(e) = dres::init() {
+        return Err(format!("the CUDA driver is installed but failed to initialise ({e}): no usable GPU"));
+    }
+    let mut ver = 0i32;
+    // SAFETY: out-parameter.
+    unsafe { sys::cuDriverGetVersion(&mut ver) };
+    if ver < 13000 {
+        return Err(format!(
+            "the NVIDIA driver supports CUDA {}.{}, this build needs CUDA 13.0 or newer (driver 580+)",
+            ver / 1000,
+            (ver % 1000) / 10
+        ));
+    }
+    match dres::device::get_count() {
+        Ok(0) => return Err("the CUDA driver sees no GPU (device count 0)".into()),
+        Err(e) => return Err(format!("the CUDA driver could not count GPUs ({e})")),
+        Ok(_) => {}
+    }
+    if !kernels::nvrtc_available() {
+        return Err("libnvrtc (the CUDA run-time compiler) was not found: install the CUDA toolkit or \
+                    `pip install nvidia-cuda-nvrtc==13.0.88` and put its lib folder (…/nvidia/cu13/lib) on LD_LIBRARY_PATH"
+            .into());
+    }
+    if !unsafe { cbsys::is_culib_present() } {
+        return Err("libcublas was not found: put the CUDA libraries on LD_LIBRARY_PATH (e.g. /usr/local/cuda/lib64, or \
+                    `pip install nvidia-cublas` and its …/nvidia/cu13/lib)"
+            .into());
+    }
+    Ok(())
+}
+
+pub(crate) fn drv(op: &str, e: dres::DriverError) -> Error {
+    Error::Device(format!("cuda {op}: {e}"))
+}
+
+pub(crate) fn blas_ok(op: &str, s: cbsys::cublasStatus_t) -> Result<()> {
+    if s == cbsys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Device(format!("cuda {op}: cuBLAS returned {s:?}")))
+    }
+}
+
+/// Kernel handles, one field per entry point.
+pub(crate) struct Funcs {
+    pub embed: CUfunction,
+    pub bias_soft_cap: CUfunction,
+    pub add: CUfunction,
+    pub sigmoid_gate: CUfunction,
+    pub gated_act: CUfunction,
+    pub scaled_add: CUfunction,
+    pub copy_cols: CUfunction,
+    pub to_half: CUfunction,
+    pub read_sum: CUfunction,
+    pub rms_norm: CUfunction,
+    pub group_norm: CUfunction,
+    pub gemv: [CUfunction; 4],
+    pub mlstm_step: CUfunction,
+    pub chunk_states: CUfunction,
+    pub chunk_out: CUfunction,
+    pub headwise: CUfunction,
+    pub conv_seq_out: CUfunction,
+    pub conv_seq_state: CUfunction,
+    pub conv_step: CUfunction,
+    pub slstm_run: CUfunction,
+}
+
+/// A grow-only device allocation owned by the device (scratch the ops need internally).
+#[derive(Default)]
+pub(crate) struct Scratch {
+    pub ptr: CUdeviceptr,
+    pub bytes: usize,
+}
+
+#[derive(Default)]
+pub(crate) struct Scratches {
+    /// 16-bit copy of a matmul's activations (cuBLAS operand).
+    pub half: Scratch,
+    /// mLSTM step: one u32 counter per unit (zeroed).
+    pub counters: Scratch,
+    /// Chunkwise prefill: states entering each chunk.
+    pub cs: Scratch,
+    pub ns: Scratch,
+    pub ms: Scratch,
+    /// Token ids on the device.
+    pub ids: Scratch,
+    /// Pinned host staging for token ids.
+    pub ids_host: usize,
+    pub ids_host_ptr: usize,
+}
+
+pub(crate) struct Dev {
+    pub ctx: Arc<CudaContext>,
+    pub stream: CUstream,
+    pub f: Funcs,
+    pub blas: cbsys::cublasHandle_t,
+    pub blas_ws: CUdeviceptr,
+    pub scratch: Mutex<Scratches>,
+    pub cap: Mutex<Capture>,
+    pub name: String,
+    pub cc: (i32, i32),
+    pub sms: i32,
+    _modules: Vec<Arc<CudaModule>>,
+}
+
+// SAFETY: the raw handles (stream, functions, cuBLAS handle) are used only with the context bound and
+// behind the device's locks where state is shared; CUDA handles may be used from any thread.
+unsafe impl Send for Dev {}
+unsafe impl Sync for Dev {}
+
+/// Largest dynamic shared memory the GEMV kernels are allowed (x staged as f32: rows·K·4 bytes).
+pub(crate) const GEMV_SMEM: usize = 96 * 1024;
+const BLAS_WS: usize = 64 << 20;
+
+impl Dev {
+    pub fn new(ordinal: usize) -> Result<Dev> {
+        probe().map_err(|e| Error::Device(format!("cuda unavailable: {e}")))?;
+        let ctx = CudaContext::new(ordinal).map_err(|e| drv("context", e))?;
+        ctx.bind_to_thread().map_err(|e| drv("context", e))?;
+        // Our own stream carries everything; no cross-stream event tracking is needed.
+        // SAFETY: called before any buffer of this context exists.
+        unsafe { ctx.disable_event_tracking() };
+        let name = ctx.name().unwrap_or_else(|_| "GPU".into());
+        let cc = ctx.compute_capability().map_err(|e| drv("device", e))?;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| drv("device", e))?;
+        let stream = dres::stream::create(dres::stream::StreamKind::NonBlocking).map_err(|e| drv("stream", e))?;
+        let arch = format!("compute_{}{}", cc.0, cc.1);
+        let mut modules = Vec::new();
+        let mut get = |family: &str, names: &[&str]| -> Result<Vec<CUfunction>> {
+            let src = kernels::SOURCES.iter().find(|(n, _)| *n == family).expect("known family").1;
+            let ptx = kernels::compile(family, src, &arch, true).map_err(Error::Device)?;
+            let module = ctx.load_module(ptx.into()).map_err(|e| drv(&format!("loading kernels/{family}.cu"), e))?;
+            let fs = names
+                .iter()
+                .map(|n| module.load_function(n).map(|f| f.cu_function()).map_err(|e| drv(&format!("kernel {n}"), e)))
+                .collect::<Result<Vec<_>>>()?;
+            modules.push(module);
+            Ok(fs)
+        };
+        let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum"])?;
+        let n = get("norm", &["rms_norm", "group_norm"])?;
+        let g = get("gemv", &["gemv_r1", "gemv_r2", "gemv_r3", "gemv_r4"])?;
+        let m = get("mlstm", &["mlstm_step", "mlstm_chunk_states", "mlstm_chunk_out"])?;
+        let c = get("conv", &["headwise", "conv_seq_out", "conv_seq_state", "conv_step"])?;
+        let s = get("slstm", &["slstm_run"])?;
+        let f = Funcs {
+            embed: e[0],
+            bias_soft_cap: e[1],
+            add: e[2],
+            sigmoid_gate: e[3],
+            gated_act: e[4],
+            scaled_add: e[5],
+            copy_cols: e[6],
+            to_half: e[7],
+            read_sum: e[8],
+            rms_norm: n[0],
+            group_norm: n[1],
+            gemv: [g[0], g[1], g[2], g[3]],
+            mlstm_step: m[0],
+            chunk_states: m[1],
+            chunk_out: m[2],
+            headwise: c[0],
+            conv_seq_out: c[1],
+            conv_seq_state: c[2],
+            conv_step: c[3],
+            slstm_run: s[0],
+        };
+        for &gf in &f.gemv {
+            // SAFETY: valid function handle; raises the dynamic shared-memory limit.
+            unsafe {
+                dres::function::set_function_attribute(
+                    gf,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    GEMV_SMEM as i32,
+                )
+            }
+            .map_err(|e| drv("gemv attribute", e))?;
+        }
+        let blas = cudarc::cublas::result::create_handle().map_err(|e| Error::Device(format!("cuda cuBLAS init: {e:?}")))?;
+        // SAFETY: handle and stream are valid; the workspace lets cuBLAS run inside graph capture
+        // without allocating.
+        let blas_ws = unsafe { dres::malloc_sync(BLAS_WS) }.map_err(|e| drv("cuBLAS workspace", e))?;
+        unsafe {
+            blas_ok("set stream", cbsys::cublasSetStream_v2(blas, stream as cbsys::cudaStream_t))?;
+            blas_ok("set workspace", cbsys::cublasSetWorkspace_v2(blas, blas_ws as *mut c_void, BLAS_WS))?;
+        }
+        Ok(Dev {
+            ctx,
+            stream,
+            f,
+            blas,
+            blas_ws,
+            scratch: Mutex::new(Scratches::default()),
+            cap: Mutex::new(Capture::new()),
+            name,
+            cc,
+            sms,
+            _modules: modules,
+        })
+    }
+
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| drv("bind context", e))
+    }
+
+    pub fn alloc(&self, bytes: usize) -> Result<CUdeviceptr> {
+        // SAFETY: context bound by the caller; the memory is owned by the returned handle's owner.
+        unsafe { dres::malloc_sync(bytes.max(16)) }.map_err(|e| {
+            let (free, total) = dres::mem_get_info().unwrap_or((0, 0));
+            Error::Device(format!(
+                "cuda: allocating {:.1} MiB failed ({e}); {:.1} of {:.1} GiB free",
+                bytes as f64 / (1 << 20) as f64,
+                free as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64
+            ))
+        })
+    }
+
+    pub fn free(&self, ptr: CUdeviceptr) {
+        if ptr != 0 && self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: ptr came from alloc and is freed once; the stream is synchronised first so no
+            // queued work still uses it.
+            unsafe {
+                let _ = dres::stream::synchronize(self.stream);
+                let _ = dres::free_sync(ptr);
+            }
+        }
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        // SAFETY: valid stream.
+        unsafe { dres::stream::synchronize(self.stream) }.map_err(|e| drv("synchronize", e))
+    }
+
+    /// Launches `f` on the stream with 8-byte argument slots (`KArgs`).
+    pub fn launch(&self, f: CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, args: &mut KArgs) -> Result<()> {
+        let mut params = args.params();
+        // SAFETY: the argument slots match the kernel's parameter list (each kernel's caller builds
+        // them in order); pointers are live device allocations.
+        unsafe { dres::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, &mut params) }.map_err(|e| drv("launch", e))
+    }
+
+    /// Launches a kernel whose single parameter is a `#[repr(C)]` struct.
+    pub fn launch_struct<T>(&self, f: CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, arg: &mut T) -> Result<()> {
+        let mut params = [arg as *mut T as *mut c_void];
+        // SAFETY: as in `launch`; the struct's layout mirrors the kernel's.
+        unsafe { dres::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, &mut params) }.map_err(|e| drv("launch", e))
+    }
+
+    /// Makes sure the named scratch holds `bytes`; returns its pointer. Growing drops any recorded
+    /// decode graph (it may point at the old allocation).
+    pub fn scratch(&self, which: fn(&mut Scratches) -> &mut Scratch, bytes: usize, zero: bool) -> Result<CUdeviceptr> {
+        let mut s = self.scratch.lock().expect("scratch lock");
+        let sc = which(&mut s);
+        if sc.bytes >= bytes && sc.ptr != 0 {
+            return Ok(sc.ptr);
+        }
+        self.cap.lock().expect("capture lock").scratch_moved()?;
+        let old = sc.ptr;
+        let new_bytes = bytes.max(sc.bytes * 3 / 2).max(256);
+        let p = self.alloc(new_bytes)?;
+        if zero {
+            // SAFETY: fresh allocation of new_bytes.
+            unsafe { dres::memset_d8_async(p, 0, new_bytes, self.stream) }.map_err(|e| drv("memset", e))?;
+        }
+        self.free(old);
+        sc.ptr = p;
+        sc.bytes = new_bytes;
+        Ok(p)
+    }
+
+    /// Pinned host staging for `n` token ids, and the device copy's pointer.
+    pub fn ids_buffers(&self, n: usize) -> Result<(*mut u32, CUdeviceptr)> {
+        let dptr = self.scratch(|s| &mut s.ids, n * 4, false)?;
+        let mut s = self.scratch.lock().expect("scratch lock");
+        if s.ids_host < n * 4 {
+            self.cap.lock().expect("capture lock").scratch_moved()?;
+            let bytes = (n * 4).max(16 << 10);
+            self.sync()?;
+            if s.ids_host_ptr != 0 {
+                // SAFETY: allocated by malloc_host below, no queued copy reads it (synchronised).
+                unsafe { dres::free_host(s.ids_host_ptr as *mut c_void) }.map_err(|e| drv("free pinned", e))?;
+            }
+            // SAFETY: plain pinned allocation.
+            let p = unsafe { dres::malloc_host(bytes, 0) }.map_err(|e| drv("pinned alloc", e))?;
+            s.ids_host_ptr = p as usize;
+            s.ids_host = bytes;
+        }
+        Ok((s.ids_host_ptr as *mut u32, dptr))
+    }
+
+    pub fn release_scratch(&self) -> Result<()> {
+        self.sync()?;
+        let mut guard = self.scratch.lock().expect("scratch lock");
+        let s = &mut *guard;
+        self.cap.lock().expect("capture lock").scratch_moved()?;
+        for sc in [&mut s.half, &mut s.cs, &mut s.ns, &mut s.ms] {
+            self.free(sc.ptr);
+            *sc = Scratch::default();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_err() {
+            return;
+        }
+        // SAFETY: every handle below was created by this Dev and is released once.
+        unsafe {
+            let _ = dres::stream::synchronize(self.stream);
+            self.cap.lock().map(|mut c| c.clear()).ok();
+            let _ = cbsys::cublasDestroy_v2(self.blas);
+            let _ = dres::free_sync(self.blas_ws);
+            if let Ok(mut guard) = self.scratch.lock() {
+                let s = &mut *guard;
+                for sc in [&mut s.half, &mut s.counters, &mut s.cs, &mut s.ns, &mut s.ms, &mut s.ids] {
+                    if sc.ptr != 0 {
+                        let _ = dres::free_sync(sc.ptr);
+                    }
+                }
+                if s.ids_host_ptr != 0 {
+                    let _ = dres::free_host(s.ids_host_ptr as *mut c_void);
+                }
+            }
+            let _ = dres::stream::destroy(self.stream);
+        }
+    }
+}
+
+/// Kernel arguments as 8-byte slots (ints and floats in the low bytes; the kernel reads its
+/// parameter's size from the slot's start, which is right on little-endian machines).
+pub(crate) struct KArgs {
+    slots: [u64; 32],
+    n: usize,
+}
+
+impl KArgs {
+    pub fn new() -> Self {
+        KArgs { slots: [0; 32], n: 0 }
+    }
+    pub fn p(&mut self, v: CUdeviceptr) -> &mut Self {
+        self.slots[self.n] = v;
+        self.n += 1;
+        self
+    }
+    pub fn i(&mut self, v: usize) -> &mut Self {
+        self.slots[self.n] = v as i32 as u32 as u64;
+        self.n += 1;
+        self
+    }
+    pub fn f(&mut self, v: f32) -> &mut Self {
+        self.slots[self.n] = v.to_bits() as u64;
+        self.n += 1;
+        self
+    }
+    fn params(&mut self) -> Vec<*mut c_void> {
+        (0..self.n).map(|i| &mut self.slots[i] as *mut u64 as *mut c_void).collect()
+    }
+}

@@ -1,0 +1,968 @@
+//! CUDA backend of the xLSTM engine: [`CudaBackend`] implements `xlstm_core::Backend`.
+//!
+//! - Libraries are loaded at run time (cudarc `dynamic-loading`): a binary built without a CUDA
+//!   toolkit starts anywhere; [`CudaBackend::new`] checks driver, GPU, NVRTC and cuBLAS first and
+//!   names what is missing ([`probe`]).
+//! - Kernels are CUDA C in `kernels/*.cu` (one file per op family, see each header), compiled by
+//!   NVRTC at start (PTX cached on disk, see `kernels.rs`).
+//! - Products: a custom GEMV for 1–4 rows (decode; weights read once at full bandwidth, several
+//!   matrices and the RMSNorm / residual add / gated activation fused into one launch), cuBLAS for more
+//!   rows (bf16/f16 weights × activations converted to the same 16-bit type, f32 accumulation and
+//!   output; f32 weights through SGEMM).
+//! - State and activations are f32. The decode step is captured in a CUDA graph and replayed
+//!   (`capture.rs`).
+mod capture;
+mod device;
+pub mod kernels;
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::cublas::sys as cb;
+use cudarc::driver::result as dres;
+use cudarc::driver::sys::CUdeviceptr;
+use xlstm_core::backend::{
+    Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState,
+};
+use xlstm_core::bench::Bandwidth;
+use xlstm_core::tensor::{DType, HostData, HostTensor};
+use xlstm_core::{Error, Result};
+
+use device::{drv, Dev, KArgs, GEMV_SMEM};
+
+/// Checks that a CUDA device can be used here: driver library, driver initialisation and version,
+/// a GPU, NVRTC and cuBLAS. The error names the first thing missing.
+pub fn probe() -> std::result::Result<(), String> {
+    device::probe()
+}
+
+/// An f32 buffer in device memory.
+pub struct CudaBuf {
+    ptr: CUdeviceptr,
+    len: usize,
+    dev: Arc<Dev>,
+}
+
+impl CudaBuf {
+    /// The raw device pointer (for tests and tools).
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for CudaBuf {
+    fn drop(&mut self) {
+        self.dev.free(self.ptr);
+    }
+}
+
+/// A weight matrix `[rows, cols]` in device memory, in f32, bf16 or f16.
+pub struct CudaMat {
+    ptr: CUdeviceptr,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+    dev: Arc<Dev>,
+}
+
+impl Drop for CudaMat {
+    fn drop(&mut self) {
+        self.dev.free(self.ptr);
+    }
+}
+
+fn dt_code(d: DType) -> usize {
+    match d {
+        DType::F32 => 0,
+        DType::BF16 => 1,
+        DType::F16 => 2,
+    }
+}
+
+/// The CUDA backend: one GPU, one stream.
+#[derive(Clone)]
+pub struct CudaBackend {
+    dev: Arc<Dev>,
+}
+
+// Op codes for capture signatures.
+mod opc {
+    pub const COPY: u64 = 1;
+    pub const EMBED: u64 = 2;
+    pub const MATMUL: u64 = 3;
+    pub const RMS: u64 = 4;
+    pub const GN: u64 = 5;
+    pub const CAP: u64 = 6;
+    pub const ADD: u64 = 7;
+    pub const GATED: u64 = 8;
+    pub const SIG: u64 = 9;
+    pub const SCALED: u64 = 10;
+    pub const COLS: u64 = 11;
+    pub const HEADWISE: u64 = 12;
+    pub const CONV_SEQ: u64 = 13;
+    pub const CONV_STEP: u64 = 14;
+    pub const MSTEP: u64 = 15;
+    pub const MPREFILL: u64 = 16;
+    pub const SLSTM: u64 = 17;
+    pub const NORM_MM: u64 = 18;
+    pub const MM_ADD: u64 = 19;
+    pub const GATED_UP: u64 = 20;
+    pub const MCELL: u64 = 21;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GemvSeg {
+    w: u64,
+    w2: u64,
+    out: u64,
+    n: i32,
+    dt: i32,
+    mode: i32,
+    ld: i32,
+    block0: i32,
+    pad: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GemvArgs {
+    seg: [GemvSeg; 8],
+    x: u64,
+    norm_w: u64,
+    xn_out: u64,
+    nseg: i32,
+    k: i32,
+    eps: f32,
+    act: i32,
+    rpw: i32,
+    pad: i32,
+}
+
+/// One output of a GEMV launch: matrix, optional partner (gated pair), output pointer, epilogue.
+struct Seg<'a> {
+    w: &'a CudaMat,
+    w2: Option<&'a CudaMat>,
+    out: CUdeviceptr,
+    mode: i32,
+}
+
+fn grid1(n: usize) -> (u32, u32, u32) {
+    (n.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1)
+}
+
+fn check(op: &str, what: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(Error::Device(format!("cuda {op}: buffer `{what}` holds {have} values, {need} needed")));
+    }
+    Ok(())
+}
+
+fn act_code(a: Activation) -> usize {
+    match a {
+        Activation::Gelu => 0,
+        Activation::Silu => 1,
+        Activation::Relu => 2,
+        Activation::ReluSquared => 3,
+        Activation::Sigmoid => 4,
+        Activation::Selu => 5,
+    }
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`: checks the driver and libraries, creates the context and stream,
+    /// compiles (or loads cached) kernels and sets up cuBLAS. Never panics on a machine without a
+    /// GPU: every missing piece is an `Error::Device` that names it.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        match std::panic::catch_unwind(|| Dev::new(ordinal)) {
+            Ok(r) => Ok(CudaBackend { dev: Arc::new(r?) }),
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(Error::Device(format!("cuda unavailable: {msg}")))
+            }
+        }
+    }
+
+    /// Device name and compute capability.
+    pub fn device_name(&self) -> String {
+        format!("{} (sm_{}{}, {} SMs)", self.dev.name, self.dev.cc.0, self.dev.cc.1, self.dev.sms)
+    }
+
+    /// Switches decode-step graph capture on or off (default on; `XLSTM_CUDA_GRAPHS=0` starts off);
+    /// switching on also forgets earlier failures.
+    pub fn set_graphs(&self, on: bool) {
+        self.dev.cap.lock().expect("capture lock").set_enabled(on);
+    }
+
+    /// (replayed, recorded, eager) decode steps so far.
+    pub fn graph_stats(&self) -> (u64, u64, u64) {
+        let c = self.dev.cap.lock().expect("capture lock");
+        (c.replays, c.records, c.eager)
+    }
+
+    /// Waits for all queued work.
+    pub fn synchronize(&self) -> Result<()> {
+        self.dev.bind()?;
+        self.dev.sync()
+    }
+
+    fn buf(&self, len: usize) -> Result<CudaBuf> {
+        let ptr = self.dev.alloc(len * 4)?;
+        Ok(CudaBuf { ptr, len, dev: self.dev.clone() })
+    }
+
+    /// Runs `f` unless a graph replay covers this op (see capture.rs).
+    fn op(&self, words: &[u64], f: impl FnOnce(&Dev) -> Result<()>) -> Result<()> {
+        self.dev.bind()?;
+        let run = self.dev.cap.lock().expect("capture lock").enter(capture::sig(words))?;
+        if !run {
+            return Ok(());
+        }
+        let r = f(&self.dev);
+        if r.is_err() {
+            self.dev.cap.lock().expect("capture lock").fail();
+        }
+        r
+    }
+
+    fn ew(&self, dev: &Dev, f: cudarc::driver::sys::CUfunction, n: usize, args: &mut KArgs) -> Result<()> {
+        dev.launch(f, grid1(n), 256, 0, args)
+    }
+
+    fn gemv_fits(rows: usize, w: &CudaMat) -> bool {
+        (1..=4).contains(&rows) && rows * w.cols * 4 <= GEMV_SMEM && w.cols > 0
+    }
+
+    /// One GEMV launch over `segs` (all with `k` inputs), optional RMS-norm prologue.
+    #[allow(clippy::too_many_arguments)]
+    fn gemv(&self, dev: &Dev, rows: usize, k: usize, x: CUdeviceptr, norm: Option<(CUdeviceptr, f32)>, xn_out: CUdeviceptr, segs: &[Seg], act: usize) -> Result<()> {
+        // Rows per warp: about one wave of blocks (x is staged once per block).
+        let smem = rows * k * 4;
+        let per_sm = ((227 * 1024) / (smem + 1024)).clamp(1, 3); // 3 blocks/SM by registers (≤ 80 each)
+        let target = dev.sms.max(1) as usize * per_sm;
+        let total: usize = segs.iter().map(|s| s.w.rows).sum();
+        let rpw = total.div_ceil(8 * target).max(1);
+        let mut a = GemvArgs { x, norm_w: norm.map_or(0, |n| n.0), xn_out, nseg: segs.len() as i32, k: k as i32, eps: norm.map_or(0.0, |n| n.1), act: act as i32, rpw: rpw as i32, ..Default::default() };
+        let mut blocks = 0usize;
+        for (i, s) in segs.iter().enumerate() {
+            a.seg[i] = GemvSeg {
+                w: s.w.ptr,
+                w2: s.w2.map_or(0, |m| m.ptr),
+                out: s.out,
+                n: s.w.rows as i32,
+                dt: dt_code(s.w.dtype) as i32,
+                mode: s.mode,
+                ld: s.w.rows as i32,
+                block0: blocks as i32,
+                pad: 0,
+            };
+            blocks += s.w.rows.div_ceil(8 * rpw);
+        }
+        dev.launch_struct(dev.f.gemv[rows - 1], (blocks as u32, 1, 1), 256, smem as u32, &mut a)
+    }
+
+    /// A 16-bit copy of `x [n]` (the type of `dt`) in the scratch; returns its pointer.
+    fn half_copy(&self, dev: &Dev, x: CUdeviceptr, n: usize, dt: DType) -> Result<CUdeviceptr> {
+        let p = dev.scratch(|s| &mut s.half, n * 2, false)?;
+        let mut a = KArgs::new();
+        a.p(x).p(p).i(n).i(dt_code(dt));
+        self.ew(dev, dev.f.to_half, n, &mut a)?;
+        Ok(p)
+    }
+
+    /// `out[rows, w.rows] = x · wᵀ (+ beta·out)` through cuBLAS. `xh`: the 16-bit copy of x when w
+    /// is 16-bit (made here when None).
+    fn gemm(&self, dev: &Dev, rows: usize, w: &CudaMat, x: CUdeviceptr, xh: Option<CUdeviceptr>, out: CUdeviceptr, beta: f32) -> Result<()> {
+        let (n, k, m) = (w.rows as i32, w.cols as i32, rows as i32);
+        let alpha = 1f32;
+        // SAFETY: pointers are live device buffers of the checked sizes; the handle is bound to our
+        // stream; alpha/beta are host scalars (the default pointer mode).
+        unsafe {
+            match w.dtype {
+                DType::F32 => device::blas_ok(
+                    "sgemm",
+                    cb::cublasSgemm_v2(
+                        dev.blas, cb::cublasOperation_t::CUBLAS_OP_T, cb::cublasOperation_t::CUBLAS_OP_N, n, m, k, &alpha,
+                        w.ptr as *const f32, k, x as *const f32, k, &beta, out as *mut f32, n,
+                    ),
+                ),
+                dt => {
+                    let xh = match xh {
+                        Some(p) => p,
+                        None => self.half_copy(dev, x, rows * w.cols, dt)?,
+                    };
+                    let ty = if dt == DType::BF16 { cb::cudaDataType::CUDA_R_16BF } else { cb::cudaDataType::CUDA_R_16F };
+                    device::blas_ok(
+                        "gemm",
+                        cb::cublasGemmEx(
+                            dev.blas, cb::cublasOperation_t::CUBLAS_OP_T, cb::cublasOperation_t::CUBLAS_OP_N, n, m, k,
+                            &alpha as *const f32 as *const c_void, w.ptr as *const c_void, ty, k, xh as *const c_void, ty, k,
+                            &beta as *const f32 as *const c_void, out as *mut c_void, cb::cudaDataType::CUDA_R_32F, n,
+                            cb::cublasComputeType_t::CUBLAS_COMPUTE_32F, cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                        ),
+                    )
+                }
+            }
+        }
+    }
+
+    fn rms(&self, dev: &Dev, x: CUdeviceptr, rows: usize, width: usize, w: CUdeviceptr, eps: f32, out: CUdeviceptr, out_h: CUdeviceptr, hdt: DType) -> Result<()> {
+        let mut a = KArgs::new();
+        a.p(x).i(width).p(w).f(eps).p(out).p(out_h).i(dt_code(hdt));
+        dev.launch(dev.f.rms_norm, (rows as u32, 1, 1), 256, 0, &mut a)
+    }
+
+    fn mstep(&self, dev: &Dev, d: MlstmDims, batch: usize, p: [CUdeviceptr; 5], gate_bias: Option<(CUdeviceptr, CUdeviceptr, f32)>, s: (CUdeviceptr, CUdeviceptr, CUdeviceptr), eps: f32, h: CUdeviceptr, fused: Option<(CUdeviceptr, CUdeviceptr, f32, CUdeviceptr)>) -> Result<()> {
+        let units = batch * d.heads;
+        let counters = dev.scratch(|s| &mut s.counters, units * 4, true)?;
+        let (ib, fb, cap) = gate_bias.unwrap_or((0, 0, 0.0));
+        let (o, hnw, neps, hn) = fused.unwrap_or((0, 0, 0.0, 0));
+        let mut a = KArgs::new();
+        a.i(d.heads).i(d.dk).i(d.dv).p(p[0]).p(p[1]).p(p[2]).p(p[3]).p(p[4]).p(ib).p(fb).f(cap);
+        a.p(s.0).p(s.1).p(s.2).f(eps).p(h).p(o).p(hnw).f(neps).p(hn).p(counters);
+        dev.launch(dev.f.mlstm_step, (d.dv.div_ceil(32) as u32, units as u32, 1), 512, (3 * d.dk * 4) as u32, &mut a)
+    }
+
+    /// Chunkwise prefill of `seq` tokens (state batch 1) on gate pre-activations already capped.
+    #[allow(clippy::too_many_arguments)]
+    fn mchunk(&self, dev: &Dev, d: MlstmDims, seq: usize, chunk: usize, q: CUdeviceptr, k: CUdeviceptr, v: CUdeviceptr, i: CUdeviceptr, f: CUdeviceptr, s: &MlstmState<CudaBuf>, eps: f32, h: CUdeviceptr) -> Result<()> {
+        let l = chunk.clamp(1, 64);
+        let nc = seq.div_ceil(l);
+        let cs = dev.scratch(|s| &mut s.cs, nc * d.heads * d.dk * d.dv * 4, false)?;
+        let ns = dev.scratch(|s| &mut s.ns, nc * d.heads * d.dk * 4, false)?;
+        let ms = dev.scratch(|s| &mut s.ms, (nc + 1) * d.heads * 4, false)?;
+        // Profiling aid: XLSTM_CUDA_CHUNK_ONLY=states|out runs one of the two kernels (wrong results).
+        let only = std::env::var("XLSTM_CUDA_CHUNK_ONLY").ok();
+        let mut a = KArgs::new();
+        a.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).p(v).p(i).p(f).p(s.c.ptr).p(s.n.ptr).p(s.m.ptr).p(cs).p(ns).p(ms);
+        if only.as_deref() != Some("out") {
+            dev.launch(dev.f.chunk_states, (d.dv.div_ceil(64) as u32, d.dk.div_ceil(64) as u32, d.heads as u32), 256, 0, &mut a)?;
+        }
+        if only.as_deref() == Some("states") {
+            return Ok(());
+        }
+        let mut a = KArgs::new();
+        a.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(q).p(k).p(v).p(i).p(f).p(cs).p(ns).p(ms).p(s.m.ptr).f(eps).p(h);
+        dev.launch(dev.f.chunk_out, (d.dv.div_ceil(64) as u32, nc as u32, d.heads as u32), 256, 0, &mut a)
+    }
+
+    fn check_mlstm(op: &str, d: MlstmDims, rows: usize, batch: usize, bufs: [&CudaBuf; 6], s: &MlstmState<CudaBuf>) -> Result<()> {
+        let nh = d.heads;
+        for (name, b, need) in [
+            ("q", bufs[0], rows * nh * d.dk),
+            ("k", bufs[1], rows * nh * d.dk),
+            ("v", bufs[2], rows * nh * d.dv),
+            ("i", bufs[3], rows * nh),
+            ("f", bufs[4], rows * nh),
+            ("h", bufs[5], rows * nh * d.dv),
+            ("C", &s.c, batch * nh * d.dk * d.dv),
+            ("n", &s.n, batch * nh * d.dk),
+            ("m", &s.m, batch * nh),
+        ] {
+            check(op, name, b.len, need)?;
+        }
+        if d.dk == 0 || d.dv == 0 || d.dk > 4096 {
+            return Err(Error::Device(format!("cuda {op}: head dims {}×{} unsupported (DK ≤ 4096)", d.dk, d.dv)));
+        }
+        Ok(())
+    }
+
+    /// Measures device-to-device copy bandwidth (bytes read + written) and read bandwidth on 1 GiB.
+    pub fn measure_bandwidth(&self) -> Result<Bandwidth> {
+        let dev = &self.dev;
+        dev.bind()?;
+        let bytes = 1usize << 30;
+        let a = self.buf(bytes / 4)?;
+        let b = self.buf(bytes / 4)?;
+        let acc = self.buf(1)?;
+        unsafe { dres::memset_d8_async(a.ptr, 1, bytes, dev.stream) }.map_err(|e| drv("memset", e))?;
+        let ev = |_: ()| -> Result<cudarc::driver::sys::CUevent> {
+            dres::event::create(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| drv("event", e))
+        };
+        let (e0, e1) = (ev(())?, ev(())?);
+        let mut best_copy = f32::MAX;
+        let mut best_read = f32::MAX;
+        for _ in 0..6 {
+            unsafe {
+                dres::event::record(e0, dev.stream).map_err(|e| drv("event", e))?;
+                dres::memcpy_dtod_async(b.ptr, a.ptr, bytes, dev.stream).map_err(|e| drv("copy", e))?;
+                dres::event::record(e1, dev.stream).map_err(|e| drv("event", e))?;
+                dres::event::synchronize(e1).map_err(|e| drv("event", e))?;
+                best_copy = best_copy.min(dres::event::elapsed(e0, e1).map_err(|e| drv("event", e))?);
+            }
+            // n4 is a 64-bit parameter: a full 8-byte slot.
+            let mut args = KArgs::new();
+            args.p(a.ptr).p((bytes / 16) as u64).p(acc.ptr);
+            unsafe { dres::event::record(e0, dev.stream) }.map_err(|e| drv("event", e))?;
+            dev.launch(dev.f.read_sum, ((dev.sms * 8) as u32, 1, 1), 512, 0, &mut args)?;
+            unsafe {
+                dres::event::record(e1, dev.stream).map_err(|e| drv("event", e))?;
+                dres::event::synchronize(e1).map_err(|e| drv("event", e))?;
+                best_read = best_read.min(dres::event::elapsed(e0, e1).map_err(|e| drv("event", e))?);
+            }
+        }
+        unsafe {
+            let _ = dres::event::destroy(e0);
+            let _ = dres::event::destroy(e1);
+        }
+        Ok(Bandwidth {
+            copy_gb_s: 2.0 * bytes as f64 / (best_copy as f64 * 1e-3) / 1e9,
+            read_gb_s: bytes as f64 / (best_read as f64 * 1e-3) / 1e9,
+        })
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type Mat = CudaMat;
+
+    fn name(&self) -> String {
+        format!("cuda:0 ({})", self.device_name())
+    }
+
+    fn zeros(&self, len: usize) -> Result<CudaBuf> {
+        self.dev.bind()?;
+        self.dev.cap.lock().expect("capture lock").unrecordable()?;
+        let b = self.buf(len)?;
+        // SAFETY: fresh allocation of len·4 bytes.
+        unsafe { dres::memset_d8_async(b.ptr, 0, len * 4, self.dev.stream) }.map_err(|e| drv("memset", e))?;
+        Ok(b)
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<CudaBuf> {
+        self.dev.bind()?;
+        self.dev.cap.lock().expect("capture lock").unrecordable()?;
+        let b = self.buf(host.len())?;
+        // SAFETY: b holds host.len() floats; synchronised before return (pageable source).
+        unsafe { dres::memcpy_htod_async(b.ptr, host, self.dev.stream) }.map_err(|e| drv("upload", e))?;
+        self.dev.sync()?;
+        Ok(b)
+    }
+
+    fn download(&self, buf: &CudaBuf, len: usize) -> Result<Vec<f32>> {
+        check("download", "buf", buf.len, len)?;
+        self.dev.bind()?;
+        {
+            let mut c = self.dev.cap.lock().expect("capture lock");
+            c.enter(capture::sig(&[100, buf.ptr, len as u64]))?;
+            c.flush(self.dev.stream)?;
+        }
+        let mut out = vec![0f32; len];
+        // SAFETY: out holds len floats; the stream is synchronised before out is read.
+        unsafe { dres::memcpy_dtoh_async(&mut out, buf.ptr, self.dev.stream) }.map_err(|e| drv("download", e))?;
+        self.dev.sync()?;
+        Ok(out)
+    }
+
+    fn copy(&self, src: &CudaBuf, src_off: usize, dst: &mut CudaBuf, dst_off: usize, len: usize) -> Result<()> {
+        check("copy", "src", src.len, src_off + len)?;
+        check("copy", "dst", dst.len, dst_off + len)?;
+        let (s, d) = (src.ptr + 4 * src_off as u64, dst.ptr + 4 * dst_off as u64);
+        self.op(&[opc::COPY, s, d, len as u64], |dev| {
+            if len == 0 {
+                return Ok(());
+            }
+            // SAFETY: both ranges checked above.
+            unsafe { dres::memcpy_dtod_async(d, s, len * 4, dev.stream) }.map_err(|e| drv("copy", e))
+        })
+    }
+
+    fn matrix(&self, w: HostTensor, dtype: DType) -> Result<CudaMat> {
+        if w.shape.len() != 2 {
+            return Err(Error::Weights(format!("expected a 2-D weight matrix, got shape {:?}", w.shape)));
+        }
+        let (rows, cols) = (w.shape[0], w.shape[1]);
+        self.dev.bind()?;
+        self.dev.cap.lock().expect("capture lock").unrecordable()?;
+        let t = w.to_dtype(dtype);
+        let bytes: &[u8] = match &t.data {
+            HostData::F32(v) => as_bytes(v),
+            HostData::BF16(v) => as_bytes(v),
+            HostData::F16(v) => as_bytes(v),
+        };
+        let ptr = self.dev.alloc(bytes.len())?;
+        let m = CudaMat { ptr, rows, cols, dtype, dev: self.dev.clone() };
+        // SAFETY: ptr holds bytes.len() bytes; synchronised (pageable source).
+        unsafe { dres::memcpy_htod_async(ptr, bytes, self.dev.stream) }.map_err(|e| drv("upload matrix", e))?;
+        self.dev.sync()?;
+        Ok(m)
+    }
+
+    fn matrix_bytes(&self, w: &CudaMat) -> usize {
+        w.rows * w.cols * w.dtype.size()
+    }
+
+    fn release_cache(&self) -> Result<()> {
+        self.dev.bind()?;
+        self.dev.release_scratch()
+    }
+
+    fn memory_probe(&self) -> Option<xlstm_core::watchdog::DeviceProbe> {
+        let ctx = self.dev.ctx.clone();
+        Some(Box::new(move || {
+            ctx.bind_to_thread().ok()?;
+            let (free, total) = dres::mem_get_info().ok()?;
+            Some(((total - free) as u64, total as u64))
+        }))
+    }
+
+    fn embed(&self, table: &CudaMat, ids: &[u32], out: &mut CudaBuf) -> Result<()> {
+        let d = table.cols;
+        check("embed", "out", out.len, ids.len() * d)?;
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= table.rows) {
+            return Err(Error::Input(format!("token id {bad} is out of range: the vocabulary has {} tokens", table.rows)));
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.dev.bind()?;
+        let (host, dids) = self.dev.ids_buffers(ids.len())?;
+        // The pinned staging is written now, whatever the mode: a replayed graph's first copy reads it.
+        // SAFETY: the staging holds at least ids.len() u32 and no queued copy still reads it (every
+        // eager embed waits for its copy; a graph's copy finished at the last read-back).
+        unsafe { std::ptr::copy_nonoverlapping(ids.as_ptr(), host, ids.len()) };
+        let outp = out.ptr;
+        self.op(&[opc::EMBED, table.ptr, ids.len() as u64, outp, dids], |dev| {
+            let eager = dev.cap.lock().expect("capture lock").mode() == capture::Mode::Eager;
+            unsafe {
+                cudarc::driver::sys::cuMemcpyHtoDAsync_v2(dids, host as *const c_void, ids.len() * 4, dev.stream)
+                    .result()
+                    .map_err(|e| drv("ids upload", e))?;
+            }
+            let mut a = KArgs::new();
+            a.p(table.ptr).i(dt_code(table.dtype)).p(dids).i(d).p(outp);
+            dev.launch(dev.f.embed, (d.div_ceil(256).min(64) as u32, ids.len() as u32, 1), 256, 0, &mut a)?;
+            if eager {
+                dev.sync()?;
+            }
+            Ok(())
+        })
+    }
+
+    fn matmul(&self, x: &CudaBuf, rows: usize, w: &CudaMat, out: &mut CudaBuf) -> Result<()> {
+        check("matmul", "x", x.len, rows * w.cols)?;
+        check("matmul", "out", out.len, rows * w.rows)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (xp, op) = (x.ptr, out.ptr);
+        self.op(&[opc::MATMUL, xp, rows as u64, w.ptr, op], |dev| {
+            if Self::gemv_fits(rows, w) {
+                self.gemv(dev, rows, w.cols, xp, None, 0, &[Seg { w, w2: None, out: op, mode: 0 }], 0)
+            } else {
+                self.gemm(dev, rows, w, xp, None, op, 0.0)
+            }
+        })
+    }
+
+    fn rms_norm(&self, x: &CudaBuf, rows: usize, width: usize, weight: &CudaBuf, eps: f32, out: &mut CudaBuf) -> Result<()> {
+        check("rms_norm", "x", x.len, rows * width)?;
+        check("rms_norm", "out", out.len, rows * width)?;
+        check("rms_norm", "weight", weight.len, width)?;
+        let (xp, wp, op) = (x.ptr, weight.ptr, out.ptr);
+        self.op(&[opc::RMS, xp, rows as u64, width as u64, wp, eps.to_bits() as u64, op], |dev| {
+            if rows == 0 {
+                return Ok(());
+            }
+            self.rms(dev, xp, rows, width, wp, eps, op, 0, DType::BF16)
+        })
+    }
+
+    fn group_norm(&self, x: &CudaBuf, rows: usize, width: usize, group: usize, weight: &CudaBuf, bias: Option<&CudaBuf>, eps: f32, out: &mut CudaBuf) -> Result<()> {
+        check("group_norm", "x", x.len, rows * width)?;
+        check("group_norm", "out", out.len, rows * width)?;
+        check("group_norm", "weight", weight.len, width)?;
+        if group == 0 || width % group != 0 {
+            return Err(Error::Device(format!("group_norm: width {width} is not a multiple of group {group}")));
+        }
+        let (xp, wp, bp, op) = (x.ptr, weight.ptr, bias.map_or(0, |b| b.ptr), out.ptr);
+        self.op(&[opc::GN, xp, rows as u64, width as u64, group as u64, wp, bp, eps.to_bits() as u64, op], |dev| {
+            if rows == 0 {
+                return Ok(());
+            }
+            let mut a = KArgs::new();
+            a.p(xp).i(width).i(group).p(wp).p(bp).f(eps).p(0).p(op);
+            dev.launch(dev.f.group_norm, ((width / group) as u32, rows as u32, 1), 256, 0, &mut a)
+        })
+    }
+
+    fn bias_soft_cap(&self, x: &mut CudaBuf, rows: usize, width: usize, bias: Option<&CudaBuf>, cap: f32) -> Result<()> {
+        check("bias_soft_cap", "x", x.len, rows * width)?;
+        let (xp, bp) = (x.ptr, bias.map_or(0, |b| b.ptr));
+        self.op(&[opc::CAP, xp, rows as u64, width as u64, bp, cap.to_bits() as u64], |dev| {
+            let mut a = KArgs::new();
+            a.p(xp).i(rows).i(width).p(bp).f(cap);
+            self.ew(dev, dev.f.bias_soft_cap, rows * width, &mut a)
+        })
+    }
+
+    fn add(&self, x: &mut CudaBuf, y: &CudaBuf, len: usize) -> Result<()> {
+        check("add", "x", x.len, len)?;
+        check("add", "y", y.len, len)?;
+        let (xp, yp) = (x.ptr, y.ptr);
+        self.op(&[opc::ADD, xp, yp, len as u64], |dev| {
+            let mut a = KArgs::new();
+            a.p(xp).p(yp).i(len);
+            self.ew(dev, dev.f.add, len, &mut a)
+        })
+    }
+
+    fn swiglu(&self, gate: &CudaBuf, up: &CudaBuf, len: usize, out: &mut CudaBuf) -> Result<()> {
+        self.gated_act(Activation::Silu, gate, up, len, out)
+    }
+
+    fn sigmoid_gate(&self, gate: &CudaBuf, x: &mut CudaBuf, len: usize) -> Result<()> {
+        check("sigmoid_gate", "gate", gate.len, len)?;
+        check("sigmoid_gate", "x", x.len, len)?;
+        let (gp, xp) = (gate.ptr, x.ptr);
+        self.op(&[opc::SIG, gp, xp, len as u64], |dev| {
+            let mut a = KArgs::new();
+            a.p(gp).p(xp).i(len);
+            self.ew(dev, dev.f.sigmoid_gate, len, &mut a)
+        })
+    }
+
+    fn gated_act(&self, act: Activation, gate: &CudaBuf, up: &CudaBuf, len: usize, out: &mut CudaBuf) -> Result<()> {
+        check("gated_act", "gate", gate.len, len)?;
+        check("gated_act", "up", up.len, len)?;
+        check("gated_act", "out", out.len, len)?;
+        let (gp, upp, op) = (gate.ptr, up.ptr, out.ptr);
+        self.op(&[opc::GATED, act_code(act) as u64, gp, upp, op, len as u64], |dev| {
+            let mut a = KArgs::new();
+            a.i(act_code(act)).p(gp).p(upp).p(op).i(len);
+            self.ew(dev, dev.f.gated_act, len, &mut a)
+        })
+    }
+
+    fn scaled_add(&self, x: &mut CudaBuf, y: &CudaBuf, scale: &CudaBuf, rows: usize, width: usize) -> Result<()> {
+        check("scaled_add", "x", x.len, rows * width)?;
+        check("scaled_add", "y", y.len, rows * width)?;
+        check("scaled_add", "scale", scale.len, width)?;
+        let (xp, yp, sp) = (x.ptr, y.ptr, scale.ptr);
+        self.op(&[opc::SCALED, xp, yp, sp, rows as u64, width as u64], |dev| {
+            let mut a = KArgs::new();
+            a.p(xp).p(yp).p(sp).i(rows).i(width);
+            self.ew(dev, dev.f.scaled_add, rows * width, &mut a)
+        })
+    }
+
+    fn copy_cols(&self, src: &CudaBuf, src_stride: usize, src_off: usize, dst: &mut CudaBuf, dst_stride: usize, dst_off: usize, rows: usize, width: usize) -> Result<()> {
+        if rows == 0 || width == 0 {
+            return Ok(());
+        }
+        if src_off + width > src_stride || dst_off + width > dst_stride {
+            return Err(Error::Device(format!(
+                "cuda copy_cols: columns {src_off}+{width} / {dst_off}+{width} overrun row strides {src_stride} / {dst_stride}"
+            )));
+        }
+        check("copy_cols", "src", src.len, (rows - 1) * src_stride + src_off + width)?;
+        check("copy_cols", "dst", dst.len, (rows - 1) * dst_stride + dst_off + width)?;
+        let (sp, dp) = (src.ptr, dst.ptr);
+        let w = [opc::COLS, sp, src_stride as u64, src_off as u64, dp, dst_stride as u64, dst_off as u64, rows as u64, width as u64];
+        self.op(&w, |dev| {
+            let mut a = KArgs::new();
+            a.p(sp).i(src_stride).i(src_off).p(dp).i(dst_stride).i(dst_off).i(rows).i(width);
+            self.ew(dev, dev.f.copy_cols, rows * width, &mut a)
+        })
+    }
+
+    fn headwise(&self, x: &CudaBuf, rows: usize, w: &CudaBuf, d: HeadwiseDims, bias: Option<&CudaBuf>, out: &mut CudaBuf) -> Result<()> {
+        check("headwise", "x", x.len, rows * d.blocks * d.din)?;
+        check("headwise", "w", w.len, d.blocks * d.dout * d.din)?;
+        check("headwise", "out", out.len, rows * d.blocks * d.dout)?;
+        if let Some(b) = bias {
+            check("headwise", "bias", b.len, d.blocks * d.dout)?;
+        }
+        let (xp, wp, bp, op) = (x.ptr, w.ptr, bias.map_or(0, |b| b.ptr), out.ptr);
+        self.op(&[opc::HEADWISE, xp, rows as u64, wp, d.blocks as u64, d.din as u64, d.dout as u64, bp, op], |dev| {
+            let mut a = KArgs::new();
+            a.p(xp).i(rows).p(wp).i(d.blocks).i(d.din).i(d.dout).p(bp).p(op);
+            self.ew(dev, dev.f.headwise, rows * d.blocks * d.dout, &mut a)
+        })
+    }
+
+    fn conv1d_prefill(&self, d: ConvDims, seq: usize, x: &CudaBuf, w: &CudaBuf, bias: &CudaBuf, state: &mut CudaBuf, silu: bool, out: &mut CudaBuf) -> Result<()> {
+        check_conv("conv1d_prefill", d, seq, 1, x, w, bias, state, out)?;
+        let (xp, wp, bp, sp, op) = (x.ptr, w.ptr, bias.ptr, state.ptr, out.ptr);
+        self.op(&[opc::CONV_SEQ, d.channels as u64, d.kernel as u64, seq as u64, xp, wp, bp, sp, silu as u64, op], |dev| {
+            let mut a = KArgs::new();
+            a.i(d.channels).i(d.kernel).i(seq).p(xp).p(wp).p(bp).p(sp).i(silu as usize).p(op);
+            self.ew(dev, dev.f.conv_seq_out, seq * d.channels, &mut a)?;
+            let mut a = KArgs::new();
+            a.i(d.channels).i(d.kernel).i(seq).p(xp).p(sp);
+            self.ew(dev, dev.f.conv_seq_state, d.channels, &mut a)
+        })
+    }
+
+    fn conv1d_step(&self, d: ConvDims, batch: usize, x: &CudaBuf, w: &CudaBuf, bias: &CudaBuf, state: &mut CudaBuf, silu: bool, out: &mut CudaBuf) -> Result<()> {
+        check_conv("conv1d_step", d, batch, batch, x, w, bias, state, out)?;
+        let (xp, wp, bp, sp, op) = (x.ptr, w.ptr, bias.ptr, state.ptr, out.ptr);
+        self.op(&[opc::CONV_STEP, d.channels as u64, d.kernel as u64, batch as u64, xp, wp, bp, sp, silu as u64, op], |dev| {
+            let mut a = KArgs::new();
+            a.i(d.channels).i(d.kernel).i(batch).p(xp).p(wp).p(bp).p(sp).i(silu as usize).p(op);
+            self.ew(dev, dev.f.conv_step, batch * d.channels, &mut a)
+        })
+    }
+
+    fn mlstm_step(&self, d: MlstmDims, batch: usize, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, i: &CudaBuf, f: &CudaBuf, s: &mut MlstmState<CudaBuf>, eps: f32, h: &mut CudaBuf) -> Result<()> {
+        Self::check_mlstm("mlstm_step", d, batch, batch, [q, k, v, i, f, h], s)?;
+        let p = [q.ptr, k.ptr, v.ptr, i.ptr, f.ptr];
+        let st = (s.c.ptr, s.n.ptr, s.m.ptr);
+        let hp = h.ptr;
+        let w = [opc::MSTEP, d.heads as u64, d.dk as u64, d.dv as u64, batch as u64, p[0], p[1], p[2], p[3], p[4], st.0, st.1, st.2, eps.to_bits() as u64, hp];
+        self.op(&w, |dev| {
+            if batch == 0 {
+                return Ok(());
+            }
+            self.mstep(dev, d, batch, p, None, st, eps, hp, None)
+        })
+    }
+
+    fn mlstm_prefill(&self, kernel: MlstmKernel, d: MlstmDims, seq: usize, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, i: &CudaBuf, f: &CudaBuf, s: &mut MlstmState<CudaBuf>, eps: f32, h: &mut CudaBuf) -> Result<()> {
+        Self::check_mlstm("mlstm_prefill", d, seq, 1, [q, k, v, i, f, h], s)?;
+        let chunk = match kernel {
+            MlstmKernel::Chunkwise { chunk: 0 } => return Err(Error::Input("chunk size must be positive".into())),
+            MlstmKernel::Chunkwise { chunk } => chunk,
+            MlstmKernel::Sequence => 0,
+        };
+        let hp = h.ptr;
+        let w = [opc::MPREFILL, chunk as u64, d.heads as u64, d.dk as u64, d.dv as u64, seq as u64, q.ptr, k.ptr, v.ptr, i.ptr, f.ptr, s.c.ptr, s.n.ptr, s.m.ptr, eps.to_bits() as u64, hp];
+        let s: &MlstmState<CudaBuf> = s;
+        self.op(&w, |dev| {
+            if seq == 0 {
+                return Ok(());
+            }
+            if chunk == 0 {
+                let nh = d.heads;
+                for t in 0..seq {
+                    let off = |base: u64, width: usize| base + (4 * t * width) as u64;
+                    let p = [off(q.ptr, nh * d.dk), off(k.ptr, nh * d.dk), off(v.ptr, nh * d.dv), off(i.ptr, nh), off(f.ptr, nh)];
+                    self.mstep(dev, d, 1, p, None, (s.c.ptr, s.n.ptr, s.m.ptr), eps, off(hp, nh * d.dv), None)?;
+                }
+                Ok(())
+            } else {
+                self.mchunk(dev, d, seq, chunk, q.ptr, k.ptr, v.ptr, i.ptr, f.ptr, s, eps, hp)
+            }
+        })
+    }
+
+    fn slstm_step(&self, batch: usize, g: SlstmGates<'_, CudaBuf>, r: &CudaBuf, bias: &CudaBuf, s: &mut SlstmState<CudaBuf>, y: &mut CudaBuf) -> Result<()> {
+        self.slstm(batch, 1, g, r, bias, s, y)
+    }
+
+    fn slstm_prefill(&self, seq: usize, g: SlstmGates<'_, CudaBuf>, r: &CudaBuf, bias: &CudaBuf, s: &mut SlstmState<CudaBuf>, y: &mut CudaBuf) -> Result<()> {
+        self.slstm(1, seq, g, r, bias, s, y)
+    }
+
+    // ---- fused compositions ---------------------------------------------------------------------
+
+    fn norm_matmuls(&self, x: &CudaBuf, rows: usize, width: usize, weight: &CudaBuf, eps: f32, xn: &mut CudaBuf, mats: &[&CudaMat], outs: &mut [&mut CudaBuf]) -> Result<()> {
+        check("norm_matmuls", "x", x.len, rows * width)?;
+        check("norm_matmuls", "xn", xn.len, rows * width)?;
+        check("norm_matmuls", "weight", weight.len, width)?;
+        if mats.len() != outs.len() {
+            return Err(Error::Device("cuda norm_matmuls: as many outputs as matrices needed".into()));
+        }
+        let mut words = vec![opc::NORM_MM, x.ptr, rows as u64, width as u64, weight.ptr, eps.to_bits() as u64, xn.ptr];
+        for (m, o) in mats.iter().zip(outs.iter()) {
+            if m.cols != width {
+                return Err(Error::Device(format!("cuda norm_matmuls: matrix takes {} inputs, rows are {width} wide", m.cols)));
+            }
+            check("norm_matmuls", "out", o.len, rows * m.rows)?;
+            words.extend([m.ptr, o.ptr]);
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let (xp, wp, xnp) = (x.ptr, weight.ptr, xn.ptr);
+        let outp: Vec<u64> = outs.iter().map(|o| o.ptr).collect();
+        self.op(&words, |dev| {
+            if mats.len() <= 8 && mats.iter().all(|m| Self::gemv_fits(rows, m)) {
+                let segs: Vec<Seg> = mats.iter().zip(&outp).map(|(m, &o)| Seg { w: m, w2: None, out: o, mode: 0 }).collect();
+                return self.gemv(dev, rows, width, xp, Some((wp, eps)), xnp, &segs, 0);
+            }
+            let hdt = mats.iter().find(|m| m.dtype != DType::F32).map(|m| m.dtype);
+            let xh = match hdt {
+                Some(_) => dev.scratch(|s| &mut s.half, rows * width * 2, false)?,
+                None => 0,
+            };
+            self.rms(dev, xp, rows, width, wp, eps, xnp, xh, hdt.unwrap_or(DType::BF16))?;
+            for (m, &o) in mats.iter().zip(&outp) {
+                if Self::gemv_fits(rows, m) {
+                    self.gemv(dev, rows, width, xnp, None, 0, &[Seg { w: m, w2: None, out: o, mode: 0 }], 0)?;
+                } else {
+                    let h = (m.dtype != DType::F32 && Some(m.dtype) == hdt).then_some(xh);
+                    self.gemm(dev, rows, m, xnp, h, o, 0.0)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn matmul_add(&self, x: &CudaBuf, rows: usize, w: &CudaMat, out: usize, tmp: &mut CudaBuf, acc: &mut CudaBuf) -> Result<()> {
+        check("matmul_add", "x", x.len, rows * w.cols)?;
+        check("matmul_add", "acc", acc.len, rows * w.rows)?;
+        let _ = tmp;
+        if out != w.rows {
+            return Err(Error::Device(format!("cuda matmul_add: matrix has {} rows, {out} given", w.rows)));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let (xp, ap) = (x.ptr, acc.ptr);
+        self.op(&[opc::MM_ADD, xp, rows as u64, w.ptr, ap], |dev| {
+            if Self::gemv_fits(rows, w) {
+                self.gemv(dev, rows, w.cols, xp, None, 0, &[Seg { w, w2: None, out: ap, mode: 1 }], 0)
+            } else {
+                self.gemm(dev, rows, w, xp, None, ap, 1.0)
+            }
+        })
+    }
+
+    fn norm_gated_up(&self, x: &CudaBuf, rows: usize, width: usize, weight: &CudaBuf, eps: f32, xn: &mut CudaBuf, gate: &CudaMat, up: &CudaMat, ff: usize, act: Activation, g: &mut CudaBuf, u: &mut CudaBuf, out: &mut CudaBuf) -> Result<()> {
+        check("norm_gated_up", "x", x.len, rows * width)?;
+        check("norm_gated_up", "xn", xn.len, rows * width)?;
+        check("norm_gated_up", "out", out.len, rows * ff)?;
+        check("norm_gated_up", "g", g.len, rows * ff)?;
+        check("norm_gated_up", "u", u.len, rows * ff)?;
+        if gate.rows != ff || up.rows != ff || gate.cols != width || up.cols != width || gate.dtype != up.dtype {
+            return Err(Error::Device("cuda norm_gated_up: gate and up must both be [ff, width] of one dtype".into()));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let (xp, wp, xnp, gp, upp, op) = (x.ptr, weight.ptr, xn.ptr, g.ptr, u.ptr, out.ptr);
+        let words = [opc::GATED_UP, xp, rows as u64, width as u64, wp, eps.to_bits() as u64, xnp, gate.ptr, up.ptr, act_code(act) as u64, gp, upp, op];
+        self.op(&words, |dev| {
+            if Self::gemv_fits(rows, gate) {
+                return self.gemv(dev, rows, width, xp, Some((wp, eps)), xnp, &[Seg { w: gate, w2: Some(up), out: op, mode: 2 }], act_code(act));
+            }
+            let hdt = (gate.dtype != DType::F32).then_some(gate.dtype);
+            let xh = match hdt {
+                Some(_) => dev.scratch(|s| &mut s.half, rows * width * 2, false)?,
+                None => 0,
+            };
+            self.rms(dev, xp, rows, width, wp, eps, xnp, xh, hdt.unwrap_or(DType::BF16))?;
+            let h = hdt.map(|_| xh);
+            self.gemm(dev, rows, gate, xnp, h, gp, 0.0)?;
+            self.gemm(dev, rows, up, xnp, h, upp, 0.0)?;
+            let mut a = KArgs::new();
+            a.i(act_code(act)).p(gp).p(upp).p(op).i(rows * ff);
+            self.ew(dev, dev.f.gated_act, rows * ff, &mut a)
+        })
+    }
+
+    fn mlstm_gated_cell(&self, kernel: Option<MlstmKernel>, d: MlstmDims, rows: usize, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, o: &CudaBuf, i: &mut CudaBuf, f: &mut CudaBuf, ibias: &CudaBuf, fbias: &CudaBuf, cap: f32, state: &mut MlstmState<CudaBuf>, eps: f32, norm: &CudaBuf, norm_eps: f32, h: &mut CudaBuf, hn: &mut CudaBuf) -> Result<()> {
+        let batch = if kernel.is_some() { 1 } else { rows };
+        Self::check_mlstm("mlstm_gated_cell", d, rows, batch, [q, k, v, i, f, h], state)?;
+        let width = d.heads * d.dv;
+        check("mlstm_gated_cell", "o", o.len, rows * width)?;
+        check("mlstm_gated_cell", "hn", hn.len, rows * width)?;
+        check("mlstm_gated_cell", "norm", norm.len, width)?;
+        check("mlstm_gated_cell", "ibias", ibias.len, d.heads)?;
+        check("mlstm_gated_cell", "fbias", fbias.len, d.heads)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let Some(kernel) = kernel else {
+            let p = [q.ptr, k.ptr, v.ptr, i.ptr, f.ptr];
+            let st = (state.c.ptr, state.n.ptr, state.m.ptr);
+            let (hp, op, nwp, hnp, ib, fb) = (h.ptr, o.ptr, norm.ptr, hn.ptr, ibias.ptr, fbias.ptr);
+            let words = [opc::MCELL, d.heads as u64, d.dk as u64, d.dv as u64, rows as u64, p[0], p[1], p[2], p[3], p[4], ib, fb, cap.to_bits() as u64, st.0, st.1, st.2, eps.to_bits() as u64, hp, op, nwp, norm_eps.to_bits() as u64, hnp];
+            return self.op(&words, |dev| self.mstep(dev, d, rows, p, Some((ib, fb, cap)), st, eps, hp, Some((op, nwp, norm_eps, hnp))));
+        };
+        // Prefill: gates, chunkwise cell, then LayerNorm and the output gate in one kernel.
+        self.bias_soft_cap(i, rows, d.heads, Some(ibias), cap)?;
+        self.bias_soft_cap(f, rows, d.heads, Some(fbias), cap)?;
+        self.mlstm_prefill(kernel, d, rows, q, k, v, i, f, state, eps, h)?;
+        let (hp, op, nwp, hnp) = (h.ptr, o.ptr, norm.ptr, hn.ptr);
+        self.op(&[opc::GN, hp, rows as u64, width as u64, d.dv as u64, nwp, op, norm_eps.to_bits() as u64, hnp, 1], |dev| {
+            let mut a = KArgs::new();
+            a.p(hp).i(width).i(d.dv).p(nwp).p(0).f(norm_eps).p(op).p(hnp);
+            dev.launch(dev.f.group_norm, (d.heads as u32, rows as u32, 1), 256, 0, &mut a)
+        })
+    }
+
+    // ---- capture hooks ----------------------------------------------------------------------------
+
+    fn step_begin(&self) -> Result<()> {
+        self.dev.bind()?;
+        self.dev.cap.lock().expect("capture lock").step_begin(self.dev.stream)
+    }
+
+    fn step_end(&self) -> Result<bool> {
+        self.dev.bind()?;
+        self.dev.cap.lock().expect("capture lock").step_end(self.dev.stream)
+    }
+
+    fn device_bandwidth(&self) -> Result<Option<Bandwidth>> {
+        self.measure_bandwidth().map(Some)
+    }
+}
+
+impl CudaBackend {
+    #[allow(clippy::too_many_arguments)]
+    fn slstm(&self, batch: usize, steps: usize, g: SlstmGates<'_, CudaBuf>, r: &CudaBuf, bias: &CudaBuf, s: &mut SlstmState<CudaBuf>, y: &mut CudaBuf) -> Result<()> {
+        let op = if steps == 1 && batch >= 1 { "slstm_step" } else { "slstm_prefill" };
+        let (w, nh) = (s.width, s.heads);
+        if nh == 0 || w % nh != 0 {
+            return Err(Error::Device(format!("cuda {op}: width {w} does not split into {nh} heads")));
+        }
+        let dh = w / nh;
+        if 5 * dh * 4 > 48 * 1024 {
+            return Err(Error::Device(format!("cuda {op}: head width {dh} too large (≤ 2457)")));
+        }
+        let rows = batch * steps;
+        for (name, b) in [("i", g.i), ("f", g.f), ("z", g.z), ("o", g.o)] {
+            check(op, name, b.len, rows * w)?;
+        }
+        check(op, "r", r.len, nh * 4 * dh * dh)?;
+        check(op, "bias", bias.len, 4 * w)?;
+        for (name, b) in [("c", &s.c), ("n", &s.n), ("m", &s.m), ("h", &s.h)] {
+            check(op, name, b.len, batch * w)?;
+        }
+        check(op, "y", y.len, rows * w)?;
+        let p = [g.i.ptr, g.f.ptr, g.z.ptr, g.o.ptr, r.ptr, bias.ptr, s.c.ptr, s.n.ptr, s.m.ptr, s.h.ptr, y.ptr];
+        let mut words = vec![opc::SLSTM, w as u64, nh as u64, batch as u64, steps as u64];
+        words.extend(p);
+        self.op(&words, |dev| {
+            if rows == 0 {
+                return Ok(());
+            }
+            let mut a = KArgs::new();
+            a.i(w).i(nh).i(steps);
+            for x in p {
+                a.p(x);
+            }
+            dev.launch(dev.f.slstm_run, (nh as u32, batch as u32, 1), 256, (5 * dh * 4) as u32, &mut a)
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_conv(op: &str, d: ConvDims, rows: usize, batch: usize, x: &CudaBuf, w: &CudaBuf, bias: &CudaBuf, state: &CudaBuf, out: &CudaBuf) -> Result<()> {
+    if d.kernel == 0 || d.kernel > 17 {
+        return Err(Error::Device(format!("cuda {op}: conv1d kernels of 1..=17 taps supported, got {}", d.kernel)));
+    }
+    let ch = d.channels;
+    check(op, "x", x.len, rows * ch)?;
+    check(op, "w", w.len, d.kernel * ch)?;
+    check(op, "bias", bias.len, ch)?;
+    check(op, "state", state.len, batch * d.taps() * ch)?;
+    check(op, "out", out.len, rows * ch)
+}
+
+fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: plain numeric types (f32, bf16, f16) without padding; the view covers the slice.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}

@@ -1,0 +1,439 @@
+//! Every CUDA op against the CPU backend (the reference) on fresh random inputs.
+//!
+//! Bounds (relative Frobenius error against the CPU result):
+//! - f32 arithmetic on both sides (elementwise ops, norms, f32 products, the GEMV path with any weight
+//!   dtype — it multiplies the same 16-bit weights by f32 activations — and the mLSTM/sLSTM cells):
+//!   1e-5 for single ops, 1e-4 for the recurrent cells over many steps (summation order differs);
+//! - cuBLAS products with 16-bit weights (activations rounded to bf16 / f16 for the tensor cores):
+//!   1e-2 for bf16 (8-bit mantissa), 2e-3 for f16.
+//!
+//! Without a usable GPU every test prints SKIP and passes.
+mod common;
+
+use common::*;
+use xlstm_core::backend::{Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState};
+use xlstm_core::tensor::{DType, HostTensor};
+use xlstm_core::CpuBackend;
+use xlstm_cuda::{CudaBackend, CudaBuf};
+
+fn up(b: &CudaBackend, v: &[f32]) -> CudaBuf {
+    b.upload(v).unwrap()
+}
+fn down(b: &CudaBackend, x: &CudaBuf) -> Vec<f32> {
+    b.download(x, x.len()).unwrap()
+}
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let e = rel(got, want);
+    assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
+}
+
+#[test]
+fn memory_round_trip_and_copy() {
+    let Some((g, _l)) = gpu("memory_round_trip_and_copy") else { return };
+    let mut rng = Rng::fresh("memory");
+    let v = rng.vec(1000, 1.0);
+    let a = up(&g, &v);
+    assert_eq!(down(&g, &a), v);
+    let mut z = g.zeros(1000).unwrap();
+    assert!(down(&g, &z).iter().all(|&x| x == 0.0));
+    g.copy(&a, 100, &mut z, 300, 500).unwrap();
+    let d = down(&g, &z);
+    assert_eq!(&d[300..800], &v[100..600]);
+    assert!(d[..300].iter().chain(&d[800..]).all(|&x| x == 0.0));
+    assert!(g.copy(&a, 900, &mut z, 0, 200).is_err(), "an overrun is an error");
+}
+
+#[test]
+fn embed_all_dtypes() {
+    let Some((g, _l)) = gpu("embed_all_dtypes") else { return };
+    let c = CpuBackend::new();
+    let mut rng = Rng::fresh("embed");
+    let (v, d) = (57, 136);
+    let table = rng.vec(v * d, 1.0);
+    let ids: Vec<u32> = (0..9).map(|_| rng.below(v) as u32).collect();
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        let gt = g.matrix(HostTensor::f32(vec![v, d], table.clone()), dt).unwrap();
+        let ct = c.matrix(HostTensor::f32(vec![v, d], table.clone()), dt).unwrap();
+        let mut go = g.zeros(ids.len() * d).unwrap();
+        let mut co = vec![0f32; ids.len() * d];
+        g.embed(&gt, &ids, &mut go).unwrap();
+        c.embed(&ct, &ids, &mut co).unwrap();
+        assert_eq!(down(&g, &go), co, "embed {dt}");
+        assert!(g.embed(&gt, &[v as u32], &mut go).is_err(), "an id past the vocabulary is an error");
+    }
+}
+
+#[test]
+fn matmul_all_dtypes_paths_and_shapes() {
+    let Some((g, _l)) = gpu("matmul") else { return };
+    let c = CpuBackend::new();
+    let mut rng = Rng::fresh("matmul");
+    for &(n, k) in &[(40usize, 64usize), (24, 72), (33, 50), (520, 256), (8, 4096)] {
+        let w = rng.vec(n * k, 1.0 / (k as f32).sqrt());
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let gw = g.matrix(HostTensor::f32(vec![n, k], w.clone()), dt).unwrap();
+            let cw = c.matrix(HostTensor::f32(vec![n, k], w.clone()), dt).unwrap();
+            for rows in [1usize, 2, 3, 4, 5, 17, 64] {
+                let x = rng.vec(rows * k, 1.0);
+                let gx = up(&g, &x);
+                let mut go = up(&g, &vec![f32::NAN; rows * n]);
+                let mut co = vec![0f32; rows * n];
+                g.matmul(&gx, rows, &gw, &mut go).unwrap();
+                c.matmul(&x, rows, &cw, &mut co).unwrap();
+                let gemv = rows <= 4;
+                let tol = match (gemv, dt) {
+                    (true, _) | (false, DType::F32) => 1e-5,
+                    (false, DType::BF16) => 1e-2,
+                    (false, DType::F16) => 2e-3,
+                };
+                assert_close(&format!("matmul {n}x{k} {dt} rows {rows}"), &down(&g, &go), &co, tol);
+            }
+        }
+    }
+}
+
+#[test]
+fn norms() {
+    let Some((g, _l)) = gpu("norms") else { return };
+    let c = CpuBackend::new();
+    let mut rng = Rng::fresh("norms");
+    for &(rows, width, group) in &[(1usize, 4096usize, 512usize), (5, 96, 96), (3, 120, 24), (2, 1000, 250)] {
+        let x = rng.vec(rows * width, 2.0);
+        let w = rng.vec(width, 1.0);
+        let bias = rng.vec(width, 1.0);
+        let (gx, gw, gb) = (up(&g, &x), up(&g, &w), up(&g, &bias));
+        let mut go = g.zeros(rows * width).unwrap();
+        let mut co = vec![0f32; rows * width];
+        g.rms_norm(&gx, rows, width, &gw, 1e-6, &mut go).unwrap();
+        c.rms_norm(&x, rows, width, &w, 1e-6, &mut co).unwrap();
+        assert_close("rms_norm", &down(&g, &go), &co, 1e-5);
+        for with_bias in [false, true] {
+            let cb = with_bias.then_some(&bias);
+            g.group_norm(&gx, rows, width, group, &gw, with_bias.then_some(&gb), 1e-5, &mut go).unwrap();
+            c.group_norm(&x, rows, width, group, &w, cb, 1e-5, &mut co).unwrap();
+            assert_close("group_norm", &down(&g, &go), &co, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn elementwise_ops() {
+    let Some((g, _l)) = gpu("elementwise_ops") else { return };
+    let c = CpuBackend::new();
+    let mut rng = Rng::fresh("elementwise");
+    let (rows, width) = (7usize, 333usize);
+    let n = rows * width;
+    let x = rng.vec(n, 30.0);
+    let y = rng.vec(n, 3.0);
+    let bias = rng.vec(width, 5.0);
+    let (gx, gy, gbias) = (up(&g, &x), up(&g, &y), up(&g, &bias));
+    for (with_bias, cap) in [(true, 15.0f32), (false, 15.0), (true, 0.0), (false, 0.0)] {
+        let mut gg = up(&g, &x);
+        let mut cc = x.clone();
+        g.bias_soft_cap(&mut gg, rows, width, with_bias.then_some(&gbias), cap).unwrap();
+        c.bias_soft_cap(&mut cc, rows, width, with_bias.then_some(&bias), cap).unwrap();
+        assert_close("bias_soft_cap", &down(&g, &gg), &cc, 1e-6);
+    }
+    let mut gg = up(&g, &x);
+    let mut cc = x.clone();
+    g.add(&mut gg, &gy, n).unwrap();
+    c.add(&mut cc, &y, n).unwrap();
+    assert_close("add", &down(&g, &gg), &cc, 1e-7);
+    let mut gg = up(&g, &y);
+    let mut cc = y.clone();
+    g.sigmoid_gate(&gx, &mut gg, n).unwrap();
+    c.sigmoid_gate(&x, &mut cc, n).unwrap();
+    assert_close("sigmoid_gate", &down(&g, &gg), &cc, 1e-6);
+    let mut go = g.zeros(n).unwrap();
+    let mut co = vec![0f32; n];
+    let xs: Vec<f32> = x.iter().map(|v| v / 10.0).collect();
+    let gxs = up(&g, &xs);
+    g.swiglu(&gxs, &gy, n, &mut go).unwrap();
+    c.swiglu(&xs, &y, n, &mut co).unwrap();
+    assert_close("swiglu", &down(&g, &go), &co, 1e-6);
+    for act in [Activation::Gelu, Activation::Silu, Activation::Relu, Activation::ReluSquared, Activation::Sigmoid, Activation::Selu] {
+        g.gated_act(act, &gxs, &gy, n, &mut go).unwrap();
+        c.gated_act(act, &xs, &y, n, &mut co).unwrap();
+        assert_close(&format!("gated_act {act:?}"), &down(&g, &go), &co, 1e-6);
+    }
+    let mut gg = up(&g, &x);
+    let mut cc = x.clone();
+    g.scaled_add(&mut gg, &gy, &gbias, rows, width).unwrap();
+    c.scaled_add(&mut cc, &y, &bias, rows, width).unwrap();
+    assert_close("scaled_add", &down(&g, &gg), &cc, 1e-6);
+    let mut gg = g.zeros(rows * 500).unwrap();
+    let mut cc = vec![0f32; rows * 500];
+    g.copy_cols(&gx, width, 20, &mut gg, 500, 100, rows, 300).unwrap();
+    c.copy_cols(&x, width, 20, &mut cc, 500, 100, rows, 300).unwrap();
+    assert_eq!(down(&g, &gg), cc, "copy_cols");
+}
+
+#[test]
+fn headwise_and_conv1d() {
+    let Some((g, _l)) = gpu("headwise_and_conv1d") else { return };
+    let c = CpuBackend::new();
+    let mut rng = Rng::fresh("headwise_conv");
+    for &(rows, blocks, din, dout) in &[(1usize, 8usize, 4usize, 4usize), (13, 4, 16, 16), (3, 2, 64, 32)] {
+        let x = rng.vec(rows * blocks * din, 1.0);
+        let w = rng.vec(blocks * dout * din, 0.5);
+        let bias = rng.vec(blocks * dout, 1.0);
+        let d = HeadwiseDims { blocks, din, dout };
+        let mut go = g.zeros(rows * blocks * dout).unwrap();
+        let mut co = vec![0f32; rows * blocks * dout];
+        for wb in [false, true] {
+            let gb = up(&g, &bias);
+            g.headwise(&up(&g, &x), rows, &up(&g, &w), d, wb.then_some(&gb), &mut go).unwrap();
+            c.headwise(&x, rows, &w, d, wb.then_some(&bias), &mut co).unwrap();
+            assert_close("headwise", &down(&g, &go), &co, 1e-5);
+        }
+    }
+    for k in [1usize, 2, 4, 5] {
+        let (ch, seq, batch) = (40usize, 11usize, 3usize);
+        let d = ConvDims { channels: ch, kernel: k };
+        let w = rng.vec(k * ch, 0.5);
+        let bias = rng.vec(ch, 0.5);
+        let (gw, gb) = (up(&g, &w), up(&g, &bias));
+        // a segment from a non-zero state, then a short segment (shorter than the taps), both SiLU'd
+        let mut cs = rng.vec(d.taps() * ch, 1.0);
+        let mut gs = up(&g, &cs);
+        for (len, silu) in [(seq, true), (1usize, false), (2, true)] {
+            let x = rng.vec(len * ch, 1.0);
+            let mut go = g.zeros(len * ch).unwrap();
+            let mut co = vec![0f32; len * ch];
+            g.conv1d_prefill(d, len, &up(&g, &x), &gw, &gb, &mut gs, silu, &mut go).unwrap();
+            c.conv1d_prefill(d, len, &x, &w, &bias, &mut cs, silu, &mut co).unwrap();
+            assert_close(&format!("conv1d_prefill k{k} len{len}"), &down(&g, &go), &co, 1e-5);
+            if d.taps() > 0 {
+                assert_close("conv state", &down(&g, &gs), &cs, 1e-6);
+            }
+        }
+        let mut cs = rng.vec(batch * d.taps() * ch, 1.0);
+        let mut gs = up(&g, &cs);
+        for _ in 0..3 {
+            let x = rng.vec(batch * ch, 1.0);
+            let mut go = g.zeros(batch * ch).unwrap();
+            let mut co = vec![0f32; batch * ch];
+            g.conv1d_step(d, batch, &up(&g, &x), &gw, &gb, &mut gs, true, &mut go).unwrap();
+            c.conv1d_step(d, batch, &x, &w, &bias, &mut cs, true, &mut co).unwrap();
+            assert_close("conv1d_step", &down(&g, &go), &co, 1e-5);
+            if d.taps() > 0 {
+                assert_close("conv step state", &down(&g, &gs), &cs, 1e-6);
+            }
+        }
+    }
+}
+
+struct MInputs {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    i: Vec<f32>,
+    f: Vec<f32>,
+}
+
+fn m_inputs(rng: &mut Rng, rows: usize, d: MlstmDims) -> MInputs {
+    let nh = d.heads;
+    MInputs {
+        q: rng.vec(rows * nh * d.dk, 1.0),
+        k: rng.vec(rows * nh * d.dk, 1.0),
+        v: rng.vec(rows * nh * d.dv, 1.0),
+        i: rng.vec(rows * nh, 4.0),
+        f: rng.vec(rows * nh, 4.0).iter().map(|x| x + 2.0).collect(),
+    }
+}
+
+fn cpu_state(c: &CpuBackend, rng: &mut Rng, d: MlstmDims, batch: usize, warm: bool) -> MlstmState<Vec<f32>> {
+    let u = batch * d.heads;
+    let mut s = MlstmState { c: vec![0.0; u * d.dk * d.dv], n: vec![0.0; u * d.dk], m: vec![0.0; u], dims: d };
+    if warm {
+        // a few real steps so that C, n, m are non-trivial
+        for _ in 0..3 {
+            let x = m_inputs(rng, batch, d);
+            let mut h = vec![0f32; batch * d.heads * d.dv];
+            c.mlstm_step(d, batch, &x.q, &x.k, &x.v, &x.i, &x.f, &mut s, 1e-6, &mut h).unwrap();
+        }
+    }
+    s
+}
+
+fn gpu_state(g: &CudaBackend, s: &MlstmState<Vec<f32>>) -> MlstmState<CudaBuf> {
+    MlstmState { c: up(g, &s.c), n: up(g, &s.n), m: up(g, &s.m), dims: s.dims }
+}
+
+fn assert_state(what: &str, g: &CudaBackend, gs: &MlstmState<CudaBuf>, cs: &MlstmState<Vec<f32>>, tol: f64) {
+    assert_close(&format!("{what} C"), &down(g, &gs.c), &cs.c, tol);
+    assert_close(&format!("{what} n"), &down(g, &gs.n), &cs.n, tol);
+    assert_close(&format!("{what} m"), &down(g, &gs.m), &cs.m, tol);
+}
+
+#[test]
+fn mlstm_step_batched() {
+    let Some((g, _l)) = gpu("mlstm_step_batched") else { return };
+    let c = CpuBackend::new();
+    let mut rng = Rng::fresh("mlstm_step");
+    for &(nh, dk, dv, batch) in &[(2usize, 32usize, 64usize, 1usize), (3, 16, 40, 3), (8, 256, 512, 2)] {
+        let d = MlstmDims { heads: nh, dk, dv };
+        let mut cs = cpu_state(&c, &mut rng, d, batch, true);
+        let mut gs = gpu_state(&g, &cs);
+        for _ in 0..4 {
+            let x = m_inputs(&mut rng, batch, d);
+            let mut ch = vec![0f32; batch * nh * dv];
+            let mut gh = up(&g, &vec![f32::NAN; batch * nh * dv]);
+            c.mlstm_step(d, batch, &x.q, &x.k, &x.v, &x.i, &x.f, &mut cs, 1e-6, &mut ch).unwrap();
+            g.mlstm_step(d, batch, &up(&g, &x.q), &up(&g, &x.k), &up(&g, &x.v), &up(&g, &x.i), &up(&g, &x.f), &mut gs, 1e-6, &mut gh).unwrap();
+            assert_close(&format!("mlstm_step h {nh}x{dk}x{dv} b{batch}"), &down(&g, &gh), &ch, 1e-5);
+        }
+        assert_state("mlstm_step", &g, &gs, &cs, 1e-5);
+    }
+}
+
+#[test]
+fn mlstm_prefill_chunkwise_and_sequence() {
+    let Some((g, _l)) = gpu("mlstm_prefill") else { return };
+    let c = CpuBackend::new();
+    let mut rng = Rng::fresh("mlstm_prefill");
+    for &(nh, dk, dv) in &[(2usize, 32usize, 64usize), (3, 48, 40), (8, 256, 512)] {
+        let d = MlstmDims { heads: nh, dk, dv };
+        for kernel in [MlstmKernel::Chunkwise { chunk: 16 }, MlstmKernel::Chunkwise { chunk: 64 }, MlstmKernel::Chunkwise { chunk: 100 }, MlstmKernel::Sequence] {
+            for &(seq, warm) in &[(37usize, false), (130, true), (1, true), (64, false)] {
+                if dk == 256 && seq != 130 {
+                    continue;
+                }
+                let mut cs = cpu_state(&c, &mut rng, d, 1, warm);
+                let mut gs = gpu_state(&g, &cs);
+                let x = m_inputs(&mut rng, seq, d);
+                let mut ch = vec![0f32; seq * nh * dv];
+                let mut gh = up(&g, &vec![f32::NAN; seq * nh * dv]);
+                c.mlstm_prefill(kernel, d, seq, &x.q, &x.k, &x.v, &x.i, &x.f, &mut cs, 1e-6, &mut ch).unwrap();
+                g.mlstm_prefill(kernel, d, seq, &up(&g, &x.q), &up(&g, &x.k), &up(&g, &x.v), &up(&g, &x.i), &up(&g, &x.f), &mut gs, 1e-6, &mut gh)
+                    .unwrap();
+                let what = format!("mlstm_prefill {kernel:?} {nh}x{dk}x{dv} seq {seq} warm {warm}");
+                assert_close(&what, &down(&g, &gh), &ch, 1e-4);
+                assert_state(&what, &g, &gs, &cs, 1e-4);
+            }
+        }
+    }
+}
+
+#[test]
+fn slstm_step_and_sequence() {
+    let Some((g, _l)) = gpu("slstm") else { return };
+    let c = CpuBackend::new();
+    let mut rng = Rng::fresh("slstm");
+    for &(nh, dh, batch, seq) in &[(4usize, 8usize, 3usize, 9usize), (2, 64, 2, 5)] {
+        let w = nh * dh;
+        let r = rng.vec(nh * 4 * dh * dh, 1.0 / (dh as f32).sqrt());
+        let bias = rng.vec(4 * w, 1.0);
+        let (gr, gb) = (up(&g, &r), up(&g, &bias));
+        // batched steps from a fresh state
+        let mut cs = SlstmState { c: vec![0.0; batch * w], n: vec![0.0; batch * w], m: vec![0.0; batch * w], h: vec![0.0; batch * w], width: w, heads: nh };
+        let mut gs = SlstmState { c: g.zeros(batch * w).unwrap(), n: g.zeros(batch * w).unwrap(), m: g.zeros(batch * w).unwrap(), h: g.zeros(batch * w).unwrap(), width: w, heads: nh };
+        for _ in 0..3 {
+            let gi: Vec<Vec<f32>> = (0..4).map(|_| rng.vec(batch * w, 2.0)).collect();
+            let gg: Vec<CudaBuf> = gi.iter().map(|v| up(&g, v)).collect();
+            let mut cy = vec![0f32; batch * w];
+            let mut gy = g.zeros(batch * w).unwrap();
+            c.slstm_step(batch, SlstmGates { i: &gi[0], f: &gi[1], z: &gi[2], o: &gi[3] }, &r, &bias, &mut cs, &mut cy).unwrap();
+            g.slstm_step(batch, SlstmGates { i: &gg[0], f: &gg[1], z: &gg[2], o: &gg[3] }, &gr, &gb, &mut gs, &mut gy).unwrap();
+            assert_close("slstm_step y", &down(&g, &gy), &cy, 1e-5);
+        }
+        for (name, gb, cb) in [("c", &gs.c, &cs.c), ("n", &gs.n, &cs.n), ("m", &gs.m, &cs.m), ("h", &gs.h, &cs.h)] {
+            assert_close(&format!("slstm state {name}"), &down(&g, gb), cb, 1e-5);
+        }
+        // a sequence from a fresh state
+        let mut cs = SlstmState { c: vec![0.0; w], n: vec![0.0; w], m: vec![0.0; w], h: vec![0.0; w], width: w, heads: nh };
+        let mut gs = SlstmState { c: g.zeros(w).unwrap(), n: g.zeros(w).unwrap(), m: g.zeros(w).unwrap(), h: g.zeros(w).unwrap(), width: w, heads: nh };
+        let gi: Vec<Vec<f32>> = (0..4).map(|_| rng.vec(seq * w, 2.0)).collect();
+        let gg: Vec<CudaBuf> = gi.iter().map(|v| up(&g, v)).collect();
+        let mut cy = vec![0f32; seq * w];
+        let mut gy = g.zeros(seq * w).unwrap();
+        c.slstm_prefill(seq, SlstmGates { i: &gi[0], f: &gi[1], z: &gi[2], o: &gi[3] }, &r, &bias, &mut cs, &mut cy).unwrap();
+        g.slstm_prefill(seq, SlstmGates { i: &gg[0], f: &gg[1], z: &gg[2], o: &gg[3] }, &gr, &gb, &mut gs, &mut gy).unwrap();
+        assert_close("slstm_prefill y", &down(&g, &gy), &cy, 1e-4);
+        assert_close("slstm_prefill h", &down(&g, &gs.h), &cs.h, 1e-4);
+    }
+}
+
+#[test]
+fn fused_compositions_match_primitive_ops() {
+    let Some((g, _l)) = gpu("fused") else { return };
+    let c = CpuBackend::new();
+    let mut rng = Rng::fresh("fused");
+    let (d, ff, nh, dk, dv) = (256usize, 384usize, 2usize, 64usize, 128usize);
+    let qk = nh * dk;
+    let vd = nh * dv;
+    let dims = MlstmDims { heads: nh, dk, dv };
+    for dt in [DType::F32, DType::BF16] {
+        let mk = |rng: &mut Rng, r: usize, k: usize, dt: DType| {
+            let w = rng.vec(r * k, 1.0 / (k as f32).sqrt());
+            (g.matrix(HostTensor::f32(vec![r, k], w.clone()), dt).unwrap(), c.matrix(HostTensor::f32(vec![r, k], w), dt).unwrap())
+        };
+        let (gq, cq) = mk(&mut rng, qk, d, dt);
+        let (gk, ck) = mk(&mut rng, qk, d, dt);
+        let (gv, cv) = mk(&mut rng, vd, d, dt);
+        let (go, co) = mk(&mut rng, vd, d, dt);
+        let (gi, ci) = mk(&mut rng, nh, d, DType::F32);
+        let (gf, cf) = mk(&mut rng, nh, d, DType::F32);
+        let (gout, cout) = mk(&mut rng, d, vd, dt);
+        let (gug, cug) = mk(&mut rng, ff, d, dt);
+        let (gup, cup) = mk(&mut rng, ff, d, dt);
+        let (gdn, cdn) = mk(&mut rng, d, ff, dt);
+        let nw = rng.vec(d, 1.0);
+        let hw = rng.vec(vd, 1.0);
+        let ib = rng.vec(nh, 1.0);
+        let fb: Vec<f32> = rng.vec(nh, 1.0).iter().map(|v| v + 3.0).collect();
+        let (gnw, ghw, gib, gfb) = (up(&g, &nw), up(&g, &hw), up(&g, &ib), up(&g, &fb));
+        for (rows, prefill) in [(1usize, false), (3, false), (9, false), (37, true), (2, true)] {
+            let batch = if prefill { 1 } else { rows };
+            let tol = if dt == DType::F32 || rows <= 4 { 1e-4 } else { 2e-2 };
+            let x = rng.vec(rows * d, 1.0);
+            let mut cstate = cpu_state(&c, &mut rng, dims, batch, true);
+            let mut gstate = gpu_state(&g, &cstate);
+            // CPU: the trait's default compositions (= primitive ops)
+            let mut cx = x.clone();
+            let z = |n: usize| vec![0f32; n];
+            let (mut cxn, mut cqo, mut cko, mut cvo, mut coo, mut cio, mut cfo) = (z(rows * d), z(rows * qk), z(rows * qk), z(rows * vd), z(rows * vd), z(rows * nh), z(rows * nh));
+            c.norm_matmuls(&cx, rows, d, &nw, 1e-6, &mut cxn, &[&cq, &ck, &cv, &co, &ci, &cf], &mut [&mut cqo, &mut cko, &mut cvo, &mut coo, &mut cio, &mut cfo]).unwrap();
+            let cxn_attn = cxn.clone();
+            let kernel = prefill.then_some(MlstmKernel::Chunkwise { chunk: 16 });
+            let (mut ch, mut chn) = (z(rows * vd), z(rows * vd));
+            c.mlstm_gated_cell(kernel, dims, rows, &cqo, &cko, &cvo, &coo, &mut cio, &mut cfo, &ib, &fb, 15.0, &mut cstate, 1e-6, &hw, 1e-6, &mut ch, &mut chn).unwrap();
+            let mut cy = z(rows * d);
+            c.matmul_add(&chn, rows, &cout, d, &mut cy, &mut cx).unwrap();
+            let (mut cg, mut cu, mut ca) = (z(rows * ff), z(rows * ff), z(rows * ff));
+            c.norm_gated_up(&cx, rows, d, &nw, 1e-6, &mut cxn, &cug, &cup, ff, Activation::Silu, &mut cg, &mut cu, &mut ca).unwrap();
+            c.matmul_add(&ca, rows, &cdn, d, &mut cy, &mut cx).unwrap();
+            // CUDA: the fused overrides
+            let mut gx = up(&g, &x);
+            let zz = |n: usize| g.zeros(n).unwrap();
+            let (mut gxn, mut gqo, mut gko, mut gvo, mut goo, mut gio, mut gfo) = (zz(rows * d), zz(rows * qk), zz(rows * qk), zz(rows * vd), zz(rows * vd), zz(rows * nh), zz(rows * nh));
+            g.norm_matmuls(&gx, rows, d, &gnw, 1e-6, &mut gxn, &[&gq, &gk, &gv, &go, &gi, &gf], &mut [&mut gqo, &mut gko, &mut gvo, &mut goo, &mut gio, &mut gfo]).unwrap();
+            let what = format!("{dt} rows {rows} prefill {prefill}");
+            assert_close(&format!("norm_matmuls xn {what}"), &down(&g, &gxn), &cxn_attn, 1e-5);
+            assert_close(&format!("norm_matmuls v {what}"), &down(&g, &gvo), &cvo, tol);
+            let (mut gh, mut ghn) = (zz(rows * vd), zz(rows * vd));
+            g.mlstm_gated_cell(kernel, dims, rows, &gqo, &gko, &gvo, &goo, &mut gio, &mut gfo, &gib, &gfb, 15.0, &mut gstate, 1e-6, &ghw, 1e-6, &mut gh, &mut ghn).unwrap();
+            assert_close(&format!("mlstm_gated_cell h {what}"), &down(&g, &gh), &ch, tol);
+            assert_close(&format!("mlstm_gated_cell hn {what}"), &down(&g, &ghn), &chn, tol);
+            assert_state(&format!("mlstm_gated_cell {what}"), &g, &gstate, &cstate, tol);
+            let mut gy = zz(rows * d);
+            g.matmul_add(&ghn, rows, &gout, d, &mut gy, &mut gx).unwrap();
+            let (mut gg, mut gu, mut ga) = (zz(rows * ff), zz(rows * ff), zz(rows * ff));
+            g.norm_gated_up(&gx, rows, d, &gnw, 1e-6, &mut gxn, &gug, &gup, ff, Activation::Silu, &mut gg, &mut gu, &mut ga).unwrap();
+            assert_close(&format!("norm_gated_up {what}"), &down(&g, &ga), &ca, tol);
+            g.matmul_add(&ga, rows, &gdn, d, &mut gy, &mut gx).unwrap();
+            assert_close(&format!("residual after the block {what}"), &down(&g, &gx), &cx, tol);
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let Some((g, _l)) = gpu("bad_shapes") else { return };
+    let x = g.zeros(10).unwrap();
+    let mut o = g.zeros(10).unwrap();
+    let w = g.matrix(HostTensor::f32(vec![4, 8], vec![0.0; 32]), DType::BF16).unwrap();
+    assert!(g.matmul(&x, 2, &w, &mut o).is_err());
+    assert!(g.rms_norm(&x, 2, 8, &x, 1e-6, &mut o).is_err());
+    assert!(g.group_norm(&x, 1, 10, 3, &x, None, 1e-6, &mut o).is_err());
+}
