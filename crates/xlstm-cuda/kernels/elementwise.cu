@@ -90,3 +90,13 @@ extern "C" __global__ void read_sum(const float4* x, long long n4, float* out) {
     s = warp_sum(s);
     if ((threadIdx.x & 31) == 0) atomicAdd(out, s);
 }
+
+// out[r, j] = act(t[r, j]) · t[r, F + j]: the gated activation on one [rows, 2F] product of the
+// adjacent [gate; up] weights.
+extern "C" __global__ void gated_act_split(int act, const float* t, int F, float* out, int rows) {
+    int n = rows * F;
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) {
+        int r = e / F, j = e % F;
+        out[e] = act_apply(act, t[(long long)r * 2 * F + j]) * t[(long long)r * 2 * F + F + j];
+    }
+}

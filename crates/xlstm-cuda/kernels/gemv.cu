@@ -12,8 +12,10 @@
 // Launch: block = 256 threads = 8 warps; each warp computes `rpw` consecutive output rows (the host
 // picks rpw so the grid is about one wave: x is staged once per block and amortised over 8·rpw rows);
 // grid = Σ_s ceil(n_s / (8·rpw)) blocks, segment s owning blocks from block0_s. Blocks never straddle
-// segments, so dtype and mode branches are block-uniform. The next row's loads start only after the
-// previous row's reduction; the other warps of the SM cover that gap.
+// segments, so dtype and mode branches are block-uniform. Each warp streams its rows as a sequence of
+// rounds (8 chunks per lane) with two rounds in flight (double-buffered registers). Launched with
+// programmatic dependent launch on sm_90: the first two rounds of weight loads go out before
+// pdl_wait(), overlapping the previous kernel's tail; x and the outputs are touched only after it.
 // Limits: R ∈ {1, 2, 3, 4}; vector path needs K % 8 == 0 (16-bit) / K % 4 == 0 (f32), else a scalar
 // path; R·K·4 bytes of shared memory (the host raises the dynamic limit; it routes larger products to
 // cuBLAS).
@@ -121,6 +123,44 @@ __device__ __forceinline__ void gemv_load(uint4* wv, const char* w1, const char*
     }
 }
 
+// Multiply-accumulates one round (GEMV_U chunks per lane) of row `row`, starting at chunk `base`.
+template <int R>
+__device__ __forceinline__ void gemv_consume(const uint4* wv, const GemvSeg& sg, bool pair, bool half, int base, int lane, int nch,
+                                             const float* xs, int k, float* acc, float* acc2) {
+#pragma unroll
+    for (int u = 0; u < GEMV_U; ++u) {
+        int uu = pair ? (u >> 1) : u;
+        int cc = base + lane + uu * 32;
+        if (cc < nch) {
+            if (pair && (u & 1)) {
+                if (half) { float wf[8]; unpack8(wv[u], sg.dt, wf); fma_chunk16<R>(xs, k, cc, wf, acc2); }
+                else fma_chunk32<R>(xs, k, cc, wv[u], acc2);
+            } else {
+                if (half) { float wf[8]; unpack8(wv[u], sg.dt, wf); fma_chunk16<R>(xs, k, cc, wf, acc); }
+                else fma_chunk32<R>(xs, k, cc, wv[u], acc);
+            }
+        }
+    }
+}
+
+// Reduces a finished row over the warp and writes it (lane 0), then clears the accumulators.
+template <int R>
+__device__ __forceinline__ void gemv_finish(const GemvSeg& sg, bool pair, int act, int row, int lane, float* acc, float* acc2) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        float v = warp_sum(acc[r]);
+        float v2 = pair ? warp_sum(acc2[r]) : 0.f;
+        if (lane == 0) {
+            float* o = sg.out + (long long)r * sg.ld + row;
+            if (sg.mode == 0) *o = v;
+            else if (sg.mode == 1) *o += v;
+            else *o = gemv_act(act, v) * v2;
+        }
+        acc[r] = 0.f;
+        acc2[r] = 0.f;
+    }
+}
+
 template <int R>
 __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
     extern __shared__ float xs[];
@@ -141,11 +181,25 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
     const int nch = k / per;
     const long long rbytes = (long long)k * (half ? 2 : 4);
     const int step = pair ? (GEMV_U / 2) : GEMV_U;  // chunks per lane per round
+    const int rpr = (nch + 32 * step - 1) / (32 * step);  // rounds per row
+    const int nrows = max(0, min(rpw, sg.n - row0));
+    const int nrounds = vec ? nrows * rpr : 0;
+    const char* w1b = (const char*)sg.w;
+    const char* w2b = pair ? (const char*)sg.w2 : 0;
+#define GEMV_LOAD(buf, i)                                                                          \
+    {                                                                                              \
+        int rw_ = row0 + (i) / rpr, bs_ = ((i) % rpr) * 32 * step;                                 \
+        gemv_load(buf, w1b + rw_ * rbytes, pair ? w2b + rw_ * rbytes : 0, pair, bs_, lane, nch);   \
+    }
 
-    // Issue the first row's first loads before staging x, so the memory pipe fills at once.
-    uint4 wv[GEMV_U];
-    if (vec && row0 < sg.n)
-        gemv_load(wv, (const char*)sg.w + row0 * rbytes, pair ? (const char*)sg.w2 + row0 * rbytes : 0, pair, 0, lane, nch);
+    // Two rounds of weight loads are issued before x is staged, and the loop below keeps two rounds
+    // in flight (double buffering), so each warp streams its rows without waiting between rounds.
+    pdl_trigger();
+    uint4 wa[GEMV_U], wb[GEMV_U];
+    if (nrounds > 0) GEMV_LOAD(wa, 0);
+    if (nrounds > 1) GEMV_LOAD(wb, 1);
+    // Weights never change; x (and the outputs) belong to the previous kernel: wait for it here.
+    pdl_wait();
 
     // Stage x (one read of global memory, 16-byte loads, 4 in flight per thread), then normalise it
     // in place.
@@ -189,43 +243,56 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             const float ir = inv[r];
-            for (int j = threadIdx.x; j < k; j += blockDim.x) {
-                int idx = r * k + xoff(j, k, split);
-                float v = xs[idx] * ir * a.norm_w[j];
-                xs[idx] = v;
-                if (a.xn_out && b == 0) a.xn_out[r * k + j] = v;
+            if (split) {
+                const float4* w4 = (const float4*)a.norm_w;
+                const int k4 = k >> 2;
+                for (int i0 = threadIdx.x; i0 < k4; i0 += 4 * blockDim.x) {
+                    float4 nw[4];
+#pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        int i = i0 + u * blockDim.x;
+                        nw[u] = i < k4 ? w4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+                    }
+#pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        int i = i0 + u * blockDim.x;
+                        if (i < k4) {
+                            float4* p = (float4*)(xs + r * k + (i & 1) * (k >> 1) + (i >> 1) * 4);
+                            float4 v = *p;
+                            v.x *= ir * nw[u].x; v.y *= ir * nw[u].y; v.z *= ir * nw[u].z; v.w *= ir * nw[u].w;
+                            *p = v;
+                            if (a.xn_out && b == 0) ((float4*)(a.xn_out + r * k))[i] = v;
+                        }
+                    }
+                }
+            } else {
+                for (int j = threadIdx.x; j < k; j += blockDim.x) {
+                    float v = xs[r * k + j] * ir * a.norm_w[j];
+                    xs[r * k + j] = v;
+                    if (a.xn_out && b == 0) a.xn_out[r * k + j] = v;
+                }
             }
         }
     }
     __syncthreads();
 
-    for (int rr = 0; rr < rpw; ++rr) {
-        const int row = row0 + rr;
-        if (row >= sg.n) break;
-        const char* w1 = (const char*)sg.w + row * rbytes;
-        const char* w2 = pair ? (const char*)sg.w2 + row * rbytes : 0;
-        float acc[R], acc2[R];
+    float acc[R], acc2[R];
 #pragma unroll
-        for (int r = 0; r < R; ++r) { acc[r] = 0.f; acc2[r] = 0.f; }
-        if (vec) {
-            for (int base = 0; base < nch; base += 32 * step) {
-                if (base > 0 || rr > 0) gemv_load(wv, w1, w2, pair, base, lane, nch);
-#pragma unroll
-                for (int u = 0; u < GEMV_U; ++u) {
-                    int uu = pair ? (u >> 1) : u;
-                    int cc = base + lane + uu * 32;
-                    if (cc < nch) {
-                        if (pair && (u & 1)) {
-                            if (half) { float wf[8]; unpack8(wv[u], sg.dt, wf); fma_chunk16<R>(xs, k, cc, wf, acc2); }
-                            else fma_chunk32<R>(xs, k, cc, wv[u], acc2);
-                        } else {
-                            if (half) { float wf[8]; unpack8(wv[u], sg.dt, wf); fma_chunk16<R>(xs, k, cc, wf, acc); }
-                            else fma_chunk32<R>(xs, k, cc, wv[u], acc);
-                        }
-                    }
-                }
+    for (int r = 0; r < R; ++r) { acc[r] = 0.f; acc2[r] = 0.f; }
+    if (vec) {
+        for (int i = 0; i < nrounds; i += 2) {
+            gemv_consume<R>(wa, sg, pair, half, (i % rpr) * 32 * step, lane, nch, xs, k, acc, acc2);
+            if (i % rpr == rpr - 1) gemv_finish<R>(sg, pair, a.act, row0 + i / rpr, lane, acc, acc2);
+            if (i + 2 < nrounds) GEMV_LOAD(wa, i + 2);
+            if (i + 1 < nrounds) {
+                gemv_consume<R>(wb, sg, pair, half, ((i + 1) % rpr) * 32 * step, lane, nch, xs, k, acc, acc2);
+                if ((i + 1) % rpr == rpr - 1) gemv_finish<R>(sg, pair, a.act, row0 + (i + 1) / rpr, lane, acc, acc2);
+                if (i + 3 < nrounds) GEMV_LOAD(wb, i + 3);
             }
-        } else {
+        }
+    } else {
+        for (int rr = 0; rr < nrows; ++rr) {
+            const int row = row0 + rr;
             for (int j = lane; j < k; j += 32) {
                 float w = load_w(sg.w, (long long)row * k + j, sg.dt);
                 float w_2 = pair ? load_w(sg.w2, (long long)row * k + j, sg.dt) : 0.f;
@@ -236,19 +303,10 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
                     acc2[r] = fmaf(w_2, xv, acc2[r]);
                 }
             }
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            float v = warp_sum(acc[r]);
-            float v2 = pair ? warp_sum(acc2[r]) : 0.f;
-            if (lane == 0) {
-                float* o = sg.out + (long long)r * sg.ld + row;
-                if (sg.mode == 0) *o = v;
-                else if (sg.mode == 1) *o += v;
-                else *o = gemv_act(a.act, v) * v2;
-            }
+            gemv_finish<R>(sg, pair, a.act, row, lane, acc, acc2);
         }
     }
+#undef GEMV_LOAD
 }
 
 extern "C" __global__ void __launch_bounds__(256) gemv_r1(const GemvArgs a) { gemv_body<1>(a); }

@@ -5,10 +5,12 @@
 // gate pre-activations ĩ, f̃; state C [DK, DV], n [DK], m (f32). Layouts (row-major):
 // q, k [rows, NH·DK], v, h [rows, NH·DV], i, f [rows, NH], C [B, NH, DK, DV], n [B, NH, DK], m [B, NH].
 //
-// mlstm_step: grid = (ceil(DV / 32), B·NH), block = 512 (16 warps), dynamic shared memory 3·DK floats.
-//   Each block owns 32 columns of one unit's C, streams them once (read, update, write: one warp row
+// mlstm_step: grid = (ceil(DV / 32), B·NH), block = 512 (16 warps), dynamic shared memory 3·DK floats;
+//   mlstm_step_wide (larger batches): grid = (ceil(DV / 64), B·NH), block = 256, 64 columns per block
+//   as float2 (DV even). Each block owns its columns of one unit's C, streams them once (read, update, write: one warp row
 //   = 128 contiguous bytes) and forms those 32 entries of h. n', q·n' and the gates are recomputed by
-//   every block of the unit (DK values). The last block of a unit to finish (an atomic counter per
+//   every block of the unit (DK values). Launched with programmatic dependent launch on sm_90 (waits
+//   for the previous kernel before its first read). The last block of a unit to finish (an atomic counter per
 //   unit, reset by that block, so the kernel can be replayed in a CUDA graph) writes n' and m', and,
 //   when `hn` is set, the normalised, gated output hn = σ(o) ⊙ LayerNorm_DV(h)·w over the unit's DV
 //   values. Limits: DK ≤ 4096 (shared memory), `counters` holds B·NH zeroed u32.
@@ -27,7 +29,10 @@ __device__ __forceinline__ float ld_cg(const float* p) {
     return v;
 }
 
-extern "C" __global__ void __launch_bounds__(512) mlstm_step(
+// One block: NW warps, 32·CW columns of one unit's C (lane l owns columns l·CW .. l·CW + CW − 1),
+// PRE rows per warp loaded up front (more rows, if DK > PRE·NW, in batches of 8).
+template <int CW, int NW, int PRE>
+__device__ __forceinline__ void mlstm_step_body(
     int NH, int DK, int DV,
     const float* q, const float* k, const float* v, const float* ig, const float* fg,
     const float* ibias, const float* fbias, float cap,
@@ -38,20 +43,29 @@ extern "C" __global__ void __launch_bounds__(512) mlstm_step(
     float* qs = sm;
     float* ks = sm + DK;
     float* nn = sm + 2 * DK;
-    __shared__ float hred[16][33];
+    __shared__ float hred[NW][32 * CW + 1];
     __shared__ float red[32];
     __shared__ int last;
     const int u = blockIdx.y, hd = u % NH;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
-    const int col = blockIdx.x * 32 + lane;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int col = blockIdx.x * 32 * CW + lane * CW;  // first of this lane's CW columns
+    const bool live = col < DV;                         // DV % CW == 0 (checked on the host)
     float* cu = C + (long long)u * DK * DV + col;
-    // The first 16 rows of this thread's C column are loaded before anything else (they depend on
-    // nothing), so their latency overlaps the gate and n computations.
-    float cv0[16];
+    // Everything this kernel reads may come from the kernel before it (q, k, v, gates; the state from
+    // the previous step on it), so it waits first, then loads the C columns ahead of the rest.
+    pdl_trigger();
+    pdl_wait();
+    float cv0[PRE][CW];
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-        int a = warp + j * nw;
-        cv0[j] = (col < DV && a < DK) ? cu[(long long)a * DV] : 0.f;
+    for (int j = 0; j < PRE; ++j) {
+        int a = warp + j * NW;
+        if (CW == 2) {
+            float2 t = (live && a < DK) ? *(const float2*)(cu + (long long)a * DV) : make_float2(0.f, 0.f);
+            cv0[j][0] = t.x;
+            cv0[j][CW - 1] = t.y;
+        } else {
+            cv0[j][0] = (live && a < DK) ? cu[(long long)a * DV] : 0.f;
+        }
     }
     float ip = ig[u], fp = fg[u];
     if (ibias) ip += ibias[hd];
@@ -74,45 +88,62 @@ extern "C" __global__ void __launch_bounds__(512) mlstm_step(
     for (int a = tid; a < DK; a += blockDim.x) part = fmaf(qs[a], nn[a], part);
     const float qn = block_sum(part, red);
 
-    float acc = 0.f;
-    if (col < DV) {
-        const float vv = v[(long long)u * DV + col];
+    float acc[CW];
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
-            int a = warp + j * nw;
+    for (int c = 0; c < CW; ++c) acc[c] = 0.f;
+    if (live) {
+        float vv[CW];
+#pragma unroll
+        for (int c = 0; c < CW; ++c) vv[c] = v[(long long)u * DV + col + c];
+#pragma unroll
+        for (int j = 0; j < PRE; ++j) {
+            int a = warp + j * NW;
             if (a < DK) {
-                float c = fa * cv0[j] + ks[a] * vv;
-                cu[(long long)a * DV] = c;
-                acc = fmaf(qs[a], c, acc);
+                float cn[CW];
+#pragma unroll
+                for (int c = 0; c < CW; ++c) {
+                    cn[c] = fa * cv0[j][c] + ks[a] * vv[c];
+                    acc[c] = fmaf(qs[a], cn[c], acc[c]);
+                }
+                if (CW == 2) *(float2*)(cu + (long long)a * DV) = make_float2(cn[0], cn[CW - 1]);
+                else cu[(long long)a * DV] = cn[0];
             }
         }
-        // Rows past the first 16 per warp (DK > 16·warps): 8 independent loads in flight per thread
+        // Rows past the first PRE per warp (DK > PRE·NW): 8 independent loads in flight per thread
         // before any store (the stores could alias the next loads as far as the compiler knows).
-        for (int a0 = warp + 16 * nw; a0 < DK; a0 += 8 * nw) {
-            float cv[8];
+        for (int a0 = warp + PRE * NW; a0 < DK; a0 += 8 * NW) {
+            float cv[8][CW];
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
-                int a = a0 + j * nw;
-                cv[j] = a < DK ? cu[(long long)a * DV] : 0.f;
+                int a = a0 + j * NW;
+#pragma unroll
+                for (int c = 0; c < CW; ++c) cv[j][c] = a < DK ? cu[(long long)a * DV + c] : 0.f;
             }
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
-                int a = a0 + j * nw;
+                int a = a0 + j * NW;
                 if (a < DK) {
-                    float c = fa * cv[j] + ks[a] * vv;
-                    cu[(long long)a * DV] = c;
-                    acc = fmaf(qs[a], c, acc);
+#pragma unroll
+                    for (int c = 0; c < CW; ++c) {
+                        float cn = fa * cv[j][c] + ks[a] * vv[c];
+                        cu[(long long)a * DV + c] = cn;
+                        acc[c] = fmaf(qs[a], cn, acc[c]);
+                    }
                 }
             }
         }
     }
-    hred[warp][lane] = acc;
+#pragma unroll
+    for (int c = 0; c < CW; ++c) hred[warp][lane * CW + c] = acc[c];
     __syncthreads();
     if (warp == 0) {
-        float s = 0.f;
-        for (int w = 0; w < nw; ++w) s += hred[w][lane];
         const float den = fmaxf(fabsf(qn), expf(-mn)) + eps;
-        if (col < DV) h[(long long)u * DV + col] = s / den;
+#pragma unroll
+        for (int c = 0; c < CW; ++c) {
+            float s = 0.f;
+            for (int w = 0; w < NW; ++w) s += hred[w][lane * CW + c];
+            if (live) h[(long long)u * DV + col + c] = s / den;
+        }
     }
     __threadfence();
     __syncthreads();
@@ -139,6 +170,23 @@ extern "C" __global__ void __launch_bounds__(512) mlstm_step(
             hn[e] = (ld_cg(hu + j) - mean) * r * hnw[hd * DV + j] * sigmoid_exact(o[e]);
         }
     }
+}
+
+#define MLSTM_STEP_PARAMS                                                                          \
+    int NH, int DK, int DV, const float *q, const float *k, const float *v, const float *ig,     \
+        const float *fg, const float *ibias, const float *fbias, float cap, float *C, float *n,    \
+        float *m, float eps, float *h, const float *o, const float *hnw, float neps, float *hn,    \
+        u32 *counters
+#define MLSTM_STEP_ARGS NH, DK, DV, q, k, v, ig, fg, ibias, fbias, cap, C, n, m, eps, h, o, hnw, neps, hn, counters
+
+// Narrow tiles (32 columns, 16 warps): many blocks when there are few units (batch 1..2).
+extern "C" __global__ void __launch_bounds__(512) mlstm_step(MLSTM_STEP_PARAMS) {
+    mlstm_step_body<1, 16, 16>(MLSTM_STEP_ARGS);
+}
+// Wide tiles (64 columns as float2, 8 warps, 32 rows each in flight): fewer, fuller blocks for
+// larger batches. Needs DV even.
+extern "C" __global__ void __launch_bounds__(256) mlstm_step_wide(MLSTM_STEP_PARAMS) {
+    mlstm_step_body<2, 8, 32>(MLSTM_STEP_ARGS);
 }
 
 // One warp: for t < L (lane and lane + 32), lf_t = logsigmoid(f̃_t), b_t = Σ_{s≤t} lf_s (inclusive),
@@ -215,16 +263,23 @@ extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_states(
             if (tid == 0) { s_decay = expf(g + mp - mnew); s_mnew = mnew; }
         }
         __syncthreads();
-        // weighted keys and values of this chunk for the tile
-        for (int e = tid; e < 64 * 64; e += 256) {
-            int t = e >> 6, j = e & 63;
-            float kv = 0.f, vv = 0.f;
-            if (t < Lk) {
-                if (a0 + j < DK) kv = k[(long long)(t0 + t) * qrow + (long long)h * DK + a0 + j] * sw[t];
-                if (c0 + j < DV) vv = v[(long long)(t0 + t) * vrow + (long long)h * DV + c0 + j];
+        // weighted keys and values of this chunk for the tile: all 32 loads of a thread in flight
+        // at once, then the stores
+        {
+            float kr[16], vr[16];
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                int e = tid + 256 * i, t = e >> 6, j = e & 63;
+                bool in_t = t < Lk;
+                kr[i] = (in_t && a0 + j < DK) ? k[(long long)(t0 + t) * qrow + (long long)h * DK + a0 + j] : 0.f;
+                vr[i] = (in_t && c0 + j < DV) ? v[(long long)(t0 + t) * vrow + (long long)h * DV + c0 + j] : 0.f;
             }
-            kw[t][j] = kv;
-            vt[t][j] = vv;
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                int e = tid + 256 * i, t = e >> 6, j = e & 63;
+                kw[t][j] = kr[i] * sw[t];
+                vt[t][j] = vr[i];
+            }
         }
         __syncthreads();
         const float dec = s_decay;
@@ -309,19 +364,33 @@ extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_out(
 #pragma unroll
         for (int j = 0; j < 4; ++j) { sacc[i][j] = 0.f; hacc[i][j] = 0.f; }
     float qn = 0.f;  // thread tid < 64: q_t · n_prev for t = tid
-    for (int a0 = 0; a0 < DK; a0 += 16) {
-        __syncthreads();
-        for (int e = tid; e < 64 * 16; e += 256) {
+    // Tiles of 16 along DK; the next tile's 12 values per thread are loaded into registers while the
+    // current one is used (software pipelining), so the loop is not bound by load latency.
+    float pq[4], pk[4], pc[4];
+    auto load_tile = [&](int a0) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            int e = tid + 256 * i;
             int t = e >> 4, a = e & 15;
             bool ok = t < Lk && a0 + a < DK;
-            Qt[t][a] = ok ? q[(long long)(t0 + t) * qrow + (long long)h * DK + a0 + a] : 0.f;
-            Kt[t][a] = ok ? k[(long long)(t0 + t) * qrow + (long long)h * DK + a0 + a] : 0.f;
+            pq[i] = ok ? q[(long long)(t0 + t) * qrow + (long long)h * DK + a0 + a] : 0.f;
+            pk[i] = ok ? k[(long long)(t0 + t) * qrow + (long long)h * DK + a0 + a] : 0.f;
+            int ca = e >> 6, cc = e & 63;
+            pc[i] = (a0 + ca < DK && c0 + cc < DV) ? Cp[(long long)(a0 + ca) * DV + c0 + cc] : 0.f;
         }
-        for (int e = tid; e < 16 * 64; e += 256) {
-            int a = e >> 6, c = e & 63;
-            Ct[a][c] = (a0 + a < DK && c0 + c < DV) ? Cp[(long long)(a0 + a) * DV + c0 + c] : 0.f;
+    };
+    load_tile(0);
+    for (int a0 = 0; a0 < DK; a0 += 16) {
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            int e = tid + 256 * i;
+            Qt[e >> 4][e & 15] = pq[i];
+            Kt[e >> 4][e & 15] = pk[i];
+            Ct[e >> 6][e & 63] = pc[i];
         }
         __syncthreads();
+        if (a0 + 16 < DK) load_tile(a0 + 16);
 #pragma unroll
         for (int a = 0; a < 16; ++a) {
             float qa[4], ka[4], ca[4];
@@ -362,9 +431,18 @@ extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_out(
         float den = sdec[t] * sqn[t] * scale + rs;
         sden[t] = fmaxf(fabsf(den), expf(-smc[t])) + eps;
     }
-    for (int e = tid; e < 64 * 64; e += 256) {
-        int s = e >> 6, c = e & 63;
-        Vt[s][c] = (s < Lk && c0 + c < DV) ? v[(long long)(t0 + s) * vrow + (long long)h * DV + c0 + c] : 0.f;
+    {
+        float vr[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            int e = tid + 256 * i, s = e >> 6, c = e & 63;
+            vr[i] = (s < Lk && c0 + c < DV) ? v[(long long)(t0 + s) * vrow + (long long)h * DV + c0 + c] : 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            int e = tid + 256 * i;
+            Vt[e >> 6][e & 63] = vr[i];
+        }
     }
     __syncthreads();
 #pragma unroll

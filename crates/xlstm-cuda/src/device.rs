@@ -69,6 +69,7 @@ pub(crate) struct Funcs {
     pub add: CUfunction,
     pub sigmoid_gate: CUfunction,
     pub gated_act: CUfunction,
+    pub gated_act_split: CUfunction,
     pub scaled_add: CUfunction,
     pub copy_cols: CUfunction,
     pub to_half: CUfunction,
@@ -77,6 +78,7 @@ pub(crate) struct Funcs {
     pub group_norm: CUfunction,
     pub gemv: [CUfunction; 4],
     pub mlstm_step: CUfunction,
+    pub mlstm_step_wide: CUfunction,
     pub chunk_states: CUfunction,
     pub chunk_out: CUfunction,
     pub headwise: CUfunction,
@@ -97,6 +99,8 @@ pub(crate) struct Scratch {
 pub(crate) struct Scratches {
     /// 16-bit copy of a matmul's activations (cuBLAS operand).
     pub half: Scratch,
+    /// One product over several adjacent matrices, before it is split into their outputs.
+    pub wide: Scratch,
     /// mLSTM step: one u32 counter per unit (zeroed).
     pub counters: Scratch,
     /// Chunkwise prefill: states entering each chunk.
@@ -121,6 +125,8 @@ pub(crate) struct Dev {
     pub name: String,
     pub cc: (i32, i32),
     pub sms: i32,
+    /// Programmatic dependent launch for the decode kernels (sm_90+, `XLSTM_CUDA_PDL=0` turns it off).
+    pub pdl: bool,
     _modules: Vec<Arc<CudaModule>>,
 }
 
@@ -160,10 +166,10 @@ impl Dev {
             modules.push(module);
             Ok(fs)
         };
-        let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum"])?;
+        let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum", "gated_act_split"])?;
         let n = get("norm", &["rms_norm", "group_norm"])?;
         let g = get("gemv", &["gemv_r1", "gemv_r2", "gemv_r3", "gemv_r4"])?;
-        let m = get("mlstm", &["mlstm_step", "mlstm_chunk_states", "mlstm_chunk_out"])?;
+        let m = get("mlstm", &["mlstm_step", "mlstm_chunk_states", "mlstm_chunk_out", "mlstm_step_wide"])?;
         let c = get("conv", &["headwise", "conv_seq_out", "conv_seq_state", "conv_step"])?;
         let s = get("slstm", &["slstm_run"])?;
         let f = Funcs {
@@ -176,10 +182,12 @@ impl Dev {
             copy_cols: e[6],
             to_half: e[7],
             read_sum: e[8],
+            gated_act_split: e[9],
             rms_norm: n[0],
             group_norm: n[1],
             gemv: [g[0], g[1], g[2], g[3]],
             mlstm_step: m[0],
+            mlstm_step_wide: m[3],
             chunk_states: m[1],
             chunk_out: m[2],
             headwise: c[0],
@@ -218,6 +226,7 @@ impl Dev {
             name,
             cc,
             sms,
+            pdl: cc.0 >= 9 && std::env::var("XLSTM_CUDA_PDL").map_or(true, |v| v != "0"),
             _modules: modules,
         })
     }
@@ -263,11 +272,45 @@ impl Dev {
         unsafe { dres::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, &mut params) }.map_err(|e| drv("launch", e))
     }
 
-    /// Launches a kernel whose single parameter is a `#[repr(C)]` struct.
-    pub fn launch_struct<T>(&self, f: CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, arg: &mut T) -> Result<()> {
+    /// Launches a kernel whose single parameter is a `#[repr(C)]` struct, with programmatic
+    /// dependent launch when `pdl` and the device has it (the kernel calls pdl_wait() before touching
+    /// what the previous kernel wrote).
+    pub fn launch_struct<T>(&self, f: CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, arg: &mut T, pdl: bool) -> Result<()> {
         let mut params = [arg as *mut T as *mut c_void];
-        // SAFETY: as in `launch`; the struct's layout mirrors the kernel's.
-        unsafe { dres::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, &mut params) }.map_err(|e| drv("launch", e))
+        self.launch_ex(f, grid, block, smem, &mut params, pdl)
+    }
+
+    /// `launch` with programmatic dependent launch when `pdl` (see `launch_struct`).
+    pub fn launch_pdl(&self, f: CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, args: &mut KArgs, pdl: bool) -> Result<()> {
+        let mut params = args.params();
+        self.launch_ex(f, grid, block, smem, &mut params, pdl)
+    }
+
+    fn launch_ex(&self, f: CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, params: &mut [*mut c_void], pdl: bool) -> Result<()> {
+        if !(pdl && self.pdl) {
+            // SAFETY: as in `launch`.
+            return unsafe { dres::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, params) }.map_err(|e| drv("launch", e));
+        }
+        // SAFETY: a zeroed attribute value is valid for every member; the config points at one live
+        // attribute for the duration of the call; params as in `launch`.
+        unsafe {
+            let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let cfg = sys::CUlaunchConfig {
+                gridDimX: grid.0,
+                gridDimY: grid.1,
+                gridDimZ: grid.2,
+                blockDimX: block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: smem,
+                hStream: self.stream,
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            sys::cuLaunchKernelEx(&cfg, f, params.as_mut_ptr(), std::ptr::null_mut()).result().map_err(|e| drv("launch (PDL)", e))
+        }
     }
 
     /// Makes sure the named scratch holds `bytes`; returns its pointer. Growing drops any recorded
@@ -317,7 +360,7 @@ impl Dev {
         let mut guard = self.scratch.lock().expect("scratch lock");
         let s = &mut *guard;
         self.cap.lock().expect("capture lock").scratch_moved()?;
-        for sc in [&mut s.half, &mut s.cs, &mut s.ns, &mut s.ms] {
+        for sc in [&mut s.half, &mut s.wide, &mut s.cs, &mut s.ns, &mut s.ms] {
             self.free(sc.ptr);
             *sc = Scratch::default();
         }
@@ -338,7 +381,7 @@ impl Drop for Dev {
             let _ = dres::free_sync(self.blas_ws);
             if let Ok(mut guard) = self.scratch.lock() {
                 let s = &mut *guard;
-                for sc in [&mut s.half, &mut s.counters, &mut s.cs, &mut s.ns, &mut s.ms, &mut s.ids] {
+                for sc in [&mut s.half, &mut s.wide, &mut s.counters, &mut s.cs, &mut s.ns, &mut s.ms, &mut s.ids] {
                     if sc.ptr != 0 {
                         let _ = dres::free_sync(sc.ptr);
                     }

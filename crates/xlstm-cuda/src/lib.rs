@@ -68,12 +68,40 @@ pub struct CudaMat {
     rows: usize,
     cols: usize,
     dtype: DType,
+    /// The allocation the matrix lives in (a slab shared with the matrices loaded next to it).
+    _mem: Arc<DevMem>,
+}
+
+/// A device allocation freed when the last matrix in it is dropped.
+struct DevMem {
+    ptr: CUdeviceptr,
     dev: Arc<Dev>,
 }
 
-impl Drop for CudaMat {
+impl Drop for DevMem {
     fn drop(&mut self) {
         self.dev.free(self.ptr);
+    }
+}
+
+/// Matrices up to this size are carved one after another out of shared slabs, so consecutive
+/// loads (q, k, v, o; gate, up) are adjacent in memory and one cuBLAS call can cover them.
+const SLAB: usize = 1 << 30;
+const SLAB_MAX_MAT: usize = 256 << 20;
+
+#[derive(Default)]
+struct Slab {
+    mem: Option<Arc<DevMem>>,
+    used: usize,
+}
+
+impl CudaMat {
+    fn bytes(&self) -> usize {
+        self.rows * self.cols * self.dtype.size()
+    }
+    /// `next` starts right where `self` ends, with the same dtype and width.
+    fn adjacent(&self, next: &CudaMat) -> bool {
+        next.dtype == self.dtype && next.cols == self.cols && next.ptr == self.ptr + self.bytes() as u64
     }
 }
 
@@ -89,6 +117,7 @@ fn dt_code(d: DType) -> usize {
 #[derive(Clone)]
 pub struct CudaBackend {
     dev: Arc<Dev>,
+    slab: Arc<std::sync::Mutex<Slab>>,
 }
 
 // Op codes for capture signatures.
@@ -145,6 +174,15 @@ struct GemvArgs {
     pad: i32,
 }
 
+/// A matrix (or several adjacent ones) as cuBLAS sees it.
+#[derive(Clone, Copy)]
+struct MatView {
+    ptr: CUdeviceptr,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+}
+
 /// One output of a GEMV launch: matrix, optional partner (gated pair), output pointer, epilogue.
 struct Seg<'a> {
     w: &'a CudaMat,
@@ -181,7 +219,7 @@ impl CudaBackend {
     /// GPU: every missing piece is an `Error::Device` that names it.
     pub fn new(ordinal: usize) -> Result<Self> {
         match std::panic::catch_unwind(|| Dev::new(ordinal)) {
-            Ok(r) => Ok(CudaBackend { dev: Arc::new(r?) }),
+            Ok(r) => Ok(CudaBackend { dev: Arc::new(r?), slab: Arc::default() }),
             Err(p) => {
                 let msg = p
                     .downcast_ref::<String>()
@@ -248,7 +286,7 @@ impl CudaBackend {
     fn gemv(&self, dev: &Dev, rows: usize, k: usize, x: CUdeviceptr, norm: Option<(CUdeviceptr, f32)>, xn_out: CUdeviceptr, segs: &[Seg], act: usize) -> Result<()> {
         // Rows per warp: about one wave of blocks (x is staged once per block).
         let smem = rows * k * 4;
-        let per_sm = ((227 * 1024) / (smem + 1024)).clamp(1, 3); // 3 blocks/SM by registers (≤ 80 each)
+        let per_sm = ((227 * 1024) / (smem + 1024)).clamp(1, 2); // 2 blocks/SM by registers (128 each)
         let target = dev.sms.max(1) as usize * per_sm;
         let total: usize = segs.iter().map(|s| s.w.rows).sum();
         let rpw = total.div_ceil(8 * target).max(1);
@@ -268,7 +306,7 @@ impl CudaBackend {
             };
             blocks += s.w.rows.div_ceil(8 * rpw);
         }
-        dev.launch_struct(dev.f.gemv[rows - 1], (blocks as u32, 1, 1), 256, smem as u32, &mut a)
+        dev.launch_struct(dev.f.gemv[rows - 1], (blocks as u32, 1, 1), 256, smem as u32, &mut a, true)
     }
 
     /// A 16-bit copy of `x [n]` (the type of `dt`) in the scratch; returns its pointer.
@@ -283,6 +321,41 @@ impl CudaBackend {
     /// `out[rows, w.rows] = x · wᵀ (+ beta·out)` through cuBLAS. `xh`: the 16-bit copy of x when w
     /// is 16-bit (made here when None).
     fn gemm(&self, dev: &Dev, rows: usize, w: &CudaMat, x: CUdeviceptr, xh: Option<CUdeviceptr>, out: CUdeviceptr, beta: f32) -> Result<()> {
+        self.gemm_view(dev, rows, MatView { ptr: w.ptr, rows: w.rows, cols: w.cols, dtype: w.dtype }, x, xh, out, beta)
+    }
+
+    /// Products for `mats` (all `[·, width]`) into `outs`, through cuBLAS; runs of matrices that lie
+    /// next to each other in memory go through one call (into the `wide` scratch, then split).
+    fn gemm_group(&self, dev: &Dev, rows: usize, mats: &[&CudaMat], x: CUdeviceptr, xh: Option<CUdeviceptr>, outs: &[CUdeviceptr]) -> Result<()> {
+        let mut j = 0;
+        while j < mats.len() {
+            let mut e = j + 1;
+            while e < mats.len() && mats[e - 1].adjacent(mats[e]) {
+                e += 1;
+            }
+            let h = xh.filter(|_| mats[j].dtype != DType::F32);
+            if e - j == 1 {
+                self.gemm(dev, rows, mats[j], x, h, outs[j], 0.0)?;
+            } else {
+                let total: usize = mats[j..e].iter().map(|m| m.rows).sum();
+                let wide = dev.scratch(|s| &mut s.wide, rows * total * 4, false)?;
+                let view = MatView { ptr: mats[j].ptr, rows: total, cols: mats[j].cols, dtype: mats[j].dtype };
+                self.gemm_view(dev, rows, view, x, h, wide, 0.0)?;
+                let mut off = 0;
+                for (m, &o) in mats[j..e].iter().zip(&outs[j..e]) {
+                    let mut a = KArgs::new();
+                    a.p(wide).i(total).i(off).p(o).i(m.rows).i(0).i(rows).i(m.rows);
+                    self.ew(dev, dev.f.copy_cols, rows * m.rows, &mut a)?;
+                    off += m.rows;
+                }
+            }
+            j = e;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_view(&self, dev: &Dev, rows: usize, w: MatView, x: CUdeviceptr, xh: Option<CUdeviceptr>, out: CUdeviceptr, beta: f32) -> Result<()> {
         let (n, k, m) = (w.rows as i32, w.cols as i32, rows as i32);
         let alpha = 1f32;
         // SAFETY: pointers are live device buffers of the checked sizes; the handle is bound to our
@@ -322,7 +395,10 @@ impl CudaBackend {
         dev.launch(dev.f.rms_norm, (rows as u32, 1, 1), 256, 0, &mut a)
     }
 
-    fn mstep(&self, dev: &Dev, d: MlstmDims, batch: usize, p: [CUdeviceptr; 5], gate_bias: Option<(CUdeviceptr, CUdeviceptr, f32)>, s: (CUdeviceptr, CUdeviceptr, CUdeviceptr), eps: f32, h: CUdeviceptr, fused: Option<(CUdeviceptr, CUdeviceptr, f32, CUdeviceptr)>) -> Result<()> {
+    /// One mLSTM step kernel. `pdl`: its launch may overlap the previous kernel's tail (the kernel
+    /// waits for that kernel before its first read).
+    #[allow(clippy::too_many_arguments)]
+    fn mstep(&self, dev: &Dev, d: MlstmDims, batch: usize, p: [CUdeviceptr; 5], gate_bias: Option<(CUdeviceptr, CUdeviceptr, f32)>, s: (CUdeviceptr, CUdeviceptr, CUdeviceptr), eps: f32, h: CUdeviceptr, fused: Option<(CUdeviceptr, CUdeviceptr, f32, CUdeviceptr)>, pdl: bool) -> Result<()> {
         let units = batch * d.heads;
         let counters = dev.scratch(|s| &mut s.counters, units * 4, true)?;
         let (ib, fb, cap) = gate_bias.unwrap_or((0, 0, 0.0));
@@ -330,7 +406,14 @@ impl CudaBackend {
         let mut a = KArgs::new();
         a.i(d.heads).i(d.dk).i(d.dv).p(p[0]).p(p[1]).p(p[2]).p(p[3]).p(p[4]).p(ib).p(fb).f(cap);
         a.p(s.0).p(s.1).p(s.2).f(eps).p(h).p(o).p(hnw).f(neps).p(hn).p(counters);
-        dev.launch(dev.f.mlstm_step, (d.dv.div_ceil(32) as u32, units as u32, 1), 512, (3 * d.dk * 4) as u32, &mut a)
+        // Wide tiles (64 columns, 256 threads) once there are enough units to fill the GPU twice over;
+        // narrow ones (32 columns, 512 threads) give more blocks to small batches.
+        let smem = (3 * d.dk * 4) as u32;
+        if d.dv % 2 == 0 && units * d.dv.div_ceil(64) >= 2 * dev.sms as usize {
+            dev.launch_pdl(dev.f.mlstm_step_wide, (d.dv.div_ceil(64) as u32, units as u32, 1), 256, smem, &mut a, pdl)
+        } else {
+            dev.launch_pdl(dev.f.mlstm_step, (d.dv.div_ceil(32) as u32, units as u32, 1), 512, smem, &mut a, pdl)
+        }
     }
 
     /// Chunkwise prefill of `seq` tokens (state batch 1) on gate pre-activations already capped.
@@ -490,8 +573,24 @@ impl Backend for CudaBackend {
             HostData::BF16(v) => as_bytes(v),
             HostData::F16(v) => as_bytes(v),
         };
-        let ptr = self.dev.alloc(bytes.len())?;
-        let m = CudaMat { ptr, rows, cols, dtype, dev: self.dev.clone() };
+        let n = bytes.len();
+        let (ptr, mem) = if n > SLAB_MAX_MAT {
+            let p = self.dev.alloc(n)?;
+            (p, Arc::new(DevMem { ptr: p, dev: self.dev.clone() }))
+        } else {
+            let mut slab = self.slab.lock().expect("slab lock");
+            let need = n.div_ceil(256) * 256;
+            if slab.mem.is_none() || slab.used + need > SLAB {
+                let p = self.dev.alloc(SLAB)?;
+                slab.mem = Some(Arc::new(DevMem { ptr: p, dev: self.dev.clone() }));
+                slab.used = 0;
+            }
+            let mem = slab.mem.clone().expect("slab present");
+            let p = mem.ptr + slab.used as u64;
+            slab.used += need;
+            (p, mem)
+        };
+        let m = CudaMat { ptr, rows, cols, dtype, _mem: mem };
         // SAFETY: ptr holds bytes.len() bytes; synchronised (pageable source).
         unsafe { dres::memcpy_htod_async(ptr, bytes, self.dev.stream) }.map_err(|e| drv("upload matrix", e))?;
         self.dev.sync()?;
@@ -724,7 +823,7 @@ impl Backend for CudaBackend {
             if batch == 0 {
                 return Ok(());
             }
-            self.mstep(dev, d, batch, p, None, st, eps, hp, None)
+            self.mstep(dev, d, batch, p, None, st, eps, hp, None, true)
         })
     }
 
@@ -747,7 +846,7 @@ impl Backend for CudaBackend {
                 for t in 0..seq {
                     let off = |base: u64, width: usize| base + (4 * t * width) as u64;
                     let p = [off(q.ptr, nh * d.dk), off(k.ptr, nh * d.dk), off(v.ptr, nh * d.dv), off(i.ptr, nh), off(f.ptr, nh)];
-                    self.mstep(dev, d, 1, p, None, (s.c.ptr, s.n.ptr, s.m.ptr), eps, off(hp, nh * d.dv), None)?;
+                    self.mstep(dev, d, 1, p, None, (s.c.ptr, s.n.ptr, s.m.ptr), eps, off(hp, nh * d.dv), None, true)?;
                 }
                 Ok(())
             } else {
@@ -797,13 +896,12 @@ impl Backend for CudaBackend {
                 None => 0,
             };
             self.rms(dev, xp, rows, width, wp, eps, xnp, xh, hdt.unwrap_or(DType::BF16))?;
+            if mats.iter().all(|m| m.dtype == DType::F32 || Some(m.dtype) == hdt) {
+                return self.gemm_group(dev, rows, mats, xnp, hdt.map(|_| xh), &outp);
+            }
             for (m, &o) in mats.iter().zip(&outp) {
-                if Self::gemv_fits(rows, m) {
-                    self.gemv(dev, rows, width, xnp, None, 0, &[Seg { w: m, w2: None, out: o, mode: 0 }], 0)?;
-                } else {
-                    let h = (m.dtype != DType::F32 && Some(m.dtype) == hdt).then_some(xh);
-                    self.gemm(dev, rows, m, xnp, h, o, 0.0)?;
-                }
+                let h = (m.dtype != DType::F32 && Some(m.dtype) == hdt).then_some(xh);
+                self.gemm(dev, rows, m, xnp, h, o, 0.0)?;
             }
             Ok(())
         })
@@ -854,6 +952,15 @@ impl Backend for CudaBackend {
             };
             self.rms(dev, xp, rows, width, wp, eps, xnp, xh, hdt.unwrap_or(DType::BF16))?;
             let h = hdt.map(|_| xh);
+            if gate.adjacent(up) {
+                // [gate; up] as one product, then act(g)·u straight from it
+                let wide = dev.scratch(|s| &mut s.wide, rows * 2 * ff * 4, false)?;
+                let view = MatView { ptr: gate.ptr, rows: 2 * ff, cols: width, dtype: gate.dtype };
+                self.gemm_view(dev, rows, view, xnp, h, wide, 0.0)?;
+                let mut a = KArgs::new();
+                a.i(act_code(act)).p(wide).i(ff).p(op).i(rows);
+                return self.ew(dev, dev.f.gated_act_split, rows * ff, &mut a);
+            }
             self.gemm(dev, rows, gate, xnp, h, gp, 0.0)?;
             self.gemm(dev, rows, up, xnp, h, upp, 0.0)?;
             let mut a = KArgs::new();
@@ -879,7 +986,7 @@ impl Backend for CudaBackend {
             let st = (state.c.ptr, state.n.ptr, state.m.ptr);
             let (hp, op, nwp, hnp, ib, fb) = (h.ptr, o.ptr, norm.ptr, hn.ptr, ibias.ptr, fbias.ptr);
             let words = [opc::MCELL, d.heads as u64, d.dk as u64, d.dv as u64, rows as u64, p[0], p[1], p[2], p[3], p[4], ib, fb, cap.to_bits() as u64, st.0, st.1, st.2, eps.to_bits() as u64, hp, op, nwp, norm_eps.to_bits() as u64, hnp];
-            return self.op(&words, |dev| self.mstep(dev, d, rows, p, Some((ib, fb, cap)), st, eps, hp, Some((op, nwp, norm_eps, hnp))));
+            return self.op(&words, |dev| self.mstep(dev, d, rows, p, Some((ib, fb, cap)), st, eps, hp, Some((op, nwp, norm_eps, hnp)), true));
         };
         // Prefill: gates, chunkwise cell, then LayerNorm and the output gate in one kernel.
         self.bias_soft_cap(i, rows, d.heads, Some(ibias), cap)?;

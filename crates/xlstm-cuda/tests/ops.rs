@@ -271,7 +271,8 @@ fn mlstm_step_batched() {
     let Some((g, _l)) = gpu("mlstm_step_batched") else { return };
     let c = CpuBackend::new();
     let mut rng = Rng::fresh("mlstm_step");
-    for &(nh, dk, dv, batch) in &[(2usize, 32usize, 64usize, 1usize), (3, 16, 40, 3), (8, 256, 512, 2)] {
+    // the last case is large enough for the wide-tile kernel
+    for &(nh, dk, dv, batch) in &[(2usize, 32usize, 64usize, 1usize), (3, 16, 40, 3), (8, 256, 512, 2), (8, 64, 128, 40)] {
         let d = MlstmDims { heads: nh, dk, dv };
         let mut cs = cpu_state(&c, &mut rng, d, batch, true);
         let mut gs = gpu_state(&g, &cs);
@@ -284,6 +285,19 @@ fn mlstm_step_batched() {
             assert_close(&format!("mlstm_step h {nh}x{dk}x{dv} b{batch}"), &down(&g, &gh), &ch, 1e-5);
         }
         assert_state("mlstm_step", &g, &gs, &cs, 1e-5);
+        // the fused cell (gates' bias + cap, per-head LayerNorm, output gate) on the same state
+        let x = m_inputs(&mut rng, batch, d);
+        let o = rng.vec(batch * nh * dv, 2.0);
+        let (ib, fb, hw) = (rng.vec(nh, 1.0), rng.vec(nh, 1.0), rng.vec(nh * dv, 1.0));
+        let (mut ci, mut cf) = (x.i.clone(), x.f.clone());
+        let (mut ch, mut chn) = (vec![0f32; batch * nh * dv], vec![0f32; batch * nh * dv]);
+        c.mlstm_gated_cell(None, d, batch, &x.q, &x.k, &x.v, &o, &mut ci, &mut cf, &ib, &fb, 15.0, &mut cs, 1e-6, &hw, 1e-6, &mut ch, &mut chn).unwrap();
+        let (mut gi, mut gf) = (up(&g, &x.i), up(&g, &x.f));
+        let (mut gh, mut ghn) = (g.zeros(batch * nh * dv).unwrap(), g.zeros(batch * nh * dv).unwrap());
+        g.mlstm_gated_cell(None, d, batch, &up(&g, &x.q), &up(&g, &x.k), &up(&g, &x.v), &up(&g, &o), &mut gi, &mut gf, &up(&g, &ib), &up(&g, &fb), 15.0, &mut gs, 1e-6, &up(&g, &hw), 1e-6, &mut gh, &mut ghn).unwrap();
+        assert_close(&format!("fused cell h {nh}x{dk}x{dv} b{batch}"), &down(&g, &gh), &ch, 1e-5);
+        assert_close(&format!("fused cell hn {nh}x{dk}x{dv} b{batch}"), &down(&g, &ghn), &chn, 1e-4);
+        assert_state("fused cell", &g, &gs, &cs, 1e-5);
     }
 }
 
