@@ -267,9 +267,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn step_begin(&self) -> Result<()> {
         Ok(())
     }
-    /// Ends the step begun by `step_begin`. `Ok(true)` asks the caller to run the step once more:
-    /// the backend skipped this step's work (its recording did not match the ops it was given) and
-    /// left every buffer untouched; it runs the repeated step eagerly.
+    /// Ends the step begun by `step_begin`. `Ok(true)` asks the caller to run the step again: the
+    /// backend skipped this step's work (no recording matched the ops it was given, or an op could
+    /// not be recorded) and left every buffer untouched. A backend settles within three attempts
+    /// (the CUDA backend: replay, then record, then eager); `Model::step` gives up after three.
     fn step_end(&self) -> Result<bool> {
         Ok(false)
     }
