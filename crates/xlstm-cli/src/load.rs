@@ -21,7 +21,8 @@ pub struct ModelArgs {
     /// loads f32 checkpoints as f32 unless they would not fit in half the machine's memory.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
-    /// Where to run: cpu (default), cuda (cuda:N for GPU N), or auto (CUDA when usable, else CPU).
+    /// Where to run: cpu (default), cuda (cuda:N for GPU N), vulkan / metal / dx12 (the wgpu backend
+    /// on that API), gpu (CUDA if usable, else wgpu), or auto (CUDA, then a wgpu GPU, else CPU).
     #[arg(long, default_value = "cpu", env = "XLSTM_DEVICE")]
     pub device: String,
     /// Built-in default model: number of blocks.
@@ -114,14 +115,49 @@ pub fn on_device(device: &str, job: impl OnBackend) -> Result<()> {
                     return job.run(b);
                 }
             }
+            // Then wgpu, on a real GPU adapter only (lavapipe, a CPU adapter, is slower than the CPU backend).
+            #[cfg(feature = "wgpu")]
+            if xlstm_wgpu::probe_gpu(xlstm_wgpu::Api::Any).is_ok() {
+                if let Ok(b) = xlstm_wgpu::WgpuBackend::new(xlstm_wgpu::Api::Any) {
+                    eprintln!("device: auto -> {}", b.name());
+                    return job.run(b);
+                }
+            }
             job.run(CpuBackend::new())
         }
+        // `gpu`: CUDA where it is usable, else the wgpu backend (any API).
+        #[cfg(feature = "wgpu")]
+        "gpu" if !cuda_usable() => wgpu_device(device, job),
         d if d == "cuda" || d == "gpu" || d.starts_with("cuda:") => cuda(d, job),
-        "metal" | "vulkan" => {
-            bail!("device `{device}` is not available in this build of xlstm (no {device} backend yet); use --device cpu or cuda")
-        }
-        other => bail!("unknown device `{other}`: use cpu, cuda, cuda:N or auto"),
+        "metal" | "vulkan" | "dx12" => wgpu_device(device, job),
+        other => bail!("unknown device `{other}`: use cpu, cuda, cuda:N, gpu, vulkan, metal, dx12 or auto"),
     }
+}
+
+#[cfg(feature = "wgpu")]
+fn cuda_usable() -> bool {
+    #[cfg(feature = "cuda")]
+    return xlstm_cuda::probe().is_ok();
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
+/// The wgpu backend (WGSL kernels): `vulkan`, `metal`, `dx12` ask for that API, `gpu` for any.
+#[cfg(feature = "wgpu")]
+fn wgpu_device(device: &str, job: impl OnBackend) -> Result<()> {
+    let api = match device {
+        "vulkan" => xlstm_wgpu::Api::Vulkan,
+        "metal" => xlstm_wgpu::Api::Metal,
+        "dx12" => xlstm_wgpu::Api::Dx12,
+        _ => xlstm_wgpu::Api::Any,
+    };
+    let backend = xlstm_wgpu::WgpuBackend::new(api).map_err(|e| anyhow::anyhow!("--device {device}: {e}"))?;
+    job.run(backend)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn wgpu_device(device: &str, _job: impl OnBackend) -> Result<()> {
+    bail!("device `{device}` is not available: this xlstm was built without the `wgpu` feature; use --device cpu")
 }
 
 #[cfg(feature = "cuda")]

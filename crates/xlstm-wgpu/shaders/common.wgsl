@@ -1,0 +1,36 @@
+// common.wgsl — prepended to every kernel file (not a kernel itself).
+//
+// Parameters: every dispatch gets 16 words at binding 0 (a uniform with a dynamic offset into the
+// backend's parameter arena): P[i / 4][i % 4]; floats are passed as their bit patterns.
+// Weights (bf16, f16 or f32) live in storage buffers as u32 words: two 16-bit values per word
+// (element 2i in the low half), or one f32 per word. Rows are padded to a multiple of 8 elements.
+// Build-time switches (the backend's preprocessor): `//#if NAME` / `//#else` / `//#endif` on their
+// own lines, and double-brace KEY substitutions (workgroup sizes, tiles). SUBGROUP: the adapter has
+// subgroup operations (wgpu Features::SUBGROUP; naga takes the built-ins without `enable subgroups;`).
+
+@group(0) @binding(0) var<uniform> P: array<vec4<u32>, 4>;
+
+fn pu(i: u32) -> u32 { return P[i / 4u][i % 4u]; }
+fn pf(i: u32) -> f32 { return bitcast<f32>(P[i / 4u][i % 4u]); }
+
+// bf16 -> f32 is a 16-bit shift; f16 through unpack2x16float (no SHADER_F16 needed).
+fn lo16(w: u32) -> f32 {
+//#if F16
+    return unpack2x16float(w).x;
+//#else
+    return bitcast<f32>(w << 16u);
+//#endif
+}
+fn hi16(w: u32) -> f32 {
+//#if F16
+    return unpack2x16float(w).y;
+//#else
+    return bitcast<f32>(w & 0xffff0000u);
+//#endif
+}
+
+fn sigmoid(x: f32) -> f32 { return 1.0 / (1.0 + exp(-x)); }
+fn log_sigmoid(x: f32) -> f32 { return min(x, 0.0) - log(1.0 + exp(-abs(x))); }
+
+// Linear workgroup index of a dispatch that may be spread over y (more than 65535 groups).
+fn group_index(wg: vec3<u32>, nwg: vec3<u32>) -> u32 { return wg.y * nwg.x + wg.x; }

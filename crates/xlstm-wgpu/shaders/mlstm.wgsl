@@ -1,0 +1,108 @@
+// mlstm.wgsl — the mLSTM cell's recurrent step (NOTES §2), per head, state in f32, in two passes.
+//
+// Layouts: q, k [rows, NH·DK], v [rows, NH·DV], ĩ, f̃ [rows, NH], h [rows, NH·DV]; state
+// C [S, NH, DK, DV], n [S, NH, DK], m [S, NH]; scal [units, 4] (f', i', denominator) scratch.
+// A "unit" u is one (sequence, head) pair: u = b·NH + head. Params: 0 NH, 1 DK, 2 DV, 3 units,
+// 4 eps (bits), 5 row (token row of q/k/v/ĩ/f̃/h: 0 for a batched step, t inside a prefill loop,
+// where units = NH and state slot 0), 6 gate_bias (1: ĩ, f̃ get bias and the soft cap first),
+// 7 cap (bits, 0 = none).
+// mlstm_gates (bindings 1 q, 2 k, 3 ĩ, 4 f̃, 5 ibias, 6 fbias, 7 n rw, 8 m rw, 9 scal rw): one
+//   workgroup ({{WG}} invocations) per unit: m' = max(logσ(f̃) + m, ĩ), f' = e^(logσ(f̃)+m−m'),
+//   i' = e^(ĩ−m'), n' = f'n + i'k, den = max(|q̂·n'|, e^(−m')) + eps.
+// mlstm_cell (bindings 1 q, 2 k, 10 v, 11 C rw, 12 scal, 13 h rw): workgroup {{COLS}} columns of
+//   C × {{SPLIT}} slices of DK; C' = f'C + i'·k vᵀ, h = q̂ᵀC' / den. Dispatch (ceil(DV/{{COLS}}), units).
+
+@group(0) @binding(1) var<storage, read> q: array<f32>;
+@group(0) @binding(2) var<storage, read> k: array<f32>;
+@group(0) @binding(3) var<storage, read> ig: array<f32>;
+@group(0) @binding(4) var<storage, read> fg: array<f32>;
+@group(0) @binding(5) var<storage, read> ibias: array<f32>;
+@group(0) @binding(6) var<storage, read> fbias: array<f32>;
+@group(0) @binding(7) var<storage, read_write> n: array<f32>;
+@group(0) @binding(8) var<storage, read_write> m: array<f32>;
+@group(0) @binding(9) var<storage, read_write> scal: array<f32>;
+
+fn capped(v: f32, cap: f32) -> f32 { return select(v, cap * tanh(v / cap), cap > 0.0); }
+
+@compute @workgroup_size({{WG}})
+fn mlstm_gates(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32 {{SG_PARAMS}}) {
+    let nh = pu(0u);
+    let dk = pu(1u);
+    let units = pu(3u);
+    let eps = pf(4u);
+    let row = pu(5u);
+    let gate_bias = pu(6u);
+    let cap = pf(7u);
+    let u = group_index(wg, nwg);
+    if (u >= units) { return; }
+    let head = u % nh;
+    let g = row * nh + u;
+    var ip = ig[g];
+    var fp = fg[g];
+    if (gate_bias != 0u) {
+        ip = capped(ip + ibias[head], cap);
+        fp = capped(fp + fbias[head], cap);
+    }
+    let m_old = m[u];
+    let lf = log_sigmoid(fp);
+    let m_new = max(lf + m_old, ip);
+    let fa = exp(lf + m_old - m_new);
+    let ia = exp(ip - m_new);
+    let scale = 1.0 / sqrt(f32(dk));
+    let qb = (row * nh + u) * dk;
+    var s = 0.0;
+    for (var a = lid; a < dk; a += {{WG}}u) {
+        let nn = fa * n[u * dk + a] + ia * k[qb + a];
+        n[u * dk + a] = nn;
+        s += q[qb + a] * scale * nn;
+    }
+    let qn = wg_sum(s, lid {{SG_ARGS}});
+    if (lid == 0u) {
+        m[u] = m_new;
+        scal[u * 4u] = fa;
+        scal[u * 4u + 1u] = ia;
+        scal[u * 4u + 2u] = max(abs(qn), exp(-m_new)) + eps;
+    }
+}
+
+@group(0) @binding(10) var<storage, read> v: array<f32>;
+@group(0) @binding(11) var<storage, read_write> C: array<f32>;
+@group(0) @binding(12) var<storage, read> scal_in: array<f32>;
+@group(0) @binding(13) var<storage, read_write> h: array<f32>;
+
+var<workgroup> hpart: array<f32, {{COLS}} * {{SPLIT}}>;
+
+@compute @workgroup_size({{COLS}}, {{SPLIT}})
+fn mlstm_cell(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li: vec3<u32>) {
+    let nh = pu(0u);
+    let dk = pu(1u);
+    let dv = pu(2u);
+    let row = pu(5u);
+    let u = wg.y;
+    let j = wg.x * {{COLS}}u + li.x;
+    let jc = min(j, dv - 1u);
+    let fa = scal_in[u * 4u];
+    let ia = scal_in[u * 4u + 1u];
+    let den = scal_in[u * 4u + 2u];
+    let scale = 1.0 / sqrt(f32(dk));
+    let qb = (row * nh + u) * dk;
+    let vj = v[(row * nh + u) * dv + jc];
+    let cb = u * dk * dv;
+    var acc = 0.0;
+    if (j < dv) {
+        for (var a = li.y; a < dk; a += {{SPLIT}}u) {
+            let ci = cb + a * dv + j;
+            let c = fa * C[ci] + ia * k[qb + a] * vj;
+            C[ci] = c;
+            acc += q[qb + a] * c;
+        }
+    }
+    hpart[li.y * {{COLS}}u + li.x] = acc;
+    workgroupBarrier();
+    if (li.y == 0u && j < dv) {
+        var t = 0.0;
+        for (var s = 0u; s < {{SPLIT}}u; s++) { t += hpart[s * {{COLS}}u + li.x]; }
+        h[(row * nh + u) * dv + j] = t * scale / den;
+    }
+}

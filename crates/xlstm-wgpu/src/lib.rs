@@ -1,0 +1,1003 @@
+//! A portable GPU backend on `wgpu`: WGSL compute kernels that run on Vulkan (Linux, Windows), Metal
+//! (macOS) and DX12 from one source, and on the CPU through Mesa's lavapipe Vulkan driver (CI).
+//!
+//! Memory: every [`WgpuBuf`] is an f32 storage buffer; weight matrices ([`WgpuMat`]) keep bf16/f16 as
+//! packed u32 pairs (two values per word, widened in the shaders: no SHADER_F16 needed) or f32, rows
+//! padded to 8 values, split by rows into parts no larger than the adapter's storage-binding limit.
+//!
+//! Recording: ops do not submit. Each op appends its dispatch to one pending command encoder (one
+//! compute pass, reopened after copies) and its 16 parameter words to a host-side arena that is
+//! written to the GPU right before the submission. Work is submitted only where the host needs a
+//! result (`download`) or the parameter arena is full, so a decode step — embedding to logits — is
+//! one command buffer and one submission. Bind groups are cached by (pipeline, buffers), so a decode
+//! step that reuses its preallocated activations creates none after the first.
+//!
+//! Shaders: `shaders/*.wgsl`, one file per op family, preprocessed into variants (weight dtype,
+//! subgroup operations where the adapter has them, tile knobs); see [`shaders`].
+pub mod shaders;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use shaders::{Knobs, Variant, WDType, GEMV_MAX_ROWS};
+use xlstm_core::backend::{Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState};
+use xlstm_core::tensor::{DType, HostData, HostTensor};
+use xlstm_core::{Error, Result};
+
+/// Which wgpu backend to ask for (`--device vulkan|metal|dx12|gpu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    /// Any native backend wgpu has on this platform.
+    Any,
+    Vulkan,
+    Metal,
+    Dx12,
+}
+
+impl Api {
+    pub fn backends(self) -> wgpu::Backends {
+        match self {
+            Api::Any => wgpu::Backends::VULKAN | wgpu::Backends::METAL | wgpu::Backends::DX12,
+            Api::Vulkan => wgpu::Backends::VULKAN,
+            Api::Metal => wgpu::Backends::METAL,
+            Api::Dx12 => wgpu::Backends::DX12,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Api::Any => "gpu",
+            Api::Vulkan => "vulkan",
+            Api::Metal => "metal",
+            Api::Dx12 => "dx12",
+        }
+    }
+}
+
+fn dev_err(what: impl std::fmt::Display) -> Error {
+    Error::Device(format!("wgpu: {what}"))
+}
+
+fn check(op: &str, what: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(dev_err(format!("{op}: buffer `{what}` holds {have} values, {need} needed")));
+    }
+    Ok(())
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A device buffer; dropping the last handle lets cached bind groups that use it go.
+struct Raw {
+    id: u64,
+    buf: wgpu::Buffer,
+    dead: Arc<Mutex<Vec<u64>>>,
+}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        if let Ok(mut d) = self.dead.lock() {
+            d.push(self.id);
+        }
+    }
+}
+
+/// An f32 buffer on the device.
+pub struct WgpuBuf {
+    raw: Arc<Raw>,
+    len: usize,
+}
+
+impl WgpuBuf {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One row block of a weight matrix.
+struct MatPart {
+    raw: Arc<Raw>,
+    row0: usize,
+    rows: usize,
+}
+
+/// A weight matrix `[rows, cols]` on the device (bf16/f16 packed in u32 pairs, or f32).
+pub struct WgpuMat {
+    parts: Vec<MatPart>,
+    rows: usize,
+    cols: usize,
+    /// Row stride in values (cols rounded up to 8).
+    kp: usize,
+    dtype: WDType,
+}
+
+impl WgpuMat {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Acc {
+    R,
+    W,
+}
+
+/// Storage bindings of each entry point, in the order the op passes its buffers: (binding, access).
+fn bindings(entry: &str) -> &'static [(u32, Acc)] {
+    use Acc::*;
+    match entry {
+        "gemv" | "gemm" | "embed" | "rms_norm" => &[(1, R), (2, R), (3, W)],
+        "group_norm" => &[(1, R), (2, R), (4, R), (5, R), (6, W)],
+        "bias_soft_cap" => &[(1, W), (2, R)],
+        "add" => &[(3, W), (4, R)],
+        "gated_act" => &[(5, R), (6, R), (7, W)],
+        "sigmoid_gate" => &[(8, R), (9, W)],
+        "scaled_add" => &[(10, W), (11, R), (12, R)],
+        "copy_cols" => &[(13, R), (14, W)],
+        "headwise" => &[(15, R), (16, R), (17, R), (18, W)],
+        "conv_out" => &[(1, R), (2, R), (3, R), (4, R), (5, W)],
+        "conv_state" => &[(1, R), (6, W)],
+        "mlstm_gates" => &[(1, R), (2, R), (3, R), (4, R), (5, R), (6, R), (7, W), (8, W), (9, W)],
+        "mlstm_cell" => &[(1, R), (2, R), (10, R), (11, W), (12, R), (13, W)],
+        "slstm" => &[(1, R), (2, R), (3, R), (4, R), (5, R), (6, R), (7, W), (8, W), (9, W), (10, W), (11, W)],
+        other => panic!("no binding table for entry point `{other}`"),
+    }
+}
+
+fn file_of(entry: &str) -> &'static str {
+    match entry {
+        "gemv" => "gemv",
+        "gemm" => "gemm",
+        "embed" => "embed",
+        "rms_norm" | "group_norm" => "norm",
+        "conv_out" | "conv_state" => "conv",
+        "mlstm_gates" | "mlstm_cell" => "mlstm",
+        "slstm" => "slstm",
+        _ => "elementwise",
+    }
+}
+
+struct Pipe {
+    uid: usize,
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+    bindings: &'static [(u32, Acc)],
+}
+
+/// The recording state: pending encoder and pass, parameter arena, caches.
+struct Rec {
+    encoder: Option<wgpu::CommandEncoder>,
+    pass: Option<wgpu::ComputePass<'static>>,
+    params: Vec<u8>,
+    pipes: HashMap<(&'static str, WDType), Arc<Pipe>>,
+    groups: HashMap<(usize, Vec<u64>), (wgpu::BindGroup, Vec<u64>)>,
+    scratch: HashMap<&'static str, WgpuBuf>,
+    staging: Option<(wgpu::Buffer, u64)>,
+    submissions: u64,
+    dispatches: u64,
+    /// Dispatches recorded since the last submission.
+    pending: u64,
+}
+
+/// Parameter words per dispatch, and the arena's size.
+const PARAM_WORDS: usize = 16;
+const ARENA_BYTES: u64 = 4 << 20;
+
+pub struct WgpuBackend {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    subgroup: bool,
+    knobs: Knobs,
+    api: Api,
+    arena: wgpu::Buffer,
+    align: usize,
+    dummy: WgpuBuf,
+    dead: Arc<Mutex<Vec<u64>>>,
+    rec: Mutex<Rec>,
+    submit_every: u64,
+    /// Largest weight part in bytes (the storage-binding limit unless lowered, e.g. by tests).
+    part_limit: u64,
+}
+
+/// The adapters wgpu sees for `api`, best first (discrete GPU, integrated, virtual, CPU).
+pub fn adapters(api: Api) -> Vec<wgpu::Adapter> {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = api.backends();
+    let instance = wgpu::Instance::new(desc);
+    let mut list = futures::executor::block_on(instance.enumerate_adapters(api.backends()));
+    let rank = |a: &wgpu::Adapter| match a.get_info().device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    };
+    list.sort_by_key(rank);
+    list
+}
+
+/// Whether an adapter for `api` is present (for `--device auto` and the tests' skip).
+pub fn probe(api: Api) -> Result<String> {
+    match adapters(api).first() {
+        Some(a) => {
+            let i = a.get_info();
+            Ok(format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type))
+        }
+        None => Err(dev_err(format!("no {} adapter found (is a {} driver installed?)", api.name(), match api {
+            Api::Vulkan | Api::Any => "Vulkan (e.g. mesa-vulkan-drivers + libvulkan1, or the GPU vendor's)",
+            Api::Metal => "Metal (macOS)",
+            Api::Dx12 => "DirectX 12 (Windows)",
+        }))),
+    }
+}
+
+/// As [`probe`], but only a hardware GPU counts (not a CPU adapter such as lavapipe): what
+/// `--device auto` asks before it takes the wgpu backend.
+pub fn probe_gpu(api: Api) -> Result<String> {
+    match adapters(api).into_iter().find(|a| a.get_info().device_type != wgpu::DeviceType::Cpu) {
+        Some(a) => Ok(a.get_info().name),
+        None => Err(dev_err(format!("no {} GPU adapter", api.name()))),
+    }
+}
+
+impl WgpuBackend {
+    /// Opens the best adapter of `api` (`XLSTM_WGPU_ADAPTER=substring` picks one by name), with
+    /// subgroup operations where the adapter has them (`XLSTM_WGPU_NO_SUBGROUP=1` turns them off).
+    pub fn new(api: Api) -> Result<Self> {
+        Self::with_subgroups(api, std::env::var("XLSTM_WGPU_NO_SUBGROUP").is_err())
+    }
+
+    /// As [`WgpuBackend::new`]; `subgroups: false` builds the workgroup-memory fallback kernels
+    /// even where the adapter has subgroup operations.
+    pub fn with_subgroups(api: Api, subgroups: bool) -> Result<Self> {
+        Self::with_options(api, subgroups, None)
+    }
+
+    /// As [`WgpuBackend::with_subgroups`], with the tile knobs given (None: per-adapter defaults and
+    /// the `XLSTM_WGPU_*` overrides).
+    pub fn with_options(api: Api, subgroups: bool, knobs: Option<Knobs>) -> Result<Self> {
+        let list = adapters(api);
+        let adapter = match std::env::var("XLSTM_WGPU_ADAPTER") {
+            Ok(want) if !want.is_empty() => list
+                .into_iter()
+                .find(|a| a.get_info().name.to_lowercase().contains(&want.to_lowercase()))
+                .ok_or_else(|| dev_err(format!("no {} adapter whose name contains `{want}`", api.name())))?,
+            _ => list.into_iter().next().ok_or_else(|| probe(api).unwrap_err())?,
+        };
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let subgroup = subgroups && adapter.features().contains(wgpu::Features::SUBGROUP);
+        let features = if subgroup { wgpu::Features::SUBGROUP } else { wgpu::Features::empty() };
+        let (device, queue) = futures::executor::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("xlstm"),
+            required_features: features,
+            required_limits: limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| dev_err(format!("cannot open {}: {e}", info.name)))?;
+        let knobs = knobs.unwrap_or_else(|| Knobs::for_adapter(info.device_type == wgpu::DeviceType::Cpu).with_env());
+        // Submit every N dispatches (0: only where the host needs a result): lets the GPU start on a
+        // long recording while the host still records (XLSTM_WGPU_SUBMIT_EVERY).
+        let submit_every = std::env::var("XLSTM_WGPU_SUBMIT_EVERY").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let align = limits.min_uniform_buffer_offset_alignment.max(PARAM_WORDS as u32 * 4) as usize;
+        let arena = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params"),
+            size: ARENA_BYTES,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let dead = Arc::new(Mutex::new(Vec::new()));
+        let dummy = make_buf(&device, &dead, 4, None);
+        let part_limit = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        Ok(WgpuBackend {
+            device,
+            queue,
+            info,
+            limits,
+            subgroup,
+            knobs,
+            api,
+            arena,
+            align,
+            dummy,
+            dead,
+            part_limit,
+            submit_every,
+            rec: Mutex::new(Rec {
+                encoder: None,
+                pass: None,
+                params: Vec::new(),
+                pipes: HashMap::new(),
+                groups: HashMap::new(),
+                scratch: HashMap::new(),
+                staging: None,
+                submissions: 0,
+                dispatches: 0,
+                pending: 0,
+            }),
+        })
+    }
+
+    /// Splits weight matrices into row blocks of at most `bytes` (tests use it to exercise parts).
+    pub fn set_part_limit(&mut self, bytes: u64) {
+        self.part_limit = bytes.clamp(64, self.max_binding());
+    }
+
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+    pub fn has_subgroups(&self) -> bool {
+        self.subgroup
+    }
+    pub fn knobs(&self) -> &Knobs {
+        &self.knobs
+    }
+    /// (submissions, dispatches) so far: what a decode step costs in command traffic.
+    pub fn counters(&self) -> (u64, u64) {
+        let r = self.lock();
+        (r.submissions, r.dispatches)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Rec> {
+        self.rec.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn max_binding(&self) -> u64 {
+        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+    }
+
+    fn new_buf(&self, len: usize, data: Option<&[u8]>) -> Result<WgpuBuf> {
+        let bytes = (len.max(1) * 4) as u64;
+        if bytes > self.max_binding() {
+            return Err(dev_err(format!("a buffer of {len} f32 ({bytes} bytes) is over this adapter's storage-binding limit of {} bytes", self.max_binding())));
+        }
+        Ok(make_buf(&self.device, &self.dead, len, data))
+    }
+
+    fn pipe(&self, rec: &mut Rec, entry: &'static str, dtype: WDType) -> Arc<Pipe> {
+        if let Some(p) = rec.pipes.get(&(entry, dtype)) {
+            return p.clone();
+        }
+        let variant = Variant { file: file_of(entry), dtype, subgroup: self.subgroup };
+        let src = shaders::source(&variant, &self.knobs);
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(entry),
+            source: wgpu::ShaderSource::Wgsl(src.into()),
+        });
+        let bl = bindings(entry);
+        let mut entries = vec![wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: true,
+                min_binding_size: wgpu::BufferSize::new((PARAM_WORDS * 4) as u64),
+            },
+            count: None,
+        }];
+        for &(b, acc) in bl {
+            entries.push(wgpu::BindGroupLayoutEntry {
+                binding: b,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Storage { read_only: acc == Acc::R },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            });
+        }
+        let layout = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(entry), entries: &entries });
+        let pl = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(entry),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(entry),
+            layout: Some(&pl),
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: wgpu::PipelineCompilationOptions { constants: &[], zero_initialize_workgroup_memory: false },
+            cache: None,
+        });
+        let p = Arc::new(Pipe { uid: rec.pipes.len(), pipeline, layout, bindings: bl });
+        rec.pipes.insert((entry, dtype), p.clone());
+        p
+    }
+
+    /// Records one dispatch of `entry` over `bufs` (in the order of its binding table).
+    fn dispatch(&self, entry: &'static str, dtype: WDType, bufs: &[&Arc<Raw>], params: &[u32], groups: (u32, u32, u32)) -> Result<()> {
+        if groups.0 == 0 || groups.1 == 0 || groups.2 == 0 {
+            return Ok(());
+        }
+        let mut guard = self.lock();
+        let rec = &mut *guard;
+        let pipe = self.pipe(rec, entry, dtype);
+        assert_eq!(bufs.len(), pipe.bindings.len(), "{entry}: wrong number of buffers");
+        if rec.params.len() + self.align > ARENA_BYTES as usize {
+            self.flush(rec);
+        }
+        let off = rec.params.len();
+        let mut words = [0u32; PARAM_WORDS];
+        words[..params.len()].copy_from_slice(params);
+        rec.params.extend_from_slice(bytemuck::cast_slice(&words));
+        rec.params.resize(off + self.align, 0);
+        let key = (pipe.uid, bufs.iter().map(|b| b.id).collect::<Vec<_>>());
+        if !rec.groups.contains_key(&key) {
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: &self.arena, offset: 0, size: wgpu::BufferSize::new((PARAM_WORDS * 4) as u64) }),
+            }];
+            for (&(b, _), raw) in pipe.bindings.iter().zip(bufs) {
+                entries.push(wgpu::BindGroupEntry { binding: b, resource: raw.buf.as_entire_binding() });
+            }
+            let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipe.layout, entries: &entries });
+            rec.groups.insert(key.clone(), (bg, key.1.clone()));
+        }
+        let bg = rec.groups[&key].0.clone();
+        let pass = open_pass(&self.device, rec);
+        pass.set_pipeline(&pipe.pipeline);
+        pass.set_bind_group(0, &bg, &[off as u32]);
+        pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+        rec.dispatches += 1;
+        rec.pending += 1;
+        if self.submit_every > 0 && rec.pending >= self.submit_every {
+            self.flush(rec);
+        }
+        Ok(())
+    }
+
+    /// Ends the pass, writes the parameter arena and submits the pending encoder (if any).
+    fn flush(&self, rec: &mut Rec) {
+        rec.pass = None;
+        if let Some(enc) = rec.encoder.take() {
+            if !rec.params.is_empty() {
+                self.queue.write_buffer(&self.arena, 0, &rec.params);
+            }
+            self.queue.submit([enc.finish()]);
+            rec.submissions += 1;
+            rec.pending = 0;
+        }
+        rec.params.clear();
+        let dead: Vec<u64> = std::mem::take(&mut *self.dead.lock().unwrap_or_else(|e| e.into_inner()));
+        if !dead.is_empty() {
+            rec.groups.retain(|_, (_, ids)| !ids.iter().any(|i| dead.contains(i)));
+        }
+    }
+
+    /// Submits everything recorded so far and waits for the device to finish it.
+    pub fn sync(&self) -> Result<()> {
+        let mut rec = self.lock();
+        self.flush(&mut rec);
+        drop(rec);
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| dev_err(format!("poll: {e}")))?;
+        Ok(())
+    }
+
+    /// Internal scratch buffer of at least `len` values (kept and reused).
+    fn scratch(&self, name: &'static str, len: usize) -> Result<Arc<Raw>> {
+        let mut rec = self.lock();
+        if let Some(b) = rec.scratch.get(name) {
+            if b.len >= len {
+                return Ok(b.raw.clone());
+            }
+        }
+        let b = self.new_buf(len, None)?;
+        let raw = b.raw.clone();
+        rec.scratch.insert(name, b);
+        Ok(raw)
+    }
+
+    fn grid_stride(&self, len: usize, wg: u32) -> (u32, u32, u32) {
+        (((len as u64).div_ceil(wg as u64)).clamp(1, 65535) as u32, 1, 1)
+    }
+
+    fn mm(&self, x: &WgpuBuf, rows: usize, w: &WgpuMat, out: &WgpuBuf, accumulate: bool) -> Result<()> {
+        check("matmul", "x", x.len, rows * w.cols)?;
+        check("matmul", "out", out.len, rows * w.rows)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let k = &self.knobs;
+        for p in &w.parts {
+            if rows <= GEMV_MAX_ROWS {
+                let per = match w.dtype {
+                    WDType::F32 => 4,
+                    _ => 8,
+                };
+                let groups = (p.rows as u64).div_ceil(k.gemv_rows as u64);
+                let params = [p.rows as u32, w.cols as u32, rows as u32, (w.kp / per) as u32, w.rows as u32, p.row0 as u32, accumulate as u32];
+                self.dispatch("gemv", w.dtype, &[&p.raw, &x.raw, &out.raw], &params, split(groups))?;
+            } else {
+                let params = [p.rows as u32, w.cols as u32, rows as u32, w.kp as u32, w.rows as u32, p.row0 as u32, accumulate as u32];
+                let gx = (p.rows as u32).div_ceil(k.gemm_bn);
+                let gy = (rows as u32).div_ceil(k.gemm_bm);
+                self.dispatch("gemm", w.dtype, &[&p.raw, &x.raw, &out.raw], &params, (gx, gy, 1))?;
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn mlstm_steps(&self, d: MlstmDims, batch: usize, rows: usize, q: &WgpuBuf, k: &WgpuBuf, v: &WgpuBuf, i: &WgpuBuf, f: &WgpuBuf, bias: Option<(&WgpuBuf, &WgpuBuf, f32)>, s: &mut MlstmState<WgpuBuf>, eps: f32, h: &mut WgpuBuf) -> Result<()> {
+        let op = "mlstm";
+        let nh = d.heads;
+        check(op, "q", q.len, rows * nh * d.dk)?;
+        check(op, "k", k.len, rows * nh * d.dk)?;
+        check(op, "v", v.len, rows * nh * d.dv)?;
+        check(op, "i", i.len, rows * nh)?;
+        check(op, "f", f.len, rows * nh)?;
+        check(op, "h", h.len, rows * nh * d.dv)?;
+        check(op, "C", s.c.len, batch * nh * d.dk * d.dv)?;
+        check(op, "n", s.n.len, batch * nh * d.dk)?;
+        check(op, "m", s.m.len, batch * nh)?;
+        let units = batch * nh;
+        let scal = self.scratch("mlstm_scal", units * 4)?;
+        let (ib, fb, cap, gb) = match bias {
+            Some((ib, fb, cap)) => {
+                check(op, "ibias", ib.len, nh)?;
+                check(op, "fbias", fb.len, nh)?;
+                (&ib.raw, &fb.raw, cap, 1u32)
+            }
+            None => (&self.dummy.raw, &self.dummy.raw, 0.0, 0u32),
+        };
+        let steps = rows / batch;
+        let kn = &self.knobs;
+        for t in 0..steps {
+            let params = [nh as u32, d.dk as u32, d.dv as u32, units as u32, eps.to_bits(), t as u32, gb, cap.to_bits()];
+            self.dispatch("mlstm_gates", WDType::F32, &[&q.raw, &k.raw, &i.raw, &f.raw, ib, fb, &s.n.raw, &s.m.raw, &scal], &params, split(units as u64))?;
+            self.dispatch("mlstm_cell", WDType::F32, &[&q.raw, &k.raw, &v.raw, &s.c.raw, &scal, &h.raw], &params, ((d.dv as u32).div_ceil(kn.cell_cols), units as u32, 1))?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn slstm(&self, op: &str, batch: usize, steps: usize, g: SlstmGates<'_, WgpuBuf>, r: &WgpuBuf, bias: &WgpuBuf, s: &mut SlstmState<WgpuBuf>, y: &mut WgpuBuf) -> Result<()> {
+        let (w, nh) = (s.width, s.heads);
+        if nh == 0 || w % nh != 0 {
+            return Err(dev_err(format!("{op}: width {w} does not split into {nh} heads")));
+        }
+        let dh = w / nh;
+        if dh > 1024 {
+            return Err(dev_err(format!("{op}: head width {dh} is over the kernel's limit of 1024")));
+        }
+        let rows = batch * steps;
+        for (name, b) in [("i", g.i), ("f", g.f), ("z", g.z), ("o", g.o)] {
+            check(op, name, b.len, rows * w)?;
+        }
+        check(op, "r", r.len, nh * 4 * dh * dh)?;
+        check(op, "bias", bias.len, 4 * w)?;
+        for (name, b) in [("c", &s.c), ("n", &s.n), ("m", &s.m), ("h", &s.h)] {
+            check(op, name, b.len, batch * w)?;
+        }
+        check(op, "y", y.len, rows * w)?;
+        let params = [w as u32, nh as u32, batch as u32, steps as u32];
+        self.dispatch(
+            "slstm",
+            WDType::F32,
+            &[&g.i.raw, &g.f.raw, &g.z.raw, &g.o.raw, &r.raw, &bias.raw, &s.c.raw, &s.n.raw, &s.m.raw, &s.h.raw, &y.raw],
+            &params,
+            ((batch * nh) as u32, 1, 1),
+        )
+    }
+
+    /// Measures the device's streaming bandwidth with a compute kernel (`x += y` over two 256 MiB
+    /// buffers: 2 reads + 1 write per value), as (bytes read + written) / time. (A timing of
+    /// `copy_buffer_to_buffer` read only ~0.4 TB/s on an H200 through Vulkan, far below what the
+    /// kernels reach, so it is not used.)
+    fn measure_bandwidth(&self) -> Result<xlstm_core::bench::Bandwidth> {
+        let len = ((256usize << 20) / 4).min(self.max_binding() as usize / 4);
+        let mut x = self.zeros(len)?;
+        let y = self.zeros(len)?;
+        self.add(&mut x, &y, len)?;
+        self.sync()?;
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            for _ in 0..8 {
+                self.add(&mut x, &y, len)?;
+            }
+            self.sync()?;
+            best = best.min(t.elapsed().as_secs_f64() / 8.0);
+        }
+        let bytes = (3 * len * 4) as f64;
+        Ok(xlstm_core::bench::Bandwidth { copy_gb_s: bytes / best / 1e9, read_gb_s: 2.0 * bytes / 3.0 / best / 1e9 })
+    }
+}
+
+/// A workgroup count, spread over y past the 65535 per-dimension limit (kernels guard the excess).
+fn split(groups: u64) -> (u32, u32, u32) {
+    if groups <= 65535 {
+        (groups.max(1) as u32, 1, 1)
+    } else {
+        (65535, groups.div_ceil(65535) as u32, 1)
+    }
+}
+
+fn open_pass<'a>(device: &wgpu::Device, rec: &'a mut Rec) -> &'a mut wgpu::ComputePass<'static> {
+    if rec.encoder.is_none() {
+        rec.encoder = Some(device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("xlstm") }));
+    }
+    if rec.pass.is_none() {
+        let enc = rec.encoder.as_mut().expect("encoder created above");
+        rec.pass = Some(enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None }).forget_lifetime());
+    }
+    rec.pass.as_mut().expect("pass opened above")
+}
+
+fn make_buf(device: &wgpu::Device, dead: &Arc<Mutex<Vec<u64>>>, len: usize, data: Option<&[u8]>) -> WgpuBuf {
+    let size = ((len.max(1) * 4) as u64).next_multiple_of(4);
+    let buf = device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: data.is_some(),
+    });
+    if let Some(d) = data {
+        {
+            let mut view = buf.get_mapped_range_mut(..).expect("mapped at creation");
+            let mut padded = d.to_vec();
+            padded.resize(size as usize, 0);
+            view.copy_from_slice(&padded);
+        }
+        buf.unmap();
+    }
+    WgpuBuf { raw: Arc::new(Raw { id: NEXT_ID.fetch_add(1, Ordering::Relaxed), buf, dead: dead.clone() }), len }
+}
+
+impl Backend for WgpuBackend {
+    type Buf = WgpuBuf;
+    type Mat = WgpuMat;
+
+    fn name(&self) -> String {
+        format!("wgpu:{} ({}, {:?}{})", self.api.name(), self.info.name, self.info.backend, if self.subgroup { ", subgroups" } else { "" })
+    }
+
+    fn zeros(&self, len: usize) -> Result<WgpuBuf> {
+        self.new_buf(len, None)
+    }
+    fn upload(&self, host: &[f32]) -> Result<WgpuBuf> {
+        self.new_buf(host.len(), Some(bytemuck::cast_slice(host)))
+    }
+    fn download(&self, buf: &WgpuBuf, len: usize) -> Result<Vec<f32>> {
+        check("download", "buf", buf.len, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let bytes = (len * 4) as u64;
+        let mut guard = self.lock();
+        let rec = &mut *guard;
+        if rec.staging.as_ref().is_none_or(|(_, n)| *n < bytes) {
+            let size = bytes.next_power_of_two().max(1 << 16);
+            let b = self.device.create_buffer(&wgpu::BufferDescriptor { label: Some("staging"), size, usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
+            rec.staging = Some((b, size));
+        }
+        rec.pass = None;
+        if rec.encoder.is_none() {
+            rec.encoder = Some(self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("xlstm") }));
+        }
+        let staging = rec.staging.as_ref().expect("made above").0.clone();
+        rec.encoder.as_mut().expect("made above").copy_buffer_to_buffer(&buf.raw.buf, 0, &staging, 0, bytes);
+        self.flush(rec);
+        // The lock stays held until the staging buffer is unmapped: no other thread may submit
+        // while it is mapped.
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| dev_err(format!("poll: {e}")))?;
+        rx.recv().map_err(|_| dev_err("download: the map callback never ran"))?.map_err(|e| dev_err(format!("download: {e}")))?;
+        let out = {
+            let view = staging.get_mapped_range(0..bytes).map_err(|e| dev_err(format!("download: {e:?}")))?;
+            bytemuck::cast_slice::<u8, f32>(&view).to_vec()
+        };
+        staging.unmap();
+        drop(guard);
+        Ok(out)
+    }
+    fn copy(&self, src: &WgpuBuf, src_off: usize, dst: &mut WgpuBuf, dst_off: usize, len: usize) -> Result<()> {
+        check("copy", "src", src.len, src_off + len)?;
+        check("copy", "dst", dst.len, dst_off + len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let mut guard = self.lock();
+        let rec = &mut *guard;
+        rec.pass = None;
+        if rec.encoder.is_none() {
+            rec.encoder = Some(self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("xlstm") }));
+        }
+        rec.encoder.as_mut().expect("made above").copy_buffer_to_buffer(&src.raw.buf, (src_off * 4) as u64, &dst.raw.buf, (dst_off * 4) as u64, (len * 4) as u64);
+        Ok(())
+    }
+
+    fn matrix(&self, w: HostTensor, dtype: DType) -> Result<WgpuMat> {
+        if w.shape.len() != 2 {
+            return Err(Error::Weights(format!("expected a 2-D weight matrix, got shape {:?}", w.shape)));
+        }
+        let (rows, cols) = (w.shape[0], w.shape[1]);
+        let kp = cols.next_multiple_of(8).max(8);
+        let t = w.to_dtype(dtype);
+        let (wd, row_words) = match &t.data {
+            HostData::F32(_) => (WDType::F32, kp),
+            HostData::BF16(_) => (WDType::BF16, kp / 2),
+            HostData::F16(_) => (WDType::F16, kp / 2),
+        };
+        let row_bytes = (row_words * 4) as u64;
+        let per_part = ((self.part_limit / row_bytes) as usize).max(1);
+        let mut parts = Vec::new();
+        let mut since_flush = 0u64;
+        for row0 in (0..rows.max(1)).step_by(per_part) {
+            let n = per_part.min(rows - row0.min(rows));
+            let mut words = vec![0u32; n.max(1) * row_words];
+            for r in 0..n {
+                let dst = &mut words[r * row_words..(r + 1) * row_words];
+                let src_row = row0 + r;
+                match &t.data {
+                    HostData::F32(v) => {
+                        for (c, x) in v[src_row * cols..(src_row + 1) * cols].iter().enumerate() {
+                            dst[c] = x.to_bits();
+                        }
+                    }
+                    HostData::BF16(v) => {
+                        for (c, x) in v[src_row * cols..(src_row + 1) * cols].iter().enumerate() {
+                            dst[c / 2] |= (x.to_bits() as u32) << (16 * (c % 2));
+                        }
+                    }
+                    HostData::F16(v) => {
+                        for (c, x) in v[src_row * cols..(src_row + 1) * cols].iter().enumerate() {
+                            dst[c / 2] |= (x.to_bits() as u32) << (16 * (c % 2));
+                        }
+                    }
+                }
+            }
+            let b = make_buf(&self.device, &self.dead, words.len(), Some(bytemuck::cast_slice(&words)));
+            since_flush += (words.len() * 4) as u64;
+            parts.push(MatPart { raw: b.raw, row0, rows: n });
+            if rows == 0 {
+                break;
+            }
+        }
+        // Let the upload staging memory go every ~1 GiB rather than holding all of it to the first submit.
+        if since_flush > (1 << 30) || NEXT_ID.load(Ordering::Relaxed) % 64 == 0 {
+            self.queue.submit([]);
+            let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
+        }
+        Ok(WgpuMat { parts, rows, cols, kp, dtype: wd })
+    }
+    fn matrix_bytes(&self, w: &WgpuMat) -> usize {
+        let size = match w.dtype {
+            WDType::F32 => 4,
+            _ => 2,
+        };
+        w.rows * w.cols * size
+    }
+    fn release_cache(&self) -> Result<()> {
+        let mut rec = self.lock();
+        self.flush(&mut rec);
+        rec.groups.clear();
+        rec.scratch.clear();
+        rec.staging = None;
+        Ok(())
+    }
+
+    fn embed(&self, table: &WgpuMat, ids: &[u32], out: &mut WgpuBuf) -> Result<()> {
+        let d = table.cols;
+        check("embed", "out", out.len, ids.len() * d)?;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= table.rows) {
+            return Err(Error::Input(format!("token id {bad} is out of range: the vocabulary has {} tokens", table.rows)));
+        }
+        for p in &table.parts {
+            let local: Vec<u32> = ids.iter().map(|&id| {
+                let id = id as usize;
+                if id >= p.row0 && id < p.row0 + p.rows { (id - p.row0) as u32 } else { u32::MAX }
+            }).collect();
+            if local.iter().all(|&v| v == u32::MAX) {
+                continue;
+            }
+            let idb = self.new_buf(local.len(), Some(bytemuck::cast_slice(&local)))?;
+            let params = [ids.len() as u32, d as u32, table.kp as u32];
+            self.dispatch("embed", table.dtype, &[&p.raw, &idb.raw, &out.raw], &params, self.grid_stride(ids.len() * d, self.knobs.elem_wg))?;
+        }
+        Ok(())
+    }
+
+    fn matmul(&self, x: &WgpuBuf, rows: usize, w: &WgpuMat, out: &mut WgpuBuf) -> Result<()> {
+        self.mm(x, rows, w, out, false)
+    }
+
+    fn matmul_add(&self, x: &WgpuBuf, rows: usize, w: &WgpuMat, out: usize, _tmp: &mut WgpuBuf, acc: &mut WgpuBuf) -> Result<()> {
+        if out != w.rows {
+            return Err(dev_err(format!("matmul_add: `out` {out} differs from the matrix's {} rows", w.rows)));
+        }
+        self.mm(x, rows, w, acc, true)
+    }
+
+    fn rms_norm(&self, x: &WgpuBuf, rows: usize, width: usize, weight: &WgpuBuf, eps: f32, out: &mut WgpuBuf) -> Result<()> {
+        check("rms_norm", "x", x.len, rows * width)?;
+        check("rms_norm", "out", out.len, rows * width)?;
+        check("rms_norm", "weight", weight.len, width)?;
+        let params = [rows as u32, width as u32, eps.to_bits()];
+        self.dispatch("rms_norm", WDType::F32, &[&x.raw, &weight.raw, &out.raw], &params, split(rows as u64))
+    }
+
+    fn group_norm(&self, x: &WgpuBuf, rows: usize, width: usize, group: usize, weight: &WgpuBuf, bias: Option<&WgpuBuf>, eps: f32, out: &mut WgpuBuf) -> Result<()> {
+        self.group_norm_gated(x, rows, width, group, weight, bias, None, eps, out)
+    }
+
+    fn bias_soft_cap(&self, x: &mut WgpuBuf, rows: usize, width: usize, bias: Option<&WgpuBuf>, cap: f32) -> Result<()> {
+        check("bias_soft_cap", "x", x.len, rows * width)?;
+        if let Some(b) = bias {
+            check("bias_soft_cap", "bias", b.len, width)?;
+        }
+        let params = [rows as u32, width as u32, bias.is_some() as u32, cap.to_bits()];
+        let b = bias.map_or(&self.dummy.raw, |b| &b.raw);
+        self.dispatch("bias_soft_cap", WDType::F32, &[&x.raw, b], &params, self.grid_stride(rows * width, self.knobs.elem_wg))
+    }
+
+    fn add(&self, x: &mut WgpuBuf, y: &WgpuBuf, len: usize) -> Result<()> {
+        check("add", "x", x.len, len)?;
+        check("add", "y", y.len, len)?;
+        self.dispatch("add", WDType::F32, &[&x.raw, &y.raw], &[len as u32], self.grid_stride(len, self.knobs.elem_wg))
+    }
+
+    fn swiglu(&self, gate: &WgpuBuf, up: &WgpuBuf, len: usize, out: &mut WgpuBuf) -> Result<()> {
+        self.gated_act(Activation::Silu, gate, up, len, out)
+    }
+
+    fn sigmoid_gate(&self, gate: &WgpuBuf, x: &mut WgpuBuf, len: usize) -> Result<()> {
+        check("sigmoid_gate", "gate", gate.len, len)?;
+        check("sigmoid_gate", "x", x.len, len)?;
+        self.dispatch("sigmoid_gate", WDType::F32, &[&gate.raw, &x.raw], &[len as u32], self.grid_stride(len, self.knobs.elem_wg))
+    }
+
+    fn gated_act(&self, act: Activation, gate: &WgpuBuf, up: &WgpuBuf, len: usize, out: &mut WgpuBuf) -> Result<()> {
+        check("gated_act", "gate", gate.len, len)?;
+        check("gated_act", "up", up.len, len)?;
+        check("gated_act", "out", out.len, len)?;
+        let code = match act {
+            Activation::Gelu => 0,
+            Activation::Silu => 1,
+            Activation::Relu => 2,
+            Activation::ReluSquared => 3,
+            Activation::Sigmoid => 4,
+            Activation::Selu => 5,
+        };
+        self.dispatch("gated_act", WDType::F32, &[&gate.raw, &up.raw, &out.raw], &[len as u32, code], self.grid_stride(len, self.knobs.elem_wg))
+    }
+
+    fn scaled_add(&self, x: &mut WgpuBuf, y: &WgpuBuf, scale: &WgpuBuf, rows: usize, width: usize) -> Result<()> {
+        check("scaled_add", "x", x.len, rows * width)?;
+        check("scaled_add", "y", y.len, rows * width)?;
+        check("scaled_add", "scale", scale.len, width)?;
+        self.dispatch("scaled_add", WDType::F32, &[&x.raw, &y.raw, &scale.raw], &[rows as u32, width as u32], self.grid_stride(rows * width, self.knobs.elem_wg))
+    }
+
+    fn copy_cols(&self, src: &WgpuBuf, src_stride: usize, src_off: usize, dst: &mut WgpuBuf, dst_stride: usize, dst_off: usize, rows: usize, width: usize) -> Result<()> {
+        if rows == 0 || width == 0 {
+            return Ok(());
+        }
+        if src_off + width > src_stride || dst_off + width > dst_stride {
+            return Err(dev_err(format!("copy_cols: columns {src_off}+{width} / {dst_off}+{width} overrun row strides {src_stride} / {dst_stride}")));
+        }
+        check("copy_cols", "src", src.len, (rows - 1) * src_stride + src_off + width)?;
+        check("copy_cols", "dst", dst.len, (rows - 1) * dst_stride + dst_off + width)?;
+        let params = [src_stride as u32, src_off as u32, dst_stride as u32, dst_off as u32, rows as u32, width as u32];
+        self.dispatch("copy_cols", WDType::F32, &[&src.raw, &dst.raw], &params, self.grid_stride(rows * width, self.knobs.elem_wg))
+    }
+
+    fn headwise(&self, x: &WgpuBuf, rows: usize, w: &WgpuBuf, d: HeadwiseDims, bias: Option<&WgpuBuf>, out: &mut WgpuBuf) -> Result<()> {
+        check("headwise", "x", x.len, rows * d.blocks * d.din)?;
+        check("headwise", "w", w.len, d.blocks * d.dout * d.din)?;
+        check("headwise", "out", out.len, rows * d.blocks * d.dout)?;
+        if let Some(b) = bias {
+            check("headwise", "bias", b.len, d.blocks * d.dout)?;
+        }
+        let params = [rows as u32, d.blocks as u32, d.din as u32, d.dout as u32, bias.is_some() as u32];
+        let b = bias.map_or(&self.dummy.raw, |b| &b.raw);
+        self.dispatch("headwise", WDType::F32, &[&x.raw, &w.raw, b, &out.raw], &params, self.grid_stride(rows * d.blocks * d.dout, self.knobs.elem_wg))
+    }
+
+    fn conv1d_prefill(&self, d: ConvDims, seq: usize, x: &WgpuBuf, w: &WgpuBuf, bias: &WgpuBuf, state: &mut WgpuBuf, silu: bool, out: &mut WgpuBuf) -> Result<()> {
+        self.conv_full("conv1d_prefill", d, seq, false, x, w, bias, state, silu, out)
+    }
+
+    fn conv1d_step(&self, d: ConvDims, batch: usize, x: &WgpuBuf, w: &WgpuBuf, bias: &WgpuBuf, state: &mut WgpuBuf, silu: bool, out: &mut WgpuBuf) -> Result<()> {
+        self.conv_full("conv1d_step", d, batch, true, x, w, bias, state, silu, out)
+    }
+
+    fn mlstm_step(&self, d: MlstmDims, batch: usize, q: &WgpuBuf, k: &WgpuBuf, v: &WgpuBuf, i: &WgpuBuf, f: &WgpuBuf, s: &mut MlstmState<WgpuBuf>, eps: f32, h: &mut WgpuBuf) -> Result<()> {
+        self.mlstm_steps(d, batch, batch, q, k, v, i, f, None, s, eps, h)
+    }
+
+    fn mlstm_prefill(&self, kernel: MlstmKernel, d: MlstmDims, seq: usize, q: &WgpuBuf, k: &WgpuBuf, v: &WgpuBuf, i: &WgpuBuf, f: &WgpuBuf, s: &mut MlstmState<WgpuBuf>, eps: f32, h: &mut WgpuBuf) -> Result<()> {
+        if let MlstmKernel::Chunkwise { chunk: 0 } = kernel {
+            return Err(Error::Input("chunk size must be positive".into()));
+        }
+        // Every split of a segment gives the same result (NOTES §2); this backend runs the
+        // recurrent form token by token (two dispatches per token, all in one submission).
+        self.mlstm_steps(d, 1, seq, q, k, v, i, f, None, s, eps, h)
+    }
+
+    fn slstm_step(&self, batch: usize, g: SlstmGates<'_, WgpuBuf>, r: &WgpuBuf, bias: &WgpuBuf, s: &mut SlstmState<WgpuBuf>, y: &mut WgpuBuf) -> Result<()> {
+        self.slstm("slstm_step", batch, 1, g, r, bias, s, y)
+    }
+
+    fn slstm_prefill(&self, seq: usize, g: SlstmGates<'_, WgpuBuf>, r: &WgpuBuf, bias: &WgpuBuf, s: &mut SlstmState<WgpuBuf>, y: &mut WgpuBuf) -> Result<()> {
+        self.slstm("slstm_prefill", 1, seq, g, r, bias, s, y)
+    }
+
+    fn mlstm_gated_cell(&self, kernel: Option<MlstmKernel>, dims: MlstmDims, rows: usize, q: &WgpuBuf, k: &WgpuBuf, v: &WgpuBuf, o: &WgpuBuf, i: &mut WgpuBuf, f: &mut WgpuBuf, ibias: &WgpuBuf, fbias: &WgpuBuf, cap: f32, state: &mut MlstmState<WgpuBuf>, eps: f32, norm: &WgpuBuf, norm_eps: f32, h: &mut WgpuBuf, hn: &mut WgpuBuf) -> Result<()> {
+        // Bias + soft cap fused into the gate kernel, σ(o) fused into the per-head norm.
+        if let Some(MlstmKernel::Chunkwise { chunk: 0 }) = kernel {
+            return Err(Error::Input("chunk size must be positive".into()));
+        }
+        let batch = if kernel.is_some() { 1 } else { rows };
+        self.mlstm_steps(dims, batch, rows, q, k, v, i, f, Some((ibias, fbias, cap)), state, eps, h)?;
+        let width = dims.heads * dims.dv;
+        self.group_norm_gated(h, rows, width, dims.dv, norm, None, Some(o), norm_eps, hn)
+    }
+
+    fn device_bandwidth(&self) -> Result<Option<xlstm_core::bench::Bandwidth>> {
+        self.measure_bandwidth().map(Some)
+    }
+}
+
+impl WgpuBackend {
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_gated(&self, x: &WgpuBuf, rows: usize, width: usize, group: usize, weight: &WgpuBuf, bias: Option<&WgpuBuf>, gate: Option<&WgpuBuf>, eps: f32, out: &mut WgpuBuf) -> Result<()> {
+        check("group_norm", "x", x.len, rows * width)?;
+        check("group_norm", "out", out.len, rows * width)?;
+        check("group_norm", "weight", weight.len, width)?;
+        if group == 0 || width % group != 0 {
+            return Err(dev_err(format!("group_norm: width {width} is not a multiple of group {group}")));
+        }
+        if let Some(b) = bias {
+            check("group_norm", "bias", b.len, width)?;
+        }
+        if let Some(g) = gate {
+            check("group_norm", "gate", g.len, rows * width)?;
+        }
+        let params = [rows as u32, width as u32, group as u32, eps.to_bits(), bias.is_some() as u32, gate.is_some() as u32];
+        let b = bias.map_or(&self.dummy.raw, |b| &b.raw);
+        let g = gate.map_or(&self.dummy.raw, |g| &g.raw);
+        self.dispatch("group_norm", WDType::F32, &[&x.raw, &weight.raw, b, g, &out.raw], &params, split((rows * (width / group)) as u64))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn conv_full(&self, op: &str, d: ConvDims, rows: usize, per_row: bool, x: &WgpuBuf, w: &WgpuBuf, bias: &WgpuBuf, state: &mut WgpuBuf, silu: bool, out: &mut WgpuBuf) -> Result<()> {
+        if d.kernel == 0 {
+            return Err(dev_err(format!("{op}: a conv1d needs at least one tap")));
+        }
+        let ch = d.channels;
+        let seqs = if per_row { rows } else { 1 };
+        check(op, "x", x.len, rows * ch)?;
+        check(op, "w", w.len, d.kernel * ch)?;
+        check(op, "bias", bias.len, ch)?;
+        check(op, "state", state.len, seqs * d.taps() * ch)?;
+        check(op, "out", out.len, rows * ch)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let params = [rows as u32, ch as u32, d.kernel as u32, per_row as u32, silu as u32];
+        let wg = self.knobs.elem_wg;
+        let st = if d.taps() == 0 { &self.dummy.raw } else { &state.raw };
+        self.dispatch("conv_out", WDType::F32, &[&x.raw, &w.raw, &bias.raw, st, &out.raw], &params, self.grid_stride(rows * ch, wg))?;
+        if d.taps() > 0 {
+            self.dispatch("conv_state", WDType::F32, &[&x.raw, &state.raw], &params, self.grid_stride(seqs * ch, wg))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,189 @@
+//! WGSL sources (one file per op family, embedded at build time) and the small preprocessor that
+//! makes their variants: weight dtype (BF16 / F16 / F32), subgroup operations or not, and the
+//! tile/workgroup knobs. The naga test translates every variant this module lists to Metal.
+use std::collections::BTreeMap;
+
+pub const COMMON: &str = include_str!("../shaders/common.wgsl");
+pub const REDUCE: &str = include_str!("../shaders/reduce.wgsl");
+
+/// The kernel files: (name, source, whether it uses `wg_sum` from reduce.wgsl).
+pub const FILES: &[(&str, &str, bool)] = &[
+    ("gemv", include_str!("../shaders/gemv.wgsl"), false),
+    ("gemm", include_str!("../shaders/gemm.wgsl"), false),
+    ("embed", include_str!("../shaders/embed.wgsl"), false),
+    ("norm", include_str!("../shaders/norm.wgsl"), true),
+    ("elementwise", include_str!("../shaders/elementwise.wgsl"), false),
+    ("conv", include_str!("../shaders/conv.wgsl"), false),
+    ("mlstm", include_str!("../shaders/mlstm.wgsl"), true),
+    ("slstm", include_str!("../shaders/slstm.wgsl"), false),
+];
+
+/// Weight storage of a matrix kernel variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WDType {
+    BF16,
+    F16,
+    F32,
+}
+
+impl WDType {
+    pub fn define(self) -> &'static str {
+        match self {
+            WDType::BF16 => "BF16",
+            WDType::F16 => "F16",
+            WDType::F32 => "F32",
+        }
+    }
+}
+
+/// Tile and workgroup sizes. Results do not depend on them (up to f32 summation order).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Knobs {
+    /// GEMV: invocations per workgroup (a power of two) and weight rows per workgroup.
+    pub gemv_wg: u32,
+    pub gemv_rows: u32,
+    /// GEMM tile: rows of x × weight rows × k step, and outputs per invocation (TM × TN).
+    pub gemm_bm: u32,
+    pub gemm_bn: u32,
+    pub gemm_bk: u32,
+    pub gemm_tm: u32,
+    pub gemm_tn: u32,
+    /// Invocations per workgroup of the norm/reduction kernels (a power of two) and of pointwise kernels.
+    pub reduce_wg: u32,
+    pub elem_wg: u32,
+    /// mLSTM cell: C columns per workgroup and slices of DK.
+    pub cell_cols: u32,
+    pub cell_split: u32,
+}
+
+/// Input rows the GEMV kernel takes at once (more rows go through the GEMM).
+pub const GEMV_MAX_ROWS: usize = 4;
+
+impl Knobs {
+    /// Defaults per adapter type: CPU adapters (lavapipe) get small workgroups, GPUs wider ones.
+    pub fn for_adapter(cpu: bool) -> Self {
+        if cpu {
+            Knobs { gemv_wg: 32, gemv_rows: 4, gemm_bm: 32, gemm_bn: 32, gemm_bk: 16, gemm_tm: 4, gemm_tn: 4, reduce_wg: 64, elem_wg: 64, cell_cols: 32, cell_split: 2 }
+        } else {
+            Knobs { gemv_wg: 128, gemv_rows: 4, gemm_bm: 64, gemm_bn: 64, gemm_bk: 16, gemm_tm: 4, gemm_tn: 4, reduce_wg: 256, elem_wg: 256, cell_cols: 64, cell_split: 4 }
+        }
+    }
+
+    /// `XLSTM_WGPU_GEMV=WGxROWS` and `XLSTM_WGPU_GEMM=BMxBNxBKxTMxTN` override the defaults.
+    pub fn with_env(mut self) -> Self {
+        let nums = |v: String| v.split('x').map(|s| s.trim().parse::<u32>().ok()).collect::<Option<Vec<u32>>>();
+        if let Some(v) = std::env::var("XLSTM_WGPU_GEMV").ok().and_then(nums) {
+            if v.len() == 2 && v[0].is_power_of_two() && v[1] > 0 {
+                (self.gemv_wg, self.gemv_rows) = (v[0], v[1]);
+            }
+        }
+        if let Some(v) = std::env::var("XLSTM_WGPU_GEMM").ok().and_then(nums) {
+            if v.len() == 5 && v[0] % v[3] == 0 && v[1] % v[4] == 0 && (v[0] / v[3]) * (v[1] / v[4]) <= 256 {
+                (self.gemm_bm, self.gemm_bn, self.gemm_bk, self.gemm_tm, self.gemm_tn) = (v[0], v[1], v[2], v[3], v[4]);
+            }
+        }
+        self
+    }
+
+    fn subst(&self, file: &str) -> BTreeMap<&'static str, String> {
+        let mut m = BTreeMap::new();
+        let wg = match file {
+            "gemv" => self.gemv_wg,
+            "norm" | "mlstm" => self.reduce_wg,
+            "slstm" => 64,
+            _ => self.elem_wg,
+        };
+        m.insert("WG", wg.to_string());
+        m.insert("R", self.gemv_rows.to_string());
+        m.insert("B", GEMV_MAX_ROWS.to_string());
+        m.insert("BM", self.gemm_bm.to_string());
+        m.insert("BN", self.gemm_bn.to_string());
+        m.insert("BK", self.gemm_bk.to_string());
+        m.insert("TM", self.gemm_tm.to_string());
+        m.insert("TN", self.gemm_tn.to_string());
+        m.insert("COLS", self.cell_cols.to_string());
+        m.insert("SPLIT", self.cell_split.to_string());
+        m
+    }
+}
+
+/// Which variant of a kernel file.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Variant {
+    pub file: &'static str,
+    pub dtype: WDType,
+    pub subgroup: bool,
+}
+
+/// The full WGSL of one variant: common.wgsl (+ reduce.wgsl) + the file, preprocessed.
+pub fn source(v: &Variant, knobs: &Knobs) -> String {
+    let (_, body, reduce) = FILES.iter().find(|f| f.0 == v.file).unwrap_or_else(|| panic!("no shader file `{}`", v.file));
+    let mut text = String::from(COMMON);
+    if *reduce {
+        text.push_str(REDUCE);
+    }
+    text.push_str(body);
+    let mut defs = vec![v.dtype.define()];
+    if v.subgroup {
+        defs.push("SUBGROUP");
+    }
+    let mut subst = knobs.subst(v.file);
+    let (params, args, fnp) = if v.subgroup {
+        (", @builtin(subgroup_size) sgs: u32, @builtin(subgroup_invocation_id) sgl: u32", ", sgs, sgl", ", sgs: u32, sgl: u32")
+    } else {
+        ("", "", "")
+    };
+    subst.insert("SG_PARAMS", params.into());
+    subst.insert("SG_ARGS", args.into());
+    subst.insert("SG_FN", fnp.into());
+    preprocess(&text, &defs, &subst)
+}
+
+/// `//#if NAME`, `//#else`, `//#endif` (nestable) keep or drop lines; `{{KEY}}` is replaced.
+pub fn preprocess(text: &str, defs: &[&str], subst: &BTreeMap<&'static str, String>) -> String {
+    let mut out = String::with_capacity(text.len());
+    // stack of (this branch active, parent active)
+    let mut stack: Vec<(bool, bool)> = Vec::new();
+    let active = |s: &Vec<(bool, bool)>| s.last().is_none_or(|&(a, p)| a && p);
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix("//#if ") {
+            let parent = active(&stack);
+            stack.push((defs.contains(&name.trim()), parent));
+            continue;
+        }
+        if t == "//#else" {
+            if let Some(top) = stack.last_mut() {
+                top.0 = !top.0;
+            }
+            continue;
+        }
+        if t == "//#endif" {
+            stack.pop();
+            continue;
+        }
+        if active(&stack) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    for (k, v) in subst {
+        out = out.replace(&format!("{{{{{k}}}}}"), v);
+    }
+    out
+}
+
+/// Every variant the backend can build (for the naga/MSL test): all files × subgroup on/off, and
+/// the three weight dtypes for the files that read weights.
+pub fn all_variants() -> Vec<Variant> {
+    let mut v = Vec::new();
+    for (file, _, _) in FILES {
+        let dtypes: &[WDType] = if matches!(*file, "gemv" | "gemm" | "embed") { &[WDType::BF16, WDType::F16, WDType::F32] } else { &[WDType::F32] };
+        for &dtype in dtypes {
+            for subgroup in [false, true] {
+                v.push(Variant { file, dtype, subgroup });
+            }
+        }
+    }
+    v
+}
