@@ -29,3 +29,4 @@ pub mod watchdog;
 pub mod live;
 pub mod stream;
 pub mod tune;
+pub mod testing;

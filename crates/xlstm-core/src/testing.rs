@@ -1,0 +1,71 @@
+//! Helpers for the golden-case tests of every backend: where the cases live, reading their expected
+//! outputs, and the relative-error measure the bounds are stated in. Shipped in the library so the
+//! CPU, CUDA and wgpu test suites share one copy.
+use std::path::PathBuf;
+
+use safetensors::{Dtype, SafeTensors};
+
+/// `tests/data/NAME` of this workspace; `XLSTM_TEST_DATA` points elsewhere (a test binary run away
+/// from its checkout, e.g. on the GPU machine).
+pub fn case_dir(name: &str) -> PathBuf {
+    match std::env::var("XLSTM_TEST_DATA") {
+        Ok(d) if !d.is_empty() => PathBuf::from(d).join(name),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(name),
+    }
+}
+
+/// A case's `expected.safetensors`.
+pub struct Expected {
+    bytes: Vec<u8>,
+}
+
+impl Expected {
+    /// Panics (these are test helpers) when the case is missing.
+    pub fn load(case: &str) -> Self {
+        let path = case_dir(case).join("expected.safetensors");
+        Expected { bytes: std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())) }
+    }
+    fn st(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).expect("a valid expected.safetensors")
+    }
+    pub fn has(&self, name: &str) -> bool {
+        self.st().tensor(name).is_ok()
+    }
+    pub fn shape(&self, name: &str) -> Vec<usize> {
+        self.st().tensor(name).unwrap_or_else(|_| panic!("missing {name}")).shape().to_vec()
+    }
+    /// Any float tensor as f64.
+    pub fn f64(&self, name: &str) -> Vec<f64> {
+        let st = self.st();
+        let t = st.tensor(name).unwrap_or_else(|_| panic!("missing {name}"));
+        match t.dtype() {
+            Dtype::F64 => t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(),
+            Dtype::F32 => t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64).collect(),
+            d => panic!("{name}: unexpected dtype {d:?}"),
+        }
+    }
+    /// An i64 id tensor as u32 token ids.
+    pub fn ids(&self, name: &str) -> Vec<u32> {
+        let st = self.st();
+        let t = st.tensor(name).unwrap_or_else(|_| panic!("missing {name}"));
+        assert_eq!(t.dtype(), Dtype::I64, "{name} holds token ids");
+        t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")) as u32).collect()
+    }
+}
+
+/// Relative Frobenius error ‖a − b‖ / ‖b‖ (the absolute error when b is all zeros).
+pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    if den == 0.0 {
+        return num.sqrt();
+    }
+    (num / den).sqrt()
+}
+
+pub fn rel_err32(a: &[f32], b: &[f32]) -> f64 {
+    rel_err(a, &b.iter().map(|&x| x as f64).collect::<Vec<_>>())
+}
+
+pub use crate::sampling::argmax;
