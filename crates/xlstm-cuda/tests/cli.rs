@@ -16,7 +16,7 @@ fn xlstm_bin() -> Option<PathBuf> {
 }
 
 fn logits(bin: &PathBuf, device: &str, mode: &str, out: &std::path::Path) -> Vec<f32> {
-    let data = std::env::var("XLSTM_TESTS_DATA").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data"));
+    let data = std::env::var("XLSTM_TEST_DATA").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data"));
     let case = data.join("large_tiny");
     let o = Command::new(bin)
         .args(["logits", "--model", case.to_str().unwrap(), "--dtype", "f32", "--tokens", "0,5,17,42,7,99,3,1,64,12,250,31,8,77,5,5,19,101,44,2", "--mode", mode, "--device", device, "--out"])

@@ -6,44 +6,13 @@
 mod common;
 
 use common::*;
-use safetensors::{Dtype, SafeTensors};
+use xlstm_core::testing::{argmax, Expected};
 use xlstm_core::model::LogitRows;
 use xlstm_core::state::LayerState;
 use xlstm_core::{Backend, DType, MlstmKernel, Model};
 use xlstm_cuda::CudaBackend;
 
 const TOL: f64 = 1e-4;
-
-struct Expected(Vec<u8>);
-
-impl Expected {
-    fn load(case: &str) -> Self {
-        Expected(std::fs::read(case_dir(case).join("expected.safetensors")).expect("expected.safetensors"))
-    }
-    fn f64(&self, name: &str) -> Vec<f64> {
-        let st = SafeTensors::deserialize(&self.0).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("missing {name}"));
-        match t.dtype() {
-            Dtype::F64 => t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
-            Dtype::F32 => t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
-            d => panic!("{name}: unexpected dtype {d:?}"),
-        }
-    }
-    fn ids(&self, name: &str) -> Vec<u32> {
-        let st = SafeTensors::deserialize(&self.0).unwrap();
-        st.tensor(name).unwrap().data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect()
-    }
-}
-
-fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 fn load(g: &CudaBackend, case: &str, dt: DType) -> Model<CudaBackend> {
     Model::load(g.clone(), &case_dir(case), dt).expect("golden case loads on CUDA")

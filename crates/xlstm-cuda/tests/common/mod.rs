@@ -73,11 +73,6 @@ pub fn rel64(a: &[f32], b: &[f64]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-/// A golden case folder: tests/data/NAME (or $XLSTM_TESTS_DATA/NAME, for test binaries run from another
-/// checkout).
-pub fn case_dir(name: &str) -> std::path::PathBuf {
-    match std::env::var("XLSTM_TESTS_DATA") {
-        Ok(d) => std::path::PathBuf::from(d).join(name),
-        Err(_) => std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(name),
-    }
-}
+/// A golden case folder (tests/data/NAME, or $XLSTM_TEST_DATA/NAME for binaries run elsewhere).
+#[allow(unused_imports)]
+pub use xlstm_core::testing::case_dir;
