@@ -69,3 +69,21 @@ pub fn rel_err32(a: &[f32], b: &[f32]) -> f64 {
 }
 
 pub use crate::sampling::argmax;
+
+/// Checks a model against a case's `gen_greedy`: the prompt `gen_prompt` prefilled chunkwise with
+/// `chunk`, then one argmax token per recurrent step. Panics with the case name on a difference.
+pub fn assert_greedy_matches<B: crate::Backend>(model: &mut crate::Model<B>, case: &str, chunk: usize) {
+    let exp = Expected::load(case);
+    let prompt = exp.ids("gen_prompt");
+    let want = exp.ids("gen_greedy");
+    let mut st = model.new_state(1).expect("state");
+    let kernel = crate::MlstmKernel::Chunkwise { chunk };
+    let mut logits = model.prefill(&prompt, &mut st, kernel, crate::LogitRows::Last).expect("prefill");
+    let mut got = Vec::new();
+    for _ in 0..want.len() {
+        let t = argmax(&logits);
+        got.push(t);
+        logits = model.step(&[t], &mut st).expect("step");
+    }
+    assert_eq!(got, want, "{case}: greedy continuation differs from the reference");
+}

@@ -47,20 +47,9 @@ fn check_step(case: &str) {
 }
 
 fn check_greedy(case: &str) {
-    let exp = Expected::load(case);
     let mut model = load(case);
-    let prompt = exp.ids("gen_prompt");
-    let want = exp.ids("gen_greedy");
-    let mut st = model.new_state(1).unwrap();
     let chunk = model.chunk_size;
-    let mut logits = model.prefill(&prompt, &mut st, MlstmKernel::Chunkwise { chunk }, LogitRows::Last).unwrap();
-    let mut got = Vec::new();
-    for _ in 0..want.len() {
-        let t = argmax(&logits);
-        got.push(t);
-        logits = model.step(&[t], &mut st).unwrap();
-    }
-    assert_eq!(got, want, "{case}: greedy continuation differs from the reference");
+    assert_greedy_matches(&mut model, case, chunk);
 }
 
 #[test]

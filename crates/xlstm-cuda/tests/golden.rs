@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use xlstm_core::testing::{argmax, Expected};
+use xlstm_core::testing::{assert_greedy_matches, Expected};
 use xlstm_core::model::LogitRows;
 use xlstm_core::state::LayerState;
 use xlstm_core::{Backend, DType, MlstmKernel, Model};
@@ -53,20 +53,9 @@ fn step_logits(g: &CudaBackend, case: &str, dt: DType, tol: f64) {
 }
 
 fn greedy(g: &CudaBackend, case: &str) {
-    let exp = Expected::load(case);
     let mut model = load(g, case, DType::F32);
-    let prompt = exp.ids("gen_prompt");
-    let want = exp.ids("gen_greedy");
-    let mut st = model.new_state(1).unwrap();
     let chunk = model.chunk_size;
-    let mut logits = model.prefill(&prompt, &mut st, MlstmKernel::Chunkwise { chunk }, LogitRows::Last).unwrap();
-    let mut got = Vec::new();
-    for _ in 0..want.len() {
-        let t = argmax(&logits);
-        got.push(t);
-        logits = model.step(&[t], &mut st).unwrap();
-    }
-    assert_eq!(got, want, "{case}: greedy continuation differs from the reference");
+    assert_greedy_matches(&mut model, case, chunk);
 }
 
 #[test]

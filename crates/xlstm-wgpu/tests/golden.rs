@@ -56,19 +56,8 @@ fn step(case: &str) {
 
 fn greedy(case: &str, chunk: Option<usize>) {
     let Some(mut model) = load(case, DType::F32) else { return };
-    let exp = Expected::load(case);
-    let prompt = exp.ids("gen_prompt");
-    let want = exp.ids("gen_greedy");
-    let mut st = model.new_state(1).unwrap();
     let chunk = chunk.unwrap_or(model.chunk_size);
-    let mut logits = model.prefill(&prompt, &mut st, MlstmKernel::Chunkwise { chunk }, LogitRows::Last).unwrap();
-    let mut got = Vec::new();
-    for _ in 0..want.len() {
-        let t = argmax(&logits);
-        got.push(t);
-        logits = model.step(&[t], &mut st).unwrap();
-    }
-    assert_eq!(got, want, "{case}: greedy continuation differs from the reference");
+    assert_greedy_matches(&mut model, case, chunk);
 }
 
 #[test]
