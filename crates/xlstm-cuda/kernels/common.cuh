@@ -77,3 +77,16 @@ __device__ __forceinline__ void pdl_trigger() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+
+// Activations, numbered as in the Rust enum `Activation`: 0 GELU (exact), 1 SiLU, 2 ReLU,
+// 3 ReLU², 4 sigmoid, 5 SELU.
+__device__ __forceinline__ float act_apply(int act, float x) {
+    switch (act) {
+        case 0: return 0.5f * x * erfcf(-x * 0.70710678118654752f);
+        case 1: return x / (1.f + expf(-x));
+        case 2: return fmaxf(x, 0.f);
+        case 3: { float r = fmaxf(x, 0.f); return r * r; }
+        case 4: return 1.f / (1.f + expf(-x));
+        default: return 1.0507009873554805f * (x > 0.f ? x : 1.6732632423543772f * (expf(x) - 1.f));
+    }
+}

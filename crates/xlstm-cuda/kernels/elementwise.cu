@@ -34,19 +34,6 @@ extern "C" __global__ void sigmoid_gate(const float* gate, float* x, int n) {
         x[e] *= sigmoid_exact(gate[e]);
 }
 
-// Activations, numbered as in the Rust enum `Activation`: 0 GELU (exact), 1 SiLU, 2 ReLU,
-// 3 ReLU², 4 sigmoid, 5 SELU.
-__device__ __forceinline__ float act_apply(int act, float x) {
-    switch (act) {
-        case 0: return 0.5f * x * erfcf(-x * 0.70710678118654752f);
-        case 1: return x / (1.f + expf(-x));
-        case 2: return fmaxf(x, 0.f);
-        case 3: { float r = fmaxf(x, 0.f); return r * r; }
-        case 4: return 1.f / (1.f + expf(-x));
-        default: return 1.0507009873554805f * (x > 0.f ? x : 1.6732632423543772f * (expf(x) - 1.f));
-    }
-}
-
 // out = act(gate) ⊙ up  (act 1 = SwiGLU's silu)
 extern "C" __global__ void gated_act(int act, const float* gate, const float* up, float* out, int n) {
     for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x)

@@ -51,17 +51,6 @@ __device__ __forceinline__ uint4 ld_stream(const void* p) {
     return r;
 }
 
-__device__ __forceinline__ float gemv_act(int act, float x) {
-    switch (act) {
-        case 0: return 0.5f * x * erfcf(-x * 0.70710678118654752f);
-        case 1: return x / (1.f + expf(-x));
-        case 2: return fmaxf(x, 0.f);
-        case 3: { float r = fmaxf(x, 0.f); return r * r; }
-        case 4: return 1.f / (1.f + expf(-x));
-        default: return 1.0507009873554805f * (x > 0.f ? x : 1.6732632423543772f * (expf(x) - 1.f));
-    }
-}
-
 // 8 weights of one 16-byte chunk as f32.
 __device__ __forceinline__ void unpack8(uint4 v, int dt, float* f) {
     u32 u[4] = {v.x, v.y, v.z, v.w};
@@ -154,7 +143,7 @@ __device__ __forceinline__ void gemv_finish(const GemvSeg& sg, bool pair, int ac
             float* o = sg.out + (long long)r * sg.ld + row;
             if (sg.mode == 0) *o = v;
             else if (sg.mode == 1) *o += v;
-            else *o = gemv_act(act, v) * v2;
+            else *o = act_apply(act, v) * v2;
         }
         acc[r] = 0.f;
         acc2[r] = 0.f;
