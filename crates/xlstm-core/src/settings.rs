@@ -27,6 +27,7 @@ pub const KNOBS: &[Knob] = &[
     Knob { key: "shrink_on_soft", env: "XLSTM_SHRINK_ON_SOFT", flag: "--no-mem-shrink", default: "1", help: "allow `shrink` at the soft limit (0 disables; --no-mem-shrink)" },
     Knob { key: "min_chunk", env: "XLSTM_MIN_CHUNK", flag: "--min-chunk", default: "8", help: "smallest prefill chunk shrinking may reach" },
     Knob { key: "chunk_size", env: "XLSTM_CHUNK_SIZE", flag: "--chunk-size", default: "", help: "prefill chunk size (default: the model's, 64 for xLSTM-7B)" },
+    Knob { key: "prefill_segment", env: "XLSTM_PREFILL_SEGMENT", flag: "--prefill-segment", default: "", help: "prompt tokens one prefill pass takes (a multiple of the chunk; default: the backend's, 512 on CPU, 2048 on CUDA)" },
     Knob { key: "heads_per_band", env: "XLSTM_HEADS_PER_BAND", flag: "--heads-per-band", default: "", help: "heads one kernel launch / CPU task takes (default 1: each head its own task)" },
     Knob { key: "workers", env: "XLSTM_WORKERS", flag: "--workers", default: "", help: "CPU worker threads (default: one per core)" },
     Knob { key: "streams", env: "XLSTM_STREAMS", flag: "--streams", default: "1", help: "GPU streams" },
@@ -177,6 +178,9 @@ impl Settings {
         if self.chunk_size()? == Some(0) {
             return Err(self.bad("chunk_size", "a positive chunk size"));
         }
+        if self.prefill_segment()? == Some(0) {
+            return Err(self.bad("prefill_segment", "a positive number of tokens"));
+        }
         if self.heads_per_band()? == Some(0) {
             return Err(self.bad("heads_per_band", "a positive number of heads"));
         }
@@ -232,6 +236,9 @@ impl Settings {
     }
     pub fn chunk_size(&self) -> Result<Option<usize>> {
         self.num("chunk_size", "a chunk size")
+    }
+    pub fn prefill_segment(&self) -> Result<Option<usize>> {
+        self.num("prefill_segment", "a number of tokens")
     }
     pub fn heads_per_band(&self) -> Result<Option<usize>> {
         self.num("heads_per_band", "a number of heads")

@@ -100,3 +100,21 @@ fn large_tiny_sequence_kernel() {
     let err = rel_err(&logits, &exp.f64("logits_f64"));
     assert!(err < TOL, "sequence kernel rel err {err:e}");
 }
+
+/// Short prefill segments (the prompt fed in several passes, state carried) give the reference's
+/// logits and state too; a segment is rounded to whole chunks.
+#[test]
+fn large_tiny_short_prefill_segments() {
+    let exp = Expected::load("large_tiny");
+    let ids = exp.ids("input_ids");
+    for segment in [1usize, 16, 40] {
+        let mut model = load("large_tiny");
+        model.prefill_segment = segment;
+        let mut st = model.new_state(1).unwrap();
+        let logits = model.prefill(&ids, &mut st, MlstmKernel::Chunkwise { chunk: 8 }, LogitRows::All).unwrap();
+        let err = rel_err(&logits, &exp.f64("logits_f64"));
+        assert!(err < TOL, "segment {segment}: logits rel err {err:e}");
+        assert!(model.segments.len() > 1, "segment {segment}: the prompt took {} passes", model.segments.len());
+        assert!(model.segments.iter().all(|s| s.tokens <= segment.max(8)), "segment {segment}: {:?}", model.segments);
+    }
+}

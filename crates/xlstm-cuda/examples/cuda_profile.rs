@@ -46,6 +46,7 @@ fn time(g: &CudaBackend, reps: usize, mut f: impl FnMut(usize)) -> f64 {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let prefill_only = std::env::args().any(|a| a == "--prefill-only");
     let g = CudaBackend::new(0).expect("a usable CUDA device");
     println!("{{\"device\":\"{}\"}}", g.device_name());
     let bw = g.measure_bandwidth().unwrap();
@@ -101,30 +102,40 @@ fn main() {
         });
         println!("{{\"kernel\":\"mlstm_cell_step\",\"rows\":{rows},\"us\":{us:.1},\"state_gb_s\":{:.0}}}", 2.0 * 4.0 * (rows * nh * 256 * 512) as f64 / us / 1e3);
     }
-    // chunkwise prefill of one layer's cell, 512 tokens
+    // chunkwise prefill of one layer's cell over one 2048-token segment: CUDA cores, tensor cores
+    // with exact (split TF32) and TF32 operands
     {
         let dims = MlstmDims { heads: nh, dk: 256, dv: 512 };
-        let seq = 512;
+        let seq = 2048;
         let (q, k, v) = (buf(&g, seq * qk, 0.1), buf(&g, seq * qk, 0.1), buf(&g, seq * vd, 0.1));
         let (i, f) = (buf(&g, seq * nh, 0.0), buf(&g, seq * nh, 3.0));
         let mut st = MlstmState { c: buf(&g, nh * 256 * 512, 0.0), n: buf(&g, nh * 256, 0.0), m: buf(&g, nh, 0.0), dims };
         let mut h = buf(&g, seq * vd, 0.0);
-        let us = time(&g, 20, |_| g.mlstm_prefill(MlstmKernel::Chunkwise { chunk: 64 }, dims, seq, &q, &k, &v, &i, &f, &mut st, 1e-6, &mut h).unwrap());
-        println!("{{\"kernel\":\"mlstm_chunkwise_512\",\"us\":{us:.1}}}");
-        for phase in ["states", "out"] {
-            std::env::set_var("XLSTM_CUDA_CHUNK_ONLY", phase);
-            let us = time(&g, 20, |_| g.mlstm_prefill(MlstmKernel::Chunkwise { chunk: 64 }, dims, seq, &q, &k, &v, &i, &f, &mut st, 1e-6, &mut h).unwrap());
-            println!("{{\"kernel\":\"mlstm_chunk_{phase}_512\",\"us\":{us:.1}}}");
+        for (name, tc, weights) in [("cuda_cores", "0", DType::F32), ("tc_exact", "1", DType::F32), ("tc_tf32", "1", DType::BF16)] {
+            std::env::set_var("XLSTM_CUDA_CHUNK_TC", tc);
+            g.set_weight_dtype(weights);
+            for phase in ["both", "states", "out"] {
+                if phase == "both" {
+                    std::env::remove_var("XLSTM_CUDA_CHUNK_ONLY");
+                } else {
+                    std::env::set_var("XLSTM_CUDA_CHUNK_ONLY", phase);
+                }
+                let us = time(&g, 10, |_| g.mlstm_prefill(MlstmKernel::Chunkwise { chunk: 64 }, dims, seq, &q, &k, &v, &i, &f, &mut st, 1e-6, &mut h).unwrap());
+                println!("{{\"kernel\":\"mlstm_chunkwise_{seq}\",\"impl\":\"{name}\",\"phase\":\"{phase}\",\"us\":{us:.1}}}");
+            }
         }
         std::env::remove_var("XLSTM_CUDA_CHUNK_ONLY");
+        std::env::remove_var("XLSTM_CUDA_CHUNK_TC");
     }
-    // prefill-sized products (512 rows) through cuBLAS, each shape alone
-    for &(n, k) in &[(2048usize, 4096usize), (4096, 4096), (10944, 4096), (4096, 10944), (12288, 4096), (21888, 4096)] {
-        let w = mat(&g, n, k, 7);
-        let x = buf(&g, 512 * k, 0.3);
-        let mut o = buf(&g, 512 * n, 0.0);
-        let us = time(&g, 10, |_| g.matmul(&x, 512, &w, &mut o).unwrap());
-        println!("{{\"gemm\":[512,{n},{k}],\"us\":{us:.1},\"tflop_s\":{:.0}}}", 2.0 * 512.0 * (n * k) as f64 / us / 1e6);
+    // prefill-sized products through cuBLAS, each shape alone, at 512 / 2048 / 4096 rows
+    for rows in [512usize, 2048, 4096] {
+        for &(n, k) in &[(4096usize, 4096usize), (10944, 4096), (4096, 10944), (12304, 4096), (21888, 4096)] {
+            let w = mat(&g, n, k, 7);
+            let x = buf(&g, rows * k, 0.3);
+            let mut o = buf(&g, rows * n, 0.0);
+            let us = time(&g, 10, |_| g.matmul(&x, rows, &w, &mut o).unwrap());
+            println!("{{\"gemm\":[{rows},{n},{k}],\"us\":{us:.1},\"tflop_s\":{:.0}}}", 2.0 * rows as f64 * (n * k) as f64 / us / 1e6);
+        }
     }
     drop(sets);
 
@@ -134,7 +145,7 @@ fn main() {
     let mut model = Model::random(g.clone(), ModelConfig::Large(cfg), DType::BF16, 0).unwrap();
     println!("{{\"load_random_7b_s\":{:.1},\"weight_bytes_per_token\":{}}}", t.elapsed().as_secs_f64(), model.weight_bytes_per_token());
     let floor_ms = model.weight_bytes_per_token() as f64 / (bw.copy_gb_s * 1e9) * 1e3;
-    let batches: &[usize] = if quick { &[1, 64] } else { &[1, 16, 64, 256] };
+    let batches: &[usize] = if prefill_only { &[] } else if quick { &[1, 64] } else { &[1, 16, 64, 256] };
     for &b in batches {
         for graphs in [false, true] {
             if !graphs && b > 16 {
@@ -161,16 +172,29 @@ fn main() {
         }
     }
     g.set_graphs(true);
-    let lens: &[usize] = if quick { &[512, 8192] } else { &[512, 2048, 8192] };
-    for &len in lens {
-        let ids: Vec<u32> = (0..len as u32).map(|x| (x * 2654435761u32) % 50304).collect();
-        let mut best = f64::MAX;
-        for _ in 0..2 {
-            let mut st = model.new_state(1).unwrap();
-            let t = Instant::now();
-            model.prefill(&ids, &mut st, MlstmKernel::Chunkwise { chunk: 64 }, LogitRows::Last).unwrap();
-            best = best.min(t.elapsed().as_secs_f64());
+    for seg in [512usize, 2048, 4096] {
+        model.prefill_segment = seg;
+        for len in [2048usize, 8192] {
+            let ids: Vec<u32> = (0..len as u32).map(|x| (x * 2654435761u32) % 50304).collect();
+            let mut best = f64::MAX;
+            for _ in 0..2 {
+                let mut st = model.new_state(1).unwrap();
+                let t = Instant::now();
+                model.prefill(&ids, &mut st, MlstmKernel::Chunkwise { chunk: 64 }, LogitRows::Last).unwrap();
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            let tflop = len as f64 * 2.0 * model.weight_bytes_per_token() as f64 / 2.0 / best / 1e12;
+            println!("{{\"prefill\":{{\"segment\":{seg},\"tokens\":{len},\"ms\":{:.1},\"tok_s\":{:.0},\"tflop_s\":{tflop:.0}}}}}", best * 1e3, len as f64 / best);
         }
-        println!("{{\"prefill\":{{\"tokens\":{len},\"ms\":{:.1},\"tok_s\":{:.0},\"tflop_s\":{:.0}}}}}", best * 1e3, len as f64 / best, len as f64 * 2.0 * 6.6e9 / best / 1e12);
     }
+    // where a prefill's time goes, op by op (each op waited for)
+    model.prefill_segment = 2048;
+    let ids: Vec<u32> = (0..8192u32).map(|x| (x * 2654435761u32) % 50304).collect();
+    g.set_op_timing(true);
+    let mut st = model.new_state(1).unwrap();
+    model.prefill(&ids, &mut st, MlstmKernel::Chunkwise { chunk: 64 }, LogitRows::Last).unwrap();
+    for (op, calls, s) in g.op_times() {
+        println!("{{\"prefill_8192_op\":\"{op}\",\"calls\":{calls},\"ms\":{:.2}}}", s * 1e3);
+    }
+    g.set_op_timing(false);
 }

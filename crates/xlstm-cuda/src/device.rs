@@ -81,6 +81,9 @@ pub(crate) struct Funcs {
     pub mlstm_step_wide: CUfunction,
     pub chunk_states: CUfunction,
     pub chunk_out: CUfunction,
+    /// Tensor-core chunk kernels: [TF32, exact (split TF32)].
+    pub chunk_states_tc: [CUfunction; 2],
+    pub chunk_out_tc: [CUfunction; 2],
     pub headwise: CUfunction,
     pub conv_seq_out: CUfunction,
     pub conv_seq_state: CUfunction,
@@ -127,6 +130,12 @@ pub(crate) struct Dev {
     pub sms: i32,
     /// Programmatic dependent launch for the decode kernels (sm_90+, `XLSTM_CUDA_PDL=0` turns it off).
     pub pdl: bool,
+    /// Whether the chunkwise prefill may round its operands to TF32 (set for models with 16-bit
+    /// weights, see `Backend::set_weight_dtype`); otherwise its tensor-core products are exact
+    /// (split TF32).
+    pub tf32: std::sync::atomic::AtomicBool,
+    /// Per-op (calls, seconds) by op code while op timing is on (`CudaBackend::set_op_timing`).
+    pub op_times: Mutex<Option<std::collections::BTreeMap<u64, (u64, f64)>>>,
     _modules: Vec<Arc<CudaModule>>,
 }
 
@@ -169,7 +178,11 @@ impl Dev {
         let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum", "gated_act_split"])?;
         let n = get("norm", &["rms_norm", "group_norm"])?;
         let g = get("gemv", &["gemv_r1", "gemv_r2", "gemv_r3", "gemv_r4"])?;
-        let m = get("mlstm", &["mlstm_step", "mlstm_chunk_states", "mlstm_chunk_out", "mlstm_step_wide"])?;
+        let m = get("mlstm", &["mlstm_step", "mlstm_step_wide"])?;
+        let mc = get(
+            "mlstm_chunk",
+            &["mlstm_chunk_states", "mlstm_chunk_out", "mlstm_chunk_states_tc", "mlstm_chunk_states_tc_exact", "mlstm_chunk_out_tc", "mlstm_chunk_out_tc_exact"],
+        )?;
         let c = get("conv", &["headwise", "conv_seq_out", "conv_seq_state", "conv_step"])?;
         let s = get("slstm", &["slstm_run"])?;
         let f = Funcs {
@@ -187,9 +200,11 @@ impl Dev {
             group_norm: n[1],
             gemv: [g[0], g[1], g[2], g[3]],
             mlstm_step: m[0],
-            mlstm_step_wide: m[3],
-            chunk_states: m[1],
-            chunk_out: m[2],
+            mlstm_step_wide: m[1],
+            chunk_states: mc[0],
+            chunk_out: mc[1],
+            chunk_states_tc: [mc[2], mc[3]],
+            chunk_out_tc: [mc[4], mc[5]],
             headwise: c[0],
             conv_seq_out: c[1],
             conv_seq_state: c[2],
@@ -227,6 +242,8 @@ impl Dev {
             cc,
             sms,
             pdl: cc.0 >= 9 && std::env::var("XLSTM_CUDA_PDL").map_or(true, |v| v != "0"),
+            tf32: std::sync::atomic::AtomicBool::new(false),
+            op_times: Mutex::new(None),
             _modules: modules,
         })
     }

@@ -15,6 +15,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("norm", include_str!("../kernels/norm.cu")),
     ("gemv", include_str!("../kernels/gemv.cu")),
     ("mlstm", include_str!("../kernels/mlstm.cu")),
+    ("mlstm_chunk", include_str!("../kernels/mlstm_chunk.cu")),
     ("conv", include_str!("../kernels/conv.cu")),
     ("slstm", include_str!("../kernels/slstm.cu")),
 ];

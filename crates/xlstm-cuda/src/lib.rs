@@ -143,6 +143,16 @@ mod opc {
     pub const MM_ADD: u64 = 19;
     pub const GATED_UP: u64 = 20;
     pub const MCELL: u64 = 21;
+
+    /// The op's name, for `CudaBackend::op_times`.
+    pub fn name(code: u64) -> &'static str {
+        const NAMES: [&str; 22] = [
+            "?", "copy", "embed", "matmul", "rms_norm", "group_norm", "bias_soft_cap", "add", "gated_act", "sigmoid_gate", "scaled_add",
+            "copy_cols", "headwise", "conv1d_prefill", "conv1d_step", "mlstm_step", "mlstm_prefill", "slstm", "norm_matmuls", "matmul_add",
+            "norm_gated_up", "mlstm_gated_cell",
+        ];
+        NAMES.get(code as usize).copied().unwrap_or("?")
+    }
 }
 
 #[repr(C)]
@@ -260,11 +270,38 @@ impl CudaBackend {
     }
 
     /// Runs `f` unless a graph replay covers this op (see capture.rs).
+    /// Turns per-op timing on or off (profiling: every op is then waited for, so only for
+    /// measurements outside decode graphs); `op_times` reads what was gathered.
+    pub fn set_op_timing(&self, on: bool) {
+        let mut t = self.dev.op_times.lock().expect("op times lock");
+        *t = on.then(std::collections::BTreeMap::new);
+    }
+
+    /// (op, calls, seconds) for every op timed since `set_op_timing(true)`, longest first.
+    pub fn op_times(&self) -> Vec<(&'static str, u64, f64)> {
+        let t = self.dev.op_times.lock().expect("op times lock");
+        let mut v: Vec<_> = t.iter().flatten().map(|(&code, &(n, s))| (opc::name(code), n, s)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
+    }
+
     fn op(&self, words: &[u64], f: impl FnOnce(&Dev) -> Result<()>) -> Result<()> {
         self.dev.bind()?;
         let run = self.dev.cap.lock().expect("capture lock").enter(capture::sig(words))?;
         if !run {
             return Ok(());
+        }
+        let timing = self.dev.op_times.lock().expect("op times lock").is_some();
+        if timing {
+            self.dev.sync()?;
+            let t = std::time::Instant::now();
+            let r = f(&self.dev).and_then(|_| self.dev.sync());
+            let mut times = self.dev.op_times.lock().expect("op times lock");
+            if let Some(e) = times.as_mut().map(|m| m.entry(words[0]).or_insert((0, 0.0))) {
+                e.0 += 1;
+                e.1 += t.elapsed().as_secs_f64();
+            }
+            return r;
         }
         let r = f(&self.dev);
         if r.is_err() {
@@ -424,19 +461,32 @@ impl CudaBackend {
         let cs = dev.scratch(|s| &mut s.cs, nc * d.heads * d.dk * d.dv * 4, false)?;
         let ns = dev.scratch(|s| &mut s.ns, nc * d.heads * d.dk * 4, false)?;
         let ms = dev.scratch(|s| &mut s.ms, (nc + 1) * d.heads * 4, false)?;
+        // Tensor cores where the shape and alignment allow (see kernels/mlstm_chunk.cu);
+        // XLSTM_CUDA_CHUNK_TC=0 keeps the CUDA-core kernels (for comparisons).
+        let aligned = [q, k, v, h].iter().all(|&p| p % 16 == 0);
+        let tc = dev.cc.0 >= 8
+            && d.dk % 64 == 0
+            && d.dv % 128 == 0
+            && aligned
+            && std::env::var("XLSTM_CUDA_CHUNK_TC").map_or(true, |v| v != "0");
+        let exact = !dev.tf32.load(std::sync::atomic::Ordering::Relaxed) as usize;
+        let (states, out, out_cols) = match tc {
+            true => (dev.f.chunk_states_tc[exact], dev.f.chunk_out_tc[exact], 128),
+            false => (dev.f.chunk_states, dev.f.chunk_out, 64),
+        };
         // Profiling aid: XLSTM_CUDA_CHUNK_ONLY=states|out runs one of the two kernels (wrong results).
         let only = std::env::var("XLSTM_CUDA_CHUNK_ONLY").ok();
         let mut a = KArgs::new();
         a.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).p(v).p(i).p(f).p(s.c.ptr).p(s.n.ptr).p(s.m.ptr).p(cs).p(ns).p(ms);
         if only.as_deref() != Some("out") {
-            dev.launch(dev.f.chunk_states, (d.dv.div_ceil(64) as u32, d.dk.div_ceil(64) as u32, d.heads as u32), 256, 0, &mut a)?;
+            dev.launch(states, (d.dv.div_ceil(64) as u32, d.dk.div_ceil(64) as u32, d.heads as u32), 256, 0, &mut a)?;
         }
         if only.as_deref() == Some("states") {
             return Ok(());
         }
         let mut a = KArgs::new();
         a.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(q).p(k).p(v).p(i).p(f).p(cs).p(ns).p(ms).p(s.m.ptr).f(eps).p(h);
-        dev.launch(dev.f.chunk_out, (d.dv.div_ceil(64) as u32, nc as u32, d.heads as u32), 256, 0, &mut a)
+        dev.launch(out, (d.dv.div_ceil(out_cols) as u32, nc as u32, d.heads as u32), 256, 0, &mut a)
     }
 
     fn check_mlstm(op: &str, d: MlstmDims, rows: usize, batch: usize, bufs: [&CudaBuf; 6], s: &MlstmState<CudaBuf>) -> Result<()> {
@@ -599,6 +649,16 @@ impl Backend for CudaBackend {
 
     fn matrix_bytes(&self, w: &CudaMat) -> usize {
         w.rows * w.cols * w.dtype.size()
+    }
+
+    fn prefill_segment(&self) -> usize {
+        // cuBLAS reaches ~90% of its peak from ~2k rows; 2048 rows of the 7B shape need ~0.6 GB of
+        // activations, which keeps batch-1 memory under 15 GB with the bf16 weights.
+        2048
+    }
+
+    fn set_weight_dtype(&self, dtype: DType) {
+        self.dev.tf32.store(dtype != DType::F32, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn release_cache(&self) -> Result<()> {

@@ -116,6 +116,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn matrix(&self, w: HostTensor, dtype: DType) -> Result<Self::Mat>;
     /// Bytes a matrix occupies (what one full read of it costs).
     fn matrix_bytes(&self, w: &Self::Mat) -> usize;
+    /// Prompt tokens one prefill pass should take by default: long enough for the matrix products
+    /// to run near peak, short enough to bound activation memory. Default 512.
+    fn prefill_segment(&self) -> usize {
+        512
+    }
+    /// Told at model load: the dtype of the model's weights. A backend may then use faster
+    /// arithmetic of about that precision inside its kernels (the CUDA backend's chunkwise prefill
+    /// rounds operands to TF32 for 16-bit weights); f32 weights keep f32 arithmetic. Default: nothing.
+    fn set_weight_dtype(&self, _dtype: DType) {}
     /// Releases cached memory the backend holds beyond live buffers (the watchdog's `empty_cache`).
     fn release_cache(&self) -> Result<()> {
         Ok(())

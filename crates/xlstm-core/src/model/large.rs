@@ -6,7 +6,7 @@
 use crate::backend::{Activation, Backend, MlstmDims, MlstmKernel};
 use crate::config::LargeConfig;
 use crate::error::Result;
-use crate::model::{LogitRows, Network, Rows};
+use crate::model::{GrowBuf, LogitRows, Network, Rows};
 use crate::state::{mlstm_zeros, LayerState};
 use crate::tensor::{DType, HostTensor};
 use crate::weights::Weights;
@@ -48,7 +48,6 @@ struct Scratch<B: Backend> {
     /// silu(g) ⊙ u
     a: B::Buf,
     last: B::Buf,
-    logits: B::Buf,
 }
 
 pub struct LargeNet<B: Backend> {
@@ -59,6 +58,7 @@ pub struct LargeNet<B: Backend> {
     out_norm: Option<B::Buf>,
     lm_head: B::Mat,
     scratch: Option<Scratch<B>>,
+    logits: GrowBuf<B::Buf>,
 }
 
 fn vector<B: Backend>(b: &B, t: HostTensor) -> Result<B::Buf> {
@@ -132,6 +132,7 @@ impl<B: Backend> LargeNet<B> {
             out_norm,
             lm_head: mat(lm_head)?,
             scratch: None,
+            logits: GrowBuf::new(),
         };
         w.finish()?;
         Ok(net)
@@ -160,7 +161,6 @@ impl<B: Backend> LargeNet<B> {
             u: b.zeros(rows * ff)?,
             a: b.zeros(rows * ff)?,
             last: b.zeros(rows * d)?,
-            logits: b.zeros(rows * c.vocab_size)?,
         });
         Ok(())
     }
@@ -173,13 +173,10 @@ impl<B: Backend> Network<B> for LargeNet<B> {
             .collect()
     }
 
-    fn max_segment(&self) -> usize {
-        // ~ a few hundred MB of activations at the 7B shape.
-        512
-    }
 
     fn release_cache(&mut self) {
         self.scratch = None;
+        self.logits.clear();
     }
 
     fn weight_bytes_per_token(&self, b: &B) -> usize {
@@ -234,7 +231,8 @@ impl<B: Backend> Network<B> for LargeNet<B> {
     fn head_top_k(&mut self, b: &B, rows: usize, k: usize) -> Result<Option<Vec<Vec<(u32, f32)>>>> {
         self.final_norm(b, 0, rows)?;
         let (c, s) = (&self.cfg, self.scratch.as_mut().expect("a forward ran"));
-        Ok(Some(b.head_top_k(&s.xn, rows, &self.lm_head, c.vocab_size, c.output_logit_soft_cap, k, &mut s.logits)?))
+        let logits = self.logits.get(b, rows * c.vocab_size)?;
+        Ok(Some(b.head_top_k(&s.xn, rows, &self.lm_head, c.vocab_size, c.output_logit_soft_cap, k, logits)?))
     }
 }
 
@@ -253,9 +251,10 @@ impl<B: Backend> LargeNet<B> {
     fn head_logits_of(&mut self, b: &B, first: usize, count: usize) -> Result<Vec<f32>> {
         self.final_norm(b, first, count)?;
         let (c, s) = (&self.cfg, self.scratch.as_mut().expect("a forward ran"));
-        b.matmul(&s.xn, count, &self.lm_head, &mut s.logits)?; //                   [count, V]
-        b.bias_soft_cap(&mut s.logits, count, c.vocab_size, None, c.output_logit_soft_cap)?;
-        b.download(&s.logits, count * c.vocab_size)
+        let logits = self.logits.get(b, count * c.vocab_size)?;
+        b.matmul(&s.xn, count, &self.lm_head, logits)?; //                          [count, V]
+        b.bias_soft_cap(logits, count, c.vocab_size, None, c.output_logit_soft_cap)?;
+        b.download(logits, count * c.vocab_size)
     }
 }
 

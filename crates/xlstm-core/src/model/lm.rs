@@ -24,7 +24,7 @@ use crate::backend::{Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, Sls
 use crate::config::check_known_fields;
 use crate::error::{Error, Result};
 use crate::model::random::{Init, WeightSpec};
-use crate::model::{LogitRows, Network, Rows};
+use crate::model::{GrowBuf, LogitRows, Network, Rows};
 use crate::state::{mlstm_zeros, ConvState, LayerState};
 use crate::tensor::{DType, HostTensor};
 use crate::weights::Weights;
@@ -698,7 +698,6 @@ struct Scratch<B: Backend> {
     u: B::Buf,
     a: B::Buf,
     last: B::Buf,
-    logits: B::Buf,
 }
 
 pub struct LmNet<B: Backend> {
@@ -710,6 +709,7 @@ pub struct LmNet<B: Backend> {
     /// Bytes of the small f32 weights (headwise, recurrent, conv, norms) read per token.
     small_bytes: usize,
     scratch: Option<Scratch<B>>,
+    logits: GrowBuf<B::Buf>,
 }
 
 /// Two optional buffers (the halves of a split bias).
@@ -879,14 +879,14 @@ impl<B: Backend> LmNet<B> {
         let lm_head = l.mat(lm_head)?;
         let small_bytes = l.small;
         l.w.finish()?;
-        Ok(LmNet { dims, embedding, blocks, post_norm, lm_head, small_bytes, scratch: None })
+        Ok(LmNet { dims, embedding, blocks, post_norm, lm_head, small_bytes, scratch: None, logits: GrowBuf::new() })
     }
 
     fn ensure_scratch(&mut self, b: &B, rows: usize) -> Result<()> {
         if self.scratch.as_ref().is_some_and(|s| s.rows >= rows) {
             return Ok(());
         }
-        let Dims { d, vocab, inner, m_heads, ffn, .. } = self.dims;
+        let Dims { d, inner, m_heads, ffn, .. } = self.dims;
         let wide = inner.max(d);
         let z = |w: usize| b.zeros(rows * w);
         self.scratch = Some(Scratch {
@@ -913,7 +913,6 @@ impl<B: Backend> LmNet<B> {
             u: z(ffn)?,
             a: z(ffn.max(inner))?,
             last: z(d)?,
-            logits: z(vocab)?,
         });
         Ok(())
     }
@@ -955,11 +954,9 @@ impl<B: Backend> Network<B> for LmNet<B> {
 
     fn release_cache(&mut self) {
         self.scratch = None;
+        self.logits.clear();
     }
 
-    fn max_segment(&self) -> usize {
-        512
-    }
 
     fn weight_bytes_per_token(&self, b: &B) -> usize {
         let mats: usize = self
@@ -1089,8 +1086,9 @@ impl<B: Backend> LmNet<B> {
             }
             None => &s.last,
         };
-        b.matmul(normed, count, &self.lm_head, &mut s.logits)?; //                           [count, V]
-        b.download(&s.logits, count * vocab)
+        let logits = self.logits.get(b, count * vocab)?;
+        b.matmul(normed, count, &self.lm_head, logits)?; //                           [count, V]
+        b.download(logits, count * vocab)
     }
 }
 

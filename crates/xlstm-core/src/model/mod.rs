@@ -50,8 +50,6 @@ pub trait Network<B: Backend>: Send {
     fn forward(&mut self, backend: &B, ids: &[u32], rows: Rows, state: &mut [LayerState<B::Buf>], logits: LogitRows) -> Result<Vec<f32>>;
     /// Bytes of weights one decode step reads (all matrices but the embedding table).
     fn weight_bytes_per_token(&self, backend: &B) -> usize;
-    /// Longest sequence segment processed in one call (bounds activation memory).
-    fn max_segment(&self) -> usize;
     /// Drops cached activation buffers (they are re-made at the next call's size).
     fn release_cache(&mut self) {}
     /// After a forward with `LogitRows::None` over `rows` rows: the LM head fused with the selection
@@ -63,9 +61,25 @@ pub trait Network<B: Backend>: Send {
     fn head_logits(&mut self, backend: &B, rows: usize) -> Result<Vec<f32>>;
 }
 
-/// Prefill segments hold this many chunks, so halving the chunk under memory pressure also halves the
-/// activation buffers.
-pub const CHUNKS_PER_SEGMENT: usize = 8;
+/// A buffer sized on demand to the most elements asked of it so far (the LM head's logits: a
+/// prefill segment needs one row of them unless every position's logits are asked for).
+pub(crate) struct GrowBuf<Bf>(Option<(usize, Bf)>);
+
+impl<Bf> GrowBuf<Bf> {
+    pub fn new() -> Self {
+        GrowBuf(None)
+    }
+    pub fn get<B: Backend<Buf = Bf>>(&mut self, b: &B, len: usize) -> Result<&mut Bf> {
+        if !self.0.as_ref().is_some_and(|(n, _)| *n >= len) {
+            self.0 = None; // free the old one first
+            self.0 = Some((len, b.zeros(len)?));
+        }
+        Ok(&mut self.0.as_mut().expect("set above").1)
+    }
+    pub fn clear(&mut self) {
+        self.0 = None;
+    }
+}
 
 /// One prefill segment, as the stats log records it.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -81,6 +95,9 @@ pub struct Model<B: Backend> {
     pub config: ModelConfig,
     pub dtype: DType,
     pub chunk_size: usize,
+    /// Prompt tokens per prefill pass (rounded down to a multiple of the chunk, at least one chunk);
+    /// bounds activation memory. Starts at the backend's preference.
+    pub prefill_segment: usize,
     net: Box<dyn Network<B>>,
     /// Samples memory between segments and tokens; None when switched off.
     pub watchdog: Option<crate::watchdog::Watchdog>,
@@ -101,11 +118,13 @@ impl<B: Backend> Model<B> {
 
     pub fn from_weights(backend: B, config: ModelConfig, weights: Weights) -> Result<Self> {
         let dtype = weights.dtype;
+        backend.set_weight_dtype(dtype);
         let (net, chunk_size): (Box<dyn Network<B>>, usize) = match &config {
             ModelConfig::Large(c) => (Box::new(large::LargeNet::new(&backend, c, weights)?), c.chunk_size),
             ModelConfig::Lm(c) => (Box::new(lm::LmNet::new(&backend, c, weights)?), 64),
         };
-        Ok(Model { backend, config, dtype, chunk_size, net, watchdog: None, segments: Vec::new(), events: Vec::new() })
+        let prefill_segment = backend.prefill_segment();
+        Ok(Model { backend, config, dtype, chunk_size, prefill_segment, net, watchdog: None, segments: Vec::new(), events: Vec::new() })
     }
 
     /// A model of `config`'s shape with random weights (for trying things out and benchmarks).
@@ -166,7 +185,7 @@ impl<B: Backend> Model<B> {
                 MlstmKernel::Chunkwise { chunk } => chunk.max(1),
                 MlstmKernel::Sequence => 1,
             };
-            let seg = (chunk * CHUNKS_PER_SEGMENT).min((self.net.max_segment() / chunk).max(1) * chunk);
+            let seg = (self.prefill_segment / chunk).max(1) * chunk;
             let part = &ids[pos..(pos + seg).min(ids.len())];
             let last = pos + part.len() == ids.len();
             let want = match logits {
@@ -206,6 +225,8 @@ impl<B: Backend> Model<B> {
                 let to = (*chunk / 2).max(min_chunk);
                 self.events.push(format!("prefill chunk {chunk} -> {to} ({why})"));
                 *chunk = to;
+                // halve the segment too, so the activation buffers shrink with it
+                self.prefill_segment = (self.prefill_segment / 2).max(to);
             }
         }
         Ok(())

@@ -1,0 +1,678 @@
+// mlstm_chunk.cu — the chunkwise-parallel mLSTM prefill of one sequence (batch 1): a recurrent pass
+// over the chunks computes the state entering each chunk, then every chunk's outputs are formed in
+// parallel from that state and the chunk's own keys and values (the design of TFLA in NX-AI's
+// mlstm_kernels: intra-chunk tiles, inter-chunk state recurrence). Math: shared/NOTES.md §2; layouts
+// as in mlstm.cu. Chunk length L ≤ 64; the last chunk may be shorter (the math holds for any split).
+//
+// Two implementations with the same parameters, chosen on the host:
+// - CUDA cores, f32 (any shape, any GPU): mlstm_chunk_states, mlstm_chunk_out.
+// - Tensor cores, TF32 mma.sync (sm_80+, DK % 64 == 0, DV % 128 == 0, 16-byte aligned rows):
+//   mlstm_chunk_states_tc*, mlstm_chunk_out_tc*. The `_exact` variants split every operand into two
+//   TF32 parts (x = hi + lo, product ≈ hi·hi + hi·lo + lo·hi), which keeps f32 accuracy at three
+//   times the tensor-core work; the plain ones round operands to TF32 (10-bit mantissa), which is
+//   what a model with 16-bit weights already carries.
+//
+// mlstm_chunk_states*: grid = (DV/64, DK/64, NH), block = 256. Runs the chunks in order for a 64×64
+//   tile of C (registers), saving the state entering each chunk (Cs [nc, NH, DK, DV], ns [nc, NH, DK],
+//   ms [nc + 1, NH], the last row of ms being the final m) and writing the final C, n to the state.
+// mlstm_chunk_out (CUDA cores): grid = (ceil(DV/64), nc, NH); mlstm_chunk_out_tc*: grid = (DV/128,
+//   nc, NH); block = 256. For one chunk and a block of DV columns: S = Q Kᵀ and Q C_prev over DK, the
+//   decay matrix and stabiliser, then H = decay·Q C_prev + S̃ V, divided by the denominator. Blocks
+//   (0, 0, h) copy the final m.
+
+// One warp, for the chunk starting at t0 with L tokens: lane loads entries lane and lane + 32 of the
+// raw gates (f̃ into f0, f1; ĩ into i0, i1; entries t ≥ L get f̃ = 0 contribution and ĩ = −inf).
+__device__ __forceinline__ void chunk_gate_load(const float* ig, const float* fg, int NH, int h, int t0, int L,
+                                                float& f0, float& f1, float& i0, float& i1) {
+    const int lane = threadIdx.x & 31;
+    f0 = lane < L ? fg[(long long)(t0 + lane) * NH + h] : 0.f;
+    f1 = lane + 32 < L ? fg[(long long)(t0 + lane + 32) * NH + h] : 0.f;
+    i0 = lane < L ? ig[(long long)(t0 + lane) * NH + h] : NEG_INF;
+    i1 = lane + 32 < L ? ig[(long long)(t0 + lane + 32) * NH + h] : NEG_INF;
+}
+
+// One warp, from the loaded gates: lf_t = logsigmoid(f̃_t), b_t = Σ_{s≤t} lf_s (inclusive) into sb[64],
+// ĩ_t into sig[64] (lf = 0 and ĩ = −inf for t ≥ L). The caller syncs.
+__device__ __forceinline__ void chunk_scan_vals(float f0, float f1, float i0, float i1, int L, float* sb, float* sig) {
+    const int lane = threadIdx.x & 31;
+    float lf0 = lane < L ? log_sigmoid(f0) : 0.f;
+    float lf1 = lane + 32 < L ? log_sigmoid(f1) : 0.f;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        float y0 = __shfl_up_sync(0xffffffffu, lf0, o);
+        float y1 = __shfl_up_sync(0xffffffffu, lf1, o);
+        if (lane >= o) { lf0 += y0; lf1 += y1; }
+    }
+    float tot0 = __shfl_sync(0xffffffffu, lf0, 31);
+    sb[lane] = lf0;
+    sb[lane + 32] = lf1 + tot0;
+    sig[lane] = i0;
+    sig[lane + 32] = i1;
+}
+
+__device__ __forceinline__ void chunk_scan(const float* ig, const float* fg, int NH, int h, int t0, int L, float* sb, float* sig) {
+    float f0, f1, i0, i1;
+    chunk_gate_load(ig, fg, NH, h, t0, L, f0, f1, i0, i1);
+    chunk_scan_vals(f0, f1, i0, i1, L, sb, sig);
+}
+
+// One warp (the chunk-states kernels): after chunk_scan, the weights of the chunk's keys
+// sw_t = exp(b_{L−1} − b_t + ĩ_t − m_new), the carried state's decay exp(b_{L−1} + m_prev − m_new) and
+// m_new = max(b_{L−1} + m_prev, max_t(b_{L−1} − b_t + ĩ_t)).
+__device__ __forceinline__ void chunk_state_gates(const float* sb, const float* sig, int L, float mp, float* sw, float* decay, float* mnew) {
+    const int lane = threadIdx.x & 31;
+    const float g = sb[L - 1];
+    float a_0 = lane < L ? g - sb[lane] + sig[lane] : NEG_INF;
+    float a_1 = lane + 32 < L ? g - sb[lane + 32] + sig[lane + 32] : NEG_INF;
+    float mx = warp_max(fmaxf(a_0, a_1));
+    float mn = fmaxf(g + mp, mx);
+    sw[lane] = lane < L ? expf(a_0 - mn) : 0.f;
+    sw[lane + 32] = lane + 32 < L ? expf(a_1 - mn) : 0.f;
+    if (lane == 0) { *decay = expf(g + mp - mn); *mnew = mn; }
+}
+
+// One warp (the chunk-output kernels): the gates of the chunk at t0 (sb, sig as chunk_scan), the
+// stabiliser mc_t = max(b_t + m_prev, b_t + max_{s≤t}(ĩ_s − b_s)) and the decay of the carried state
+// sdec_t = exp(b_t + m_prev − mc_t).
+__device__ __forceinline__ void chunk_out_gates(const float* ig, const float* fg, int NH, int h, int t0, int L, float mp,
+                                                float* sb, float* sig, float* smc, float* sdec) {
+    const int lane = threadIdx.x & 31;
+    chunk_scan(ig, fg, NH, h, t0, L, sb, sig);
+    __syncwarp();
+    float x0 = lane < L ? sig[lane] - sb[lane] : NEG_INF;
+    float x1 = lane + 32 < L ? sig[lane + 32] - sb[lane + 32] : NEG_INF;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        float y0 = __shfl_up_sync(0xffffffffu, x0, o);
+        float y1 = __shfl_up_sync(0xffffffffu, x1, o);
+        if (lane >= o) { x0 = fmaxf(x0, y0); x1 = fmaxf(x1, y1); }
+    }
+    x1 = fmaxf(x1, __shfl_sync(0xffffffffu, x0, 31));
+    float mc0 = fmaxf(sb[lane] + mp, sb[lane] + x0);
+    float mc1 = fmaxf(sb[lane + 32] + mp, sb[lane + 32] + x1);
+    smc[lane] = mc0;
+    smc[lane + 32] = mc1;
+    sdec[lane] = expf(sb[lane] + mp - mc0);
+    sdec[lane + 32] = expf(sb[lane + 32] + mp - mc1);
+}
+
+extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_states(
+    int NH, int DK, int DV, int seq, int L,
+    const float* k, const float* v, const float* ig, const float* fg,
+    float* C, float* n, const float* m,
+    float* Cs, float* ns, float* ms) {
+    __shared__ float kw[64][65];
+    __shared__ float vt[64][64];
+    __shared__ float sb[64], sig[64], sw[64];
+    __shared__ float s_decay, s_mnew;
+    const int h = blockIdx.z;
+    const int a0 = blockIdx.y * 64, c0 = blockIdx.x * 64;
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int nc = (seq + L - 1) / L;
+    const long long qrow = (long long)NH * DK, vrow = (long long)NH * DV;
+    float cr[4][4];
+    float* Ch = C + (long long)h * DK * DV;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int a = a0 + ty * 4 + i, c = c0 + tx * 4 + j;
+            cr[i][j] = (a < DK && c < DV) ? Ch[(long long)a * DV + c] : 0.f;
+        }
+    const bool own_n = blockIdx.x == 0;
+    float nr = 0.f;  // thread tid < 64 owns n[a0 + tid]
+    if (own_n && tid < 64 && a0 + tid < DK) nr = n[(long long)h * DK + a0 + tid];
+    float mp = m[h];
+    for (int kc = 0; kc < nc; ++kc) {
+        const int t0 = kc * L;
+        const int Lk = min(L, seq - t0);
+        // save the state entering this chunk
+        float* Csk = Cs + ((long long)kc * NH + h) * DK * DV;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                int a = a0 + ty * 4 + i, c = c0 + tx * 4 + j;
+                if (a < DK && c < DV) Csk[(long long)a * DV + c] = cr[i][j];
+            }
+        if (own_n && tid < 64 && a0 + tid < DK) ns[((long long)kc * NH + h) * DK + a0 + tid] = nr;
+        if (blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) ms[(long long)kc * NH + h] = mp;
+        if (tid < 32) {
+            chunk_scan(ig, fg, NH, h, t0, Lk, sb, sig);
+            __syncwarp();
+            chunk_state_gates(sb, sig, Lk, mp, sw, &s_decay, &s_mnew);
+        }
+        __syncthreads();
+        // weighted keys and values of this chunk for the tile: all 32 loads of a thread in flight
+        // at once, then the stores
+        {
+            float kr[16], vr[16];
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                int e = tid + 256 * i, t = e >> 6, j = e & 63;
+                bool in_t = t < Lk;
+                kr[i] = (in_t && a0 + j < DK) ? k[(long long)(t0 + t) * qrow + (long long)h * DK + a0 + j] : 0.f;
+                vr[i] = (in_t && c0 + j < DV) ? v[(long long)(t0 + t) * vrow + (long long)h * DV + c0 + j] : 0.f;
+            }
+#pragma unroll
+            for (int i = 0; i < 16; ++i) {
+                int e = tid + 256 * i, t = e >> 6, j = e & 63;
+                kw[t][j] = kr[i] * sw[t];
+                vt[t][j] = vr[i];
+            }
+        }
+        __syncthreads();
+        const float dec = s_decay;
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) cr[i][j] *= dec;
+        for (int t = 0; t < Lk; ++t) {
+            float kk[4], vv[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) kk[i] = kw[t][ty * 4 + i];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) vv[j] = vt[t][tx * 4 + j];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) cr[i][j] = fmaf(kk[i], vv[j], cr[i][j]);
+        }
+        if (own_n && tid < 64) {
+            float s = nr * dec;
+            for (int t = 0; t < Lk; ++t) s += kw[t][tid];
+            nr = s;
+        }
+        mp = s_mnew;
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int a = a0 + ty * 4 + i, c = c0 + tx * 4 + j;
+            if (a < DK && c < DV) Ch[(long long)a * DV + c] = cr[i][j];
+        }
+    if (own_n && tid < 64 && a0 + tid < DK) n[(long long)h * DK + a0 + tid] = nr;
+    if (blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) ms[(long long)nc * NH + h] = mp;
+}
+
+extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_out(
+    int NH, int DK, int DV, int seq, int L,
+    const float* q, const float* k, const float* v, const float* ig, const float* fg,
+    const float* Cs, const float* ns, const float* ms, float* m, float eps, float* hout) {
+    __shared__ float uni[64 * 64];  // phase 1: Qt, Kt [64][17], Ct [16][64] (3200 floats); phase 2: V tile [64][64]
+    __shared__ float S[64][65];
+    __shared__ float sb[64], sig[64], smc[64], sdec[64], sqn[64], sden[64];
+    float (*Qt)[17] = (float (*)[17])uni;
+    float (*Kt)[17] = (float (*)[17])(uni + 64 * 17);
+    float (*Ct)[64] = (float (*)[64])(uni + 64 * 17 * 2);
+    float (*Vt)[64] = (float (*)[64])uni;
+    const int h = blockIdx.z, kc = blockIdx.y, c0 = blockIdx.x * 64;
+    const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+    const int t0 = kc * L, Lk = min(L, seq - t0);
+    const int nc = (seq + L - 1) / L;
+    const long long qrow = (long long)NH * DK, vrow = (long long)NH * DV;
+    const float scale = 1.f / sqrtf((float)DK);
+    const float mp = ms[(long long)kc * NH + h];
+    if (blockIdx.x == 0 && kc == 0 && tid == 0) m[h] = ms[(long long)nc * NH + h];
+    const float* Cp = Cs + ((long long)kc * NH + h) * DK * DV;
+    const float* np = ns + ((long long)kc * NH + h) * DK;
+    if (tid < 32) chunk_out_gates(ig, fg, NH, h, t0, Lk, mp, sb, sig, smc, sdec);
+    float sacc[4][4], hacc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) { sacc[i][j] = 0.f; hacc[i][j] = 0.f; }
+    float qn = 0.f;  // thread tid < 64: q_t · n_prev for t = tid
+    // Tiles of 16 along DK; the next tile's 12 values per thread are loaded into registers while the
+    // current one is used (software pipelining), so the loop is not bound by load latency.
+    float pq[4], pk[4], pc[4];
+    auto load_tile = [&](int a0) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            int e = tid + 256 * i;
+            int t = e >> 4, a = e & 15;
+            bool ok = t < Lk && a0 + a < DK;
+            pq[i] = ok ? q[(long long)(t0 + t) * qrow + (long long)h * DK + a0 + a] : 0.f;
+            pk[i] = ok ? k[(long long)(t0 + t) * qrow + (long long)h * DK + a0 + a] : 0.f;
+            int ca = e >> 6, cc = e & 63;
+            pc[i] = (a0 + ca < DK && c0 + cc < DV) ? Cp[(long long)(a0 + ca) * DV + c0 + cc] : 0.f;
+        }
+    };
+    load_tile(0);
+    for (int a0 = 0; a0 < DK; a0 += 16) {
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            int e = tid + 256 * i;
+            Qt[e >> 4][e & 15] = pq[i];
+            Kt[e >> 4][e & 15] = pk[i];
+            Ct[e >> 6][e & 63] = pc[i];
+        }
+        __syncthreads();
+        if (a0 + 16 < DK) load_tile(a0 + 16);
+#pragma unroll
+        for (int a = 0; a < 16; ++a) {
+            float qa[4], ka[4], ca[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) { qa[i] = Qt[ty * 4 + i][a]; ka[i] = Kt[tx * 4 + i][a]; ca[i] = Ct[a][tx * 4 + i]; }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    sacc[i][j] = fmaf(qa[i], ka[j], sacc[i][j]);
+                    hacc[i][j] = fmaf(qa[i], ca[j], hacc[i][j]);
+                }
+        }
+        if (tid < 64) {
+            float s = 0.f;
+            for (int a = 0; a < 16 && a0 + a < DK; ++a) s = fmaf(Qt[tid][a], np[a0 + a], s);
+            qn += s;
+        }
+    }
+    // decayed, masked, scaled S̃ into shared memory
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        int t = ty * 4 + i;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int s = tx * 4 + j;
+            float val = 0.f;
+            if (s <= t && t < Lk) val = scale * sacc[i][j] * expf(sb[t] - sb[s] + sig[s] - smc[t]);
+            S[t][s] = val;
+        }
+    }
+    if (tid < 64) sqn[tid] = qn;
+    __syncthreads();  // S complete; phase-1 tiles no longer needed
+    if (tid < 64) {
+        int t = tid;
+        float rs = 0.f;
+        for (int s = 0; s < 64; ++s) rs += S[t][s];
+        float den = sdec[t] * sqn[t] * scale + rs;
+        sden[t] = fmaxf(fabsf(den), expf(-smc[t])) + eps;
+    }
+    {
+        float vr[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            int e = tid + 256 * i, s = e >> 6, c = e & 63;
+            vr[i] = (s < Lk && c0 + c < DV) ? v[(long long)(t0 + s) * vrow + (long long)h * DV + c0 + c] : 0.f;
+        }
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+            int e = tid + 256 * i;
+            Vt[e >> 6][e & 63] = vr[i];
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        int t = ty * 4 + i;
+        float d = sdec[t] * scale;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) hacc[i][j] *= d;
+    }
+    for (int s = 0; s < 64; ++s) {
+        float sv[4], vv[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) sv[i] = S[ty * 4 + i][s];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) vv[j] = Vt[s][tx * 4 + j];
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) hacc[i][j] = fmaf(sv[i], vv[j], hacc[i][j]);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        int t = ty * 4 + i;
+        if (t >= Lk) continue;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int c = c0 + tx * 4 + j;
+            if (c < DV) hout[(long long)(t0 + t) * vrow + (long long)h * DV + c] = hacc[i][j] / sden[t];
+        }
+    }
+}
+
+// ---- tensor cores (TF32 mma.sync, sm_80+) --------------------------------------------------------
+// m16n8k8 fragments (g = lane / 4, q = lane % 4): A (16×8, row-major) a0 (g, q), a1 (g+8, q),
+// a2 (g, q+4), a3 (g+8, q+4); B (8×8) b0 (q, g), b1 (q+4, g); C (16×8) c0, c1 (g, 2q, 2q+1),
+// c2, c3 (g+8, 2q, 2q+1). Shared-memory row strides are chosen so each fragment read hits 32 banks.
+
+__device__ __forceinline__ u32 to_tf32(float x) {
+    u32 r;
+#if __CUDA_ARCH__ >= 800
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+#else
+    r = __float_as_uint(x);
+#endif
+    return r;
+}
+
+// An operand fragment as TF32: hi = tf32(x), lo = tf32(x − hi) (lo is only used by exact products,
+// and the compiler drops it otherwise).
+template <int N>
+struct Tf {
+    u32 hi[N], lo[N];
+    __device__ __forceinline__ explicit Tf(const float (&x)[N]) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            hi[i] = to_tf32(x[i]);
+            lo[i] = to_tf32(x[i] - __uint_as_float(hi[i]));
+        }
+    }
+};
+
+__device__ __forceinline__ void mma_tf32(float* d, const u32* a, const u32* b) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// d += A·B; EXACT adds the two cross terms of the split (small terms first).
+template <bool EXACT>
+__device__ __forceinline__ void mma_f32(float* d, const Tf<4>& a, const Tf<2>& b) {
+    if (EXACT) {
+        mma_tf32(d, a.lo, b.hi);
+        mma_tf32(d, a.hi, b.lo);
+    }
+    mma_tf32(d, a.hi, b.hi);
+}
+
+// 16-byte asynchronous copy global → shared; when !ok the destination is zero-filled (src must still
+// be a valid address).
+__device__ __forceinline__ void cp_async16(float* dst, const float* src, bool ok) {
+#if __CUDA_ARCH__ >= 800
+    u32 s = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src), "r"(ok ? 16 : 0) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
+#define CHUNK_STATES_PARAMS                                                                          \
+    int NH, int DK, int DV, int seq, int L, const float *k, const float *v, const float *ig,          \
+        const float *fg, float *C, float *n, const float *m, float *Cs, float *ns, float *ms
+#define CHUNK_STATES_ARGS NH, DK, DV, seq, L, k, v, ig, fg, C, n, m, Cs, ns, ms
+
+// 8 warps over the 64×64 tile: warp w owns rows (of DK) 16·(w % 4) .. +16 and columns (of DV)
+// 32·(w / 4) .. +32, i.e. four m16n8 accumulators. The next chunk's keys, values and gates are loaded
+// into registers while the current chunk is multiplied.
+template <bool EXACT>
+__device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
+    constexpr int ST = 72;
+    __shared__ __align__(16) float kw[64 * ST];  // [t][a]: keys × w_t
+    __shared__ __align__(16) float vs[64 * ST];  // [t][c]
+    __shared__ float sb[64], sig[64], sw[64];
+    __shared__ float s_decay, s_mnew;
+    const int h = blockIdx.z, a0 = blockIdx.y * 64, c0 = blockIdx.x * 64;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
+    const int rm = (warp & 3) * 16, cw = (warp >> 2) * 32;
+    const int nc = (seq + L - 1) / L;
+    const long long qrow = (long long)NH * DK, vrow = (long long)NH * DV;
+    float* Ch = C + (long long)h * DK * DV;
+    float acc[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const long long e = (long long)(a0 + rm + g) * DV + c0 + cw + 8 * j + 2 * qd;
+        float2 x = *(const float2*)(Ch + e), y = *(const float2*)(Ch + e + 8LL * DV);
+        acc[j][0] = x.x; acc[j][1] = x.y; acc[j][2] = y.x; acc[j][3] = y.y;
+    }
+    const bool own_n = blockIdx.x == 0;
+    float nr = (own_n && tid < 64) ? n[(long long)h * DK + a0 + tid] : 0.f;
+    float mp = m[h];
+    float4 kr[4], vr[4];
+    float gf0, gf1, gi0, gi1;
+    auto load_chunk = [&](int t0, int Lk) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int e = tid + 256 * i, t = e >> 4, p = (e & 15) * 4;
+            const bool ok = t < Lk;
+            const long long r = t0 + (ok ? t : 0);
+            kr[i] = ok ? *(const float4*)(k + r * qrow + (long long)h * DK + a0 + p) : make_float4(0.f, 0.f, 0.f, 0.f);
+            vr[i] = ok ? *(const float4*)(v + r * vrow + (long long)h * DV + c0 + p) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+        if (warp == 0) chunk_gate_load(ig, fg, NH, h, t0, Lk, gf0, gf1, gi0, gi1);
+    };
+    load_chunk(0, min(L, seq));
+    for (int kc = 0; kc < nc; ++kc) {
+        const int t0 = kc * L, Lk = min(L, seq - t0);
+        float* Csk = Cs + ((long long)kc * NH + h) * DK * DV;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const long long e = (long long)(a0 + rm + g) * DV + c0 + cw + 8 * j + 2 * qd;
+            *(float2*)(Csk + e) = make_float2(acc[j][0], acc[j][1]);
+            *(float2*)(Csk + e + 8LL * DV) = make_float2(acc[j][2], acc[j][3]);
+        }
+        if (own_n && tid < 64) ns[((long long)kc * NH + h) * DK + a0 + tid] = nr;
+        if (blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) ms[(long long)kc * NH + h] = mp;
+        if (warp == 0) {
+            chunk_scan_vals(gf0, gf1, gi0, gi1, Lk, sb, sig);
+            __syncwarp();
+            chunk_state_gates(sb, sig, Lk, mp, sw, &s_decay, &s_mnew);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int e = tid + 256 * i, t = e >> 4, p = (e & 15) * 4;
+            const float w = sw[t];
+            *(float4*)(kw + t * ST + p) = make_float4(kr[i].x * w, kr[i].y * w, kr[i].z * w, kr[i].w * w);
+            *(float4*)(vs + t * ST + p) = vr[i];
+        }
+        __syncthreads();
+        if (kc + 1 < nc) load_chunk(t0 + L, min(L, seq - t0 - L));
+        const float dec = s_decay;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[j][r] *= dec;
+        for (int ks = 0; ks < Lk; ks += 8) {
+            const float* k0 = kw + (ks + qd) * ST + rm + g;
+            const float ka[4] = {k0[0], k0[8], k0[4 * ST], k0[4 * ST + 8]};
+            const Tf<4> A(ka);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float* v0 = vs + (ks + qd) * ST + cw + 8 * j + g;
+                const float vb[2] = {v0[0], v0[4 * ST]};
+                mma_f32<EXACT>(acc[j], A, Tf<2>(vb));
+            }
+        }
+        if (own_n && tid < 64) {
+            float s = nr * dec;
+            for (int t = 0; t < Lk; ++t) s += kw[t * ST + tid];
+            nr = s;
+        }
+        mp = s_mnew;
+        __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const long long e = (long long)(a0 + rm + g) * DV + c0 + cw + 8 * j + 2 * qd;
+        *(float2*)(Ch + e) = make_float2(acc[j][0], acc[j][1]);
+        *(float2*)(Ch + e + 8LL * DV) = make_float2(acc[j][2], acc[j][3]);
+    }
+    if (own_n && tid < 64) n[(long long)h * DK + a0 + tid] = nr;
+    if (blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) ms[(long long)nc * NH + h] = mp;
+}
+
+extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_states_tc(CHUNK_STATES_PARAMS) {
+    chunk_states_tc<false>(CHUNK_STATES_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_states_tc_exact(CHUNK_STATES_PARAMS) {
+    chunk_states_tc<true>(CHUNK_STATES_ARGS);
+}
+
+#define CHUNK_OUT_PARAMS                                                                             \
+    int NH, int DK, int DV, int seq, int L, const float *q, const float *k, const float *v,           \
+        const float *ig, const float *fg, const float *Cs, const float *ns, const float *ms, float *m, \
+        float eps, float *hout
+#define CHUNK_OUT_ARGS NH, DK, DV, seq, L, q, k, v, ig, fg, Cs, ns, ms, m, eps, hout
+
+// 8 warps over 64 rows (tokens) × 128 columns: warp w owns rows 16·(w % 4) .. +16, columns
+// 32·(w / 4) .. +32 of S (4 accumulators) and 64·(w / 4) .. +64 of H (8 accumulators). Phase 1
+// streams DK in tiles of 16 (Q, K rows and the C_prev tile, double-buffered with cp.async); phase 2
+// reuses that shared memory for S̃ and V (two halves of 32 tokens).
+template <bool EXACT>
+__device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
+    constexpr int KT = 16, QS = KT + 4, CS = 128 + 8, SS = 64 + 4;
+    constexpr int STAGE = 2 * 64 * QS + KT * CS;
+    __shared__ __align__(16) float buf[2 * STAGE];
+    __shared__ float sb[64], sig[64], smc[64], sdec[64], sqn[64], sden[64];
+    const int h = blockIdx.z, kc = blockIdx.y, c0 = blockIdx.x * 128;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
+    const int rm = (warp & 3) * 16, sc = (warp >> 2) * 32, hc = (warp >> 2) * 64;
+    const int t0 = kc * L, Lk = min(L, seq - t0);
+    const int nc = (seq + L - 1) / L;
+    const long long qrow = (long long)NH * DK, vrow = (long long)NH * DV;
+    const float scale = 1.f / sqrtf((float)DK);
+    const float mp = ms[(long long)kc * NH + h];
+    if (blockIdx.x == 0 && kc == 0 && tid == 0) m[h] = ms[(long long)nc * NH + h];
+    const float* Cp = Cs + ((long long)kc * NH + h) * DK * DV;
+    const float* np = ns + ((long long)kc * NH + h) * DK;
+    if (tid < 32) chunk_out_gates(ig, fg, NH, h, t0, Lk, mp, sb, sig, smc, sdec);
+    float sacc[4][4], hacc[8][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) sacc[j][r] = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) hacc[j][r] = 0.f;
+    float qn = 0.f;  // thread tid < 64: q_t · n_prev for t = tid
+    auto issue = [&](int stage, int a0) {
+        float* Qs = buf + stage * STAGE;
+        float* Ks = Qs + 64 * QS;
+        float* Ct = Ks + 64 * QS;
+        const int t = tid >> 2, p = (tid & 3) * 4;
+        const bool ok = t < Lk;
+        const long long off = (long long)(t0 + (ok ? t : 0)) * qrow + (long long)h * DK + a0 + p;
+        cp_async16(Qs + t * QS + p, q + off, ok);
+        cp_async16(Ks + t * QS + p, k + off, ok);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int e = tid + 256 * i, r = e >> 5, c = (e & 31) * 4;
+            cp_async16(Ct + r * CS + c, Cp + (long long)(a0 + r) * DV + c0 + c, true);
+        }
+        cp_async_commit();
+    };
+    const int nk = DK / KT;
+    issue(0, 0);
+    for (int kt = 0; kt < nk; ++kt) {
+        if (kt + 1 < nk) issue((kt + 1) & 1, (kt + 1) * KT);
+        else cp_async_commit();  // an empty group keeps wait_group's count uniform
+        cp_async_wait<1>();
+        __syncthreads();
+        const float* Qs = buf + (kt & 1) * STAGE;
+        const float* Ks = Qs + 64 * QS;
+        const float* Ct = Ks + 64 * QS;
+#pragma unroll
+        for (int ks = 0; ks < KT; ks += 8) {
+            const float* q0 = Qs + (rm + g) * QS + ks + qd;
+            const float qa[4] = {q0[0], q0[8 * QS], q0[4], q0[8 * QS + 4]};
+            const Tf<4> A(qa);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float* k0 = Ks + (sc + 8 * j + g) * QS + ks + qd;
+                const float kb[2] = {k0[0], k0[4]};
+                mma_f32<EXACT>(sacc[j], A, Tf<2>(kb));
+            }
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float* c0p = Ct + (ks + qd) * CS + hc + 8 * j + g;
+                const float cb[2] = {c0p[0], c0p[4 * CS]};
+                mma_f32<EXACT>(hacc[j], A, Tf<2>(cb));
+            }
+        }
+        if (tid < 64) {
+            float s = 0.f;
+#pragma unroll
+            for (int a = 0; a < KT; ++a) s = fmaf(Qs[tid * QS + a], np[kt * KT + a], s);
+            qn += s;
+        }
+        __syncthreads();
+    }
+    // Phase 2. S̃ = scale · S ⊙ decay (causal) into shared memory.
+    float* Ss = buf;
+    float* Vs = buf + 64 * SS;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int t = rm + g + 8 * (r >> 1), s = sc + 8 * j + 2 * qd + (r & 1);
+            float val = 0.f;
+            if (s <= t && t < Lk) val = scale * sacc[j][r] * expf(sb[t] - sb[s] + sig[s] - smc[t]);
+            Ss[t * SS + s] = val;
+        }
+    if (tid < 64) sqn[tid] = qn;
+    __syncthreads();
+    if (tid < 64) {
+        const int t = tid;
+        float rs = 0.f;
+        for (int s = 0; s < 64; ++s) rs += Ss[t * SS + s];
+        const float den = sdec[t] * sqn[t] * scale + rs;
+        sden[t] = fmaxf(fabsf(den), expf(-smc[t])) + eps;
+    }
+#pragma unroll
+    for (int r = 0; r < 4; r += 2) {
+        const float d = sdec[rm + g + 4 * r] * scale;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) { hacc[j][r] *= d; hacc[j][r + 1] *= d; }
+    }
+    // H += S̃ V over the chunk's tokens, 32 at a time.
+    for (int half = 0; half * 32 < Lk; ++half) {
+        if (half) __syncthreads();  // the previous half's V has been read
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int e = tid + 256 * i, r = e >> 5, c = (e & 31) * 4, s = half * 32 + r;
+            const bool ok = s < Lk;
+            cp_async16(Vs + r * CS + c, v + (long long)(t0 + (ok ? s : 0)) * vrow + (long long)h * DV + c0 + c, ok);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+#pragma unroll
+        for (int ks = 0; ks < 32; ks += 8) {
+            if (half * 32 + ks > rm + 15) break;  // causal: S̃ is zero there for this warp's rows
+            const float* s0 = Ss + (rm + g) * SS + half * 32 + ks + qd;
+            const float sa[4] = {s0[0], s0[8 * SS], s0[4], s0[8 * SS + 4]};
+            const Tf<4> A(sa);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float* v0 = Vs + (ks + qd) * CS + hc + 8 * j + g;
+                const float vb[2] = {v0[0], v0[4 * CS]};
+                mma_f32<EXACT>(hacc[j], A, Tf<2>(vb));
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; r += 2) {
+        const int t = rm + g + 4 * r;
+        if (t >= Lk) continue;
+        const float den = sden[t];
+        float* o = hout + (long long)(t0 + t) * vrow + (long long)h * DV + c0 + hc + 2 * qd;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) *(float2*)(o + 8 * j) = make_float2(hacc[j][r] / den, hacc[j][r + 1] / den);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_out_tc(CHUNK_OUT_PARAMS) {
+    chunk_out_tc<false>(CHUNK_OUT_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_out_tc_exact(CHUNK_OUT_PARAMS) {
+    chunk_out_tc<true>(CHUNK_OUT_ARGS);
+}
