@@ -1,30 +1,68 @@
-//! Times the decode GEMV (batch 1, bf16) on xLSTM-7B's matrix shapes for several workgroup shapes
-//! and prints the achieved weight-read bandwidth of each; the last line is the best `WGxROWS`
-//! (for `XLSTM_WGPU_GEMV`). Usage: `wgpu_gemv_sweep [vulkan|metal|dx12|gpu]`.
-use xlstm_core::backend::Backend;
+//! Times the decode projections of one xLSTM-7B layer (batch 1, bf16) as the model runs them —
+//! RMSNorm + q/k/v/o/ĩ/f̃, out_proj added to the residual, RMSNorm + gate/up + SwiGLU, down added to
+//! the residual — for several batch-1 GEMV shapes (`XLSTM_WGPU_MV=WGxROWSxUNROLL`) and the unfused
+//! path (`XLSTM_WGPU_FUSE=0`), and prints the weight-read bandwidth of each, per op and in all; the
+//! last line is the best shape. Usage: `wgpu_gemv_sweep [vulkan|metal|dx12|gpu] [WGxRxU ...]`.
+use xlstm_core::backend::{Activation, Backend};
 use xlstm_core::tensor::{DType, HostTensor};
 use xlstm_wgpu::shaders::Knobs;
-use xlstm_wgpu::{Api, WgpuBackend};
+use xlstm_wgpu::{Api, WgpuBackend, WgpuBuf, WgpuMat};
+
+struct Layer {
+    qkvo: Vec<WgpuMat>,
+    out_proj: WgpuMat,
+    gate: WgpuMat,
+    up: WgpuMat,
+    down: WgpuMat,
+}
 
 fn main() {
-    let api = match std::env::args().nth(1).as_deref() {
+    let mut args = std::env::args().skip(1);
+    let api = match args.next().as_deref() {
         Some("metal") => Api::Metal,
         Some("dx12") => Api::Dx12,
         Some("gpu") => Api::Any,
         _ => Api::Vulkan,
     };
-    // q/k (2048×4096), v/o (4096×4096), up (10944×4096), down (4096×10944)
-    let shapes = [(2048usize, 4096usize), (4096, 4096), (10944, 4096), (4096, 10944)];
-    let mats: Vec<HostTensor> = shapes
-        .iter()
-        .enumerate()
-        .map(|(i, &(n, k))| HostTensor::f32(vec![n, k], (0..n * k).map(|j| ((j * 2654435761 + i) % 1000) as f32 * 1e-3 - 0.5).collect()))
+    let mut shapes: Vec<Option<(u32, u32, u32)>> = args
+        .filter_map(|a| {
+            let v: Vec<u32> = a.split('x').filter_map(|s| s.parse().ok()).collect();
+            (v.len() == 3).then(|| Some((v[0], v[1], v[2])))
+        })
         .collect();
+    if shapes.is_empty() {
+        shapes = vec![None, Some((64, 4, 2)), Some((32, 4, 2)), Some((64, 2, 4)), Some((64, 8, 1)), Some((128, 4, 2)), Some((128, 2, 2)), Some((256, 4, 1)), Some((64, 4, 4)), Some((32, 8, 2))];
+    }
+    let (d, qk, ff, nh) = (4096usize, 2048usize, 10944usize, 8usize);
+    let mat = |n: usize, k: usize, i: usize, dt: DType| {
+        HostTensor::f32(vec![n, k], (0..n * k).map(|j| ((j.wrapping_mul(2654435761) + i) % 1000) as f32 * 1e-3 - 0.5).collect()).to_dtype(dt)
+    };
+    // q, k, v, o, ĩ, f̃ (gate rows in f32, as the model keeps them), out_proj, gate, up, down
+    let host = [
+        mat(qk, d, 0, DType::BF16),
+        mat(qk, d, 1, DType::BF16),
+        mat(d, d, 2, DType::BF16),
+        mat(d, d, 3, DType::BF16),
+        mat(nh, d, 4, DType::F32),
+        mat(nh, d, 5, DType::F32),
+        mat(d, d, 6, DType::BF16),
+        mat(ff, d, 7, DType::BF16),
+        mat(ff, d, 8, DType::BF16),
+        mat(d, ff, 9, DType::BF16),
+    ];
     let mut best = (0.0f64, String::new());
-    for (wg, rows) in [(64, 2), (64, 4), (128, 2), (128, 4), (128, 8), (256, 4), (256, 8), (32, 4)] {
-        let mut knobs = Knobs::for_adapter(false);
-        knobs.gemv_wg = wg;
-        knobs.gemv_rows = rows;
+    for shape in shapes {
+        let mut knobs = Knobs::for_adapter(false).with_env();
+        let label = match shape {
+            Some((wg, r, u)) => {
+                (knobs.mv_wg, knobs.mv_rows, knobs.mv_unroll, knobs.fuse) = (wg, r, u, true);
+                format!("{wg}x{r}x{u}")
+            }
+            None => {
+                knobs.fuse = false;
+                "unfused (old gemv)".to_string()
+            }
+        };
         let b = match WgpuBackend::with_options(api, true, Some(knobs)) {
             Ok(b) => b,
             Err(e) => {
@@ -32,28 +70,72 @@ fn main() {
                 std::process::exit(1);
             }
         };
-        let ms: Vec<_> = mats.iter().map(|t| b.matrix(t.clone(), DType::BF16).unwrap()).collect();
-        let x = b.upload(&vec![0.01f32; 10944]).unwrap();
-        let mut out = b.zeros(10944).unwrap();
-        let bytes: usize = shapes.iter().map(|(n, k)| n * k * 2).sum();
-        let reps = 40;
-        let mut t_best = f64::MAX;
-        for round in 0..3 {
-            let t = std::time::Instant::now();
-            for _ in 0..reps {
-                for m in &ms {
-                    b.matmul(&x, 1, m, &mut out).unwrap();
+        let up = |i: usize| {
+            let dt = if i == 4 || i == 5 { DType::F32 } else { DType::BF16 };
+            b.matrix(host[i].clone(), dt).unwrap()
+        };
+        let l = Layer { qkvo: (0..6).map(up).collect(), out_proj: up(6), gate: up(7), up: up(8), down: up(9) };
+        let bytes: Vec<usize> = host.iter().map(|t| t.shape[0] * t.shape[1] * if t.dtype() == DType::F32 { 4 } else { 2 }).collect();
+        let z = |n: usize| b.zeros(n).unwrap();
+        let (x, normw) = (b.upload(&vec![0.01f32; d]).unwrap(), b.upload(&vec![1.0f32; d]).unwrap());
+        let (mut xn, mut a, mut g, mut u, mut y, mut res) = (z(d), z(ff), z(ff), z(ff), z(d), z(d));
+        let mut outs: Vec<WgpuBuf> = [qk, qk, d, d, nh, nh].iter().map(|&n| z(n)).collect();
+        let reps = 20;
+        // op 0: norm + 6 projections, 1: out_proj (+=), 2: norm + gate/up + SwiGLU, 3: down (+=)
+        let op_bytes = [bytes[..6].iter().sum::<usize>(), bytes[6], bytes[7] + bytes[8], bytes[9]];
+        let mut run = |op: usize| match op {
+            0 => {
+                let mats: Vec<&WgpuMat> = l.qkvo.iter().collect();
+                let mut o: Vec<&mut WgpuBuf> = outs.iter_mut().collect();
+                b.norm_matmuls(&x, 1, d, &normw, 1e-6, &mut xn, &mats, &mut o).unwrap();
+            }
+            1 => b.matmul_add(&xn, 1, &l.out_proj, d, &mut y, &mut res).unwrap(),
+            2 => b.norm_gated_up(&x, 1, d, &normw, 1e-6, &mut xn, &l.gate, &l.up, ff, Activation::Silu, &mut g, &mut u, &mut a).unwrap(),
+            _ => b.matmul_add(&a, 1, &l.down, d, &mut y, &mut res).unwrap(),
+        };
+        let mut time = |ops: &[usize]| {
+            let mut t_best = f64::MAX;
+            let mut t_rec = f64::MAX;
+            for round in 0..4 {
+                let t = std::time::Instant::now();
+                for _ in 0..reps {
+                    for &op in ops {
+                        run(op);
+                    }
+                }
+                let rec = t.elapsed().as_secs_f64();
+                b.sync().unwrap();
+                if round > 0 {
+                    t_best = t_best.min(t.elapsed().as_secs_f64());
+                    t_rec = t_rec.min(rec);
                 }
             }
-            b.sync().unwrap();
-            if round > 0 {
-                t_best = t_best.min(t.elapsed().as_secs_f64());
-            }
-        }
-        let gbs = (bytes * reps) as f64 / t_best / 1e9;
-        println!("gemv {wg}x{rows}: {:.1} µs per 4-matrix set, {gbs:.0} GB/s ({})", t_best / reps as f64 * 1e6, b.name());
-        if gbs > best.0 {
-            best = (gbs, format!("{wg}x{rows}"));
+            (t_best / reps as f64, t_rec / reps as f64)
+        };
+        let (d0, _) = b.counters();
+        let (t_all, t_rec) = time(&[0, 1, 2, 3]);
+        let (_, d1) = b.counters();
+        let per: Vec<String> = (0..4)
+            .map(|op| {
+                let (t, _) = time(&[op]);
+                format!("{:.1} µs {:.0} GB/s", t * 1e6, op_bytes[op] as f64 / t / 1e9)
+            })
+            .collect();
+        let total: usize = op_bytes.iter().sum();
+        let gbs = total as f64 / t_all / 1e9;
+        println!(
+            "mv {label}: layer {:.1} µs, {gbs:.0} GB/s ({} dispatches, host recording {:.1} µs) | norm+qkvoif {} | out_proj {} | norm+gate/up+swiglu {} | down {} ({})",
+            t_all * 1e6,
+            (d1 - d0) / (4 * reps as u64),
+            t_rec * 1e6,
+            per[0],
+            per[1],
+            per[2],
+            per[3],
+            b.name()
+        );
+        if gbs > best.0 && shape.is_some() {
+            best = (gbs, label);
         }
     }
     println!("{}", best.1);

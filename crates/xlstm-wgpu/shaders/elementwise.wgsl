@@ -50,27 +50,6 @@ fn add(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<
 @group(0) @binding(6) var<storage, read> ga_up: array<f32>;
 @group(0) @binding(7) var<storage, read_write> ga_out: array<f32>;
 
-// erfc(x), Numerical Recipes' Chebyshev fit (fractional error < 1.2e-7 in exact arithmetic).
-fn erfc_(x: f32) -> f32 {
-    let z = abs(x);
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806
-        + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))));
-    let r = t * exp(poly);
-    return select(2.0 - r, r, x >= 0.0);
-}
-
-fn act(a: u32, x: f32) -> f32 {
-    switch a {
-        case 0u: { return 0.5 * x * erfc_(-x * 0.70710678118654752); }
-        case 1u: { return x / (1.0 + exp(-x)); }
-        case 2u: { return max(x, 0.0); }
-        case 3u: { let r = max(x, 0.0); return r * r; }
-        case 4u: { return sigmoid(x); }
-        default: { return 1.0507009873554805 * select(1.6732632423543772 * (exp(x) - 1.0), x, x > 0.0); }
-    }
-}
-
 @compute @workgroup_size({{WG}})
 fn gated_act(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
              @builtin(local_invocation_index) lid: u32) {

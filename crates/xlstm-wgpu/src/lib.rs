@@ -97,11 +97,39 @@ impl WgpuBuf {
     }
 }
 
-/// One row block of a weight matrix.
+/// One row block of a weight matrix: `bytes` at byte offset `off` of a pool buffer.
 struct MatPart {
     raw: Arc<Raw>,
+    off: u64,
+    bytes: u64,
     row0: usize,
     rows: usize,
+}
+
+impl MatPart {
+    /// The part as a binding of its own (the kernels that index from 0).
+    fn bind(&self) -> Bind<'_> {
+        Bind { raw: &self.raw, off: self.off, size: self.bytes }
+    }
+}
+
+/// A buffer binding: all of `raw` (size 0) or `size` bytes from `off`.
+#[derive(Clone, Copy)]
+struct Bind<'a> {
+    raw: &'a Arc<Raw>,
+    off: u64,
+    size: u64,
+}
+
+fn whole(raw: &Arc<Raw>) -> Bind<'_> {
+    Bind { raw, off: 0, size: 0 }
+}
+
+/// The pool buffer weight parts are being placed in.
+struct Pool {
+    raw: Arc<Raw>,
+    size: u64,
+    used: u64,
 }
 
 /// A weight matrix `[rows, cols]` on the device (bf16/f16 packed in u32 pairs, or f32).
@@ -123,6 +151,13 @@ impl WgpuMat {
     }
 }
 
+/// One matrix part of a batch-1 GEMV dispatch and where its rows go.
+struct Slot<'a> {
+    part: &'a MatPart,
+    wide: bool,
+    out: &'a Arc<Raw>,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Acc {
     R,
@@ -134,6 +169,7 @@ fn bindings(entry: &str) -> &'static [(u32, Acc)] {
     use Acc::*;
     match entry {
         "gemv" | "gemm" | "embed" | "rms_norm" => &[(1, R), (2, R), (3, W)],
+        "mv" | "mv_norm" | "mv_pair" => &[(1, R), (2, R), (3, R), (4, R), (5, W), (6, W), (7, W), (8, W), (9, W), (10, W), (11, W)],
         "group_norm" => &[(1, R), (2, R), (4, R), (5, R), (6, W)],
         "bias_soft_cap" => &[(1, W), (2, R)],
         "add" => &[(3, W), (4, R)],
@@ -154,6 +190,7 @@ fn bindings(entry: &str) -> &'static [(u32, Acc)] {
 fn file_of(entry: &str) -> &'static str {
     match entry {
         "gemv" => "gemv",
+        "mv" | "mv_norm" | "mv_pair" => "mv",
         "gemm" => "gemm",
         "embed" => "embed",
         "rms_norm" | "group_norm" => "norm",
@@ -163,6 +200,19 @@ fn file_of(entry: &str) -> &'static str {
         _ => "elementwise",
     }
 }
+
+/// The flavour switches and the WGSL entry point of an op's kernel.
+fn flavour_of(entry: &'static str) -> (&'static [&'static str], &'static str) {
+    match entry {
+        "mv" => (shaders::MV_FLAVOURS[0], "mv"),
+        "mv_norm" => (shaders::MV_FLAVOURS[1], "mv"),
+        "mv_pair" => (shaders::MV_FLAVOURS[2], "mv"),
+        other => (&[], other),
+    }
+}
+
+/// Slots of one batch-1 GEMV dispatch (the kernel has 6 output bindings).
+const MV_SLOTS: usize = 6;
 
 struct Pipe {
     uid: usize,
@@ -187,7 +237,7 @@ struct Rec {
 }
 
 /// Parameter words per dispatch, and the arena's size.
-const PARAM_WORDS: usize = 16;
+const PARAM_WORDS: usize = 32;
 const ARENA_BYTES: u64 = 4 << 20;
 
 pub struct WgpuBackend {
@@ -201,7 +251,15 @@ pub struct WgpuBackend {
     arena: wgpu::Buffer,
     align: usize,
     dummy: WgpuBuf,
+    /// A second dummy for unused writable bindings (one buffer may not be bound both read-only
+    /// and writable in one dispatch).
+    dummy_w: WgpuBuf,
     dead: Arc<Mutex<Vec<u64>>>,
+    pool: Mutex<Option<Pool>>,
+    /// Upload bytes written since the last submission (staging memory held by the queue).
+    unflushed: AtomicU64,
+    /// The fused batch-1 kernels fit this adapter (11 storage buffers per stage) and are on.
+    fused: bool,
     rec: Mutex<Rec>,
     submit_every: u64,
     /// Largest weight part in bytes (the storage-binding limit unless lowered, e.g. by tests).
@@ -299,6 +357,8 @@ impl WgpuBackend {
         });
         let dead = Arc::new(Mutex::new(Vec::new()));
         let dummy = make_buf(&device, &dead, 4, None);
+        let dummy_w = make_buf(&device, &dead, 4, None);
+        let fused = knobs.fuse && limits.max_storage_buffers_per_shader_stage >= 11;
         let part_limit = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
         Ok(WgpuBackend {
             device,
@@ -311,7 +371,11 @@ impl WgpuBackend {
             arena,
             align,
             dummy,
+            dummy_w,
             dead,
+            pool: Mutex::new(None),
+            unflushed: AtomicU64::new(0),
+            fused,
             part_limit,
             submit_every,
             rec: Mutex::new(Rec {
@@ -369,12 +433,20 @@ impl WgpuBackend {
         if let Some(p) = rec.pipes.get(&(entry, dtype)) {
             return p.clone();
         }
-        let variant = Variant { file: file_of(entry), dtype, subgroup: self.subgroup };
+        let (extra, entry_point) = flavour_of(entry);
+        let variant = Variant { file: file_of(entry), dtype, subgroup: self.subgroup, extra };
         let src = shaders::source(&variant, &self.knobs);
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(entry),
-            source: wgpu::ShaderSource::Wgsl(src.into()),
-        });
+        let desc = wgpu::ShaderModuleDescriptor { label: Some(entry), source: wgpu::ShaderSource::Wgsl(src.into()) };
+        let module = if variant.file == "mv" && !self.knobs.checked {
+            // SAFETY: mv.wgsl indexes only in range by construction: weight rows are clamped to
+            // their slot, chunks stay below ceil(k/8) of rows padded to 8 values, x and g are read
+            // up to ceil(k/8)·8 values of buffers padded to 32 bytes and holding ≥ k (checked by
+            // the host), outputs are written below the sizes the host checked, workgroup memory
+            // below WG·NV; every loop is bounded and no divisor is zero (R, WG, the subgroup size).
+            unsafe { self.device.create_shader_module_trusted(desc, wgpu::ShaderRuntimeChecks::unchecked()) }
+        } else {
+            self.device.create_shader_module(desc)
+        };
         let bl = bindings(entry);
         let mut entries = vec![wgpu::BindGroupLayoutEntry {
             binding: 0,
@@ -408,7 +480,7 @@ impl WgpuBackend {
             label: Some(entry),
             layout: Some(&pl),
             module: &module,
-            entry_point: Some(entry),
+            entry_point: Some(entry_point),
             compilation_options: wgpu::PipelineCompilationOptions { constants: &[], zero_initialize_workgroup_memory: false },
             cache: None,
         });
@@ -419,6 +491,12 @@ impl WgpuBackend {
 
     /// Records one dispatch of `entry` over `bufs` (in the order of its binding table).
     fn dispatch(&self, entry: &'static str, dtype: WDType, bufs: &[&Arc<Raw>], params: &[u32], groups: (u32, u32, u32)) -> Result<()> {
+        let binds: Vec<Bind<'_>> = bufs.iter().map(|b| whole(b)).collect();
+        self.dispatch_binds(entry, dtype, &binds, params, groups)
+    }
+
+    /// As [`Self::dispatch`], with buffer ranges.
+    fn dispatch_binds(&self, entry: &'static str, dtype: WDType, bufs: &[Bind<'_>], params: &[u32], groups: (u32, u32, u32)) -> Result<()> {
         if groups.0 == 0 || groups.1 == 0 || groups.2 == 0 {
             return Ok(());
         }
@@ -434,17 +512,23 @@ impl WgpuBackend {
         words[..params.len()].copy_from_slice(params);
         rec.params.extend_from_slice(bytemuck::cast_slice(&words));
         rec.params.resize(off + self.align, 0);
-        let key = (pipe.uid, bufs.iter().map(|b| b.id).collect::<Vec<_>>());
+        let key = (pipe.uid, bufs.iter().flat_map(|b| [b.raw.id, b.off, b.size]).collect::<Vec<_>>());
         if !rec.groups.contains_key(&key) {
             let mut entries = vec![wgpu::BindGroupEntry {
                 binding: 0,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: &self.arena, offset: 0, size: wgpu::BufferSize::new((PARAM_WORDS * 4) as u64) }),
             }];
-            for (&(b, _), raw) in pipe.bindings.iter().zip(bufs) {
-                entries.push(wgpu::BindGroupEntry { binding: b, resource: raw.buf.as_entire_binding() });
+            for (&(b, _), bind) in pipe.bindings.iter().zip(bufs) {
+                let resource = if bind.size == 0 {
+                    bind.raw.buf.as_entire_binding()
+                } else {
+                    wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: &bind.raw.buf, offset: bind.off, size: wgpu::BufferSize::new(bind.size) })
+                };
+                entries.push(wgpu::BindGroupEntry { binding: b, resource });
             }
             let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipe.layout, entries: &entries });
-            rec.groups.insert(key.clone(), (bg, key.1.clone()));
+            let ids = bufs.iter().map(|b| b.raw.id).collect();
+            rec.groups.insert(key.clone(), (bg, ids));
         }
         let bg = rec.groups[&key].0.clone();
         let pass = open_pass(&self.device, rec);
@@ -486,6 +570,100 @@ impl WgpuBackend {
         Ok(())
     }
 
+    /// Places a weight part's words in the current pool buffer (a new pool when it is full);
+    /// returns the pool and the byte offset.
+    fn place(&self, words: &[u32]) -> Result<(Arc<Raw>, u64)> {
+        let bytes = (words.len() * 4) as u64;
+        let align = (self.limits.min_storage_buffer_offset_alignment as u64).max(256);
+        let mut guard = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let fits = guard.as_ref().is_some_and(|p| p.used.next_multiple_of(align) + bytes <= p.size);
+        if !fits {
+            let size = bytes.max(self.knobs.pool_bytes.min(self.max_binding())).next_multiple_of(32);
+            if size > self.max_binding() {
+                return Err(dev_err(format!("a weight block of {bytes} bytes is over this adapter's storage-binding limit of {} bytes", self.max_binding())));
+            }
+            let b = make_buf(&self.device, &self.dead, (size / 4) as usize, None);
+            *guard = Some(Pool { raw: b.raw, size, used: 0 });
+        }
+        let pool = guard.as_mut().expect("made above");
+        let off = pool.used.next_multiple_of(align);
+        pool.used = off + bytes;
+        self.queue.write_buffer(&pool.raw.buf, off, bytemuck::cast_slice(words));
+        self.unflushed.fetch_add(bytes, Ordering::Relaxed);
+        Ok((pool.raw.clone(), off))
+    }
+
+    /// The 16-bit weight type a batch-1 GEMV over these matrices is built for (f32 matrices are a
+    /// per-slot switch of either); None where bf16 and f16 mix.
+    fn mv_dtype<'a>(mats: impl Iterator<Item = &'a WgpuMat>) -> Option<WDType> {
+        let (mut bf, mut f16) = (false, false);
+        for m in mats {
+            bf |= m.dtype == WDType::BF16;
+            f16 |= m.dtype == WDType::F16;
+        }
+        match (bf, f16) {
+            (true, true) => None,
+            (false, true) => Some(WDType::F16),
+            _ => Some(WDType::BF16),
+        }
+    }
+
+    /// Records batch-1 GEMV dispatches (`mv.wgsl`) of the matrix parts in `slots` over `x` (`k`
+    /// values): parts of one pool share a dispatch, up to 6 a dispatch. `norm`: (weight, eps) of an
+    /// RMSNorm fused in, and `xn` receives the normalised x (from the first dispatch). `up`: the
+    /// gate/up pair flavour, `up[i]` read with `slots[i]` and `act` applied (one dispatch a pair).
+    #[allow(clippy::too_many_arguments)]
+    fn mv(&self, entry: &'static str, x: &WgpuBuf, k: usize, slots: &[Slot<'_>], norm: Option<(&WgpuBuf, f32)>, xn: Option<&WgpuBuf>, accumulate: bool, up: Option<&[&MatPart]>, act: u32, d16: WDType) -> Result<()> {
+        check(entry, "x", x.len, k)?;
+        if let Some((g, _)) = norm {
+            check(entry, "weight", g.len, k)?;
+        }
+        if let Some(b) = xn {
+            check(entry, "xn", b.len, k)?;
+        }
+        let r = self.knobs.mv_rows as u64;
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for (i, sl) in slots.iter().enumerate() {
+            match groups.last_mut() {
+                Some(g) if up.is_none() && g.len() < MV_SLOTS && slots[g[0]].part.raw.id == sl.part.raw.id => g.push(i),
+                _ => groups.push(vec![i]),
+            }
+        }
+        let mut write_xn = xn.is_some();
+        for g in groups {
+            let mut params = [0u32; PARAM_WORDS];
+            params[0] = k as u32;
+            params[1] = write_xn as u32 | (accumulate as u32) << 1;
+            params[2] = norm.map_or(0.0f32, |n| n.1).to_bits();
+            params[3] = g.len() as u32;
+            params[4] = act;
+            let mut blocks = 0u64;
+            for (s, &i) in g.iter().enumerate() {
+                let sl = &slots[i];
+                params[8 + s] = sl.part.rows as u32 | (sl.wide as u32) << 31;
+                params[16 + s] = (sl.part.off / 16) as u32;
+                params[24 + s] = sl.part.row0 as u32;
+                blocks += (sl.part.rows as u64).div_ceil(r);
+            }
+            let pool = &slots[g[0]].part.raw;
+            let wb = match up {
+                Some(u) => {
+                    let p = u[g[0]];
+                    params[17] = (p.off / 16) as u32;
+                    whole(&p.raw)
+                }
+                None => whole(&self.dummy.raw),
+            };
+            let mut binds = vec![whole(pool), wb, whole(&x.raw), whole(norm.map_or(&self.dummy.raw, |n| &n.0.raw)), whole(xn.map_or(&self.dummy_w.raw, |b| &b.raw))];
+            for s in 0..MV_SLOTS {
+                binds.push(whole(g.get(s).map_or(&self.dummy_w.raw, |&i| slots[i].out)));
+            }
+            self.dispatch_binds(entry, d16, &binds, &params, split(blocks))?;
+            write_xn = false;
+        }
+        Ok(())
+    }
+
     /// Internal scratch buffer of at least `len` values (kept and reused).
     fn scratch(&self, name: &'static str, len: usize) -> Result<Arc<Raw>> {
         let mut rec = self.lock();
@@ -510,6 +688,13 @@ impl WgpuBackend {
         if rows == 0 {
             return Ok(());
         }
+        if rows == 1 && self.fused {
+            let slots: Vec<Slot<'_>> = w.parts.iter().map(|part| Slot { part, wide: w.dtype == WDType::F32, out: &out.raw }).collect();
+            for p in &w.parts {
+                check("matmul", "out", out.len, p.row0 + p.rows)?;
+            }
+            return self.mv("mv", x, w.cols, &slots, None, None, accumulate, None, 0, Self::mv_dtype(std::iter::once(w)).unwrap_or(WDType::BF16));
+        }
         let k = &self.knobs;
         for p in &w.parts {
             if rows <= GEMV_MAX_ROWS {
@@ -519,12 +704,12 @@ impl WgpuBackend {
                 };
                 let groups = (p.rows as u64).div_ceil(k.gemv_rows as u64);
                 let params = [p.rows as u32, w.cols as u32, rows as u32, (w.kp / per) as u32, w.rows as u32, p.row0 as u32, accumulate as u32];
-                self.dispatch("gemv", w.dtype, &[&p.raw, &x.raw, &out.raw], &params, split(groups))?;
+                self.dispatch_binds("gemv", w.dtype, &[p.bind(), whole(&x.raw), whole(&out.raw)], &params, split(groups))?;
             } else {
                 let params = [p.rows as u32, w.cols as u32, rows as u32, w.kp as u32, w.rows as u32, p.row0 as u32, accumulate as u32];
                 let gx = (p.rows as u32).div_ceil(k.gemm_bn);
                 let gy = (rows as u32).div_ceil(k.gemm_bm);
-                self.dispatch("gemm", w.dtype, &[&p.raw, &x.raw, &out.raw], &params, (gx, gy, 1))?;
+                self.dispatch_binds("gemm", w.dtype, &[p.bind(), whole(&x.raw), whole(&out.raw)], &params, (gx, gy, 1))?;
             }
         }
         Ok(())
@@ -617,6 +802,18 @@ impl WgpuBackend {
     }
 }
 
+/// The activation numbering of the kernels (`act` in common.wgsl).
+fn act_code(act: Activation) -> u32 {
+    match act {
+        Activation::Gelu => 0,
+        Activation::Silu => 1,
+        Activation::Relu => 2,
+        Activation::ReluSquared => 3,
+        Activation::Sigmoid => 4,
+        Activation::Selu => 5,
+    }
+}
+
 /// A workgroup count, spread over y past the 65535 per-dimension limit (kernels guard the excess).
 fn split(groups: u64) -> (u32, u32, u32) {
     if groups <= 65535 {
@@ -638,7 +835,8 @@ fn open_pass<'a>(device: &wgpu::Device, rec: &'a mut Rec) -> &'a mut wgpu::Compu
 }
 
 fn make_buf(device: &wgpu::Device, dead: &Arc<Mutex<Vec<u64>>>, len: usize, data: Option<&[u8]>) -> WgpuBuf {
-    let size = ((len.max(1) * 4) as u64).next_multiple_of(4);
+    // 32-byte padding: the batch-1 GEMV reads x in whole 8-value chunks (past-the-end values masked).
+    let size = ((len.max(1) * 4) as u64).next_multiple_of(32);
     let buf = device.create_buffer(&wgpu::BufferDescriptor {
         label: None,
         size,
@@ -738,7 +936,6 @@ impl Backend for WgpuBackend {
         let row_bytes = (row_words * 4) as u64;
         let per_part = ((self.part_limit / row_bytes) as usize).max(1);
         let mut parts = Vec::new();
-        let mut since_flush = 0u64;
         for row0 in (0..rows.max(1)).step_by(per_part) {
             let n = per_part.min(rows - row0.min(rows));
             let mut words = vec![0u32; n.max(1) * row_words];
@@ -763,15 +960,15 @@ impl Backend for WgpuBackend {
                     }
                 }
             }
-            let b = make_buf(&self.device, &self.dead, words.len(), Some(bytemuck::cast_slice(&words)));
-            since_flush += (words.len() * 4) as u64;
-            parts.push(MatPart { raw: b.raw, row0, rows: n });
+            let (raw, off) = self.place(&words)?;
+            parts.push(MatPart { raw, off, bytes: (words.len() * 4) as u64, row0, rows: n });
             if rows == 0 {
                 break;
             }
         }
-        // Let the upload staging memory go every ~1 GiB rather than holding all of it to the first submit.
-        if since_flush > (1 << 30) || NEXT_ID.load(Ordering::Relaxed) % 64 == 0 {
+        // Let the upload staging memory go every ~512 MiB rather than holding all of it to the first submit.
+        if self.unflushed.load(Ordering::Relaxed) > (512 << 20) {
+            self.unflushed.store(0, Ordering::Relaxed);
             self.queue.submit([]);
             let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
         }
@@ -809,7 +1006,7 @@ impl Backend for WgpuBackend {
             }
             let idb = self.new_buf(local.len(), Some(bytemuck::cast_slice(&local)))?;
             let params = [ids.len() as u32, d as u32, table.kp as u32];
-            self.dispatch("embed", table.dtype, &[&p.raw, &idb.raw, &out.raw], &params, self.grid_stride(ids.len() * d, self.knobs.elem_wg))?;
+            self.dispatch_binds("embed", table.dtype, &[p.bind(), whole(&idb.raw), whole(&out.raw)], &params, self.grid_stride(ids.len() * d, self.knobs.elem_wg))?;
         }
         Ok(())
     }
@@ -867,14 +1064,7 @@ impl Backend for WgpuBackend {
         check("gated_act", "gate", gate.len, len)?;
         check("gated_act", "up", up.len, len)?;
         check("gated_act", "out", out.len, len)?;
-        let code = match act {
-            Activation::Gelu => 0,
-            Activation::Silu => 1,
-            Activation::Relu => 2,
-            Activation::ReluSquared => 3,
-            Activation::Sigmoid => 4,
-            Activation::Selu => 5,
-        };
+        let code = act_code(act);
         self.dispatch("gated_act", WDType::F32, &[&gate.raw, &up.raw, &out.raw], &[len as u32, code], self.grid_stride(len, self.knobs.elem_wg))
     }
 
@@ -948,6 +1138,41 @@ impl Backend for WgpuBackend {
         self.mlstm_steps(dims, batch, rows, q, k, v, i, f, Some((ibias, fbias, cap)), state, eps, h)?;
         let width = dims.heads * dims.dv;
         self.group_norm_gated(h, rows, width, dims.dv, norm, None, Some(o), norm_eps, hn)
+    }
+
+    fn norm_matmuls(&self, x: &WgpuBuf, rows: usize, width: usize, weight: &WgpuBuf, eps: f32, xn: &mut WgpuBuf, mats: &[&WgpuMat], outs: &mut [&mut WgpuBuf]) -> Result<()> {
+        let d16 = Self::mv_dtype(mats.iter().copied());
+        if rows != 1 || !self.fused || d16.is_none() || mats.len() != outs.len() || mats.iter().any(|m| m.cols != width) {
+            self.rms_norm(x, rows, width, weight, eps, xn)?;
+            for (w, out) in mats.iter().zip(outs.iter_mut()) {
+                self.matmul(xn, rows, w, out)?;
+            }
+            return Ok(());
+        }
+        for (m, o) in mats.iter().zip(outs.iter()) {
+            check("norm_matmuls", "out", o.len, m.rows)?;
+        }
+        let slots: Vec<Slot<'_>> = mats
+            .iter()
+            .zip(outs.iter())
+            .flat_map(|(m, o)| m.parts.iter().map(move |part| Slot { part, wide: m.dtype == WDType::F32, out: &o.raw }))
+            .collect();
+        self.mv("mv_norm", x, width, &slots, Some((weight, eps)), Some(xn), false, None, 0, d16.expect("checked above"))
+    }
+
+    fn norm_gated_up(&self, x: &WgpuBuf, rows: usize, width: usize, weight: &WgpuBuf, eps: f32, xn: &mut WgpuBuf, gate: &WgpuMat, up: &WgpuMat, ff: usize, act: Activation, g: &mut WgpuBuf, u: &mut WgpuBuf, out: &mut WgpuBuf) -> Result<()> {
+        let d16 = Self::mv_dtype([gate, up].into_iter());
+        let aligned = gate.parts.len() == up.parts.len() && gate.parts.iter().zip(&up.parts).all(|(a, b)| a.row0 == b.row0 && a.rows == b.rows);
+        if rows != 1 || !self.fused || d16.is_none() || !aligned || gate.dtype != up.dtype || gate.cols != width || up.cols != width || gate.rows != ff || up.rows != ff {
+            self.rms_norm(x, rows, width, weight, eps, xn)?;
+            self.matmul(xn, rows, gate, g)?;
+            self.matmul(xn, rows, up, u)?;
+            return self.gated_act(act, g, u, rows * ff, out);
+        }
+        check("norm_gated_up", "out", out.len, ff)?;
+        let slots: Vec<Slot<'_>> = gate.parts.iter().map(|part| Slot { part, wide: gate.dtype == WDType::F32, out: &out.raw }).collect();
+        let ups: Vec<&MatPart> = up.parts.iter().collect();
+        self.mv("mv_pair", x, width, &slots, Some((weight, eps)), Some(xn), false, Some(&ups), act_code(act), d16.expect("checked above"))
     }
 
     fn device_bandwidth(&self) -> Result<Option<xlstm_core::bench::Bandwidth>> {

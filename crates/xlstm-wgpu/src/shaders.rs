@@ -1,6 +1,7 @@
 //! WGSL sources (one file per op family, embedded at build time) and the small preprocessor that
 //! makes their variants: weight dtype (BF16 / F16 / F32), subgroup operations or not, and the
-//! tile/workgroup knobs. The naga test translates every variant this module lists to Metal.
+//! tile/workgroup knobs, and extra switches of a kernel's flavours (the batch-1 GEMV's fused RMSNorm
+//! and gate/up pair). The naga test translates every variant this module lists to Metal.
 use std::collections::BTreeMap;
 
 pub const COMMON: &str = include_str!("../shaders/common.wgsl");
@@ -16,6 +17,7 @@ pub const FILES: &[(&str, &str, bool)] = &[
     ("conv", include_str!("../shaders/conv.wgsl"), false),
     ("mlstm", include_str!("../shaders/mlstm.wgsl"), true),
     ("slstm", include_str!("../shaders/slstm.wgsl"), false),
+    ("mv", include_str!("../shaders/mv.wgsl"), false),
 ];
 
 /// Weight storage of a matrix kernel variant.
@@ -54,6 +56,19 @@ pub struct Knobs {
     /// mLSTM cell: C columns per workgroup and slices of DK.
     pub cell_cols: u32,
     pub cell_split: u32,
+    /// Batch-1 GEMV (`mv.wgsl`): invocations per workgroup (a power of two), weight rows per
+    /// workgroup, and 8-value chunks per invocation and loop step (loads in flight: rows × unroll).
+    pub mv_wg: u32,
+    pub mv_rows: u32,
+    pub mv_unroll: u32,
+    /// Bytes of the device buffers that weight matrices are placed in, one after another (the
+    /// batch-1 GEMV reads several matrices of one pool in one dispatch).
+    pub pool_bytes: u64,
+    /// Fused decode kernels (RMSNorm + projections, RMSNorm + gate/up + activation) for batch 1.
+    pub fuse: bool,
+    /// Keep wgpu's runtime checks (bounds, loop bounding) in the batch-1 GEMV, which is otherwise
+    /// built as a trusted module (its indices are in range by construction).
+    pub checked: bool,
 }
 
 /// Input rows the GEMV kernel takes at once (more rows go through the GEMM).
@@ -63,15 +78,36 @@ impl Knobs {
     /// Defaults per adapter type: CPU adapters (lavapipe) get small workgroups, GPUs wider ones.
     pub fn for_adapter(cpu: bool) -> Self {
         if cpu {
-            Knobs { gemv_wg: 32, gemv_rows: 4, gemm_bm: 32, gemm_bn: 32, gemm_bk: 16, gemm_tm: 4, gemm_tn: 4, reduce_wg: 64, elem_wg: 64, cell_cols: 32, cell_split: 2 }
+            Knobs {
+                gemv_wg: 32, gemv_rows: 4, gemm_bm: 32, gemm_bn: 32, gemm_bk: 16, gemm_tm: 4, gemm_tn: 4, reduce_wg: 64, elem_wg: 64, cell_cols: 32, cell_split: 2,
+                mv_wg: 32, mv_rows: 2, mv_unroll: 2, pool_bytes: 32 << 20, fuse: true, checked: false,
+            }
         } else {
-            Knobs { gemv_wg: 128, gemv_rows: 4, gemm_bm: 64, gemm_bn: 64, gemm_bk: 16, gemm_tm: 4, gemm_tn: 4, reduce_wg: 256, elem_wg: 256, cell_cols: 64, cell_split: 4 }
+            Knobs {
+                gemv_wg: 128, gemv_rows: 4, gemm_bm: 64, gemm_bn: 64, gemm_bk: 16, gemm_tm: 4, gemm_tn: 4, reduce_wg: 256, elem_wg: 256, cell_cols: 64, cell_split: 4,
+                mv_wg: 64, mv_rows: 4, mv_unroll: 2, pool_bytes: 512 << 20, fuse: true, checked: false,
+            }
         }
     }
 
-    /// `XLSTM_WGPU_GEMV=WGxROWS` and `XLSTM_WGPU_GEMM=BMxBNxBKxTMxTN` override the defaults.
+    /// `XLSTM_WGPU_GEMV=WGxROWS`, `XLSTM_WGPU_GEMM=BMxBNxBKxTMxTN`, `XLSTM_WGPU_MV=WGxROWSxUNROLL`,
+    /// `XLSTM_WGPU_POOL_MB`, `XLSTM_WGPU_FUSE=0` and `XLSTM_WGPU_CHECKED=1` override the defaults.
     pub fn with_env(mut self) -> Self {
         let nums = |v: String| v.split('x').map(|s| s.trim().parse::<u32>().ok()).collect::<Option<Vec<u32>>>();
+        if let Some(v) = std::env::var("XLSTM_WGPU_MV").ok().and_then(nums) {
+            if v.len() == 3 && v[0].is_power_of_two() && (1..=16).contains(&v[1]) && (1..=8).contains(&v[2]) {
+                (self.mv_wg, self.mv_rows, self.mv_unroll) = (v[0], v[1], v[2]);
+            }
+        }
+        if let Some(mb) = std::env::var("XLSTM_WGPU_POOL_MB").ok().and_then(|v| v.parse::<u64>().ok()) {
+            self.pool_bytes = mb.max(1) << 20;
+        }
+        if let Ok(v) = std::env::var("XLSTM_WGPU_FUSE") {
+            self.fuse = v != "0";
+        }
+        if let Ok(v) = std::env::var("XLSTM_WGPU_CHECKED") {
+            self.checked = v == "1";
+        }
         if let Some(v) = std::env::var("XLSTM_WGPU_GEMV").ok().and_then(nums) {
             if v.len() == 2 && v[0].is_power_of_two() && v[1] > 0 {
                 (self.gemv_wg, self.gemv_rows) = (v[0], v[1]);
@@ -89,12 +125,14 @@ impl Knobs {
         let mut m = BTreeMap::new();
         let wg = match file {
             "gemv" => self.gemv_wg,
+            "mv" => self.mv_wg,
             "norm" | "mlstm" => self.reduce_wg,
             "slstm" => 64,
             _ => self.elem_wg,
         };
         m.insert("WG", wg.to_string());
-        m.insert("R", self.gemv_rows.to_string());
+        m.insert("R", if file == "mv" { self.mv_rows } else { self.gemv_rows }.to_string());
+        m.insert("U", self.mv_unroll.to_string());
         m.insert("B", GEMV_MAX_ROWS.to_string());
         m.insert("BM", self.gemm_bm.to_string());
         m.insert("BN", self.gemm_bn.to_string());
@@ -113,7 +151,12 @@ pub struct Variant {
     pub file: &'static str,
     pub dtype: WDType,
     pub subgroup: bool,
+    /// Extra switches (`//#if NAME`) of a kernel's flavour, e.g. `NORM`, `PAIR` for `mv`.
+    pub extra: &'static [&'static str],
 }
+
+/// The flavours of the batch-1 GEMV: plain, RMSNorm fused, RMSNorm + gate/up pair fused.
+pub const MV_FLAVOURS: &[&[&str]] = &[&[], &["NORM"], &["NORM", "PAIR"]];
 
 /// The full WGSL of one variant: common.wgsl (+ reduce.wgsl) + the file, preprocessed.
 pub fn source(v: &Variant, knobs: &Knobs) -> String {
@@ -124,6 +167,7 @@ pub fn source(v: &Variant, knobs: &Knobs) -> String {
     }
     text.push_str(body);
     let mut defs = vec![v.dtype.define()];
+    defs.extend_from_slice(v.extra);
     if v.subgroup {
         defs.push("SUBGROUP");
     }
@@ -139,9 +183,11 @@ pub fn source(v: &Variant, knobs: &Knobs) -> String {
     preprocess(&text, &defs, &subst)
 }
 
-/// `//#if NAME`, `//#else`, `//#endif` (nestable) keep or drop lines; `{{KEY}}` is replaced.
+/// `//#if NAME`, `//#else`, `//#endif` (nestable) keep or drop lines; `//#unroll V COUNT` …
+/// `//#endunroll` (nestable) repeats the lines between COUNT times (a number or a knob's KEY) with
+/// `$V` replaced by 0, 1, …; `{{KEY}}` is replaced.
 pub fn preprocess(text: &str, defs: &[&str], subst: &BTreeMap<&'static str, String>) -> String {
-    let mut out = String::with_capacity(text.len());
+    let mut kept: Vec<&str> = Vec::new();
     // stack of (this branch active, parent active)
     let mut stack: Vec<(bool, bool)> = Vec::new();
     let active = |s: &Vec<(bool, bool)>| s.last().is_none_or(|&(a, p)| a && p);
@@ -163,14 +209,52 @@ pub fn preprocess(text: &str, defs: &[&str], subst: &BTreeMap<&'static str, Stri
             continue;
         }
         if active(&stack) {
-            out.push_str(line);
-            out.push('\n');
+            kept.push(line);
         }
     }
+    let mut out = String::with_capacity(text.len());
+    unroll(&kept, subst, &mut out);
     for (k, v) in subst {
         out = out.replace(&format!("{{{{{k}}}}}"), v);
     }
     out
+}
+
+fn unroll(lines: &[&str], subst: &BTreeMap<&'static str, String>, out: &mut String) {
+    let mut i = 0;
+    while i < lines.len() {
+        let Some(spec) = lines[i].trim().strip_prefix("//#unroll ") else {
+            out.push_str(lines[i]);
+            out.push('\n');
+            i += 1;
+            continue;
+        };
+        let mut words = spec.split_whitespace();
+        let var = format!("${}", words.next().unwrap_or_else(|| panic!("//#unroll without a variable")));
+        let count_word = words.next().unwrap_or_else(|| panic!("//#unroll {var} without a count"));
+        let count: usize = count_word.parse().ok().or_else(|| subst.get(count_word).and_then(|v| v.parse().ok())).unwrap_or_else(|| panic!("//#unroll count `{count_word}` is neither a number nor a knob"));
+        let mut depth = 1;
+        let mut end = i + 1;
+        while end < lines.len() {
+            let t = lines[end].trim();
+            if t.starts_with("//#unroll ") {
+                depth += 1;
+            } else if t == "//#endunroll" {
+                depth -= 1;
+                if depth == 0 {
+                    break;
+                }
+            }
+            end += 1;
+        }
+        assert!(end < lines.len(), "//#unroll {var} without //#endunroll");
+        for n in 0..count {
+            let body: Vec<String> = lines[i + 1..end].iter().map(|l| l.replace(&var, &n.to_string())).collect();
+            let refs: Vec<&str> = body.iter().map(|s| s.as_str()).collect();
+            unroll(&refs, subst, out);
+        }
+        i = end + 1;
+    }
 }
 
 /// Every variant the backend can build (for the naga/MSL test): all files × subgroup on/off, and
@@ -178,10 +262,18 @@ pub fn preprocess(text: &str, defs: &[&str], subst: &BTreeMap<&'static str, Stri
 pub fn all_variants() -> Vec<Variant> {
     let mut v = Vec::new();
     for (file, _, _) in FILES {
-        let dtypes: &[WDType] = if matches!(*file, "gemv" | "gemm" | "embed") { &[WDType::BF16, WDType::F16, WDType::F32] } else { &[WDType::F32] };
+        let dtypes: &[WDType] = match *file {
+            "gemv" | "gemm" | "embed" => &[WDType::BF16, WDType::F16, WDType::F32],
+            // f32 weights are a per-slot switch of the 16-bit variants
+            "mv" => &[WDType::BF16, WDType::F16],
+            _ => &[WDType::F32],
+        };
+        let flavours: &[&'static [&'static str]] = if *file == "mv" { MV_FLAVOURS } else { &[&[]] };
         for &dtype in dtypes {
-            for subgroup in [false, true] {
-                v.push(Variant { file, dtype, subgroup });
+            for &extra in flavours {
+                for subgroup in [false, true] {
+                    v.push(Variant { file, dtype, subgroup, extra });
+                }
             }
         }
     }

@@ -59,8 +59,12 @@ fn preprocessor() {
     assert_eq!(xlstm_wgpu::shaders::preprocess(text, &["X"], &subst), "a\nb\nd\n7\n");
     assert_eq!(xlstm_wgpu::shaders::preprocess(text, &["X", "Y"], &subst), "a\nb\nc\n7\n");
     assert_eq!(xlstm_wgpu::shaders::preprocess(text, &[], &subst), "a\ne\n7\n");
+    let loops = "//#unroll i 2\n//#unroll j K\nx$i$j\n//#endunroll\ny$i\n//#endunroll\n";
+    assert_eq!(xlstm_wgpu::shaders::preprocess(loops, &[], &subst), format!("{}y0\n{}y1\n", (0..7).map(|j| format!("x0{j}\n")).collect::<String>(), (0..7).map(|j| format!("x1{j}\n")).collect::<String>()));
     for v in all_variants() {
         let s = source(&v, &Knobs::for_adapter(false));
         assert!(!s.contains("{{"), "{}: an unsubstituted knob: {:?}", v.file, s.lines().find(|l| l.contains("{{")));
+        let left = |l: &str| l.contains('$') || l.trim_start().starts_with("//#");
+        assert!(!s.lines().any(left), "{}: a directive or loop variable left: {:?}", v.file, s.lines().find(|l| left(l)));
     }
 }

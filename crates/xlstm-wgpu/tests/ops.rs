@@ -440,3 +440,79 @@ fn fallback_without_subgroups() {
         close(&format!("fallback mlstm rows {rows}: C"), &a.c, &b.c, CELL);
     }
 }
+
+/// The fused batch-1 compositions (RMSNorm + projections; RMSNorm + gate/up + activation) and the
+/// batch-1 GEMV: (xn, outs) of `norm_matmuls` over bf16/f16 matrices with f32 gate rows beside
+/// them, then `norm_gated_up`'s (xn, out) for every activation.
+fn fused_on<B: Backend>(b: &B, k: usize, dt: DType, x: &[f32], nw: &[f32], mats: &[HostTensor]) -> Vec<Vec<f32>> {
+    let ms: Vec<B::Mat> = mats.iter().enumerate().map(|(i, m)| b.matrix(m.clone(), if i == 2 { DType::F32 } else { dt }).unwrap()).collect();
+    let xb = b.upload(x).unwrap();
+    let wb = b.upload(nw).unwrap();
+    let mut xn = b.zeros(k).unwrap();
+    let mut outs: Vec<B::Buf> = mats.iter().map(|m| b.zeros(m.shape[0]).unwrap()).collect();
+    let mut res = Vec::new();
+    {
+        let refs: Vec<&B::Mat> = ms[..3].iter().collect();
+        let mut o: Vec<&mut B::Buf> = outs[..3].iter_mut().collect();
+        b.norm_matmuls(&xb, 1, k, &wb, 1e-5, &mut xn, &refs, &mut o).unwrap();
+    }
+    res.push(b.download(&xn, k).unwrap());
+    for (m, o) in mats[..3].iter().zip(&outs) {
+        res.push(b.download(o, m.shape[0]).unwrap());
+    }
+    let ff = mats[3].shape[0];
+    for act in [Activation::Silu, Activation::Gelu, Activation::Relu, Activation::ReluSquared, Activation::Sigmoid, Activation::Selu] {
+        let (mut g, mut u, mut a) = (b.zeros(ff).unwrap(), b.zeros(ff).unwrap(), b.zeros(ff).unwrap());
+        let mut xn2 = b.zeros(k).unwrap();
+        b.norm_gated_up(&xb, 1, k, &wb, 1e-5, &mut xn2, &ms[3], &ms[4], ff, act, &mut g, &mut u, &mut a).unwrap();
+        res.push(b.download(&xn2, k).unwrap());
+        res.push(b.download(&a, ff).unwrap());
+    }
+    res
+}
+
+#[test]
+fn fused_batch1_kernels() {
+    if backend().is_none() {
+        return;
+    }
+    let cpu = CpuBackend::new();
+    use xlstm_wgpu::shaders::Knobs;
+    let base = Knobs::for_adapter(true);
+    // (knobs, subgroups, part limit): odd shapes of the GEMV (rows per workgroup not dividing the
+    // rows, unrolled steps not dividing the chunks), runtime checks on, no subgroups, several
+    // parts per matrix (several slots and dispatches).
+    let cases = [
+        (Knobs { mv_wg: 32, mv_rows: 3, mv_unroll: 3, ..base.clone() }, true, None),
+        (Knobs { mv_wg: 64, mv_rows: 4, mv_unroll: 2, checked: true, ..base.clone() }, true, None),
+        (Knobs { mv_wg: 16, mv_rows: 2, mv_unroll: 1, ..base.clone() }, false, None),
+        (Knobs { mv_wg: 8, mv_rows: 5, mv_unroll: 2, ..base.clone() }, true, Some(600u64)),
+    ];
+    for (knobs, sg, parts) in cases {
+        let mut g = xlstm_wgpu::WgpuBackend::with_options(xlstm_wgpu::Api::Any, sg, Some(knobs.clone())).unwrap();
+        if let Some(p) = parts {
+            g.set_part_limit(p);
+        }
+        for (k, dt) in [(83usize, DType::BF16), (64, DType::F16), (200, DType::BF16)] {
+            let shapes = [(37usize, k), (19, k), (4, k), (29, k), (29, k)];
+            let mats: Vec<HostTensor> = shapes.iter().enumerate().map(|(i, &(n, k))| HostTensor::f32(vec![n, k], rnd(n * k, 200 + i as u64 + k as u64, 0.5))).collect();
+            let x = rnd(k, 210, 2.0);
+            let nw = rnd(k, 211, 1.0).iter().map(|v| v + 1.0).collect::<Vec<_>>();
+            let a = fused_on(&g, k, dt, &x, &nw, &mats);
+            let b = fused_on(&cpu, k, dt, &x, &nw, &mats);
+            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                close(&format!("fused #{i} k {k} {dt:?} mv {}x{}x{} sg {sg} parts {parts:?}", knobs.mv_wg, knobs.mv_rows, knobs.mv_unroll), p, q, REDUCE);
+            }
+            // the plain batch-1 GEMV and its accumulate form
+            for (n, kk) in [(45usize, k), (9, 8)] {
+                let w = HostTensor::f32(vec![n, kk], rnd(n * kk, 220, 0.5));
+                let x = rnd(kk, 221, 1.0);
+                let acc = rnd(n, 222, 1.0);
+                for wdt in [dt, DType::F32] {
+                    close(&format!("mv {n}x{kk} {wdt:?}"), &matmul_on(&g, &x, 1, &w, wdt, None), &matmul_on(&cpu, &x, 1, &w, wdt, None), REDUCE);
+                    close(&format!("mv add {n}x{kk} {wdt:?}"), &matmul_on(&g, &x, 1, &w, wdt, Some(&acc)), &matmul_on(&cpu, &x, 1, &w, wdt, Some(&acc)), REDUCE);
+                }
+            }
+        }
+    }
+}
