@@ -2,8 +2,10 @@
 //! RMSNorm + q/k/v/o/ĩ/f̃, out_proj added to the residual, RMSNorm + gate/up + SwiGLU, down added to
 //! the residual — for several batch-1 GEMV shapes (`XLSTM_WGPU_MV=WGxROWSxUNROLL`) and the unfused
 //! path (`XLSTM_WGPU_FUSE=0`), and prints the weight-read bandwidth of each, per op and in all; the
-//! last line is the best shape. Usage: `wgpu_gemv_sweep [vulkan|metal|dx12|gpu] [WGxRxU ...]`.
-use xlstm_core::backend::{Activation, Backend};
+//! last line is the best shape. Then the decode mLSTM cell of one layer (gates, cell, σ(o)·head
+//! norm) for several cell tiles (`XLSTM_WGPU_CELL=COLSxSPLIT`, list in `SWEEP_CELL=32x8,16x16`).
+//! Usage: `wgpu_gemv_sweep [vulkan|metal|dx12|gpu] [WGxRxU ...]`.
+use xlstm_core::backend::{Activation, Backend, MlstmDims, MlstmState};
 use xlstm_core::tensor::{DType, HostTensor};
 use xlstm_wgpu::shaders::Knobs;
 use xlstm_wgpu::{Api, WgpuBackend, WgpuBuf, WgpuMat};
@@ -80,7 +82,7 @@ fn main() {
         let (x, normw) = (b.upload(&vec![0.01f32; d]).unwrap(), b.upload(&vec![1.0f32; d]).unwrap());
         let (mut xn, mut a, mut g, mut u, mut y, mut res) = (z(d), z(ff), z(ff), z(ff), z(d), z(d));
         let mut outs: Vec<WgpuBuf> = [qk, qk, d, d, nh, nh].iter().map(|&n| z(n)).collect();
-        let reps = 20;
+        let reps: usize = std::env::var("SWEEP_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
         // op 0: norm + 6 projections, 1: out_proj (+=), 2: norm + gate/up + SwiGLU, 3: down (+=)
         let op_bytes = [bytes[..6].iter().sum::<usize>(), bytes[6], bytes[7] + bytes[8], bytes[9]];
         let mut run = |op: usize| match op {
@@ -139,4 +141,39 @@ fn main() {
         }
     }
     println!("{}", best.1);
+    cells(api);
+}
+
+/// Times `mlstm_gated_cell` at batch 1 with xLSTM-7B's dims for several cell tiles.
+fn cells(api: Api) {
+    let list = std::env::var("SWEEP_CELL").unwrap_or_else(|_| "64x4,32x8,16x16,32x16,16x32,64x16,8x32".into());
+    let d = MlstmDims { heads: 8, dk: 256, dv: 512 };
+    let (nh, w) = (d.heads, d.heads * d.dv);
+    for tile in list.split(',') {
+        let v: Vec<u32> = tile.split('x').filter_map(|s| s.parse().ok()).collect();
+        if v.len() != 2 {
+            continue;
+        }
+        let mut knobs = Knobs::for_adapter(false).with_env();
+        (knobs.cell_cols, knobs.cell_split) = (v[0], v[1]);
+        let b = WgpuBackend::with_options(api, true, Some(knobs)).unwrap();
+        let z = |n: usize| b.zeros(n).unwrap();
+        let (q, k, vv, o) = (z(nh * d.dk), z(nh * d.dk), z(w), z(w));
+        let (mut i, mut f, ib, fb, norm) = (z(nh), z(nh), z(nh), z(nh), z(w));
+        let mut s = MlstmState { c: z(nh * d.dk * d.dv), n: z(nh * d.dk), m: z(nh), dims: d };
+        let (mut h, mut hn) = (z(w), z(w));
+        let reps = 50;
+        let mut best = f64::MAX;
+        for round in 0..4 {
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                b.mlstm_gated_cell(None, d, 1, &q, &k, &vv, &o, &mut i, &mut f, &ib, &fb, 15.0, &mut s, 1e-6, &norm, 1e-6, &mut h, &mut hn).unwrap();
+            }
+            b.sync().unwrap();
+            if round > 0 {
+                best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+            }
+        }
+        println!("cell {tile}: {:.1} µs per layer (gates + cell + norm, C {} MB read + written)", best * 1e6, nh * d.dk * d.dv * 4 >> 20);
+    }
 }

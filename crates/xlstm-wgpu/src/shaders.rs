@@ -85,18 +85,23 @@ impl Knobs {
         } else {
             Knobs {
                 gemv_wg: 128, gemv_rows: 4, gemm_bm: 64, gemm_bn: 64, gemm_bk: 16, gemm_tm: 4, gemm_tn: 4, reduce_wg: 256, elem_wg: 256, cell_cols: 64, cell_split: 4,
-                mv_wg: 64, mv_rows: 4, mv_unroll: 2, pool_bytes: 512 << 20, fuse: true, checked: false,
+                mv_wg: 128, mv_rows: 4, mv_unroll: 2, pool_bytes: 512 << 20, fuse: true, checked: false,
             }
         }
     }
 
     /// `XLSTM_WGPU_GEMV=WGxROWS`, `XLSTM_WGPU_GEMM=BMxBNxBKxTMxTN`, `XLSTM_WGPU_MV=WGxROWSxUNROLL`,
-    /// `XLSTM_WGPU_POOL_MB`, `XLSTM_WGPU_FUSE=0` and `XLSTM_WGPU_CHECKED=1` override the defaults.
+    /// `XLSTM_WGPU_CELL=COLSxSPLIT`, `XLSTM_WGPU_POOL_MB`, `XLSTM_WGPU_FUSE=0` and `XLSTM_WGPU_CHECKED=1` override the defaults.
     pub fn with_env(mut self) -> Self {
         let nums = |v: String| v.split('x').map(|s| s.trim().parse::<u32>().ok()).collect::<Option<Vec<u32>>>();
         if let Some(v) = std::env::var("XLSTM_WGPU_MV").ok().and_then(nums) {
             if v.len() == 3 && v[0].is_power_of_two() && (1..=16).contains(&v[1]) && (1..=8).contains(&v[2]) {
                 (self.mv_wg, self.mv_rows, self.mv_unroll) = (v[0], v[1], v[2]);
+            }
+        }
+        if let Some(v) = std::env::var("XLSTM_WGPU_CELL").ok().and_then(nums) {
+            if v.len() == 2 && v[0] > 0 && v[1] > 0 && v[0] * v[1] <= 1024 {
+                (self.cell_cols, self.cell_split) = (v[0], v[1]);
             }
         }
         if let Some(mb) = std::env::var("XLSTM_WGPU_POOL_MB").ok().and_then(|v| v.parse::<u64>().ok()) {

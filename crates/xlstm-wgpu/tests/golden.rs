@@ -117,7 +117,8 @@ fn lm_tiny_greedy() {
     greedy("lm_tiny", Some(4));
 }
 
-/// A decode step is one submission: everything from the embedding to the logits' read-back.
+/// A decode step is one submission (everything from the embedding to the logits' read-back), or
+/// one per `submit_every` dispatches where the backend submits early (the GPU default).
 #[test]
 fn decode_step_is_one_submission() {
     let Some(mut model) = load("large_tiny", DType::F32) else { return };
@@ -127,5 +128,7 @@ fn decode_step_is_one_submission() {
     model.step(&[2], &mut st).unwrap();
     let (s1, d1) = model.backend.counters();
     eprintln!("one decode step: {} submission(s), {} dispatches", s1 - s0, d1 - d0);
-    assert_eq!(s1 - s0, 1, "a decode step should be recorded into one command buffer");
+    let every = model.backend.submit_every();
+    let want = if every == 0 { 1 } else { (d1 - d0) / every + 1 };
+    assert!(s1 - s0 <= want, "a decode step should be recorded into {want} command buffer(s), took {}", s1 - s0);
 }
