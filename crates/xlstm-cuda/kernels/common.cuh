@@ -24,6 +24,16 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
     asm("{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h));
     return f;
 }
+// out[i] = v as 16-bit bits of dtype dt (DT_BF16 or DT_F16).
+__device__ __forceinline__ void store_half(u16* out, long long i, float v, int dt) {
+    if (dt == DT_BF16) {
+        out[i] = f32_to_bf16(v);
+    } else {
+        u16 h;
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+        out[i] = h;
+    }
+}
 __device__ __forceinline__ float load_w(const void* p, long long i, int dt) {
     if (dt == DT_F32) return ((const float*)p)[i];
     if (dt == DT_BF16) return bf16_to_f32(((const u16*)p)[i]);

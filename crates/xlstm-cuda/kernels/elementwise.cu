@@ -56,13 +56,22 @@ extern "C" __global__ void copy_cols(const float* src, int ss, int soff, float* 
     }
 }
 
+// copy_cols in float4s: pointers 16-byte aligned, every stride, offset and width a multiple of 4.
+extern "C" __global__ void copy_cols4(const float* src, int ss, int soff, float* dst, int ds, int doff, int rows, int width) {
+    const int w4 = width >> 2;
+    const long long n = (long long)rows * w4;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
+        const long long r = e / w4;
+        const int j = (int)(e - r * w4) * 4;
+        *(float4*)(dst + r * ds + doff + j) = *(const float4*)(src + r * ss + soff + j);
+    }
+}
+
 // bf16 copy of an f32 buffer (the activation operand of the cuBLAS bf16 products); dt selects
 // bf16 (1) or f16 (2) bits.
 extern "C" __global__ void to_half(const float* x, u16* out, int n, int dt) {
     for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) {
-        float v = x[e];
-        if (dt == DT_BF16) out[e] = f32_to_bf16(v);
-        else { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); out[e] = h; }
+        store_half(out, e, x[e], dt);
     }
 }
 
@@ -79,11 +88,14 @@ extern "C" __global__ void read_sum(const float4* x, long long n4, float* out) {
 }
 
 // out[r, j] = act(t[r, j]) · t[r, F + j]: the gated activation on one [rows, 2F] product of the
-// adjacent [gate; up] weights.
-extern "C" __global__ void gated_act_split(int act, const float* t, int F, float* out, int rows) {
+// adjacent [gate; up] weights, t in f32 or 16 bits (tdt); optional 16-bit copy `out_h` (for the down
+// projection's product).
+extern "C" __global__ void gated_act_split(int act, const void* t, int tdt, int F, float* out, int rows, u16* out_h, int hdt) {
     int n = rows * F;
     for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) {
         int r = e / F, j = e % F;
-        out[e] = act_apply(act, t[(long long)r * 2 * F + j]) * t[(long long)r * 2 * F + F + j];
+        float y = act_apply(act, load_w(t, (long long)r * 2 * F + j, tdt)) * load_w(t, (long long)r * 2 * F + F + j, tdt);
+        out[e] = y;
+        if (out_h) store_half(out_h, e, y, hdt);
     }
 }

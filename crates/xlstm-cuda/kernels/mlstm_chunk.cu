@@ -417,7 +417,7 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
     constexpr int ST = 72;
     __shared__ __align__(16) float kw[64 * ST];  // [t][a]: keys × w_t
     __shared__ __align__(16) float vs[64 * ST];  // [t][c]
-    __shared__ float sb[64], sig[64], sw[64];
+    __shared__ float sb[64], sig[64], sw[64], npart[4][64];
     __shared__ float s_decay, s_mnew;
     const int h = blockIdx.z, a0 = blockIdx.y * 64, c0 = blockIdx.x * 64;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
@@ -491,10 +491,13 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
                 mma_f32<EXACT>(acc[j], A, Tf<2>(vb));
             }
         }
-        if (own_n && tid < 64) {
-            float s = nr * dec;
-            for (int t = 0; t < Lk; ++t) s += kw[t * ST + tid];
-            nr = s;
+        if (own_n) {  // block-uniform: n' = decay·n + Σ_t kw[t], four partial sums per column
+            const int col = tid & 63, part = tid >> 6;
+            float s = 0.f;
+            for (int t = part * 16; t < min(part * 16 + 16, Lk); ++t) s += kw[t * ST + col];
+            npart[part][col] = s;
+            __syncthreads();
+            if (tid < 64) nr = nr * dec + ((npart[0][tid] + npart[1][tid]) + (npart[2][tid] + npart[3][tid]));
         }
         mp = s_mnew;
         __syncthreads();

@@ -5,7 +5,8 @@
 //            Launch: grid = rows, block = 256 (any multiple of 32 up to 1024).
 // group_norm: per row r and group g of `group` values: (x − mean)·rsqrt(var + eps)·w[j] (+ bias[j]),
 //            biased variance, two passes over the group (mean, then centred squares), f32 throughout;
-//            optional `gate`: the result is multiplied by sigmoid(gate[r, j]) (the mLSTM output gate).
+//            optional `gate`: the result is multiplied by sigmoid(gate[r, j]) (the mLSTM output gate);
+//            optional 16-bit copy `out_h` as for rms_norm.
 //            Launch: grid = (width / group, rows), block = 256.
 // Limits: width, group < 2^31; `red` scratch is 32 floats of shared memory.
 
@@ -19,15 +20,12 @@ extern "C" __global__ void rms_norm(const float* x, int width, const float* w, f
     for (int j = threadIdx.x; j < width; j += blockDim.x) {
         float v = x[base + j] * r * w[j];
         out[base + j] = v;
-        if (out_h) {
-            if (hdt == DT_BF16) out_h[base + j] = f32_to_bf16(v);
-            else { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v)); out_h[base + j] = h; }
-        }
+        if (out_h) store_half(out_h, base + j, v, hdt);
     }
 }
 
 extern "C" __global__ void group_norm(const float* x, int width, int group, const float* w, const float* bias, float eps,
-                                      const float* gate, float* out) {
+                                      const float* gate, float* out, u16* out_h, int hdt) {
     __shared__ float red[32];
     long long base = (long long)blockIdx.y * width + (long long)blockIdx.x * group;
     int j0 = blockIdx.x * group;
@@ -42,5 +40,6 @@ extern "C" __global__ void group_norm(const float* x, int width, int group, cons
         float y = (x[base + j] - mean) * r * w[j0 + j] + (bias ? bias[j0 + j] : 0.f);
         if (gate) y *= sigmoid_exact(gate[base + j]);
         out[base + j] = y;
+        if (out_h) store_half(out_h, base + j, y, hdt);
     }
 }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::sys as cbsys;
 use cudarc::driver::sys::{self, CUdeviceptr, CUfunction, CUstream};
 use cudarc::driver::{result as dres, CudaContext, CudaModule};
+use xlstm_core::tensor::DType;
 use xlstm_core::{Error, Result};
 
 use crate::capture::Capture;
@@ -70,6 +71,7 @@ pub(crate) struct Funcs {
     pub sigmoid_gate: CUfunction,
     pub gated_act: CUfunction,
     pub gated_act_split: CUfunction,
+    pub copy_cols4: CUfunction,
     pub scaled_add: CUfunction,
     pub copy_cols: CUfunction,
     pub to_half: CUfunction,
@@ -117,6 +119,16 @@ pub(crate) struct Scratches {
     pub ids_host_ptr: usize,
 }
 
+/// What the `half` scratch holds: a 16-bit copy of an f32 buffer (pointer, elements, dtype) left by
+/// the op that ran last, so that the next op's cuBLAS product need not convert that buffer again.
+#[derive(Default)]
+pub(crate) struct HalfTag {
+    /// Left by the running op.
+    next: Option<(CUdeviceptr, usize, DType)>,
+    /// Left by the previous op; usable by the running op until it writes the scratch itself.
+    prev: Option<(CUdeviceptr, usize, DType)>,
+}
+
 pub(crate) struct Dev {
     pub ctx: Arc<CudaContext>,
     pub stream: CUstream,
@@ -130,10 +142,11 @@ pub(crate) struct Dev {
     pub sms: i32,
     /// Programmatic dependent launch for the decode kernels (sm_90+, `XLSTM_CUDA_PDL=0` turns it off).
     pub pdl: bool,
-    /// Whether the chunkwise prefill may round its operands to TF32 (set for models with 16-bit
-    /// weights, see `Backend::set_weight_dtype`); otherwise its tensor-core products are exact
-    /// (split TF32).
-    pub tf32: std::sync::atomic::AtomicBool,
+    /// The model's weight dtype (`Backend::set_weight_dtype`). For 16-bit weights the chunkwise
+    /// prefill rounds its operands to TF32 (otherwise its tensor-core products are exact, split
+    /// TF32) and ops may leave 16-bit copies of their outputs for the next product.
+    pub weight_dtype: Mutex<DType>,
+    pub half_tag: Mutex<HalfTag>,
     /// Per-op (calls, seconds) by op code while op timing is on (`CudaBackend::set_op_timing`).
     pub op_times: Mutex<Option<std::collections::BTreeMap<u64, (u64, f64)>>>,
     _modules: Vec<Arc<CudaModule>>,
@@ -175,7 +188,7 @@ impl Dev {
             modules.push(module);
             Ok(fs)
         };
-        let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum", "gated_act_split"])?;
+        let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum", "gated_act_split", "copy_cols4"])?;
         let n = get("norm", &["rms_norm", "group_norm"])?;
         let g = get("gemv", &["gemv_r1", "gemv_r2", "gemv_r3", "gemv_r4"])?;
         let m = get("mlstm", &["mlstm_step", "mlstm_step_wide"])?;
@@ -196,6 +209,7 @@ impl Dev {
             to_half: e[7],
             read_sum: e[8],
             gated_act_split: e[9],
+            copy_cols4: e[10],
             rms_norm: n[0],
             group_norm: n[1],
             gemv: [g[0], g[1], g[2], g[3]],
@@ -242,7 +256,8 @@ impl Dev {
             cc,
             sms,
             pdl: cc.0 >= 9 && std::env::var("XLSTM_CUDA_PDL").map_or(true, |v| v != "0"),
-            tf32: std::sync::atomic::AtomicBool::new(false),
+            weight_dtype: Mutex::new(DType::F32),
+            half_tag: Mutex::new(HalfTag::default()),
             op_times: Mutex::new(None),
             _modules: modules,
         })
@@ -372,8 +387,33 @@ impl Dev {
         Ok((s.ids_host_ptr as *mut u32, dptr))
     }
 
+    /// Called between ops: what the op that ran left in the `half` scratch becomes the previous
+    /// op's copy.
+    pub fn next_op(&self) {
+        let mut t = self.half_tag.lock().expect("half tag lock");
+        t.prev = t.next.take();
+    }
+
+    /// The `half` scratch for `n` 16-bit values about to be written; `copy_of`: the f32 buffer they
+    /// copy (pointer, elements, dtype), offered to the next op.
+    pub fn half_scratch(&self, n: usize, copy_of: Option<(CUdeviceptr, usize, DType)>) -> Result<CUdeviceptr> {
+        {
+            let mut t = self.half_tag.lock().expect("half tag lock");
+            t.prev = None;
+            t.next = copy_of;
+        }
+        self.scratch(|s| &mut s.half, n * 2, false)
+    }
+
+    /// The `half` scratch if it holds the previous op's 16-bit copy of `x` (n values of `dt`).
+    pub fn half_copy_of(&self, x: CUdeviceptr, n: usize, dt: DType) -> Option<CUdeviceptr> {
+        let held = self.half_tag.lock().expect("half tag lock").prev == Some((x, n, dt));
+        held.then(|| self.scratch(|s| &mut s.half, n * 2, false).ok()).flatten()
+    }
+
     pub fn release_scratch(&self) -> Result<()> {
         self.sync()?;
+        *self.half_tag.lock().expect("half tag lock") = HalfTag::default();
         let mut guard = self.scratch.lock().expect("scratch lock");
         let s = &mut *guard;
         self.cap.lock().expect("capture lock").scratch_moved()?;

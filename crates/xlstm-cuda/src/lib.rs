@@ -288,6 +288,7 @@ impl CudaBackend {
     fn op(&self, words: &[u64], f: impl FnOnce(&Dev) -> Result<()>) -> Result<()> {
         self.dev.bind()?;
         let run = self.dev.cap.lock().expect("capture lock").enter(capture::sig(words))?;
+        self.dev.next_op();
         if !run {
             return Ok(());
         }
@@ -348,7 +349,10 @@ impl CudaBackend {
 
     /// A 16-bit copy of `x [n]` (the type of `dt`) in the scratch; returns its pointer.
     fn half_copy(&self, dev: &Dev, x: CUdeviceptr, n: usize, dt: DType) -> Result<CUdeviceptr> {
-        let p = dev.scratch(|s| &mut s.half, n * 2, false)?;
+        if let Some(p) = dev.half_copy_of(x, n, dt) {
+            return Ok(p);
+        }
+        let p = dev.half_scratch(n, None)?;
         let mut a = KArgs::new();
         a.p(x).p(p).i(n).i(dt_code(dt));
         self.ew(dev, dev.f.to_half, n, &mut a)?;
@@ -358,7 +362,7 @@ impl CudaBackend {
     /// `out[rows, w.rows] = x · wᵀ (+ beta·out)` through cuBLAS. `xh`: the 16-bit copy of x when w
     /// is 16-bit (made here when None).
     fn gemm(&self, dev: &Dev, rows: usize, w: &CudaMat, x: CUdeviceptr, xh: Option<CUdeviceptr>, out: CUdeviceptr, beta: f32) -> Result<()> {
-        self.gemm_view(dev, rows, MatView { ptr: w.ptr, rows: w.rows, cols: w.cols, dtype: w.dtype }, x, xh, out, beta)
+        self.gemm_view(dev, rows, MatView { ptr: w.ptr, rows: w.rows, cols: w.cols, dtype: w.dtype }, x, xh, out, beta, false)
     }
 
     /// Products for `mats` (all `[·, width]`) into `outs`, through cuBLAS; runs of matrices that lie
@@ -377,12 +381,16 @@ impl CudaBackend {
                 let total: usize = mats[j..e].iter().map(|m| m.rows).sum();
                 let wide = dev.scratch(|s| &mut s.wide, rows * total * 4, false)?;
                 let view = MatView { ptr: mats[j].ptr, rows: total, cols: mats[j].cols, dtype: mats[j].dtype };
-                self.gemm_view(dev, rows, view, x, h, wide, 0.0)?;
+                self.gemm_view(dev, rows, view, x, h, wide, 0.0, false)?;
                 let mut off = 0;
                 for (m, &o) in mats[j..e].iter().zip(&outs[j..e]) {
                     let mut a = KArgs::new();
                     a.p(wide).i(total).i(off).p(o).i(m.rows).i(0).i(rows).i(m.rows);
-                    self.ew(dev, dev.f.copy_cols, rows * m.rows, &mut a)?;
+                    let by4 = (total | off | m.rows) % 4 == 0 && (wide | o) % 16 == 0;
+                    match by4 {
+                        true => self.ew(dev, dev.f.copy_cols4, rows * m.rows / 4, &mut a)?,
+                        false => self.ew(dev, dev.f.copy_cols, rows * m.rows, &mut a)?,
+                    }
                     off += m.rows;
                 }
             }
@@ -392,7 +400,10 @@ impl CudaBackend {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn gemm_view(&self, dev: &Dev, rows: usize, w: MatView, x: CUdeviceptr, xh: Option<CUdeviceptr>, out: CUdeviceptr, beta: f32) -> Result<()> {
+    /// `half_out`: the product is written in the weights' 16-bit dtype (f32 accumulation) rather
+    /// than f32 (16-bit weights only).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_view(&self, dev: &Dev, rows: usize, w: MatView, x: CUdeviceptr, xh: Option<CUdeviceptr>, out: CUdeviceptr, beta: f32, half_out: bool) -> Result<()> {
         let (n, k, m) = (w.rows as i32, w.cols as i32, rows as i32);
         let alpha = 1f32;
         // SAFETY: pointers are live device buffers of the checked sizes; the handle is bound to our
@@ -417,7 +428,7 @@ impl CudaBackend {
                         cb::cublasGemmEx(
                             dev.blas, cb::cublasOperation_t::CUBLAS_OP_T, cb::cublasOperation_t::CUBLAS_OP_N, n, m, k,
                             &alpha as *const f32 as *const c_void, w.ptr as *const c_void, ty, k, xh as *const c_void, ty, k,
-                            &beta as *const f32 as *const c_void, out as *mut c_void, cb::cudaDataType::CUDA_R_32F, n,
+                            &beta as *const f32 as *const c_void, out as *mut c_void, if half_out { ty } else { cb::cudaDataType::CUDA_R_32F }, n,
                             cb::cublasComputeType_t::CUBLAS_COMPUTE_32F, cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                         ),
                     )
@@ -469,7 +480,7 @@ impl CudaBackend {
             && d.dv % 128 == 0
             && aligned
             && std::env::var("XLSTM_CUDA_CHUNK_TC").map_or(true, |v| v != "0");
-        let exact = !dev.tf32.load(std::sync::atomic::Ordering::Relaxed) as usize;
+        let exact = (*dev.weight_dtype.lock().expect("dtype lock") == DType::F32) as usize;
         let (states, out, out_cols) = match tc {
             true => (dev.f.chunk_states_tc[exact], dev.f.chunk_out_tc[exact], 128),
             false => (dev.f.chunk_states, dev.f.chunk_out, 64),
@@ -658,7 +669,7 @@ impl Backend for CudaBackend {
     }
 
     fn set_weight_dtype(&self, dtype: DType) {
-        self.dev.tf32.store(dtype != DType::F32, std::sync::atomic::Ordering::Relaxed);
+        *self.dev.weight_dtype.lock().expect("dtype lock") = dtype;
     }
 
     fn release_cache(&self) -> Result<()> {
@@ -750,7 +761,7 @@ impl Backend for CudaBackend {
                 return Ok(());
             }
             let mut a = KArgs::new();
-            a.p(xp).i(width).i(group).p(wp).p(bp).f(eps).p(0).p(op);
+            a.p(xp).i(width).i(group).p(wp).p(bp).f(eps).p(0).p(op).p(0).i(0);
             dev.launch(dev.f.group_norm, ((width / group) as u32, rows as u32, 1), 256, 0, &mut a)
         })
     }
@@ -952,7 +963,7 @@ impl Backend for CudaBackend {
             }
             let hdt = mats.iter().find(|m| m.dtype != DType::F32).map(|m| m.dtype);
             let xh = match hdt {
-                Some(_) => dev.scratch(|s| &mut s.half, rows * width * 2, false)?,
+                Some(_) => dev.half_scratch(rows * width, None)?,
                 None => 0,
             };
             self.rms(dev, xp, rows, width, wp, eps, xnp, xh, hdt.unwrap_or(DType::BF16))?;
@@ -1007,18 +1018,25 @@ impl Backend for CudaBackend {
             }
             let hdt = (gate.dtype != DType::F32).then_some(gate.dtype);
             let xh = match hdt {
-                Some(_) => dev.scratch(|s| &mut s.half, rows * width * 2, false)?,
+                Some(_) => dev.half_scratch(rows * width, None)?,
                 None => 0,
             };
             self.rms(dev, xp, rows, width, wp, eps, xnp, xh, hdt.unwrap_or(DType::BF16))?;
             let h = hdt.map(|_| xh);
             if gate.adjacent(up) {
-                // [gate; up] as one product, then act(g)·u straight from it
-                let wide = dev.scratch(|s| &mut s.wide, rows * 2 * ff * 4, false)?;
+                // [gate; up] as one product, then act(g)·u straight from it. With 16-bit weights the
+                // product is kept in 16 bits (what a bf16 model's reference computes; half the traffic).
+                let wide_dt = hdt.unwrap_or(DType::F32);
+                let wide = dev.scratch(|s| &mut s.wide, rows * 2 * ff * wide_dt.size(), false)?;
                 let view = MatView { ptr: gate.ptr, rows: 2 * ff, cols: width, dtype: gate.dtype };
-                self.gemm_view(dev, rows, view, xnp, h, wide, 0.0)?;
+                self.gemm_view(dev, rows, view, xnp, h, wide, 0.0, hdt.is_some())?;
+                // also the 16-bit copy of the result that the down projection's product will take
+                let oh = match hdt {
+                    Some(dt) => dev.half_scratch(rows * ff, Some((op, rows * ff, dt)))?,
+                    None => 0,
+                };
                 let mut a = KArgs::new();
-                a.i(act_code(act)).p(wide).i(ff).p(op).i(rows);
+                a.i(act_code(act)).p(wide).i(dt_code(wide_dt)).i(ff).p(op).i(rows).p(oh).i(dt_code(hdt.unwrap_or(DType::BF16)));
                 return self.ew(dev, dev.f.gated_act_split, rows * ff, &mut a);
             }
             self.gemm(dev, rows, gate, xnp, h, gp, 0.0)?;
@@ -1054,8 +1072,14 @@ impl Backend for CudaBackend {
         self.mlstm_prefill(kernel, d, rows, q, k, v, i, f, state, eps, h)?;
         let (hp, op, nwp, hnp) = (h.ptr, o.ptr, norm.ptr, hn.ptr);
         self.op(&[opc::GN, hp, rows as u64, width as u64, d.dv as u64, nwp, op, norm_eps.to_bits() as u64, hnp, 1], |dev| {
+            // with 16-bit weights, also the 16-bit copy of hn that out_proj's product will take
+            let hdt = *dev.weight_dtype.lock().expect("dtype lock");
+            let hh = match hdt {
+                DType::F32 => 0,
+                dt => dev.half_scratch(rows * width, Some((hnp, rows * width, dt)))?,
+            };
             let mut a = KArgs::new();
-            a.p(hp).i(width).i(d.dv).p(nwp).p(0).f(norm_eps).p(op).p(hnp);
+            a.p(hp).i(width).i(d.dv).p(nwp).p(0).f(norm_eps).p(op).p(hnp).p(hh).i(dt_code(hdt));
             dev.launch(dev.f.group_norm, (d.heads as u32, rows as u32, 1), 256, 0, &mut a)
         })
     }
