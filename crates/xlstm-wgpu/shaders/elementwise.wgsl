@@ -126,25 +126,3 @@ fn headwise(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: 
         hw_out[i] = acc;
     }
 }
-
-// stream_copy   dst[i] = src[i] over vec4s; stream_read: sums src (written only if the sum is
-//               −1, never for the zeros it is given): the backend's bandwidth probes.
-//               P: 0 len (vec4s)   bindings 19 src, 20 dst (rw)
-@group(0) @binding(19) var<storage, read> st_src: array<vec4<f32>>;
-@group(0) @binding(20) var<storage, read_write> st_dst: array<vec4<f32>>;
-
-@compute @workgroup_size({{WG}})
-fn stream_copy(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_index) lid: u32) {
-    let len = pu(0u);
-    for (var i = first(wg, nwg, lid); i < len; i += stride(nwg)) { st_dst[i] = st_src[i]; }
-}
-
-@compute @workgroup_size({{WG}})
-fn stream_read(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_index) lid: u32) {
-    let len = pu(0u);
-    var acc = vec4<f32>(0.0);
-    for (var i = first(wg, nwg, lid); i < len; i += stride(nwg)) { acc += st_src[i]; }
-    if (acc.x + acc.y + acc.z + acc.w == -1.0) { st_dst[0] = acc; }
-}

@@ -177,7 +177,7 @@ fn bindings(entry: &str) -> &'static [(u32, Acc)] {
         "sigmoid_gate" => &[(8, R), (9, W)],
         "scaled_add" => &[(10, W), (11, R), (12, R)],
         "copy_cols" => &[(13, R), (14, W)],
-        "stream_copy" | "stream_read" => &[(19, R), (20, W)],
+        "stream_copy" | "stream_read" => &[(1, R), (2, W)],
         "headwise" => &[(15, R), (16, R), (17, R), (18, W)],
         "conv_out" => &[(1, R), (2, R), (3, R), (4, R), (5, W)],
         "conv_state" => &[(1, R), (6, W)],
@@ -192,6 +192,7 @@ fn file_of(entry: &str) -> &'static str {
     match entry {
         "gemv" => "gemv",
         "mv" | "mv_norm" | "mv_pair" => "mv",
+        "stream_copy" | "stream_read" => "stream",
         "gemm" => "gemm",
         "embed" => "embed",
         "rms_norm" | "group_norm" => "norm",
@@ -345,7 +346,11 @@ impl WgpuBackend {
             trace: wgpu::Trace::Off,
         }))
         .map_err(|e| dev_err(format!("cannot open {}: {e}", info.name)))?;
-        let knobs = knobs.unwrap_or_else(|| Knobs::for_adapter(info.device_type == wgpu::DeviceType::Cpu).with_env());
+        let mut knobs = knobs.unwrap_or_else(|| Knobs::for_adapter(info.device_type == wgpu::DeviceType::Cpu).with_env());
+        // A cell tile over this adapter's workgroup limit gets fewer DK slices.
+        while knobs.cell_cols * knobs.cell_split > limits.max_compute_invocations_per_workgroup && knobs.cell_split > 1 {
+            knobs.cell_split /= 2;
+        }
         // Submit every N dispatches (0: only where the host needs a result): lets the GPU start on a
         // long recording while the host still records (XLSTM_WGPU_SUBMIT_EVERY).
         // Default on GPUs: every 16 dispatches (the GPU starts on a decode step's first layers while
@@ -445,8 +450,9 @@ impl WgpuBackend {
         let variant = Variant { file: file_of(entry), dtype, subgroup: self.subgroup, extra };
         let src = shaders::source(&variant, &self.knobs);
         let desc = wgpu::ShaderModuleDescriptor { label: Some(entry), source: wgpu::ShaderSource::Wgsl(src.into()) };
-        let module = if variant.file == "mv" && !self.knobs.checked {
-            // SAFETY: mv.wgsl indexes only in range by construction: weight rows are clamped to
+        let module = if matches!(variant.file, "mv" | "stream") && !self.knobs.checked {
+            // SAFETY: stream.wgsl reads and writes below its length parameter (≤ both buffers);
+            // mv.wgsl indexes only in range by construction: weight rows are clamped to
             // their slot, chunks stay below ceil(k/8) of rows padded to 8 values, x and g are read
             // up to ceil(k/8)·8 values of buffers padded to 32 bytes and holding ≥ k (checked by
             // the host), outputs are written below the sizes the host checked, workgroup memory
@@ -795,7 +801,8 @@ impl WgpuBackend {
         let src = self.zeros(len)?;
         let dst = self.zeros(len)?;
         let vec4s = (len / 4) as u32;
-        let groups = (vec4s.div_ceil(self.knobs.elem_wg)).clamp(1, 65535);
+        // about 8 vec4s per invocation (two loop steps of 4 loads in flight)
+        let groups = (vec4s.div_ceil(self.knobs.elem_wg * 8)).clamp(1, 65535);
         let time = |entry: &'static str| -> Result<f64> {
             self.dispatch(entry, WDType::F32, &[&src.raw, &dst.raw], &[vec4s], (groups, 1, 1))?;
             self.sync()?;

@@ -18,6 +18,7 @@ pub const FILES: &[(&str, &str, bool)] = &[
     ("mlstm", include_str!("../shaders/mlstm.wgsl"), true),
     ("slstm", include_str!("../shaders/slstm.wgsl"), false),
     ("mv", include_str!("../shaders/mv.wgsl"), false),
+    ("stream", include_str!("../shaders/stream.wgsl"), false),
 ];
 
 /// Weight storage of a matrix kernel variant.
@@ -84,7 +85,7 @@ impl Knobs {
             }
         } else {
             Knobs {
-                gemv_wg: 128, gemv_rows: 4, gemm_bm: 64, gemm_bn: 64, gemm_bk: 16, gemm_tm: 4, gemm_tn: 4, reduce_wg: 256, elem_wg: 256, cell_cols: 64, cell_split: 4,
+                gemv_wg: 128, gemv_rows: 4, gemm_bm: 64, gemm_bn: 64, gemm_bk: 16, gemm_tm: 4, gemm_tn: 4, reduce_wg: 256, elem_wg: 256, cell_cols: 16, cell_split: 16,
                 mv_wg: 128, mv_rows: 4, mv_unroll: 2, pool_bytes: 512 << 20, fuse: true, checked: false,
             }
         }
