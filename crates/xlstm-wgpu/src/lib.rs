@@ -1174,11 +1174,14 @@ impl Backend for WgpuBackend {
         for (m, o) in mats.iter().zip(outs.iter()) {
             check("norm_matmuls", "out", o.len, m.rows)?;
         }
-        let slots: Vec<Slot<'_>> = mats
+        let mut slots: Vec<Slot<'_>> = mats
             .iter()
             .zip(outs.iter())
             .flat_map(|(m, o)| m.parts.iter().map(move |part| Slot { part, wide: m.dtype == WDType::F32, out: &o.raw }))
             .collect();
+        // f32 slots first: their few workgroups (the gate rows) read 16-byte words one chunk per
+        // step, so they start first rather than trail the dispatch.
+        slots.sort_by_key(|s| !s.wide);
         self.mv("mv_norm", x, width, &slots, Some((weight, eps)), Some(xn), false, None, 0, d16.expect("checked above"))
     }
 
