@@ -96,6 +96,35 @@ __device__ __forceinline__ void chunk_out_gates(const float* ig, const float* fg
     sdec[lane + 32] = expf(sb[lane + 32] + mp - mc1);
 }
 
+// What a chunk-output block derives from its place (blockIdx.y = chunk, .z = head): the chunk's first
+// token t0 and length Lk, the stabiliser m, normaliser n and C of the state entering it, and (warp 0)
+// the chunk's gates into sb, sig, smc, sdec; the scale 1/√DK and row strides. Block (0, 0, h) also
+// copies the final m.
+struct ChunkOut {
+    int t0, Lk;
+    float mp, scale;
+    long long qrow, vrow;  // row strides of q, k and of v, h
+    const float* Cp;
+    const float* np;
+};
+__device__ __forceinline__ ChunkOut chunk_out_begin(int NH, int DK, int DV, int seq, int L, const float* ig, const float* fg,
+                                                    const float* Cs, const float* ns, const float* ms, float* m,
+                                                    float* sb, float* sig, float* smc, float* sdec) {
+    const int h = blockIdx.z, kc = blockIdx.y;
+    ChunkOut c;
+    c.t0 = kc * L;
+    c.Lk = min(L, seq - c.t0);
+    c.mp = ms[(long long)kc * NH + h];
+    if (blockIdx.x == 0 && kc == 0 && threadIdx.x == 0) m[h] = ms[(long long)((seq + L - 1) / L) * NH + h];
+    c.Cp = Cs + ((long long)kc * NH + h) * DK * DV;
+    c.np = ns + ((long long)kc * NH + h) * DK;
+    c.scale = 1.f / sqrtf((float)DK);
+    c.qrow = (long long)NH * DK;
+    c.vrow = (long long)NH * DV;
+    if (threadIdx.x < 32) chunk_out_gates(ig, fg, NH, h, c.t0, c.Lk, c.mp, sb, sig, smc, sdec);
+    return c;
+}
+
 extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_states(
     int NH, int DK, int DV, int seq, int L,
     const float* k, const float* v, const float* ig, const float* fg,
@@ -208,17 +237,12 @@ extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_out(
     float (*Kt)[17] = (float (*)[17])(uni + 64 * 17);
     float (*Ct)[64] = (float (*)[64])(uni + 64 * 17 * 2);
     float (*Vt)[64] = (float (*)[64])uni;
-    const int h = blockIdx.z, kc = blockIdx.y, c0 = blockIdx.x * 64;
+    const int h = blockIdx.z, c0 = blockIdx.x * 64;
     const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
-    const int t0 = kc * L, Lk = min(L, seq - t0);
-    const int nc = (seq + L - 1) / L;
-    const long long qrow = (long long)NH * DK, vrow = (long long)NH * DV;
-    const float scale = 1.f / sqrtf((float)DK);
-    const float mp = ms[(long long)kc * NH + h];
-    if (blockIdx.x == 0 && kc == 0 && tid == 0) m[h] = ms[(long long)nc * NH + h];
-    const float* Cp = Cs + ((long long)kc * NH + h) * DK * DV;
-    const float* np = ns + ((long long)kc * NH + h) * DK;
-    if (tid < 32) chunk_out_gates(ig, fg, NH, h, t0, Lk, mp, sb, sig, smc, sdec);
+    const ChunkOut co = chunk_out_begin(NH, DK, DV, seq, L, ig, fg, Cs, ns, ms, m, sb, sig, smc, sdec);
+    const int t0 = co.t0, Lk = co.Lk;
+    const long long qrow = co.qrow, vrow = co.vrow;
+    const float *Cp = co.Cp, *np = co.np, scale = co.scale;
     float sacc[4][4], hacc[4][4];
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -535,18 +559,13 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
     constexpr int STAGE = 2 * 64 * QS + KT * CS;
     __shared__ __align__(16) float buf[2 * STAGE];
     __shared__ float sb[64], sig[64], smc[64], sdec[64], sqn[64], sden[64];
-    const int h = blockIdx.z, kc = blockIdx.y, c0 = blockIdx.x * 128;
+    const int h = blockIdx.z, c0 = blockIdx.x * 128;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
     const int rm = (warp & 3) * 16, sc = (warp >> 2) * 32, hc = (warp >> 2) * 64;
-    const int t0 = kc * L, Lk = min(L, seq - t0);
-    const int nc = (seq + L - 1) / L;
-    const long long qrow = (long long)NH * DK, vrow = (long long)NH * DV;
-    const float scale = 1.f / sqrtf((float)DK);
-    const float mp = ms[(long long)kc * NH + h];
-    if (blockIdx.x == 0 && kc == 0 && tid == 0) m[h] = ms[(long long)nc * NH + h];
-    const float* Cp = Cs + ((long long)kc * NH + h) * DK * DV;
-    const float* np = ns + ((long long)kc * NH + h) * DK;
-    if (tid < 32) chunk_out_gates(ig, fg, NH, h, t0, Lk, mp, sb, sig, smc, sdec);
+    const ChunkOut co = chunk_out_begin(NH, DK, DV, seq, L, ig, fg, Cs, ns, ms, m, sb, sig, smc, sdec);
+    const int t0 = co.t0, Lk = co.Lk;
+    const long long qrow = co.qrow, vrow = co.vrow;
+    const float *Cp = co.Cp, *np = co.np, scale = co.scale;
     float sacc[4][4], hacc[8][4];
 #pragma unroll
     for (int j = 0; j < 4; ++j)

@@ -213,14 +213,7 @@ fn check(op: &str, what: &str, have: usize, need: usize) -> Result<()> {
 }
 
 fn act_code(a: Activation) -> usize {
-    match a {
-        Activation::Gelu => 0,
-        Activation::Silu => 1,
-        Activation::Relu => 2,
-        Activation::ReluSquared => 3,
-        Activation::Sigmoid => 4,
-        Activation::Selu => 5,
-    }
+    a.code() as usize
 }
 
 impl CudaBackend {

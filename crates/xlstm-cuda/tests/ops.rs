@@ -73,7 +73,7 @@ fn matmul_all_dtypes_paths_and_shapes() {
         for dt in [DType::F32, DType::BF16, DType::F16] {
             let gw = g.matrix(HostTensor::f32(vec![n, k], w.clone()), dt).unwrap();
             let cw = c.matrix(HostTensor::f32(vec![n, k], w.clone()), dt).unwrap();
-            for rows in [1usize, 2, 3, 4, 5, 17, 64] {
+            for rows in [1usize, 2, 3, 4, 5, 17, 33, 64] {
                 let x = rng.vec(rows * k, 1.0);
                 let gx = up(&g, &x);
                 let mut go = up(&g, &vec![f32::NAN; rows * n]);

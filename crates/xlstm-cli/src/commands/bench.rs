@@ -89,6 +89,9 @@ fn bench_on<B: Backend>(backend: B, a: Args) -> Result<()> {
     let decode = bench::decode(&mut model, a.batch, a.gen_len, warmup)?;
     let floor_ms = decode.weight_bytes_per_step as f64 / (bw.copy_gb_s * 1e9) * 1e3;
     let decode_1 = if a.batch == 1 { decode.clone() } else { bench::decode(&mut model, 1, a.gen_len, warmup)? };
+    // Device memory in use after the runs (weights, states, cached activation buffers, the
+    // runtime's own), where the backend has memory of its own.
+    let device_memory = model.backend.memory_probe().and_then(|p| p()).map(|(used, total)| json!({ "used_mb": used as f64 / 1e6, "total_mb": total as f64 / 1e6 }));
     let report = json!({
         "device": model.backend_name(),
         "family": model.config.family(),
@@ -106,6 +109,7 @@ fn bench_on<B: Backend>(backend: B, a: Args) -> Result<()> {
         "decode_ratio_to_floor": floor_ms / decode.ms_per_step,
         "prefill_vs_decode_per_token": prefill.tok_s / decode_1.tok_s,
         "peak_rss_mb": xlstm_core::sys::peak_rss_bytes() as f64 / 1e6,
+        "device_memory": device_memory,
     });
     println!("{}", serde_json::to_string(&report)?);
     if !a.json {

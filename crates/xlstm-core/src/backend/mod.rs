@@ -97,6 +97,13 @@ pub enum Activation {
     Selu,
 }
 
+impl Activation {
+    /// The number GPU kernels use for it (CUDA `act_apply`, WGSL `act`): the declaration order.
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+}
+
 pub trait Backend: Send + Sync + Sized + 'static {
     /// An f32 buffer in the backend's memory.
     type Buf: Send + Sync;
