@@ -138,6 +138,12 @@ impl Weights {
         Weights { tensors, dtype }
     }
 
+    /// Bytes the 2-D tensors take as matrices in `dtype`, each rounded up to 256 (what a backend
+    /// that packs matrices back to back needs; see `Backend::expect_matrix_bytes`).
+    pub fn matrix_bytes(&self, dtype: DType) -> usize {
+        self.tensors.values().filter(|t| t.shape.len() == 2).map(|t| (t.numel() * dtype.size()).div_ceil(256) * 256).sum()
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }

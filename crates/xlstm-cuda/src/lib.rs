@@ -84,8 +84,9 @@ impl Drop for DevMem {
     }
 }
 
-/// Matrices up to this size are carved one after another out of shared slabs, so consecutive
-/// loads (q, k, v, o; gate, up) are adjacent in memory and one cuBLAS call can cover them.
+/// Matrices are carved one after another out of shared slabs, so consecutive loads (q, k, v, o;
+/// gate, up) are adjacent in memory and one cuBLAS call can cover them. Without an announced total
+/// (`expect_matrix_bytes`) slabs are SLAB bytes and larger matrices get their own allocation.
 const SLAB: usize = 1 << 30;
 const SLAB_MAX_MAT: usize = 256 << 20;
 
@@ -93,6 +94,10 @@ const SLAB_MAX_MAT: usize = 256 << 20;
 struct Slab {
     mem: Option<Arc<DevMem>>,
     used: usize,
+    size: usize,
+    /// Bytes of matrices the model announced (`expect_matrix_bytes`): the next pool is made that
+    /// large, so every matrix of the model lies in one allocation without slack.
+    announced: usize,
 }
 
 impl CudaMat {
@@ -628,22 +633,26 @@ impl Backend for CudaBackend {
             HostData::F16(v) => as_bytes(v),
         };
         let n = bytes.len();
-        let (ptr, mem) = if n > SLAB_MAX_MAT {
+        let need = n.div_ceil(256) * 256;
+        let mut slab = self.slab.lock().expect("slab lock");
+        let fits = slab.mem.is_some() && slab.used + need <= slab.size;
+        let (ptr, mem) = if !fits && slab.announced < need && n > SLAB_MAX_MAT {
             let p = self.dev.alloc(n)?;
             (p, Arc::new(DevMem { ptr: p, dev: self.dev.clone() }))
         } else {
-            let mut slab = self.slab.lock().expect("slab lock");
-            let need = n.div_ceil(256) * 256;
-            if slab.mem.is_none() || slab.used + need > SLAB {
-                let p = self.dev.alloc(SLAB)?;
+            if !fits {
+                let size = if slab.announced >= need { std::mem::take(&mut slab.announced) } else { SLAB };
+                let p = self.dev.alloc(size)?;
                 slab.mem = Some(Arc::new(DevMem { ptr: p, dev: self.dev.clone() }));
                 slab.used = 0;
+                slab.size = size;
             }
             let mem = slab.mem.clone().expect("slab present");
             let p = mem.ptr + slab.used as u64;
             slab.used += need;
             (p, mem)
         };
+        drop(slab);
         let m = CudaMat { ptr, rows, cols, dtype, _mem: mem };
         // SAFETY: ptr holds bytes.len() bytes; synchronised (pageable source).
         unsafe { dres::memcpy_htod_async(ptr, bytes, self.dev.stream) }.map_err(|e| drv("upload matrix", e))?;
@@ -659,6 +668,10 @@ impl Backend for CudaBackend {
         // cuBLAS reaches ~90% of its peak from ~2k rows; 2048 rows of the 7B shape need ~0.6 GB of
         // activations, which keeps batch-1 memory under 15 GB with the bf16 weights.
         2048
+    }
+
+    fn expect_matrix_bytes(&self, bytes: usize) {
+        self.slab.lock().expect("slab lock").announced = bytes;
     }
 
     fn set_weight_dtype(&self, dtype: DType) {

@@ -128,6 +128,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn prefill_segment(&self) -> usize {
         512
     }
+    /// Told before a model uploads its matrices: about how many bytes they take in all (each
+    /// rounded up to 256). A backend that packs matrices into pools may then allocate one pool of
+    /// that size instead of many with slack. Default: nothing.
+    fn expect_matrix_bytes(&self, _bytes: usize) {}
     /// Told at model load: the dtype of the model's weights. A backend may then use faster
     /// arithmetic of about that precision inside its kernels (the CUDA backend's chunkwise prefill
     /// rounds operands to TF32 for 16-bit weights); f32 weights keep f32 arithmetic. Default: nothing.

@@ -68,6 +68,7 @@ fn vector<B: Backend>(b: &B, t: HostTensor) -> Result<B::Buf> {
 impl<B: Backend> LargeNet<B> {
     pub fn new(backend: &B, cfg: &LargeConfig, mut w: Weights) -> Result<Self> {
         let dt: DType = w.dtype;
+        backend.expect_matrix_bytes(w.matrix_bytes(dt));
         let (d, qk, vd, nh, ff, voc) = (cfg.hidden_size, cfg.qk_dim(), cfg.v_dim(), cfg.num_heads, cfg.ffn_dim(), cfg.vocab_size);
         let mat = |t: HostTensor| backend.matrix(t, dt);
         let fused = cfg.weight_mode == "fused";
