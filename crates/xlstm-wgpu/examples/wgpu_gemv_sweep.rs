@@ -174,6 +174,6 @@ fn cells(api: Api) {
                 best = best.min(t.elapsed().as_secs_f64() / reps as f64);
             }
         }
-        println!("cell {tile}: {:.1} µs per layer (gates + cell + norm, C {} MB read + written)", best * 1e6, nh * d.dk * d.dv * 4 >> 20);
+        println!("cell {tile}: {:.1} µs per layer (gates + cell + norm, C {} MB read + written)", best * 1e6, (nh * d.dk * d.dv * 4) >> 20);
     }
 }

@@ -1,15 +1,18 @@
 //! A portable GPU backend on `wgpu`: WGSL compute kernels that run on Vulkan (Linux, Windows), Metal
 //! (macOS) and DX12 from one source, and on the CPU through Mesa's lavapipe Vulkan driver (CI).
 //!
-//! Memory: every [`WgpuBuf`] is an f32 storage buffer; weight matrices ([`WgpuMat`]) keep bf16/f16 as
-//! packed u32 pairs (two values per word, widened in the shaders: no SHADER_F16 needed) or f32, rows
-//! padded to 8 values, split by rows into parts no larger than the adapter's storage-binding limit.
+//! Memory: every [`WgpuBuf`] is an f32 storage buffer (padded to 32 bytes); weight matrices
+//! ([`WgpuMat`]) keep bf16/f16 as packed u32 pairs (two values per word, widened in the shaders: no
+//! SHADER_F16 needed) or f32, rows padded to 8 values, split by rows into parts no larger than the
+//! adapter's storage-binding limit, placed one after another in pool buffers (`Knobs::pool_bytes`),
+//! so the batch-1 GEMV reads several matrices of one pool in one dispatch.
 //!
 //! Recording: ops do not submit. Each op appends its dispatch to one pending command encoder (one
 //! compute pass, reopened after copies) and its 16 parameter words to a host-side arena that is
-//! written to the GPU right before the submission. Work is submitted only where the host needs a
-//! result (`download`) or the parameter arena is full, so a decode step — embedding to logits — is
-//! one command buffer and one submission. Bind groups are cached by (pipeline, buffers), so a decode
+//! written to the GPU right before the submission. Work is submitted where the host needs a result
+//! (`download`), where the parameter arena is full, and every `XLSTM_WGPU_SUBMIT_EVERY` dispatches
+//! (GPU default 16, so the GPU starts on a step while the rest is encoded; CPU adapters: 0, a decode
+//! step — embedding to logits — is then one command buffer and one submission). Bind groups are cached by (pipeline, buffers), so a decode
 //! step that reuses its preallocated activations creates none after the first.
 //!
 //! Shaders: `shaders/*.wgsl`, one file per op family, preprocessed into variants (weight dtype,
@@ -368,7 +371,7 @@ impl WgpuBackend {
         let dummy = make_buf(&device, &dead, 4, None);
         let dummy_w = make_buf(&device, &dead, 4, None);
         let fused = knobs.fuse && limits.max_storage_buffers_per_shader_stage >= 11;
-        let part_limit = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        let part_limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         Ok(WgpuBackend {
             device,
             queue,
@@ -431,7 +434,7 @@ impl WgpuBackend {
     }
 
     fn max_binding(&self) -> u64 {
-        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+        self.limits.max_storage_buffer_binding_size.min(self.limits.max_buffer_size)
     }
 
     fn new_buf(&self, len: usize, data: Option<&[u8]>) -> Result<WgpuBuf> {
@@ -793,24 +796,25 @@ impl WgpuBackend {
     }
 
     /// Measures the device's streaming bandwidth with compute kernels over two buffers of up to
-    /// 512 MiB: a vec4 copy (bytes read + written per second) and a vec4 read. (A timing of
-    /// `copy_buffer_to_buffer` read only ~0.4 TB/s on an H200 through Vulkan, and a scalar `x += y`
-    /// ~1.1 TB/s, far below what the GEMV kernels reach.)
+    /// 512 MiB: a vec4 copy (bytes read + written per second) and a vec4 read, each workgroup on a
+    /// block of consecutive vec4s as the GEMV reads weights. (On an H200 through Vulkan a timing of
+    /// `copy_buffer_to_buffer` read ~0.4 TB/s, a scalar grid-stride `x += y` ~1.1 TB/s and a
+    /// grid-stride vec4 copy ~1.6 TB/s, all below the 3.2 TB/s the GEMV itself streams.)
     fn measure_bandwidth(&self) -> Result<xlstm_core::bench::Bandwidth> {
         let len = ((512usize << 20) / 4).min(self.max_binding() as usize / 4) / 4 * 4;
         let src = self.zeros(len)?;
         let dst = self.zeros(len)?;
         let vec4s = (len / 4) as u32;
-        // about 8 vec4s per invocation (two loop steps of 4 loads in flight)
-        let groups = (vec4s.div_ceil(self.knobs.elem_wg * 8)).clamp(1, 65535);
+        // 8 consecutive blocks of WG vec4s per workgroup
+        let groups = split((vec4s as u64).div_ceil(self.knobs.elem_wg as u64 * 8));
         let time = |entry: &'static str| -> Result<f64> {
-            self.dispatch(entry, WDType::F32, &[&src.raw, &dst.raw], &[vec4s], (groups, 1, 1))?;
+            self.dispatch(entry, WDType::F32, &[&src.raw, &dst.raw], &[vec4s], groups)?;
             self.sync()?;
             let mut best = f64::MAX;
             for _ in 0..3 {
                 let t = std::time::Instant::now();
                 for _ in 0..8 {
-                    self.dispatch(entry, WDType::F32, &[&src.raw, &dst.raw], &[vec4s], (groups, 1, 1))?;
+                    self.dispatch(entry, WDType::F32, &[&src.raw, &dst.raw], &[vec4s], groups)?;
                 }
                 self.sync()?;
                 best = best.min(t.elapsed().as_secs_f64() / 8.0);
@@ -1211,7 +1215,7 @@ impl WgpuBackend {
         check("group_norm", "x", x.len, rows * width)?;
         check("group_norm", "out", out.len, rows * width)?;
         check("group_norm", "weight", weight.len, width)?;
-        if group == 0 || width % group != 0 {
+        if group == 0 || !width.is_multiple_of(group) {
             return Err(dev_err(format!("group_norm: width {width} is not a multiple of group {group}")));
         }
         if let Some(b) = bias {

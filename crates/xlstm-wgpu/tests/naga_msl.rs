@@ -20,7 +20,7 @@ fn to_msl(name: &str, wgsl: &str) -> usize {
     for (_, g) in module.global_variables.iter() {
         if let Some(rb) = &g.binding {
             let mutable = matches!(g.space, naga::AddressSpace::Storage { access } if access.contains(naga::StorageAccess::STORE));
-            resources.insert(rb.clone(), msl::BindTarget { buffer: Some(rb.binding as u8), mutable, ..Default::default() });
+            resources.insert(*rb, msl::BindTarget { buffer: Some(rb.binding as u8), mutable, ..Default::default() });
         }
     }
     let mut per_entry_point_map = msl::EntryPointResourceMap::new();

@@ -222,6 +222,7 @@ fn headwise() {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn conv_on<B: Backend>(b: &B, d: ConvDims, rows: usize, step: bool, x: &[f32], w: &[f32], bias: &[f32], state: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let xb = b.upload(x).unwrap();
     let wb = b.upload(w).unwrap();
