@@ -828,18 +828,6 @@ impl WgpuBackend {
     }
 }
 
-/// The activation numbering of the kernels (`act` in common.wgsl).
-fn act_code(act: Activation) -> u32 {
-    match act {
-        Activation::Gelu => 0,
-        Activation::Silu => 1,
-        Activation::Relu => 2,
-        Activation::ReluSquared => 3,
-        Activation::Sigmoid => 4,
-        Activation::Selu => 5,
-    }
-}
-
 /// A workgroup count, spread over y past the 65535 per-dimension limit (kernels guard the excess).
 fn split(groups: u64) -> (u32, u32, u32) {
     if groups <= 65535 {
@@ -1090,7 +1078,7 @@ impl Backend for WgpuBackend {
         check("gated_act", "gate", gate.len, len)?;
         check("gated_act", "up", up.len, len)?;
         check("gated_act", "out", out.len, len)?;
-        let code = act_code(act);
+        let code = act.code();
         self.dispatch("gated_act", WDType::F32, &[&gate.raw, &up.raw, &out.raw], &[len as u32, code], self.grid_stride(len, self.knobs.elem_wg))
     }
 
@@ -1201,7 +1189,7 @@ impl Backend for WgpuBackend {
         check("norm_gated_up", "out", out.len, ff)?;
         let slots: Vec<Slot<'_>> = gate.parts.iter().map(|part| Slot { part, wide: gate.dtype == WDType::F32, out: &out.raw }).collect();
         let ups: Vec<&MatPart> = up.parts.iter().collect();
-        self.mv("mv_pair", x, width, &slots, Some((weight, eps)), Some(xn), false, Some(&ups), act_code(act), d16.expect("checked above"))
+        self.mv("mv_pair", x, width, &slots, Some((weight, eps)), Some(xn), false, Some(&ups), act.code(), d16.expect("checked above"))
     }
 
     fn device_bandwidth(&self) -> Result<Option<xlstm_core::bench::Bandwidth>> {
