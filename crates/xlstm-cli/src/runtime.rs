@@ -42,6 +42,9 @@ pub struct RuntimeArgs {
     /// Prefill chunk size [XLSTM_CHUNK_SIZE, the model's].
     #[arg(long)]
     pub chunk_size: Option<String>,
+    /// Prompt tokens per prefill pass [XLSTM_PREFILL_SEGMENT, the backend's: 512 CPU, 2048 CUDA].
+    #[arg(long)]
+    pub prefill_segment: Option<String>,
     /// Heads per kernel launch / CPU task [XLSTM_HEADS_PER_BAND, 1: each head its own task].
     #[arg(long)]
     pub heads_per_band: Option<String>,
@@ -85,6 +88,7 @@ impl RuntimeArgs {
         put("mem_action", &self.mem_action);
         put("min_chunk", &self.min_chunk);
         put("chunk_size", &self.chunk_size);
+        put("prefill_segment", &self.prefill_segment);
         put("heads_per_band", &self.heads_per_band);
         put("workers", &self.workers);
         put("streams", &self.streams);

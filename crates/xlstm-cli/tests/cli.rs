@@ -289,6 +289,34 @@ fn stats_log_has_a_row_per_segment_and_token() {
     assert_eq!(decode, 6, "7 tokens = 6 decode steps after the prefill's token: {text}");
 }
 
+/// `--prefill-segment` feeds the prompt in passes of that many tokens (rounded to whole chunks), with
+/// the same continuation as one pass; 0 is a clear error.
+#[test]
+fn prefill_segment_splits_the_prompt_without_changing_the_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log.csv");
+    let prompt = "y".repeat(100);
+    let shape = ["--layers", "2", "--model-dim", "128", "--heads", "2", "--chunk-size", "16"];
+    let run = |extra: &[&str]| {
+        let mut a = vec!["generate", "--prompt", &prompt, "--max-new-tokens", "6", "--stats-log", log.to_str().unwrap()];
+        a.extend(shape);
+        a.extend(extra);
+        let o = xlstm(&a);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let text = std::fs::read_to_string(&log).unwrap();
+        let segments: Vec<String> = text.lines().filter(|l| l.contains(",prefill,")).map(String::from).collect();
+        (String::from_utf8_lossy(&o.stdout).to_string(), segments)
+    };
+    let (whole, one) = run(&[]);
+    assert_eq!(one.len(), 1, "{one:?}");
+    let (split, passes) = run(&["--prefill-segment", "40"]);
+    assert_eq!(passes.len(), 4, "100 tokens in passes of 32 (40 rounded down to chunks of 16): {passes:?}");
+    assert_eq!(whole, split, "the same continuation");
+    let o = xlstm(&["generate", "--prompt", "hi", "--max-new-tokens", "1", "--prefill-segment", "0"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--prefill-segment") && stderr(&o).contains("positive"), "{}", stderr(&o));
+}
+
 /// `xlstm top` in a real terminal (tmux) watching a real generation; q quits.
 #[test]
 fn top_monitors_a_running_generation_in_a_terminal() {
