@@ -176,16 +176,16 @@ impl<B: Backend> Model<B> {
             return Err(Error::State(format!("prefill runs one sequence; this state holds {}", state.batch)));
         }
         self.check_ids(ids)?;
-        let mut kernel = kernel;
+        let (mut kernel, mut segment) = (kernel, self.prefill_segment);
         let mut out = Vec::new();
         let mut pos = 0;
         while pos < ids.len() {
-            self.ease_memory(Some(&mut kernel))?;
+            self.ease_memory(Some((&mut kernel, &mut segment)))?;
             let chunk = match kernel {
                 MlstmKernel::Chunkwise { chunk } => chunk.max(1),
                 MlstmKernel::Sequence => 1,
             };
-            let seg = (self.prefill_segment / chunk).max(1) * chunk;
+            let seg = (segment / chunk).max(1) * chunk;
             let part = &ids[pos..(pos + seg).min(ids.len())];
             let last = pos + part.len() == ids.len();
             let want = match logits {
@@ -204,8 +204,9 @@ impl<B: Backend> Model<B> {
     }
 
     /// Asks the watchdog (if any) what to do: a hard limit is an error; at the soft limit the
-    /// configured actions run (warn, release cached buffers, halve the prefill chunk).
-    pub fn ease_memory(&mut self, kernel: Option<&mut MlstmKernel>) -> Result<()> {
+    /// configured actions run (warn, release cached buffers, halve the prefill chunk and segment of
+    /// the prefill in progress, given as `prefill`).
+    pub fn ease_memory(&mut self, prefill: Option<(&mut MlstmKernel, &mut usize)>) -> Result<()> {
         let Some(w) = &self.watchdog else { return Ok(()) };
         let crate::watchdog::Verdict::Ease { actions, why } = w.check()? else { return Ok(()) };
         use crate::settings::MemAction;
@@ -220,13 +221,13 @@ impl<B: Backend> Model<B> {
                 self.events.push(format!("released cached buffers ({why})"));
             }
         }
-        if let (true, Some(MlstmKernel::Chunkwise { chunk })) = (actions.contains(&MemAction::Shrink), kernel) {
+        if let (true, Some((MlstmKernel::Chunkwise { chunk }, segment))) = (actions.contains(&MemAction::Shrink), prefill) {
             if *chunk > min_chunk {
                 let to = (*chunk / 2).max(min_chunk);
                 self.events.push(format!("prefill chunk {chunk} -> {to} ({why})"));
                 *chunk = to;
-                // halve the segment too, so the activation buffers shrink with it
-                self.prefill_segment = (self.prefill_segment / 2).max(to);
+                // the segment too, so that the activation buffers shrink with it
+                *segment = (*segment / 2).max(to);
             }
         }
         Ok(())
