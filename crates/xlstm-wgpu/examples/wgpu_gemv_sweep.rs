@@ -58,6 +58,7 @@ fn main() {
         let label = match shape {
             Some((wg, r, u)) => {
                 (knobs.mv_wg, knobs.mv_rows, knobs.mv_unroll, knobs.fuse) = (wg, r, u, true);
+                knobs.mv_plain = (wg, r, u);
                 format!("{wg}x{r}x{u}")
             }
             None => {
@@ -142,6 +143,45 @@ fn main() {
     }
     println!("{}", best.1);
     cells(api);
+    head(api);
+    let b = WgpuBackend::new(api).unwrap();
+    for iters in [1u32, 4, 8, 16, 32] {
+        let bw = b.stream_bandwidth(iters).unwrap();
+        println!("stream probe, {iters} blocks per workgroup: copy {:.0} GB/s, read {:.0} GB/s", bw.copy_gb_s, bw.read_gb_s);
+    }
+}
+
+/// Times xLSTM-7B's LM head at batch 1 (50304 × 4096 bf16, soft cap 30) as `Model::step` runs it
+/// (product, soft cap, all logits read back) and as `Model::step_top_k` does (`head_top_k`: the
+/// device selects, k pairs read back), for k = 1 and 50.
+fn head(api: Api) {
+    let (v, d) = (50304usize, 4096usize);
+    let b = WgpuBackend::new(api).unwrap();
+    let w = HostTensor::f32(vec![v, d], (0..v * d).map(|j| ((j.wrapping_mul(2654435761) + 11) % 1000) as f32 * 1e-3 - 0.5).collect()).to_dtype(DType::BF16);
+    let m = b.matrix(w, DType::BF16).unwrap();
+    let x = b.upload(&(0..d).map(|i| (i % 7) as f32 * 0.01).collect::<Vec<_>>()).unwrap();
+    let mut s = b.zeros(v).unwrap();
+    let reps = 30;
+    let time = |f: &mut dyn FnMut()| {
+        f();
+        let t = std::time::Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        t.elapsed().as_secs_f64() / reps as f64 * 1e6
+    };
+    let full = time(&mut || {
+        b.matmul(&x, 1, &m, &mut s).unwrap();
+        b.bias_soft_cap(&mut s, 1, v, None, 30.0).unwrap();
+        std::hint::black_box(b.download(&s, v).unwrap());
+    });
+    let top1 = time(&mut || {
+        std::hint::black_box(b.head_top_k(&x, 1, &m, v, 30.0, 1, &mut s).unwrap());
+    });
+    let top50 = time(&mut || {
+        std::hint::black_box(b.head_top_k(&x, 1, &m, v, 30.0, 50, &mut s).unwrap());
+    });
+    println!("lm head ({} MB): logits read back {full:.1} µs | head_top_k k=1 {top1:.1} µs | k=50 {top50:.1} µs", (v * d * 2) >> 20);
 }
 
 /// Times `mlstm_gated_cell` at batch 1 with xLSTM-7B's dims for several cell tiles.

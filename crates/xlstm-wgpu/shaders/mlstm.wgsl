@@ -11,6 +11,15 @@
 //   i' = e^(ĩ−m'), n' = f'n + i'k, den = max(|q̂·n'|, e^(−m')) + eps.
 // mlstm_cell (bindings 1 q, 2 k, 10 v, 11 C rw, 12 scal, 13 h rw): workgroup {{COLS}} columns of
 //   C × {{SPLIT}} slices of DK; C' = f'C + i'·k vᵀ, h = q̂ᵀC' / den. Dispatch (ceil(DV/{{COLS}}), units).
+// The gated decode step (one token per sequence, row 0, gate bias + cap on) in two dispatches:
+// mlstm_cell_fused (bindings 1 q, 2 k, 3 ĩ, 4 f̃, 5 ibias, 6 fbias, 7 n, 8 m (read only here),
+//   9 scal rw, 10 v, 11 C rw, 13 h rw): mlstm_cell's tiles, each workgroup computing its unit's
+//   gates and den itself from the old n, m (the same formulas as mlstm_gates); the tile at column 0
+//   leaves (f', i', m') in scal. Dispatch (ceil(DV/{{COLS}}), units).
+// mlstm_norm (bindings 2 k, 7 n rw, 8 m rw, 9 scal, 13 h, 14 norm weight, 15 o, 16 hn rw): one
+//   workgroup ({{WG}}) per unit commits the state (n' = f'n + i'k, m') and writes
+//   hn = σ(o) ⊙ LayerNorm_head(h)·weight (as norm.wgsl's group_norm). Params: 0 NH, 1 DK, 2 DV,
+//   3 units, 4 norm eps (bits). Dispatch: units groups, spread over y past 65535.
 
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> k: array<f32>;
@@ -104,5 +113,102 @@ fn mlstm_cell(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
         var t = 0.0;
         for (var s = 0u; s < {{SPLIT}}u; s++) { t += hpart[s * {{COLS}}u + li.x]; }
         h[(row * nh + u) * dv + j] = t * scale / den;
+    }
+}
+
+var<workgroup> colp: array<f32, {{COLS}}>;
+
+@compute @workgroup_size({{COLS}}, {{SPLIT}})
+fn mlstm_cell_fused(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li: vec3<u32>) {
+    let nh = pu(0u);
+    let dk = pu(1u);
+    let dv = pu(2u);
+    let eps = pf(4u);
+    let cap = pf(7u);
+    let u = wg.y;
+    let head = u % nh;
+    let ip = capped(ig[u] + ibias[head], cap);
+    let fp = capped(fg[u] + fbias[head], cap);
+    let m_old = m[u];
+    let lf = log_sigmoid(fp);
+    let m_new = max(lf + m_old, ip);
+    let fa = exp(lf + m_old - m_new);
+    let ia = exp(ip - m_new);
+    let scale = 1.0 / sqrt(f32(dk));
+    let qb = u * dk;
+    // den = max(|q̂·n'|, e^(−m')) + eps: partial sums over DK, then per column, then all.
+    let t = li.y * {{COLS}}u + li.x;
+    var s = 0.0;
+    for (var a = t; a < dk; a += {{COLS}}u * {{SPLIT}}u) {
+        s += q[qb + a] * scale * (fa * n[qb + a] + ia * k[qb + a]);
+    }
+    hpart[t] = s;
+    workgroupBarrier();
+    if (li.y == 0u) {
+        var cs = 0.0;
+        for (var i = 0u; i < {{SPLIT}}u; i++) { cs += hpart[i * {{COLS}}u + li.x]; }
+        colp[li.x] = cs;
+    }
+    workgroupBarrier();
+    var qn = 0.0;
+    for (var i = 0u; i < {{COLS}}u; i++) { qn += colp[i]; }
+    let den = max(abs(qn), exp(-m_new)) + eps;
+    if (wg.x == 0u && t == 0u) {
+        scal[u * 4u] = fa;
+        scal[u * 4u + 1u] = ia;
+        scal[u * 4u + 2u] = m_new;
+    }
+    let j = wg.x * {{COLS}}u + li.x;
+    let jc = min(j, dv - 1u);
+    let vj = v[u * dv + jc];
+    let cb = u * dk * dv;
+    var acc = 0.0;
+    if (j < dv) {
+        for (var a = li.y; a < dk; a += {{SPLIT}}u) {
+            let ci = cb + a * dv + j;
+            let c = fa * C[ci] + ia * k[qb + a] * vj;
+            C[ci] = c;
+            acc += q[qb + a] * c;
+        }
+    }
+    hpart[t] = acc;
+    workgroupBarrier();
+    if (li.y == 0u && j < dv) {
+        var hs = 0.0;
+        for (var i = 0u; i < {{SPLIT}}u; i++) { hs += hpart[i * {{COLS}}u + li.x]; }
+        h[u * dv + j] = hs * scale / den;
+    }
+}
+
+@group(0) @binding(14) var<storage, read> norm_w: array<f32>;
+@group(0) @binding(15) var<storage, read> ogate: array<f32>;
+@group(0) @binding(16) var<storage, read_write> hn: array<f32>;
+
+@compute @workgroup_size({{WG}})
+fn mlstm_norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32 {{SG_PARAMS}}) {
+    let nh = pu(0u);
+    let dk = pu(1u);
+    let dv = pu(2u);
+    let units = pu(3u);
+    let eps = pf(4u);
+    let u = group_index(wg, nwg);
+    if (u >= units) { return; }
+    let fa = scal[u * 4u];
+    let ia = scal[u * 4u + 1u];
+    for (var a = lid; a < dk; a += {{WG}}u) {
+        n[u * dk + a] = fa * n[u * dk + a] + ia * k[u * dk + a];
+    }
+    if (lid == 0u) { m[u] = scal[u * 4u + 2u]; }
+    let base = u * dv;
+    let col0 = (u % nh) * dv;
+    var s = 0.0;
+    for (var j = lid; j < dv; j += {{WG}}u) { s += h[base + j]; }
+    let mean = wg_sum(s, lid {{SG_ARGS}}) / f32(dv);
+    var q2 = 0.0;
+    for (var j = lid; j < dv; j += {{WG}}u) { let d = h[base + j] - mean; q2 += d * d; }
+    let inv = 1.0 / sqrt(wg_sum(q2, lid {{SG_ARGS}}) / f32(dv) + eps);
+    for (var j = lid; j < dv; j += {{WG}}u) {
+        hn[base + j] = (h[base + j] - mean) * inv * norm_w[col0 + j] * sigmoid(ogate[base + j]);
     }
 }

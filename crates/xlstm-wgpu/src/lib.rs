@@ -186,6 +186,9 @@ fn bindings(entry: &str) -> &'static [(u32, Acc)] {
         "conv_state" => &[(1, R), (6, W)],
         "mlstm_gates" => &[(1, R), (2, R), (3, R), (4, R), (5, R), (6, R), (7, W), (8, W), (9, W)],
         "mlstm_cell" => &[(1, R), (2, R), (10, R), (11, W), (12, R), (13, W)],
+        "mlstm_cell_fused" => &[(1, R), (2, R), (3, R), (4, R), (5, R), (6, R), (7, W), (8, W), (9, W), (10, R), (11, W), (13, W)],
+        "mlstm_norm" => &[(2, R), (7, W), (8, W), (9, W), (13, W), (14, R), (15, R), (16, W)],
+        "top_k" => &[(1, R), (2, W)],
         "slstm" => &[(1, R), (2, R), (3, R), (4, R), (5, R), (6, R), (7, W), (8, W), (9, W), (10, W), (11, W)],
         other => panic!("no binding table for entry point `{other}`"),
     }
@@ -200,7 +203,8 @@ fn file_of(entry: &str) -> &'static str {
         "embed" => "embed",
         "rms_norm" | "group_norm" => "norm",
         "conv_out" | "conv_state" => "conv",
-        "mlstm_gates" | "mlstm_cell" => "mlstm",
+        "mlstm_gates" | "mlstm_cell" | "mlstm_cell_fused" | "mlstm_norm" => "mlstm",
+        "top_k" => "topk",
         "slstm" => "slstm",
         _ => "elementwise",
     }
@@ -239,6 +243,9 @@ struct Rec {
     dispatches: u64,
     /// Dispatches recorded since the last submission.
     pending: u64,
+    /// The host waited for the device (download, sync) and nothing was submitted since: the device
+    /// is idle, so the next submission comes after `submit_first` dispatches.
+    idle: bool,
 }
 
 /// Parameter words per dispatch, and the arena's size.
@@ -265,8 +272,12 @@ pub struct WgpuBackend {
     unflushed: AtomicU64,
     /// The fused batch-1 kernels fit this adapter (11 storage buffers per stage) and are on.
     fused: bool,
+    /// The gated decode mLSTM step runs as two dispatches (12 storage buffers per stage, fusion on).
+    fused_cell: bool,
     rec: Mutex<Rec>,
     submit_every: u64,
+    /// Dispatches of the first submission after the host waited for the device.
+    submit_first: u64,
     /// Largest weight part in bytes (the storage-binding limit unless lowered, e.g. by tests).
     part_limit: u64,
 }
@@ -360,6 +371,9 @@ impl WgpuBackend {
         // wgpu encodes the rest: 7.79 → 7.35 ms per 7B token on an H200); CPU adapters: 0.
         let cpu = info.device_type == wgpu::DeviceType::Cpu;
         let submit_every = std::env::var("XLSTM_WGPU_SUBMIT_EVERY").ok().and_then(|v| v.parse().ok()).unwrap_or(if cpu { 0 } else { 16 });
+        // After the host waited (a decode step's logits), the device is idle: the first submission
+        // goes after a few dispatches (XLSTM_WGPU_SUBMIT_FIRST, default 4), the rest every N.
+        let submit_first = std::env::var("XLSTM_WGPU_SUBMIT_FIRST").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(4).clamp(1, submit_every.max(1));
         let align = limits.min_uniform_buffer_offset_alignment.max(PARAM_WORDS as u32 * 4) as usize;
         let arena = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("params"),
@@ -371,6 +385,7 @@ impl WgpuBackend {
         let dummy = make_buf(&device, &dead, 4, None);
         let dummy_w = make_buf(&device, &dead, 4, None);
         let fused = knobs.fuse && limits.max_storage_buffers_per_shader_stage >= 11;
+        let fused_cell = knobs.fuse && limits.max_storage_buffers_per_shader_stage >= 12;
         let part_limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         Ok(WgpuBackend {
             device,
@@ -388,8 +403,10 @@ impl WgpuBackend {
             pool: Mutex::new(None),
             unflushed: AtomicU64::new(0),
             fused,
+            fused_cell,
             part_limit,
             submit_every,
+            submit_first,
             rec: Mutex::new(Rec {
                 encoder: None,
                 pass: None,
@@ -401,6 +418,7 @@ impl WgpuBackend {
                 submissions: 0,
                 dispatches: 0,
                 pending: 0,
+                idle: true,
             }),
         })
     }
@@ -422,6 +440,10 @@ impl WgpuBackend {
     /// Dispatches per submission while recording (0: one submission where the host needs a result).
     pub fn submit_every(&self) -> u64 {
         self.submit_every
+    }
+    /// Dispatches of the first submission after the host waited for the device.
+    pub fn submit_first(&self) -> u64 {
+        self.submit_first
     }
     /// (submissions, dispatches) so far: what a decode step costs in command traffic.
     pub fn counters(&self) -> (u64, u64) {
@@ -554,7 +576,7 @@ impl WgpuBackend {
         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
         rec.dispatches += 1;
         rec.pending += 1;
-        if self.submit_every > 0 && rec.pending >= self.submit_every {
+        if self.submit_every > 0 && rec.pending >= if rec.idle { self.submit_first } else { self.submit_every } {
             self.flush(rec);
         }
         Ok(())
@@ -563,6 +585,7 @@ impl WgpuBackend {
     /// Ends the pass, writes the parameter arena and submits the pending encoder (if any).
     fn flush(&self, rec: &mut Rec) {
         rec.pass = None;
+        rec.idle = false;
         if let Some(enc) = rec.encoder.take() {
             if !rec.params.is_empty() {
                 self.queue.write_buffer(&self.arena, 0, &rec.params);
@@ -582,6 +605,7 @@ impl WgpuBackend {
     pub fn sync(&self) -> Result<()> {
         let mut rec = self.lock();
         self.flush(&mut rec);
+        rec.idle = true;
         drop(rec);
         self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| dev_err(format!("poll: {e}")))?;
         Ok(())
@@ -638,7 +662,7 @@ impl WgpuBackend {
         if let Some(b) = xn {
             check(entry, "xn", b.len, k)?;
         }
-        let r = self.knobs.mv_rows as u64;
+        let r = self.knobs.mv_shape(entry == "mv").1 as u64;
         let mut groups: Vec<Vec<usize>> = Vec::new();
         for (i, sl) in slots.iter().enumerate() {
             match groups.last_mut() {
@@ -796,25 +820,32 @@ impl WgpuBackend {
     }
 
     /// Measures the device's streaming bandwidth with compute kernels over two buffers of up to
-    /// 512 MiB: a vec4 copy (bytes read + written per second) and a vec4 read, each workgroup on a
-    /// block of consecutive vec4s as the GEMV reads weights. (On an H200 through Vulkan a timing of
-    /// `copy_buffer_to_buffer` read ~0.4 TB/s, a scalar grid-stride `x += y` ~1.1 TB/s and a
-    /// grid-stride vec4 copy ~1.6 TB/s, all below the 3.2 TB/s the GEMV itself streams.)
+    /// 512 MiB: a vec4 copy (bytes read + written per second) and a vec4 read, each workgroup on
+    /// blocks of consecutive vec4s as the GEMV reads weights, `XLSTM_WGPU_PROBE_ITERS` blocks per
+    /// workgroup (default 8). (On an H200 through Vulkan a timing of `copy_buffer_to_buffer` read
+    /// ~0.4 TB/s, a scalar grid-stride `x += y` ~1.1 TB/s, a grid-stride vec4 copy ~1.6 TB/s and
+    /// one block per workgroup 1.55 / 1.8 TB/s copy / read, below the 3.2 TB/s the GEMV streams.)
     fn measure_bandwidth(&self) -> Result<xlstm_core::bench::Bandwidth> {
+        let iters = std::env::var("XLSTM_WGPU_PROBE_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+        self.stream_bandwidth(iters)
+    }
+
+    /// The streaming probe of [`Self::measure_bandwidth`] with `iters` blocks per workgroup.
+    pub fn stream_bandwidth(&self, iters: u32) -> Result<xlstm_core::bench::Bandwidth> {
+        let iters = iters.max(1);
         let len = ((512usize << 20) / 4).min(self.max_binding() as usize / 4) / 4 * 4;
         let src = self.zeros(len)?;
         let dst = self.zeros(len)?;
         let vec4s = (len / 4) as u32;
-        // 8 consecutive blocks of WG vec4s per workgroup
-        let groups = split((vec4s as u64).div_ceil(self.knobs.elem_wg as u64 * 8));
+        let groups = split((vec4s as u64).div_ceil(self.knobs.elem_wg as u64 * 8 * iters as u64));
         let time = |entry: &'static str| -> Result<f64> {
-            self.dispatch(entry, WDType::F32, &[&src.raw, &dst.raw], &[vec4s], groups)?;
+            self.dispatch(entry, WDType::F32, &[&src.raw, &dst.raw], &[vec4s, iters], groups)?;
             self.sync()?;
             let mut best = f64::MAX;
             for _ in 0..3 {
                 let t = std::time::Instant::now();
                 for _ in 0..8 {
-                    self.dispatch(entry, WDType::F32, &[&src.raw, &dst.raw], &[vec4s], groups)?;
+                    self.dispatch(entry, WDType::F32, &[&src.raw, &dst.raw], &[vec4s, iters], groups)?;
                 }
                 self.sync()?;
                 best = best.min(t.elapsed().as_secs_f64() / 8.0);
@@ -903,6 +934,7 @@ impl Backend for WgpuBackend {
         let staging = rec.staging.as_ref().expect("made above").0.clone();
         rec.encoder.as_mut().expect("made above").copy_buffer_to_buffer(&buf.raw.buf, 0, &staging, 0, bytes);
         self.flush(rec);
+        rec.idle = true;
         // The lock stays held until the staging buffer is unmapped: no other thread may submit
         // while it is mapped.
         let (tx, rx) = std::sync::mpsc::channel();
@@ -1149,6 +1181,9 @@ impl Backend for WgpuBackend {
             return Err(Error::Input("chunk size must be positive".into()));
         }
         let batch = if kernel.is_some() { 1 } else { rows };
+        if kernel.is_none() && self.fused_cell {
+            return self.mlstm_decode_gated(dims, rows, q, k, v, o, i, f, ibias, fbias, cap, state, eps, norm, norm_eps, h, hn);
+        }
         self.mlstm_steps(dims, batch, rows, q, k, v, i, f, Some((ibias, fbias, cap)), state, eps, h)?;
         let width = dims.heads * dims.dv;
         self.group_norm_gated(h, rows, width, dims.dv, norm, None, Some(o), norm_eps, hn)
@@ -1195,6 +1230,53 @@ impl Backend for WgpuBackend {
     fn device_bandwidth(&self) -> Result<Option<xlstm_core::bench::Bandwidth>> {
         self.measure_bandwidth().map(Some)
     }
+
+    fn head_top_k(&self, x: &WgpuBuf, rows: usize, w: &WgpuMat, n: usize, cap: f32, k: usize, scratch: &mut WgpuBuf) -> Result<Vec<Vec<(u32, f32)>>> {
+        if k == 0 || k > TOP_K_MAX || n != w.rows || n == 0 {
+            self.matmul(x, rows, w, scratch)?;
+            self.bias_soft_cap(scratch, rows, n, None, cap)?;
+            let host = self.download(scratch, rows * n)?;
+            return Ok(host.chunks(n).map(|r| xlstm_core::backend::top_k_of(r, k)).collect());
+        }
+        // The product into `scratch`, then each block of logits gives its k best (soft cap applied
+        // there); only those candidates come back to the host, which merges them.
+        self.matmul(x, rows, w, scratch)?;
+        let per = self.knobs.elem_wg as usize * 4;
+        let blocks = n.div_ceil(per);
+        let cand = self.scratch("top_k", rows * blocks * k * 2)?;
+        let params = [rows as u32, n as u32, k as u32, cap.to_bits(), blocks as u32];
+        self.dispatch("top_k", WDType::F32, &[&scratch.raw, &cand], &params, (blocks as u32, rows as u32, 1))?;
+        let host = self.download(&WgpuBuf { raw: cand, len: rows * blocks * k * 2 }, rows * blocks * k * 2)?;
+        let words: Vec<u32> = host.iter().map(|v| v.to_bits()).collect();
+        let mut out = Vec::with_capacity(rows);
+        for row in words.chunks(blocks * k * 2) {
+            let mut all: Vec<(u32, f32)> = Vec::with_capacity(blocks * k);
+            for block in row.chunks(k * 2) {
+                for pair in block.chunks(2) {
+                    if pair[0] == u32::MAX {
+                        break;
+                    }
+                    all.push((pair[0], f32::from_bits(from_order_key(pair[1]))));
+                }
+            }
+            all.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            all.truncate(k);
+            out.push(all);
+        }
+        Ok(out)
+    }
+}
+
+/// Largest k the device selection takes (more: the logits come back and the host selects).
+const TOP_K_MAX: usize = 64;
+
+/// The inverse of topk.wgsl's `order_key`: a key back to the f32 bits it was made from.
+fn from_order_key(key: u32) -> u32 {
+    if key & 0x8000_0000 != 0 {
+        key & 0x7fff_ffff
+    } else {
+        !key
+    }
 }
 
 impl WgpuBackend {
@@ -1216,6 +1298,39 @@ impl WgpuBackend {
         let b = bias.map_or(&self.dummy.raw, |b| &b.raw);
         let g = gate.map_or(&self.dummy.raw, |g| &g.raw);
         self.dispatch("group_norm", WDType::F32, &[&x.raw, &weight.raw, b, g, &out.raw], &params, split((rows * (width / group)) as u64))
+    }
+
+    /// The gated decode mLSTM step (one token per sequence) in two dispatches: gates + cell + h
+    /// (`mlstm_cell_fused`), then the state commit + σ(o)·head norm (`mlstm_norm`).
+    #[allow(clippy::too_many_arguments)]
+    fn mlstm_decode_gated(&self, d: MlstmDims, batch: usize, q: &WgpuBuf, k: &WgpuBuf, v: &WgpuBuf, o: &WgpuBuf, i: &WgpuBuf, f: &WgpuBuf, ibias: &WgpuBuf, fbias: &WgpuBuf, cap: f32, s: &mut MlstmState<WgpuBuf>, eps: f32, norm: &WgpuBuf, norm_eps: f32, h: &mut WgpuBuf, hn: &mut WgpuBuf) -> Result<()> {
+        let op = "mlstm";
+        let nh = d.heads;
+        let width = nh * d.dv;
+        check(op, "q", q.len, batch * nh * d.dk)?;
+        check(op, "k", k.len, batch * nh * d.dk)?;
+        check(op, "v", v.len, batch * width)?;
+        check(op, "o", o.len, batch * width)?;
+        check(op, "i", i.len, batch * nh)?;
+        check(op, "f", f.len, batch * nh)?;
+        check(op, "ibias", ibias.len, nh)?;
+        check(op, "fbias", fbias.len, nh)?;
+        check(op, "h", h.len, batch * width)?;
+        check(op, "hn", hn.len, batch * width)?;
+        check(op, "norm", norm.len, width)?;
+        check(op, "C", s.c.len, batch * nh * d.dk * d.dv)?;
+        check(op, "n", s.n.len, batch * nh * d.dk)?;
+        check(op, "m", s.m.len, batch * nh)?;
+        let units = batch * nh;
+        if units == 0 || d.dv == 0 {
+            return Ok(());
+        }
+        let scal = self.scratch("mlstm_scal", units * 4)?;
+        let params = [nh as u32, d.dk as u32, d.dv as u32, units as u32, eps.to_bits(), 0, 1, cap.to_bits()];
+        let groups = ((d.dv as u32).div_ceil(self.knobs.cell_cols), units as u32, 1);
+        self.dispatch("mlstm_cell_fused", WDType::F32, &[&q.raw, &k.raw, &i.raw, &f.raw, &ibias.raw, &fbias.raw, &s.n.raw, &s.m.raw, &scal, &v.raw, &s.c.raw, &h.raw], &params, groups)?;
+        let params = [nh as u32, d.dk as u32, d.dv as u32, units as u32, norm_eps.to_bits()];
+        self.dispatch("mlstm_norm", WDType::F32, &[&k.raw, &s.n.raw, &s.m.raw, &scal, &h.raw, &norm.raw, &o.raw, &hn.raw], &params, split(units as u64))
     }
 
     #[allow(clippy::too_many_arguments)]

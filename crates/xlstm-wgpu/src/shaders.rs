@@ -19,6 +19,7 @@ pub const FILES: &[(&str, &str, bool)] = &[
     ("slstm", include_str!("../shaders/slstm.wgsl"), false),
     ("mv", include_str!("../shaders/mv.wgsl"), false),
     ("stream", include_str!("../shaders/stream.wgsl"), false),
+    ("topk", include_str!("../shaders/topk.wgsl"), false),
 ];
 
 /// Weight storage of a matrix kernel variant.
@@ -62,6 +63,9 @@ pub struct Knobs {
     pub mv_wg: u32,
     pub mv_rows: u32,
     pub mv_unroll: u32,
+    /// The same for the plain batch-1 GEMV (no norm fused in: out_proj, down, the LM head), which
+    /// may prefer another shape than the fused projections.
+    pub mv_plain: (u32, u32, u32),
     /// Bytes of the device buffers that weight matrices are placed in, one after another (the
     /// batch-1 GEMV reads several matrices of one pool in one dispatch).
     pub pool_bytes: u64,
@@ -81,24 +85,28 @@ impl Knobs {
         if cpu {
             Knobs {
                 gemv_wg: 32, gemv_rows: 4, gemm_bm: 32, gemm_bn: 32, gemm_bk: 16, gemm_tm: 4, gemm_tn: 4, reduce_wg: 64, elem_wg: 64, cell_cols: 32, cell_split: 2,
-                mv_wg: 32, mv_rows: 2, mv_unroll: 2, pool_bytes: 32 << 20, fuse: true, checked: false,
+                mv_wg: 32, mv_rows: 2, mv_unroll: 2, mv_plain: (32, 2, 2), pool_bytes: 32 << 20, fuse: true, checked: false,
             }
         } else {
             Knobs {
                 gemv_wg: 128, gemv_rows: 4, gemm_bm: 64, gemm_bn: 64, gemm_bk: 16, gemm_tm: 4, gemm_tn: 4, reduce_wg: 256, elem_wg: 256, cell_cols: 16, cell_split: 16,
-                mv_wg: 128, mv_rows: 4, mv_unroll: 2, pool_bytes: 512 << 20, fuse: true, checked: false,
+                mv_wg: 128, mv_rows: 4, mv_unroll: 2, mv_plain: (128, 4, 2), pool_bytes: 512 << 20, fuse: true, checked: false,
             }
         }
     }
 
-    /// `XLSTM_WGPU_GEMV=WGxROWS`, `XLSTM_WGPU_GEMM=BMxBNxBKxTMxTN`, `XLSTM_WGPU_MV=WGxROWSxUNROLL`,
+    /// `XLSTM_WGPU_GEMV=WGxROWS`, `XLSTM_WGPU_GEMM=BMxBNxBKxTMxTN`, `XLSTM_WGPU_MV=WGxROWSxUNROLL`
+    /// (the fused batch-1 GEMVs; also the plain one unless `XLSTM_WGPU_MV_PLAIN=WGxROWSxUNROLL` is set),
     /// `XLSTM_WGPU_CELL=COLSxSPLIT`, `XLSTM_WGPU_POOL_MB`, `XLSTM_WGPU_FUSE=0` and `XLSTM_WGPU_CHECKED=1` override the defaults.
     pub fn with_env(mut self) -> Self {
         let nums = |v: String| v.split('x').map(|s| s.trim().parse::<u32>().ok()).collect::<Option<Vec<u32>>>();
-        if let Some(v) = std::env::var("XLSTM_WGPU_MV").ok().and_then(nums) {
-            if v.len() == 3 && v[0].is_power_of_two() && (1..=16).contains(&v[1]) && (1..=8).contains(&v[2]) {
-                (self.mv_wg, self.mv_rows, self.mv_unroll) = (v[0], v[1], v[2]);
-            }
+        let mv_ok = |v: &Vec<u32>| v.len() == 3 && v[0].is_power_of_two() && (1..=16).contains(&v[1]) && (1..=8).contains(&v[2]);
+        if let Some(v) = std::env::var("XLSTM_WGPU_MV").ok().and_then(nums).filter(mv_ok) {
+            (self.mv_wg, self.mv_rows, self.mv_unroll) = (v[0], v[1], v[2]);
+            self.mv_plain = (v[0], v[1], v[2]);
+        }
+        if let Some(v) = std::env::var("XLSTM_WGPU_MV_PLAIN").ok().and_then(nums).filter(mv_ok) {
+            self.mv_plain = (v[0], v[1], v[2]);
         }
         if let Some(v) = std::env::var("XLSTM_WGPU_CELL").ok().and_then(nums) {
             if v.len() == 2 && v[0] > 0 && v[1] > 0 && v[0] * v[1] <= 1024 {
@@ -127,18 +135,28 @@ impl Knobs {
         self
     }
 
-    fn subst(&self, file: &str) -> BTreeMap<&'static str, String> {
+    /// The batch-1 GEMV shape (WG, rows, unroll) of a flavour (`plain`: no norm fused in).
+    pub fn mv_shape(&self, plain: bool) -> (u32, u32, u32) {
+        if plain {
+            self.mv_plain
+        } else {
+            (self.mv_wg, self.mv_rows, self.mv_unroll)
+        }
+    }
+
+    fn subst(&self, file: &str, plain: bool) -> BTreeMap<&'static str, String> {
         let mut m = BTreeMap::new();
+        let (mv_wg, mv_rows, mv_unroll) = self.mv_shape(plain);
         let wg = match file {
             "gemv" => self.gemv_wg,
-            "mv" => self.mv_wg,
+            "mv" => mv_wg,
             "norm" | "mlstm" => self.reduce_wg,
             "slstm" => 64,
             _ => self.elem_wg,
         };
         m.insert("WG", wg.to_string());
-        m.insert("R", if file == "mv" { self.mv_rows } else { self.gemv_rows }.to_string());
-        m.insert("U", self.mv_unroll.to_string());
+        m.insert("R", if file == "mv" { mv_rows } else { self.gemv_rows }.to_string());
+        m.insert("U", mv_unroll.to_string());
         m.insert("B", GEMV_MAX_ROWS.to_string());
         m.insert("BM", self.gemm_bm.to_string());
         m.insert("BN", self.gemm_bn.to_string());
@@ -177,7 +195,7 @@ pub fn source(v: &Variant, knobs: &Knobs) -> String {
     if v.subgroup {
         defs.push("SUBGROUP");
     }
-    let mut subst = knobs.subst(v.file);
+    let mut subst = knobs.subst(v.file, v.extra.is_empty());
     let (params, args, fnp) = if v.subgroup {
         (", @builtin(subgroup_size) sgs: u32, @builtin(subgroup_invocation_id) sgl: u32", ", sgs, sgl", ", sgs: u32, sgl: u32")
     } else {

@@ -399,6 +399,48 @@ fn head_top_k_matches_cpu() {
     }
 }
 
+/// The device selection (`topk.wgsl`) against `top_k_of` over the same device's logits (soft-capped
+/// by `bias_soft_cap`): the same ids and values over several blocks, with exact ties (repeated
+/// weight rows: lower id first), for k from 1 to the device limit and past it (the host path), with
+/// and without a cap, for one and several rows.
+#[test]
+fn head_top_k_device_selection_matches_top_k_of() {
+    let g = gpu!();
+    top_k_check(g);
+    // the workgroup-memory reduction (adapters without subgroup operations)
+    top_k_check(&WgpuBackend::with_subgroups(xlstm_wgpu::Api::Any, false).unwrap());
+}
+
+fn top_k_check(g: &WgpuBackend) {
+    let (v, d) = (9001, 24);
+    let mut wv = rnd(v * d, 90, 1.0);
+    // rows 5000..5100 repeat rows 0..100, so equal logits appear far apart (in other blocks)
+    for r in 0..100 {
+        let (src, dst) = (r * d, (5000 + r) * d);
+        let row: Vec<f32> = wv[src..src + d].to_vec();
+        wv[dst..dst + d].copy_from_slice(&row);
+    }
+    let m = g.matrix(HostTensor::f32(vec![v, d], wv), DType::BF16).unwrap();
+    for rows in [1, 3] {
+        let xb = g.upload(&rnd(rows * d, 91 + rows as u64, 2.0)).unwrap();
+        for cap in [0.0f32, 3.0] {
+            let mut s = g.zeros(rows * v).unwrap();
+            g.matmul(&xb, rows, &m, &mut s).unwrap();
+            g.bias_soft_cap(&mut s, rows, v, None, cap).unwrap();
+            let logits = g.download(&s, rows * v).unwrap();
+            for k in [1, 2, 7, 64, 65] {
+                let mut s2 = g.zeros(rows * v).unwrap();
+                let got = g.head_top_k(&xb, rows, &m, v, cap, k, &mut s2).unwrap();
+                assert_eq!(got.len(), rows);
+                for (r, got) in got.iter().enumerate() {
+                    let want = xlstm_core::backend::top_k_of(&logits[r * v..(r + 1) * v], k);
+                    assert_eq!(got, &want, "rows {rows} cap {cap} k {k}: row {r}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn errors_are_clear() {
     let g: &WgpuBackend = gpu!();
@@ -434,7 +476,7 @@ fn fallback_without_subgroups() {
         close(&format!("fallback norm #{i}"), a, &b, REDUCE);
     }
     let d = MlstmDims { heads: 2, dk: 16, dv: 24 };
-    for (rows, batch, kernel, gated) in [(2, 2, None, false), (7, 1, Some(MlstmKernel::Sequence), true)] {
+    for (rows, batch, kernel, gated) in [(2, 2, None, false), (7, 1, Some(MlstmKernel::Sequence), true), (2, 2, None, true)] {
         let a = mlstm_on(&g, d, rows, batch, kernel, gated, 86);
         let b = mlstm_on(&cpu, d, rows, batch, kernel, gated, 86);
         close(&format!("fallback mlstm rows {rows}: h"), &a.h, &b.h, CELL);
