@@ -11,7 +11,7 @@
 //! compute pass, reopened after copies) and its 16 parameter words to a host-side arena that is
 //! written to the GPU right before the submission. Work is submitted where the host needs a result
 //! (`download`), where the parameter arena is full, and every `XLSTM_WGPU_SUBMIT_EVERY` dispatches
-//! (GPU default 16, so the GPU starts on a step while the rest is encoded; CPU adapters: 0, a decode
+//! (GPU default 32, the first after 2 when the device is idle, so the GPU starts on a step while the rest is encoded; CPU adapters: 0, a decode
 //! step — embedding to logits — is then one command buffer and one submission). Bind groups are cached by (pipeline, buffers), so a decode
 //! step that reuses its preallocated activations creates none after the first.
 //!
@@ -367,13 +367,14 @@ impl WgpuBackend {
         }
         // Submit every N dispatches (0: only where the host needs a result): lets the GPU start on a
         // long recording while the host still records (XLSTM_WGPU_SUBMIT_EVERY).
-        // Default on GPUs: every 16 dispatches (the GPU starts on a decode step's first layers while
-        // wgpu encodes the rest: 7.79 → 7.35 ms per 7B token on an H200); CPU adapters: 0.
+        // Default on GPUs: every 32 dispatches (the GPU starts on a decode step's first layers while
+        // wgpu encodes the rest: 7.79 → 7.35 ms per 7B token on an H200 with 16; 32 and 64 measured
+        // 0.05–0.15 ms better than 16, within run-to-run noise); CPU adapters: 0.
         let cpu = info.device_type == wgpu::DeviceType::Cpu;
-        let submit_every = std::env::var("XLSTM_WGPU_SUBMIT_EVERY").ok().and_then(|v| v.parse().ok()).unwrap_or(if cpu { 0 } else { 16 });
+        let submit_every = std::env::var("XLSTM_WGPU_SUBMIT_EVERY").ok().and_then(|v| v.parse().ok()).unwrap_or(if cpu { 0 } else { 32 });
         // After the host waited (a decode step's logits), the device is idle: the first submission
-        // goes after a few dispatches (XLSTM_WGPU_SUBMIT_FIRST, default 4), the rest every N.
-        let submit_first = std::env::var("XLSTM_WGPU_SUBMIT_FIRST").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(4).clamp(1, submit_every.max(1));
+        // goes after a few dispatches (XLSTM_WGPU_SUBMIT_FIRST, default 2), the rest every N.
+        let submit_first = std::env::var("XLSTM_WGPU_SUBMIT_FIRST").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(2).clamp(1, submit_every.max(1));
         let align = limits.min_uniform_buffer_offset_alignment.max(PARAM_WORDS as u32 * 4) as usize;
         let arena = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("params"),
@@ -822,11 +823,11 @@ impl WgpuBackend {
     /// Measures the device's streaming bandwidth with compute kernels over two buffers of up to
     /// 512 MiB: a vec4 copy (bytes read + written per second) and a vec4 read, each workgroup on
     /// blocks of consecutive vec4s as the GEMV reads weights, `XLSTM_WGPU_PROBE_ITERS` blocks per
-    /// workgroup (default 8). (On an H200 through Vulkan a timing of `copy_buffer_to_buffer` read
-    /// ~0.4 TB/s, a scalar grid-stride `x += y` ~1.1 TB/s, a grid-stride vec4 copy ~1.6 TB/s and
-    /// one block per workgroup 1.55 / 1.8 TB/s copy / read, below the 3.2 TB/s the GEMV streams.)
+    /// workgroup (default 4), after a warm-up. (On an H200 through Vulkan a timing of
+    /// `copy_buffer_to_buffer` read ~0.4 TB/s; these kernels 3.5–3.7 TB/s copy, 3.8–4.0 TB/s read
+    /// with 1–32 blocks per workgroup once the clocks are up.)
     fn measure_bandwidth(&self) -> Result<xlstm_core::bench::Bandwidth> {
-        let iters = std::env::var("XLSTM_WGPU_PROBE_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+        let iters = std::env::var("XLSTM_WGPU_PROBE_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
         self.stream_bandwidth(iters)
     }
 
@@ -839,10 +840,17 @@ impl WgpuBackend {
         let vec4s = (len / 4) as u32;
         let groups = split((vec4s as u64).div_ceil(self.knobs.elem_wg as u64 * 8 * iters as u64));
         let time = |entry: &'static str| -> Result<f64> {
-            self.dispatch(entry, WDType::F32, &[&src.raw, &dst.raw], &[vec4s, iters], groups)?;
-            self.sync()?;
+            // Warm-up of at least 0.3 s: the GPU's clocks ramp up under load (on an H200 a probe
+            // timed right away read 1.5 / 1.7 TB/s copy / read, and 3.5 / 3.9 after other work).
+            let t = std::time::Instant::now();
+            while t.elapsed().as_secs_f64() < 0.3 {
+                for _ in 0..8 {
+                    self.dispatch(entry, WDType::F32, &[&src.raw, &dst.raw], &[vec4s, iters], groups)?;
+                }
+                self.sync()?;
+            }
             let mut best = f64::MAX;
-            for _ in 0..3 {
+            for _ in 0..5 {
                 let t = std::time::Instant::now();
                 for _ in 0..8 {
                     self.dispatch(entry, WDType::F32, &[&src.raw, &dst.raw], &[vec4s, iters], groups)?;
@@ -1267,8 +1275,10 @@ impl Backend for WgpuBackend {
     }
 }
 
-/// Largest k the device selection takes (more: the logits come back and the host selects).
-const TOP_K_MAX: usize = 64;
+/// Largest k the device selection takes (more: the logits come back and the host selects). On an
+/// H200 each round of the selection costs ~3 µs: xLSTM-7B's head with k = 1 took 184 µs against
+/// 220 µs for reading all logits back, k = 50 336 µs; past k ≈ 12 the read-back is faster.
+const TOP_K_MAX: usize = 8;
 
 /// The inverse of topk.wgsl's `order_key`: a key back to the f32 bits it was made from.
 fn from_order_key(key: u32) -> u32 {

@@ -428,7 +428,7 @@ fn top_k_check(g: &WgpuBackend) {
             g.matmul(&xb, rows, &m, &mut s).unwrap();
             g.bias_soft_cap(&mut s, rows, v, None, cap).unwrap();
             let logits = g.download(&s, rows * v).unwrap();
-            for k in [1, 2, 7, 64, 65] {
+            for k in [1, 2, 8, 9, 40] {
                 let mut s2 = g.zeros(rows * v).unwrap();
                 let got = g.head_top_k(&xb, rows, &m, v, cap, k, &mut s2).unwrap();
                 assert_eq!(got.len(), rows);
