@@ -90,16 +90,24 @@ pub fn prefill<B: Backend>(model: &mut Model<B>, len: usize, kernel: MlstmKernel
     Ok(PrefillResult { tokens: len, ms: best * 1e3, tok_s: len as f64 / best, gflop_per_token: gflop, achieved_gflop_s: gflop * len as f64 / best })
 }
 
-/// Times `steps` decode steps of a batch (after `warmup` untimed steps).
-pub fn decode<B: Backend>(model: &mut Model<B>, batch: usize, steps: usize, warmup: usize) -> Result<DecodeResult> {
+/// Times `steps` decode steps of a batch (after `warmup` untimed steps). `top_k`: each step ends in
+/// the fused LM head's selection of that many candidates per sequence (what greedy or top-k
+/// generation runs); None: each step returns the full logits.
+pub fn decode<B: Backend>(model: &mut Model<B>, batch: usize, steps: usize, warmup: usize, top_k: Option<usize>) -> Result<DecodeResult> {
     let mut st = model.new_state(batch)?;
     let ids = tokens(batch, model.vocab_size(), 3);
+    let step = |model: &mut Model<B>, st: &mut crate::state::State<B>| -> Result<()> {
+        match top_k {
+            Some(k) => model.step_top_k(&ids, st, k).map(drop),
+            None => model.step(&ids, st).map(drop),
+        }
+    };
     for _ in 0..warmup {
-        model.step(&ids, &mut st)?;
+        step(model, &mut st)?;
     }
     let t = Instant::now();
     for _ in 0..steps.max(1) {
-        model.step(&ids, &mut st)?;
+        step(model, &mut st)?;
     }
     let per = t.elapsed().as_secs_f64() / steps.max(1) as f64;
     let bytes = model.weight_bytes_per_token();

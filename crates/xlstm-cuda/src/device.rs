@@ -91,6 +91,7 @@ pub(crate) struct Funcs {
     pub conv_seq_state: CUfunction,
     pub conv_step: CUfunction,
     pub slstm_run: CUfunction,
+    pub topk_rows: CUfunction,
 }
 
 /// A grow-only device allocation owned by the device (scratch the ops need internally).
@@ -198,6 +199,7 @@ impl Dev {
         )?;
         let c = get("conv", &["headwise", "conv_seq_out", "conv_seq_state", "conv_step"])?;
         let s = get("slstm", &["slstm_run"])?;
+        let tk = get("topk", &["topk_rows"])?;
         let f = Funcs {
             embed: e[0],
             bias_soft_cap: e[1],
@@ -224,6 +226,7 @@ impl Dev {
             conv_seq_state: c[2],
             conv_step: c[3],
             slstm_run: s[0],
+            topk_rows: tk[0],
         };
         for &gf in &f.gemv {
             // SAFETY: valid function handle; raises the dynamic shared-memory limit.

@@ -18,6 +18,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("mlstm_chunk", include_str!("../kernels/mlstm_chunk.cu")),
     ("conv", include_str!("../kernels/conv.cu")),
     ("slstm", include_str!("../kernels/slstm.cu")),
+    ("topk", include_str!("../kernels/topk.cu")),
 ];
 
 /// The compilable text of one family: the common header, then the file (line numbers restart so

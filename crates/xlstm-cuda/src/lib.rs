@@ -123,7 +123,12 @@ fn dt_code(d: DType) -> usize {
 pub struct CudaBackend {
     dev: Arc<Dev>,
     slab: Arc<std::sync::Mutex<Slab>>,
+    /// The fused LM head's selections (ids, then values), reused across steps.
+    topk_out: Arc<std::sync::Mutex<Option<CudaBuf>>>,
 }
+
+/// Largest k the device selection takes (more: the logits come back and the host selects).
+const TOP_K_MAX: usize = 256;
 
 // Op codes for capture signatures.
 mod opc {
@@ -148,13 +153,14 @@ mod opc {
     pub const MM_ADD: u64 = 19;
     pub const GATED_UP: u64 = 20;
     pub const MCELL: u64 = 21;
+    pub const TOPK: u64 = 22;
 
     /// The op's name, for `CudaBackend::op_times`.
     pub fn name(code: u64) -> &'static str {
-        const NAMES: [&str; 22] = [
+        const NAMES: [&str; 23] = [
             "?", "copy", "embed", "matmul", "rms_norm", "group_norm", "bias_soft_cap", "add", "gated_act", "sigmoid_gate", "scaled_add",
             "copy_cols", "headwise", "conv1d_prefill", "conv1d_step", "mlstm_step", "mlstm_prefill", "slstm", "norm_matmuls", "matmul_add",
-            "norm_gated_up", "mlstm_gated_cell",
+            "norm_gated_up", "mlstm_gated_cell", "head_top_k",
         ];
         NAMES.get(code as usize).copied().unwrap_or("?")
     }
@@ -227,7 +233,7 @@ impl CudaBackend {
     /// GPU: every missing piece is an `Error::Device` that names it.
     pub fn new(ordinal: usize) -> Result<Self> {
         match std::panic::catch_unwind(|| Dev::new(ordinal)) {
-            Ok(r) => Ok(CudaBackend { dev: Arc::new(r?), slab: Arc::default() }),
+            Ok(r) => Ok(CudaBackend { dev: Arc::new(r?), slab: Arc::default(), topk_out: Arc::default() }),
             Err(p) => {
                 let msg = p
                     .downcast_ref::<String>()
@@ -662,6 +668,31 @@ impl Backend for CudaBackend {
 
     fn matrix_bytes(&self, w: &CudaMat) -> usize {
         w.rows * w.cols * w.dtype.size()
+    }
+
+    fn head_top_k(&self, x: &CudaBuf, rows: usize, w: &CudaMat, n: usize, cap: f32, k: usize, scratch: &mut CudaBuf) -> Result<Vec<Vec<(u32, f32)>>> {
+        let k = k.min(n);
+        if k == 0 || k > TOP_K_MAX || n != w.rows {
+            return xlstm_core::backend::head_top_k_on_host(self, x, rows, w, n, cap, k, scratch);
+        }
+        // Logits on the device, then k rounds of a block-wide maximum per row (kernels/topk.cu):
+        // only rows·k (id, value) pairs come back, not rows·n logits.
+        self.matmul(x, rows, w, scratch)?;
+        self.bias_soft_cap(scratch, rows, n, None, cap)?;
+        let mut picked = self.topk_out.lock().expect("top-k buffer lock");
+        if picked.as_ref().is_none_or(|b| b.len < 2 * rows * k) {
+            *picked = Some(self.buf(2 * rows * k)?);
+        }
+        let out = picked.as_ref().expect("allocated above");
+        let (sp, op) = (scratch.ptr, out.ptr);
+        self.op(&[opc::TOPK, sp, rows as u64, n as u64, k as u64, op], |dev| {
+            let mut a = KArgs::new();
+            a.p(sp).i(n).i(k).p(op).p(op + (4 * rows * k) as u64);
+            dev.launch(dev.f.topk_rows, (rows as u32, 1, 1), 1024, 0, &mut a)
+        })?;
+        let host = self.download(out, 2 * rows * k)?;
+        let (ids, vals) = host.split_at(rows * k);
+        Ok((0..rows).map(|r| (0..k).map(|j| (ids[r * k + j].to_bits(), vals[r * k + j])).collect()).collect())
     }
 
     fn prefill_segment(&self) -> usize {

@@ -473,3 +473,41 @@ fn bad_shapes_are_errors() {
     assert!(g.rms_norm(&x, 2, 8, &x, 1e-6, &mut o).is_err());
     assert!(g.group_norm(&x, 1, 10, 3, &x, None, 1e-6, &mut o).is_err());
 }
+
+/// The fused LM head's device selection returns exactly what the host selection (`top_k_of`) picks
+/// from the same device logits: ids in order, ties to the lower id, values bit for bit; k past the
+/// device limit falls back to the host.
+#[test]
+fn head_top_k_matches_host_selection() {
+    let Some((g, _l)) = gpu("head_top_k") else { return };
+    let mut rng = Rng::fresh("head_top_k");
+    let (n, width) = (5003usize, 96usize);
+    let mut w = rng.vec(n * width, 1.0 / (width as f32).sqrt());
+    // rows 7 and 4000 equal to row 11, all three large: tied logits near the top (about half the
+    // time at the very top, by the sign of x · w_11)
+    for v in &mut w[11 * width..12 * width] {
+        *v *= 4.0;
+    }
+    for dup in [7usize, 4000] {
+        let src: Vec<f32> = w[11 * width..12 * width].to_vec();
+        w[dup * width..(dup + 1) * width].copy_from_slice(&src);
+    }
+    for dt in [DType::F32, DType::BF16] {
+        let gw = g.matrix(HostTensor::f32(vec![n, width], w.clone()), dt).unwrap();
+        for rows in [1usize, 3, 9] {
+            let gx = up(&g, &rng.vec(rows * width, 1.0));
+            for cap in [0.0f32, 3.0] {
+                let mut logits = g.zeros(rows * n).unwrap();
+                g.matmul(&gx, rows, &gw, &mut logits).unwrap();
+                g.bias_soft_cap(&mut logits, rows, n, None, cap).unwrap();
+                let host = down(&g, &logits);
+                for k in [1usize, 5, 64, 300] {
+                    let mut scratch = g.zeros(rows * n).unwrap();
+                    let got = g.head_top_k(&gx, rows, &gw, n, cap, k, &mut scratch).unwrap();
+                    let want: Vec<Vec<(u32, f32)>> = host.chunks(n).map(|r| xlstm_core::backend::top_k_of(r, k)).collect();
+                    assert_eq!(got, want, "{dt} rows {rows} cap {cap} k {k}");
+                }
+            }
+        }
+    }
+}

@@ -86,9 +86,11 @@ fn bench_on<B: Backend>(backend: B, a: Args) -> Result<()> {
     let warmup = settings.warmup().max(1);
     let kernel = MlstmKernel::Chunkwise { chunk: model.chunk_size };
     let prefill = bench::prefill(&mut model, a.prompt_len, kernel, 1)?;
-    let decode = bench::decode(&mut model, a.batch, a.gen_len, warmup)?;
+    // Decode as greedy generation runs it: the fused head's top-1 unless --fast-head 0.
+    let head = settings.fast_head().then_some(1);
+    let decode = bench::decode(&mut model, a.batch, a.gen_len, warmup, head)?;
     let floor_ms = decode.weight_bytes_per_step as f64 / (bw.copy_gb_s * 1e9) * 1e3;
-    let decode_1 = if a.batch == 1 { decode.clone() } else { bench::decode(&mut model, 1, a.gen_len, warmup)? };
+    let decode_1 = if a.batch == 1 { decode.clone() } else { bench::decode(&mut model, 1, a.gen_len, warmup, head)? };
     // Device memory in use after the runs (weights, states, cached activation buffers, the
     // runtime's own), where the backend has memory of its own.
     let device_memory = model.backend.memory_probe().and_then(|p| p()).map(|(used, total)| json!({ "used_mb": used as f64 / 1e6, "total_mb": total as f64 / 1e6 }));
@@ -105,6 +107,7 @@ fn bench_on<B: Backend>(backend: B, a: Args) -> Result<()> {
         "bandwidth": bw,
         "prefill": prefill,
         "decode": decode,
+        "decode_head": if head.is_some() { "fused top-1" } else { "full logits" },
         "decode_floor_ms_per_step": floor_ms,
         "decode_ratio_to_floor": floor_ms / decode.ms_per_step,
         "prefill_vs_decode_per_token": prefill.tok_s / decode_1.tok_s,

@@ -156,10 +156,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// The default composes matmul + soft-cap + a host-side selection, using `scratch` [rows, n].
     #[allow(clippy::too_many_arguments)]
     fn head_top_k(&self, x: &Self::Buf, rows: usize, w: &Self::Mat, n: usize, cap: f32, k: usize, scratch: &mut Self::Buf) -> Result<Vec<Vec<(u32, f32)>>> {
-        self.matmul(x, rows, w, scratch)?;
-        self.bias_soft_cap(scratch, rows, n, None, cap)?;
-        let host = self.download(scratch, rows * n)?;
-        Ok(host.chunks(n).map(|r| top_k_of(r, k)).collect())
+        head_top_k_on_host(self, x, rows, w, n, cap, k, scratch)
     }
     /// RMSNorm over `width`: `x · rsqrt(mean(x²) + eps) · weight`.
     fn rms_norm(&self, x: &Self::Buf, rows: usize, width: usize, weight: &Self::Buf, eps: f32, out: &mut Self::Buf) -> Result<()>;
@@ -302,6 +299,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
 }
 
 /// The `k` largest values of `x` as (index, value), best first (ties: lower index first).
+/// The LM head with the selection on the host: matmul + soft-cap on the backend, the logits
+/// downloaded, `top_k_of` per row (`Backend::head_top_k`'s default, and a device selection's fallback).
+#[allow(clippy::too_many_arguments)]
+pub fn head_top_k_on_host<B: Backend + ?Sized>(b: &B, x: &B::Buf, rows: usize, w: &B::Mat, n: usize, cap: f32, k: usize, scratch: &mut B::Buf) -> Result<Vec<Vec<(u32, f32)>>> {
+    b.matmul(x, rows, w, scratch)?;
+    b.bias_soft_cap(scratch, rows, n, None, cap)?;
+    let host = b.download(scratch, rows * n)?;
+    Ok(host.chunks(n).map(|r| top_k_of(r, k)).collect())
+}
+
 pub fn top_k_of(x: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut idx: Vec<u32> = (0..x.len() as u32).collect();
     let by = |a: &u32, b: &u32| x[*b as usize].total_cmp(&x[*a as usize]).then(a.cmp(b));

@@ -1,0 +1,49 @@
+// topk.cu — the fused LM head's selection: for each row of logits, the k largest in the order of the
+// host's `top_k_of` (values by IEEE total order, ties to the lower index), so that only k (id, value)
+// pairs per row come back to the host instead of the whole vocabulary.
+//
+// topk_rows: grid = rows, block = 1024. Each value becomes a 64-bit key (total-order bits, then the
+// inverted index); k rounds each take the block-wide largest key below the previous round's. Exact
+// for any k ≤ V; a round costs one pass over the row (V/1024 values per thread) and one reduction.
+// Writes ids[row·k + j], vals[row·k + j] (the value's bits as stored).
+
+__device__ __forceinline__ unsigned long long order_key(float v, u32 i) {
+    u32 u = __float_as_uint(v);
+    u32 t = u ^ ((u32)((int)u >> 31) & 0x7fffffffu);  // signed total order
+    return ((unsigned long long)(t ^ 0x80000000u) << 32) | (u32)~i;  // as unsigned; 0 = no key
+}
+
+__device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        u32 lo = __shfl_xor_sync(0xffffffffu, (u32)v, o), hi = __shfl_xor_sync(0xffffffffu, (u32)(v >> 32), o);
+        unsigned long long w = ((unsigned long long)hi << 32) | lo;
+        v = w > v ? w : v;
+    }
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int V, int k, u32* ids, float* vals) {
+    __shared__ unsigned long long red[32];
+    const float* row = x + (long long)blockIdx.x * V;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    unsigned long long bound = ~0ull;
+    for (int j = 0; j < k; ++j) {
+        unsigned long long best = 0;
+        for (int i = threadIdx.x; i < V; i += blockDim.x) {
+            const unsigned long long key = order_key(row[i], (u32)i);
+            if (key < bound && key > best) best = key;
+        }
+        best = warp_max_u64(best);
+        __syncthreads();  // red is free again
+        if (lane == 0) red[w] = best;
+        __syncthreads();
+        best = warp_max_u64(lane < nw ? red[lane] : 0ull);
+        if (threadIdx.x == 0) {
+            const u32 i = ~(u32)best;
+            ids[(long long)blockIdx.x * k + j] = i;
+            vals[(long long)blockIdx.x * k + j] = row[i];
+        }
+        bound = best;
+    }
+}
