@@ -1241,10 +1241,7 @@ impl Backend for WgpuBackend {
 
     fn head_top_k(&self, x: &WgpuBuf, rows: usize, w: &WgpuMat, n: usize, cap: f32, k: usize, scratch: &mut WgpuBuf) -> Result<Vec<Vec<(u32, f32)>>> {
         if k == 0 || k > TOP_K_MAX || n != w.rows || n == 0 {
-            self.matmul(x, rows, w, scratch)?;
-            self.bias_soft_cap(scratch, rows, n, None, cap)?;
-            let host = self.download(scratch, rows * n)?;
-            return Ok(host.chunks(n).map(|r| xlstm_core::backend::top_k_of(r, k)).collect());
+            return xlstm_core::backend::head_top_k_on_host(self, x, rows, w, n, cap, k, scratch);
         }
         // The product into `scratch`, then each block of logits gives its k best (soft cap applied
         // there); only those candidates come back to the host, which merges them.
