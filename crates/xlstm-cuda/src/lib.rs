@@ -21,7 +21,7 @@ use std::sync::Arc;
 use cudarc::cublas::sys as cb;
 use cudarc::driver::result as dres;
 use cudarc::driver::sys::CUdeviceptr;
-use xlstm_core::backend::{
+use xlstm_core::backend::{shapes, 
     Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState,
 };
 use xlstm_core::bench::Bandwidth;
@@ -217,10 +217,7 @@ fn grid1(n: usize) -> (u32, u32, u32) {
 }
 
 fn check(op: &str, what: &str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        return Err(Error::Device(format!("cuda {op}: buffer `{what}` holds {have} values, {need} needed")));
-    }
-    Ok(())
+    shapes::len("cuda", op, what, have, need)
 }
 
 fn act_code(a: Activation) -> usize {
@@ -505,20 +502,7 @@ impl CudaBackend {
     }
 
     fn check_mlstm(op: &str, d: MlstmDims, rows: usize, batch: usize, bufs: [&CudaBuf; 6], s: &MlstmState<CudaBuf>) -> Result<()> {
-        let nh = d.heads;
-        for (name, b, need) in [
-            ("q", bufs[0], rows * nh * d.dk),
-            ("k", bufs[1], rows * nh * d.dk),
-            ("v", bufs[2], rows * nh * d.dv),
-            ("i", bufs[3], rows * nh),
-            ("f", bufs[4], rows * nh),
-            ("h", bufs[5], rows * nh * d.dv),
-            ("C", &s.c, batch * nh * d.dk * d.dv),
-            ("n", &s.n, batch * nh * d.dk),
-            ("m", &s.m, batch * nh),
-        ] {
-            check(op, name, b.len, need)?;
-        }
+        shapes::mlstm("cuda", op, d, rows, batch, bufs.map(|b| b.len), [s.c.len, s.n.len, s.m.len])?;
         if d.dk == 0 || d.dv == 0 || d.dk > 4096 {
             return Err(Error::Device(format!("cuda {op}: head dims {}×{} unsupported (DK ≤ 4096)", d.dk, d.dv)));
         }
@@ -1143,23 +1127,12 @@ impl CudaBackend {
     fn slstm(&self, batch: usize, steps: usize, g: SlstmGates<'_, CudaBuf>, r: &CudaBuf, bias: &CudaBuf, s: &mut SlstmState<CudaBuf>, y: &mut CudaBuf) -> Result<()> {
         let op = if steps == 1 && batch >= 1 { "slstm_step" } else { "slstm_prefill" };
         let (w, nh) = (s.width, s.heads);
-        if nh == 0 || w % nh != 0 {
-            return Err(Error::Device(format!("cuda {op}: width {w} does not split into {nh} heads")));
-        }
-        let dh = w / nh;
+        let rows = batch * steps;
+        let gates = [g.i.len, g.f.len, g.z.len, g.o.len];
+        let dh = shapes::slstm("cuda", op, rows, batch, w, nh, gates, r.len, bias.len, [s.c.len, s.n.len, s.m.len, s.h.len], y.len)?;
         if 5 * dh * 4 > 48 * 1024 {
             return Err(Error::Device(format!("cuda {op}: head width {dh} too large (≤ 2457)")));
         }
-        let rows = batch * steps;
-        for (name, b) in [("i", g.i), ("f", g.f), ("z", g.z), ("o", g.o)] {
-            check(op, name, b.len, rows * w)?;
-        }
-        check(op, "r", r.len, nh * 4 * dh * dh)?;
-        check(op, "bias", bias.len, 4 * w)?;
-        for (name, b) in [("c", &s.c), ("n", &s.n), ("m", &s.m), ("h", &s.h)] {
-            check(op, name, b.len, batch * w)?;
-        }
-        check(op, "y", y.len, rows * w)?;
         let p = [g.i.ptr, g.f.ptr, g.z.ptr, g.o.ptr, r.ptr, bias.ptr, s.c.ptr, s.n.ptr, s.m.ptr, s.h.ptr, y.ptr];
         let mut words = vec![opc::SLSTM, w as u64, nh as u64, batch as u64, steps as u64];
         words.extend(p);
@@ -1179,15 +1152,10 @@ impl CudaBackend {
 
 #[allow(clippy::too_many_arguments)]
 fn check_conv(op: &str, d: ConvDims, rows: usize, batch: usize, x: &CudaBuf, w: &CudaBuf, bias: &CudaBuf, state: &CudaBuf, out: &CudaBuf) -> Result<()> {
-    if d.kernel == 0 || d.kernel > 17 {
+    if d.kernel > 17 {
         return Err(Error::Device(format!("cuda {op}: conv1d kernels of 1..=17 taps supported, got {}", d.kernel)));
     }
-    let ch = d.channels;
-    check(op, "x", x.len, rows * ch)?;
-    check(op, "w", w.len, d.kernel * ch)?;
-    check(op, "bias", bias.len, ch)?;
-    check(op, "state", state.len, batch * d.taps() * ch)?;
-    check(op, "out", out.len, rows * ch)
+    shapes::conv("cuda", op, d, rows, batch, [x.len, w.len, bias.len, state.len, out.len])
 }
 
 fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {

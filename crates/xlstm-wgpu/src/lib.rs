@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use shaders::{Knobs, Variant, WDType, GEMV_MAX_ROWS};
-use xlstm_core::backend::{Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState};
+use xlstm_core::backend::{shapes, Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState};
 use xlstm_core::tensor::{DType, HostData, HostTensor};
 use xlstm_core::{Error, Result};
 
@@ -62,10 +62,7 @@ fn dev_err(what: impl std::fmt::Display) -> Error {
 }
 
 fn check(op: &str, what: &str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        return Err(dev_err(format!("{op}: buffer `{what}` holds {have} values, {need} needed")));
-    }
-    Ok(())
+    shapes::len("wgpu", op, what, have, need)
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -761,15 +758,7 @@ impl WgpuBackend {
     fn mlstm_steps(&self, d: MlstmDims, batch: usize, rows: usize, q: &WgpuBuf, k: &WgpuBuf, v: &WgpuBuf, i: &WgpuBuf, f: &WgpuBuf, bias: Option<(&WgpuBuf, &WgpuBuf, f32)>, s: &mut MlstmState<WgpuBuf>, eps: f32, h: &mut WgpuBuf) -> Result<()> {
         let op = "mlstm";
         let nh = d.heads;
-        check(op, "q", q.len, rows * nh * d.dk)?;
-        check(op, "k", k.len, rows * nh * d.dk)?;
-        check(op, "v", v.len, rows * nh * d.dv)?;
-        check(op, "i", i.len, rows * nh)?;
-        check(op, "f", f.len, rows * nh)?;
-        check(op, "h", h.len, rows * nh * d.dv)?;
-        check(op, "C", s.c.len, batch * nh * d.dk * d.dv)?;
-        check(op, "n", s.n.len, batch * nh * d.dk)?;
-        check(op, "m", s.m.len, batch * nh)?;
+        shapes::mlstm("wgpu", op, d, rows, batch, [q.len, k.len, v.len, i.len, f.len, h.len], [s.c.len, s.n.len, s.m.len])?;
         let units = batch * nh;
         let scal = self.scratch("mlstm_scal", units * 4)?;
         let (ib, fb, cap, gb) = match bias {
@@ -793,23 +782,11 @@ impl WgpuBackend {
     #[allow(clippy::too_many_arguments)]
     fn slstm(&self, op: &str, batch: usize, steps: usize, g: SlstmGates<'_, WgpuBuf>, r: &WgpuBuf, bias: &WgpuBuf, s: &mut SlstmState<WgpuBuf>, y: &mut WgpuBuf) -> Result<()> {
         let (w, nh) = (s.width, s.heads);
-        if nh == 0 || w % nh != 0 {
-            return Err(dev_err(format!("{op}: width {w} does not split into {nh} heads")));
-        }
-        let dh = w / nh;
+        let gates = [g.i.len, g.f.len, g.z.len, g.o.len];
+        let dh = shapes::slstm("wgpu", op, batch * steps, batch, w, nh, gates, r.len, bias.len, [s.c.len, s.n.len, s.m.len, s.h.len], y.len)?;
         if dh > 1024 {
             return Err(dev_err(format!("{op}: head width {dh} is over the kernel's limit of 1024")));
         }
-        let rows = batch * steps;
-        for (name, b) in [("i", g.i), ("f", g.f), ("z", g.z), ("o", g.o)] {
-            check(op, name, b.len, rows * w)?;
-        }
-        check(op, "r", r.len, nh * 4 * dh * dh)?;
-        check(op, "bias", bias.len, 4 * w)?;
-        for (name, b) in [("c", &s.c), ("n", &s.n), ("m", &s.m), ("h", &s.h)] {
-            check(op, name, b.len, batch * w)?;
-        }
-        check(op, "y", y.len, rows * w)?;
         let params = [w as u32, nh as u32, batch as u32, steps as u32];
         self.dispatch(
             "slstm",
@@ -1314,20 +1291,12 @@ impl WgpuBackend {
         let op = "mlstm";
         let nh = d.heads;
         let width = nh * d.dv;
-        check(op, "q", q.len, batch * nh * d.dk)?;
-        check(op, "k", k.len, batch * nh * d.dk)?;
-        check(op, "v", v.len, batch * width)?;
+        shapes::mlstm("wgpu", op, d, batch, batch, [q.len, k.len, v.len, i.len, f.len, h.len], [s.c.len, s.n.len, s.m.len])?;
         check(op, "o", o.len, batch * width)?;
-        check(op, "i", i.len, batch * nh)?;
-        check(op, "f", f.len, batch * nh)?;
         check(op, "ibias", ibias.len, nh)?;
         check(op, "fbias", fbias.len, nh)?;
-        check(op, "h", h.len, batch * width)?;
         check(op, "hn", hn.len, batch * width)?;
         check(op, "norm", norm.len, width)?;
-        check(op, "C", s.c.len, batch * nh * d.dk * d.dv)?;
-        check(op, "n", s.n.len, batch * nh * d.dk)?;
-        check(op, "m", s.m.len, batch * nh)?;
         let units = batch * nh;
         if units == 0 || d.dv == 0 {
             return Ok(());
@@ -1342,16 +1311,9 @@ impl WgpuBackend {
 
     #[allow(clippy::too_many_arguments)]
     fn conv_full(&self, op: &str, d: ConvDims, rows: usize, per_row: bool, x: &WgpuBuf, w: &WgpuBuf, bias: &WgpuBuf, state: &mut WgpuBuf, silu: bool, out: &mut WgpuBuf) -> Result<()> {
-        if d.kernel == 0 {
-            return Err(dev_err(format!("{op}: a conv1d needs at least one tap")));
-        }
         let ch = d.channels;
         let seqs = if per_row { rows } else { 1 };
-        check(op, "x", x.len, rows * ch)?;
-        check(op, "w", w.len, d.kernel * ch)?;
-        check(op, "bias", bias.len, ch)?;
-        check(op, "state", state.len, seqs * d.taps() * ch)?;
-        check(op, "out", out.len, rows * ch)?;
+        shapes::conv("wgpu", op, d, rows, seqs, [x.len, w.len, bias.len, state.len, out.len])?;
         if rows == 0 {
             return Ok(());
         }

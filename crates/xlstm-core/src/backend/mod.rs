@@ -7,6 +7,7 @@
 //! Every op returns `Result` so that a backend can refuse a shape it has no kernel for
 //! (`Error::Device`, naming the op and the limit) instead of panicking.
 pub mod cpu;
+pub mod shapes;
 
 use crate::error::Result;
 use crate::tensor::{DType, HostTensor};

@@ -8,7 +8,7 @@ pub mod slstm;
 
 use rayon::prelude::*;
 
-use super::{Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState};
+use super::{shapes, Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, HostData, HostTensor};
 pub use matmul::{CpuMat, MatData};
@@ -35,10 +35,7 @@ impl CpuBackend {
 }
 
 fn check_len(op: &str, what: &str, have: usize, need: usize) -> Result<()> {
-    if have < need {
-        return Err(Error::Device(format!("cpu {op}: buffer `{what}` holds {have} values, {need} needed")));
-    }
-    Ok(())
+    shapes::len("cpu", op, what, have, need)
 }
 
 impl Backend for CpuBackend {
@@ -271,46 +268,18 @@ impl Backend for CpuBackend {
 
 #[allow(clippy::too_many_arguments)]
 fn check_mlstm(op: &str, d: MlstmDims, rows: usize, batch: usize, q: &[f32], k: &[f32], v: &[f32], i: &[f32], f: &[f32], s: &MlstmState<Vec<f32>>, h: &[f32]) -> Result<()> {
-    let nh = d.heads;
-    check_len(op, "q", q.len(), rows * nh * d.dk)?;
-    check_len(op, "k", k.len(), rows * nh * d.dk)?;
-    check_len(op, "v", v.len(), rows * nh * d.dv)?;
-    check_len(op, "i", i.len(), rows * nh)?;
-    check_len(op, "f", f.len(), rows * nh)?;
-    check_len(op, "h", h.len(), rows * nh * d.dv)?;
-    check_len(op, "C", s.c.len(), batch * nh * d.dk * d.dv)?;
-    check_len(op, "n", s.n.len(), batch * nh * d.dk)?;
-    check_len(op, "m", s.m.len(), batch * nh)
+    shapes::mlstm("cpu", op, d, rows, batch, [q.len(), k.len(), v.len(), i.len(), f.len(), h.len()], [s.c.len(), s.n.len(), s.m.len()])
 }
 
 #[allow(clippy::too_many_arguments)]
 fn check_conv(op: &str, d: ConvDims, rows: usize, batch: usize, x: &[f32], w: &[f32], bias: &[f32], state: &[f32], out: &[f32]) -> Result<()> {
-    if d.kernel == 0 {
-        return Err(Error::Device(format!("cpu {op}: a conv1d needs at least one tap")));
-    }
-    let ch = d.channels;
-    check_len(op, "x", x.len(), rows * ch)?;
-    check_len(op, "w", w.len(), d.kernel * ch)?;
-    check_len(op, "bias", bias.len(), ch)?;
-    check_len(op, "state", state.len(), batch * d.taps() * ch)?;
-    check_len(op, "out", out.len(), rows * ch)
+    shapes::conv("cpu", op, d, rows, batch, [x.len(), w.len(), bias.len(), state.len(), out.len()])
 }
 
 #[allow(clippy::too_many_arguments)]
 fn check_slstm<'a>(op: &str, rows: usize, batch: usize, g: &SlstmGates<'a, Vec<f32>>, r: &'a [f32], bias: &'a [f32], s: &SlstmState<Vec<f32>>, y: &[f32]) -> Result<slstm::HeadParams<'a>> {
-    let (w, nh) = (s.width, s.heads);
-    if nh == 0 || w % nh != 0 {
-        return Err(Error::Device(format!("cpu {op}: width {w} does not split into {nh} heads")));
-    }
-    let dh = w / nh;
-    for (name, b) in [("i", g.i), ("f", g.f), ("z", g.z), ("o", g.o)] {
-        check_len(op, name, b.len(), rows * w)?;
-    }
-    check_len(op, "r", r.len(), nh * 4 * dh * dh)?;
-    check_len(op, "bias", bias.len(), 4 * w)?;
-    for (name, b) in [("c", &s.c), ("n", &s.n), ("m", &s.m), ("h", &s.h)] {
-        check_len(op, name, b.len(), batch * w)?;
-    }
-    check_len(op, "y", y.len(), rows * w)?;
-    Ok(slstm::HeadParams { gates: [g.i, g.f, g.z, g.o], r, bias, width: w, dh })
+    let gates = [g.i.len(), g.f.len(), g.z.len(), g.o.len()];
+    let state = [s.c.len(), s.n.len(), s.m.len(), s.h.len()];
+    let dh = shapes::slstm("cpu", op, rows, batch, s.width, s.heads, gates, r.len(), bias.len(), state, y.len())?;
+    Ok(slstm::HeadParams { gates: [g.i, g.f, g.z, g.o], r, bias, width: s.width, dh })
 }
