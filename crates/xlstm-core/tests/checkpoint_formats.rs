@@ -89,3 +89,58 @@ fn float16_checkpoint_loads_and_stays_close() {
     assert!(e < 1e-2, "f16 weights: rel err {e:e} (f16 rounding of the weights, ~1e-3 expected)");
     assert!(e > 1e-7, "the weights really were rounded to f16");
 }
+
+/// An xlstm-lm checkpoint saved by the `xlstm` package's CUDA sLSTM cell (`slstm.backend: "cuda"`):
+/// its recurrent kernel is [NH, DH (in), 4·DH (gate, out)] and its bias in (head, gate, dim) order,
+/// where the vanilla cell keeps [NH, 4·DH (gate, out), DH (in)] and (gate, head, dim). Written here
+/// from the golden case (vanilla) by those layouts' definitions, it must give the same logits.
+#[test]
+fn slstm_cuda_backend_layout_gives_the_golden_logits() {
+    let src = case_dir("lm_tiny");
+    let mut t = read_f32(&src.join("model.safetensors"));
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let nh = cfg["slstm_block"]["slstm"]["num_heads"].as_u64().unwrap() as usize;
+    cfg["slstm_block"]["slstm"]["backend"] = serde_json::json!("cuda");
+    let mut converted = 0;
+    for (name, (shape, v)) in t.iter_mut() {
+        if name.ends_with("slstm_cell._recurrent_kernel_") {
+            let dh = shape[2];
+            assert_eq!(shape, &vec![nh, 4 * dh, dh]);
+            let mut c = vec![0f32; v.len()];
+            for h in 0..nh {
+                for go in 0..4 * dh {
+                    for i in 0..dh {
+                        c[(h * dh + i) * 4 * dh + go] = v[(h * 4 * dh + go) * dh + i];
+                    }
+                }
+            }
+            *shape = vec![nh, dh, 4 * dh];
+            *v = c;
+            converted += 1;
+        } else if name.ends_with("slstm_cell._bias_") {
+            let dh = v.len() / (4 * nh);
+            let mut c = vec![0f32; v.len()];
+            for g in 0..4 {
+                for h in 0..nh {
+                    c[(h * 4 + g) * dh..(h * 4 + g + 1) * dh].copy_from_slice(&v[(g * nh + h) * dh..(g * nh + h + 1) * dh]);
+                }
+            }
+            *v = c;
+            converted += 1;
+        }
+    }
+    assert!(converted >= 2, "lm_tiny has sLSTM blocks");
+    let tmp = tempfile::tempdir().unwrap();
+    write(tmp.path(), &t, false);
+    std::fs::write(tmp.path().join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+    let run = |dir: &Path| {
+        let exp = Expected::load("lm_tiny");
+        let mut m = Model::load(CpuBackend::new(), dir, DType::F32).unwrap();
+        let mut st = m.new_state(1).unwrap();
+        m.prefill(&exp.ids("input_ids"), &mut st, MlstmKernel::Chunkwise { chunk: 16 }, LogitRows::All).unwrap()
+    };
+    let (vanilla, cuda) = (run(&src), run(tmp.path()));
+    assert_eq!(vanilla, cuda, "the same weights in the CUDA cell's layout give the same logits");
+    let err = rel_err(&cuda, &Expected::load("lm_tiny").f64("logits_f64"));
+    assert!(err < 1e-4, "rel err vs the float64 reference {err:e}");
+}

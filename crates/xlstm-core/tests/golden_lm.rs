@@ -447,9 +447,9 @@ fn lm_config_with_bogus_field_is_a_clear_error() {
     assert!(err.contains("mlstm_block.mlstm.num_heads") && err.contains("integer"), "{err}");
 
     let mut v = lm_tiny_json();
-    v["slstm_block"]["slstm"]["backend"] = serde_json::json!("cuda");
+    v["slstm_block"]["slstm"]["backend"] = serde_json::json!("triton");
     let err = ModelConfig::from_json(&v).unwrap_err().to_string();
-    assert!(err.contains("vanilla"), "{err}");
+    assert!(err.contains("triton") && err.contains("vanilla") && err.contains("cuda"), "{err}");
 
     let mut v = lm_tiny_json();
     v["slstm_block"]["feedforward"]["act_fn"] = serde_json::json!("gleu");

@@ -421,10 +421,9 @@ impl LmConfig {
             }
         }
         if let (true, Some(s)) = (self.has_slstm(), &self.slstm) {
-            if s.backend != "vanilla" {
+            if s.backend != "vanilla" && s.backend != "cuda" {
                 return Err(cfg_err(format!(
-                    "slstm_block.slstm.backend \"{}\" is not supported yet: only checkpoints saved with the \"vanilla\" sLSTM backend \
-                     (recurrent kernel [NH, 4·DH, DH], bias in (gate, head, dim) order) can be read; the CUDA backend stores its weights in another layout",
+                    "slstm_block.slstm.backend \"{}\" is unknown: checkpoints of the \"vanilla\" and \"cuda\" sLSTM backends can be read",
                     s.backend
                 )));
             }
@@ -761,6 +760,40 @@ impl<B: Backend> Loader<'_, B> {
     fn mat(&mut self, t: HostTensor) -> Result<B::Mat> {
         self.b.matrix(t, self.dt)
     }
+    /// The sLSTM recurrent kernel in the layout the cell runs on, [NH, 4·DH (gate, out), DH (in)] (the
+    /// `xlstm` package's "vanilla" backend stores it so); the "cuda" backend stores it as
+    /// [NH, DH (in), 4·DH (gate, out)], transposed here.
+    fn slstm_recurrent(&mut self, name: &str, nh: usize, dh: usize, cuda_layout: bool) -> Result<B::Buf> {
+        if !cuda_layout {
+            return self.vec(name, &[nh, 4 * dh, dh]);
+        }
+        let c = self.take(name, &[nh, dh, 4 * dh])?.to_f32();
+        let mut v = vec![0f32; c.len()];
+        for h in 0..nh {
+            for i in 0..dh {
+                for go in 0..4 * dh {
+                    v[(h * 4 * dh + go) * dh + i] = c[(h * dh + i) * 4 * dh + go];
+                }
+            }
+        }
+        self.upload(&v)
+    }
+    /// The sLSTM bias in (gate, head, dim) order ("vanilla"); the "cuda" backend stores it in
+    /// (head, gate, dim) order, reordered here.
+    fn slstm_bias(&mut self, name: &str, nh: usize, dh: usize, cuda_layout: bool) -> Result<B::Buf> {
+        let b = self.take(name, &[4 * nh * dh])?.to_f32();
+        if !cuda_layout {
+            return self.upload(&b);
+        }
+        let mut v = vec![0f32; b.len()];
+        for h in 0..nh {
+            for g in 0..4 {
+                let (src, dst) = ((h * 4 + g) * dh, (g * nh + h) * dh);
+                v[dst..dst + dh].copy_from_slice(&b[src..src + dh]);
+            }
+        }
+        self.upload(&v)
+    }
     /// A [2·half, in] matrix split into its two row halves, each a backend matrix.
     fn halves(&mut self, name: &str, half: usize, inp: usize) -> Result<(B::Mat, B::Mat)> {
         let t = self.take(name, &[2 * half, inp])?;
@@ -781,6 +814,9 @@ impl<B: Backend> LmNet<B> {
         let dims = cfg.dims();
         let Dims { d, vocab, inner, m_heads, m_k, s_heads, s_k, ffn, .. } = dims;
         let mut l = Loader { b: backend, dt: w.dtype, w, small: 0 };
+        // sLSTM weights saved by the `xlstm` package's CUDA cell are laid out differently (see
+        // Loader::slstm_recurrent); they are reordered to the vanilla layout on load.
+        let cuda_layout = cfg.slstm.as_ref().is_some_and(|s| s.backend == "cuda");
         let emb_names = if cfg.tie_weights { vec!["token_embedding.weight", "lm_head.weight"] } else { vec!["token_embedding.weight"] };
         let emb = l.w.take_any(&emb_names, &[vocab, d])?;
         let lm_head = if cfg.tie_weights {
@@ -867,8 +903,8 @@ impl<B: Backend> LmNet<B> {
                     gf: l.vec(&format!("{x}.igate.weight"), &hw_shape)?,
                     gz: l.vec(&format!("{x}.zgate.weight"), &hw_shape)?,
                     go: l.vec(&format!("{x}.ogate.weight"), &hw_shape)?,
-                    r: l.vec(&format!("{x}.slstm_cell._recurrent_kernel_"), &[s_heads, 4 * dh, dh])?,
-                    bias: l.vec(&format!("{x}.slstm_cell._bias_"), &[4 * d])?,
+                    r: l.slstm_recurrent(&format!("{x}.slstm_cell._recurrent_kernel_"), s_heads, dh, cuda_layout)?,
+                    bias: l.slstm_bias(&format!("{x}.slstm_cell._bias_"), s_heads, dh, cuda_layout)?,
                     group_norm,
                     ffn,
                 })));
