@@ -70,6 +70,16 @@ pub fn rel_err32(a: &[f32], b: &[f32]) -> f64 {
 
 pub use crate::sampling::argmax;
 
+/// `case`'s prompt (`input_ids`) prefilled from a fresh state with `kernel`: every position's
+/// logits, their relative error against the reference's `logits_f64`, and the state after it.
+pub fn golden_prefill<B: crate::Backend>(model: &mut crate::Model<B>, case: &str, kernel: crate::MlstmKernel) -> (Vec<f32>, f64, crate::State<B>) {
+    let exp = Expected::load(case);
+    let mut st = model.new_state(1).expect("state");
+    let logits = model.prefill(&exp.ids("input_ids"), &mut st, kernel, crate::LogitRows::All).expect("prefill");
+    let err = rel_err(&logits, &exp.f64("logits_f64"));
+    (logits, err, st)
+}
+
 /// Checks a model against a case's `gen_greedy`: the prompt `gen_prompt` prefilled chunkwise with
 /// `chunk`, then one argmax token per recurrent step. Panics with the case name on a difference.
 pub fn assert_greedy_matches<B: crate::Backend>(model: &mut crate::Model<B>, case: &str, chunk: usize) {

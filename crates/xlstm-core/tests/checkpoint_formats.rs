@@ -8,7 +8,7 @@ use std::path::Path;
 use common::*;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
-use xlstm_core::{CpuBackend, DType, LogitRows, MlstmKernel, Model};
+use xlstm_core::{CpuBackend, DType, MlstmKernel, Model};
 
 fn read_f32(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).unwrap();
@@ -37,11 +37,10 @@ fn write(dir: &Path, tensors: &HashMap<String, (Vec<usize>, Vec<f32>)>, f16: boo
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
 }
 
-fn logits(dir: &Path) -> Vec<f32> {
-    let exp = Expected::load("large_tiny");
+/// The model in `dir` on `case`'s prompt: every position's logits.
+fn logits(case: &str, dir: &Path) -> Vec<f32> {
     let mut m = Model::load(CpuBackend::new(), dir, DType::F32).unwrap();
-    let mut st = m.new_state(1).unwrap();
-    m.prefill(&exp.ids("input_ids"), &mut st, MlstmKernel::Chunkwise { chunk: 16 }, LogitRows::All).unwrap()
+    golden_prefill(&mut m, case, MlstmKernel::Chunkwise { chunk: 16 }).0
 }
 
 fn cat_rows(parts: &[&(Vec<usize>, Vec<f32>)]) -> (Vec<usize>, Vec<f32>) {
@@ -74,7 +73,7 @@ fn fused_mode_and_native_embedding_name_give_the_golden_logits() {
     write(tmp.path(), &t, false);
     let cfg = std::fs::read_to_string(src.join("config.json")).unwrap().replace("\"weight_mode\": \"single\"", "\"weight_mode\": \"fused\"");
     std::fs::write(tmp.path().join("config.json"), cfg).unwrap();
-    let e = rel_err(&logits(tmp.path()), &Expected::load("large_tiny").f64("logits_f64"));
+    let e = rel_err(&logits("large_tiny", tmp.path()), &Expected::load("large_tiny").f64("logits_f64"));
     assert!(e < 1e-4, "fused mode: rel err {e:e}");
 }
 
@@ -85,7 +84,7 @@ fn float16_checkpoint_loads_and_stays_close() {
     let tmp = tempfile::tempdir().unwrap();
     write(tmp.path(), &t, true);
     std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
-    let e = rel_err(&logits(tmp.path()), &Expected::load("large_tiny").f64("logits_f64"));
+    let e = rel_err(&logits("large_tiny", tmp.path()), &Expected::load("large_tiny").f64("logits_f64"));
     assert!(e < 1e-2, "f16 weights: rel err {e:e} (f16 rounding of the weights, ~1e-3 expected)");
     assert!(e > 1e-7, "the weights really were rounded to f16");
 }
@@ -133,13 +132,7 @@ fn slstm_cuda_backend_layout_gives_the_golden_logits() {
     let tmp = tempfile::tempdir().unwrap();
     write(tmp.path(), &t, false);
     std::fs::write(tmp.path().join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
-    let run = |dir: &Path| {
-        let exp = Expected::load("lm_tiny");
-        let mut m = Model::load(CpuBackend::new(), dir, DType::F32).unwrap();
-        let mut st = m.new_state(1).unwrap();
-        m.prefill(&exp.ids("input_ids"), &mut st, MlstmKernel::Chunkwise { chunk: 16 }, LogitRows::All).unwrap()
-    };
-    let (vanilla, cuda) = (run(&src), run(tmp.path()));
+    let (vanilla, cuda) = (logits("lm_tiny", &src), logits("lm_tiny", tmp.path()));
     assert_eq!(vanilla, cuda, "the same weights in the CUDA cell's layout give the same logits");
     let err = rel_err(&cuda, &Expected::load("lm_tiny").f64("logits_f64"));
     assert!(err < 1e-4, "rel err vs the float64 reference {err:e}");

@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use xlstm_core::model::LogitRows;
 use xlstm_core::state::LayerState;
 use xlstm_core::{CpuBackend, DType, MlstmKernel, Model};
 
@@ -17,11 +16,8 @@ fn load(case: &str) -> Model<CpuBackend> {
 fn check_parallel_and_state(case: &str) {
     let exp = Expected::load(case);
     let mut model = load(case);
-    let ids = exp.ids("input_ids");
     let chunk = model.chunk_size;
-    let mut st = model.new_state(1).unwrap();
-    let logits = model.prefill(&ids, &mut st, MlstmKernel::Chunkwise { chunk }, LogitRows::All).unwrap();
-    let err = rel_err(&logits, &exp.f64("logits_f64"));
+    let (_, err, st) = golden_prefill(&mut model, case, MlstmKernel::Chunkwise { chunk });
     assert!(err < TOL, "{case}: chunkwise logits rel err {err:e}");
     for (li, layer) in st.layers.iter().enumerate() {
         let LayerState::Mlstm { cell, .. } = layer else { panic!() };
@@ -80,24 +76,16 @@ fn large_tiny_bf16_sharded_greedy() {
 /// Weights kept in bf16 (the CPU backend's 16-bit path) stay close to the f32 reference.
 #[test]
 fn large_tiny_bf16_compute_dtype_close() {
-    let exp = Expected::load("large_tiny");
     let mut model = Model::load(CpuBackend::new(), &case_dir("large_tiny"), DType::BF16).unwrap();
-    let ids = exp.ids("input_ids");
-    let mut st = model.new_state(1).unwrap();
-    let logits = model.prefill(&ids, &mut st, MlstmKernel::Chunkwise { chunk: 16 }, LogitRows::All).unwrap();
-    let err = rel_err(&logits, &exp.f64("logits_f64"));
+    let (_, err, _) = golden_prefill(&mut model, "large_tiny", MlstmKernel::Chunkwise { chunk: 16 });
     assert!(err < 3e-2, "bf16 weights: rel err {err:e} (a bf16 model should land within a few 1e-2)");
 }
 
 /// The sequence kernel (a loop of steps) agrees with the reference too.
 #[test]
 fn large_tiny_sequence_kernel() {
-    let exp = Expected::load("large_tiny");
     let mut model = load("large_tiny");
-    let ids = exp.ids("input_ids");
-    let mut st = model.new_state(1).unwrap();
-    let logits = model.prefill(&ids, &mut st, MlstmKernel::Sequence, LogitRows::All).unwrap();
-    let err = rel_err(&logits, &exp.f64("logits_f64"));
+    let (_, err, _) = golden_prefill(&mut model, "large_tiny", MlstmKernel::Sequence);
     assert!(err < TOL, "sequence kernel rel err {err:e}");
 }
 
@@ -105,14 +93,10 @@ fn large_tiny_sequence_kernel() {
 /// logits and state too; a segment is rounded to whole chunks.
 #[test]
 fn large_tiny_short_prefill_segments() {
-    let exp = Expected::load("large_tiny");
-    let ids = exp.ids("input_ids");
     for segment in [1usize, 16, 40] {
         let mut model = load("large_tiny");
         model.prefill_segment = segment;
-        let mut st = model.new_state(1).unwrap();
-        let logits = model.prefill(&ids, &mut st, MlstmKernel::Chunkwise { chunk: 8 }, LogitRows::All).unwrap();
-        let err = rel_err(&logits, &exp.f64("logits_f64"));
+        let (_, err, _) = golden_prefill(&mut model, "large_tiny", MlstmKernel::Chunkwise { chunk: 8 });
         assert!(err < TOL, "segment {segment}: logits rel err {err:e}");
         assert!(model.segments.len() > 1, "segment {segment}: the prompt took {} passes", model.segments.len());
         assert!(model.segments.iter().all(|s| s.tokens <= segment.max(8)), "segment {segment}: {:?}", model.segments);
