@@ -17,12 +17,14 @@
 //!
 //! Shaders: `shaders/*.wgsl`, one file per op family, preprocessed into variants (weight dtype,
 //! subgroup operations where the adapter has them, tile knobs); see [`shaders`].
+pub mod profile;
 pub mod shaders;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use profile::{GpuProfiler, HostTimes, Sample};
 use shaders::{Knobs, Variant, WDType, GEMV_MAX_ROWS};
 use xlstm_core::backend::{shapes, Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState};
 use xlstm_core::tensor::{DType, HostData, HostTensor};
@@ -243,11 +245,20 @@ struct Rec {
     /// The host waited for the device (download, sync) and nothing was submitted since: the device
     /// is idle, so the next submission comes after `submit_first` dispatches.
     idle: bool,
+    /// Dispatches the next submission waits for when the device is busy: `submit_first` doubled
+    /// per submission up to `submit_every` with the ramp on, else `submit_every`.
+    submit_next: u64,
+    /// Host time spent recording, submitting and waiting.
+    host: HostTimes,
+    /// Device timestamps after every dispatch (`XLSTM_WGPU_PROFILE=1`).
+    prof: Option<GpuProfiler>,
 }
 
 /// Parameter words per dispatch, and the arena's size.
 const PARAM_WORDS: usize = 32;
 const ARENA_BYTES: u64 = 4 << 20;
+/// Token ids an embedding dispatch takes in its parameter words (after its 4 own).
+const EMBED_INLINE_IDS: usize = PARAM_WORDS - 4;
 
 pub struct WgpuBackend {
     device: wgpu::Device,
@@ -275,6 +286,8 @@ pub struct WgpuBackend {
     submit_every: u64,
     /// Dispatches of the first submission after the host waited for the device.
     submit_first: u64,
+    /// After an idle device, submissions grow from `submit_first` by doubling (XLSTM_WGPU_SUBMIT_RAMP).
+    submit_ramp: bool,
     /// Largest weight part in bytes (the storage-binding limit unless lowered, e.g. by tests).
     part_limit: u64,
 }
@@ -347,7 +360,7 @@ impl WgpuBackend {
         let info = adapter.get_info();
         let limits = adapter.limits();
         let subgroup = subgroups && adapter.features().contains(wgpu::Features::SUBGROUP);
-        let features = if subgroup { wgpu::Features::SUBGROUP } else { wgpu::Features::empty() };
+        let features = if subgroup { wgpu::Features::SUBGROUP } else { wgpu::Features::empty() } | GpuProfiler::features(&adapter);
         let (device, queue) = futures::executor::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("xlstm"),
             required_features: features,
@@ -372,6 +385,9 @@ impl WgpuBackend {
         // After the host waited (a decode step's logits), the device is idle: the first submission
         // goes after a few dispatches (XLSTM_WGPU_SUBMIT_FIRST, default 2), the rest every N.
         let submit_first = std::env::var("XLSTM_WGPU_SUBMIT_FIRST").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(2).clamp(1, submit_every.max(1));
+        // Then 4, 8, 16, … dispatches per submission up to N: the device, idle at the step's start,
+        // gets work in growing pieces while the host records ahead (XLSTM_WGPU_SUBMIT_RAMP=0: N).
+        let submit_ramp = std::env::var("XLSTM_WGPU_SUBMIT_RAMP").map_or(true, |v| v != "0");
         let align = limits.min_uniform_buffer_offset_alignment.max(PARAM_WORDS as u32 * 4) as usize;
         let arena = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("params"),
@@ -385,6 +401,7 @@ impl WgpuBackend {
         let fused = knobs.fuse && limits.max_storage_buffers_per_shader_stage >= 11;
         let fused_cell = knobs.fuse && limits.max_storage_buffers_per_shader_stage >= 12;
         let part_limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let prof = GpuProfiler::new(&device, &queue);
         Ok(WgpuBackend {
             device,
             queue,
@@ -405,6 +422,7 @@ impl WgpuBackend {
             part_limit,
             submit_every,
             submit_first,
+            submit_ramp,
             rec: Mutex::new(Rec {
                 encoder: None,
                 pass: None,
@@ -417,6 +435,9 @@ impl WgpuBackend {
                 dispatches: 0,
                 pending: 0,
                 idle: true,
+                submit_next: submit_every,
+                host: HostTimes::default(),
+                prof,
             }),
         })
     }
@@ -442,6 +463,27 @@ impl WgpuBackend {
     /// Dispatches of the first submission after the host waited for the device.
     pub fn submit_first(&self) -> u64 {
         self.submit_first
+    }
+    /// Sets the submission pacing the `XLSTM_WGPU_SUBMIT_*` variables set at creation (for tuning):
+    /// every `every` dispatches (0: only where the host needs a result), the first after `first`
+    /// once the device is idle, growing by doubling from there with `ramp`.
+    pub fn set_submission(&mut self, every: u64, first: u64, ramp: bool) {
+        let mut rec = self.lock();
+        self.flush(&mut rec);
+        drop(rec);
+        self.submit_every = every;
+        self.submit_first = first.clamp(1, every.max(1));
+        self.submit_ramp = ramp;
+    }
+    /// Pauses or resumes the device timestamps (when profiling at all).
+    pub fn set_profiling(&self, on: bool) {
+        if let Some(p) = self.lock().prof.as_mut() {
+            p.on = on;
+        }
+    }
+    /// Whether submissions after an idle device grow by doubling (see `submit_first`).
+    pub fn submit_ramp(&self) -> bool {
+        self.submit_ramp
     }
     /// (submissions, dispatches) so far: what a decode step costs in command traffic.
     pub fn counters(&self) -> (u64, u64) {
@@ -539,6 +581,7 @@ impl WgpuBackend {
         }
         let mut guard = self.lock();
         let rec = &mut *guard;
+        let t0 = std::time::Instant::now();
         let pipe = self.pipe(rec, entry, dtype);
         assert_eq!(bufs.len(), pipe.bindings.len(), "{entry}: wrong number of buffers");
         if rec.params.len() + self.align > ARENA_BYTES as usize {
@@ -572,9 +615,13 @@ impl WgpuBackend {
         pass.set_pipeline(&pipe.pipeline);
         pass.set_bind_group(0, &bg, &[off as u32]);
         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+        if let (Some(p), Some(pass)) = (rec.prof.as_mut(), rec.pass.as_mut()) {
+            p.mark(pass, entry, rec.pending == 0);
+        }
         rec.dispatches += 1;
         rec.pending += 1;
-        if self.submit_every > 0 && rec.pending >= if rec.idle { self.submit_first } else { self.submit_every } {
+        rec.host.record += t0.elapsed();
+        if self.submit_every > 0 && rec.pending >= if rec.idle { self.submit_first } else { rec.submit_next } {
             self.flush(rec);
         }
         Ok(())
@@ -582,6 +629,7 @@ impl WgpuBackend {
 
     /// Ends the pass, writes the parameter arena and submits the pending encoder (if any).
     fn flush(&self, rec: &mut Rec) {
+        let t0 = std::time::Instant::now();
         rec.pass = None;
         rec.idle = false;
         if let Some(enc) = rec.encoder.take() {
@@ -590,6 +638,7 @@ impl WgpuBackend {
             }
             self.queue.submit([enc.finish()]);
             rec.submissions += 1;
+            rec.submit_next = if self.submit_ramp { (rec.pending * 2).clamp(1, self.submit_every.max(1)) } else { self.submit_every };
             rec.pending = 0;
         }
         rec.params.clear();
@@ -597,6 +646,43 @@ impl WgpuBackend {
         if !dead.is_empty() {
             rec.groups.retain(|_, (_, ids)| !ids.iter().any(|i| dead.contains(i)));
         }
+        rec.host.submit += t0.elapsed();
+    }
+
+    /// Waits for the device to finish everything submitted, counted as host wait time.
+    fn wait(&self, rec: &mut Rec) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| dev_err(format!("poll: {e}")))?;
+        rec.host.wait += t0.elapsed();
+        Ok(())
+    }
+
+    /// Host time spent recording, submitting and waiting since the backend was created.
+    pub fn host_times(&self) -> HostTimes {
+        self.lock().host
+    }
+
+    /// Whether device timestamps are being written (`XLSTM_WGPU_PROFILE=1` and an adapter with
+    /// timestamp queries inside passes).
+    pub fn profiling(&self) -> bool {
+        self.lock().prof.is_some()
+    }
+
+    /// Submits everything recorded, waits, and returns the per-dispatch device timings since the
+    /// last call (empty when not profiling); see [`profile`].
+    pub fn profile_take(&self) -> Result<Vec<Sample>> {
+        let mut guard = self.lock();
+        let rec = &mut *guard;
+        if rec.prof.is_none() {
+            return Ok(Vec::new());
+        }
+        rec.pass = None;
+        let enc = rec.encoder.get_or_insert_with(|| self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("xlstm") }));
+        rec.prof.as_ref().expect("checked above").resolve(enc);
+        self.flush(rec);
+        rec.idle = true;
+        self.wait(rec)?;
+        rec.prof.as_mut().expect("checked above").take(&self.device).map_err(|e| dev_err(format!("profile: {e}")))
     }
 
     /// Submits everything recorded so far and waits for the device to finish it.
@@ -604,9 +690,7 @@ impl WgpuBackend {
         let mut rec = self.lock();
         self.flush(&mut rec);
         rec.idle = true;
-        drop(rec);
-        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| dev_err(format!("poll: {e}")))?;
-        Ok(())
+        self.wait(&mut rec)
     }
 
     /// Places a weight part's words in the current pool buffer (a new pool when it is full);
@@ -926,7 +1010,7 @@ impl Backend for WgpuBackend {
         staging.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
             let _ = tx.send(r);
         });
-        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| dev_err(format!("poll: {e}")))?;
+        self.wait(rec)?;
         rx.recv().map_err(|_| dev_err("download: the map callback never ran"))?.map_err(|e| dev_err(format!("download: {e}")))?;
         let out = {
             let view = staging.get_mapped_range(0..bytes).map_err(|e| dev_err(format!("download: {e:?}")))?;
@@ -1035,9 +1119,17 @@ impl Backend for WgpuBackend {
             if local.iter().all(|&v| v == u32::MAX) {
                 continue;
             }
-            let idb = self.new_buf(local.len(), Some(bytemuck::cast_slice(&local)))?;
-            let params = [ids.len() as u32, d as u32, table.kp as u32];
-            self.dispatch_binds("embed", table.dtype, &[p.bind(), whole(&idb.raw), whole(&out.raw)], &params, self.grid_stride(ids.len() * d, self.knobs.elem_wg))?;
+            let groups = self.grid_stride(ids.len() * d, self.knobs.elem_wg);
+            let mut params = vec![ids.len() as u32, d as u32, table.kp as u32, 0];
+            if local.len() <= EMBED_INLINE_IDS {
+                // Few ids (decode) travel in the parameter words: no buffer per step.
+                params[3] = 1;
+                params.extend_from_slice(&local);
+                self.dispatch_binds("embed", table.dtype, &[p.bind(), whole(&self.dummy.raw), whole(&out.raw)], &params, groups)?;
+            } else {
+                let idb = self.new_buf(local.len(), Some(bytemuck::cast_slice(&local)))?;
+                self.dispatch_binds("embed", table.dtype, &[p.bind(), whole(&idb.raw), whole(&out.raw)], &params, groups)?;
+            }
         }
         Ok(())
     }

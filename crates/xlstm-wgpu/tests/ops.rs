@@ -109,9 +109,13 @@ fn embed_all_dtypes_exact() {
     let cpu = CpuBackend::new();
     let (v, d) = (23, 19);
     let w = HostTensor::f32(vec![v, d], rnd(v * d, 1, 2.0));
-    let ids = [0u32, 22, 5, 5, 13, 1];
-    for dt in [DType::F32, DType::BF16, DType::F16] {
-        assert_eq!(embed_on(g, &w, dt, &ids), embed_on(&cpu, &w, dt, &ids), "embed {dt:?} must be exact");
+    // Up to 28 ids travel in the dispatch's parameter words, more in a buffer: both paths.
+    let few = [0u32, 22, 5, 5, 13, 1];
+    let many: Vec<u32> = (0..29u32).map(|i| (i * 7) % v as u32).collect();
+    for ids in [&few[..], &many[..28], &many[..]] {
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            assert_eq!(embed_on(g, &w, dt, ids), embed_on(&cpu, &w, dt, ids), "embed {dt:?} of {} ids must be exact", ids.len());
+        }
     }
     let m = g.matrix(w, DType::BF16).unwrap();
     let mut out = g.zeros(d).unwrap();
