@@ -1,14 +1,19 @@
 // common.wgsl — prepended to every kernel file (not a kernel itself).
 //
-// Parameters: every dispatch gets 32 words at binding 0 (a uniform with a dynamic offset into the
-// backend's parameter arena): P[i / 4][i % 4]; floats are passed as their bit patterns.
+// Parameters: every dispatch gets 32 words, P[i / 4][i % 4] (floats as their bit patterns): as
+// immediate data (push constants) where the adapter has them (IMMEDIATES), else at binding 0, a
+// uniform with a dynamic offset into the backend's parameter arena.
 // Weights (bf16, f16 or f32) live in storage buffers as u32 words: two 16-bit values per word
 // (element 2i in the low half), or one f32 per word. Rows are padded to a multiple of 8 elements.
 // Build-time switches (the backend's preprocessor): `//#if NAME` / `//#else` / `//#endif` on their
 // own lines, and double-brace KEY substitutions (workgroup sizes, tiles). SUBGROUP: the adapter has
 // subgroup operations (wgpu Features::SUBGROUP; naga takes the built-ins without `enable subgroups;`).
 
+//#if IMMEDIATES
+var<immediate> P: array<vec4<u32>, 8>;
+//#else
 @group(0) @binding(0) var<uniform> P: array<vec4<u32>, 8>;
+//#endif
 
 fn pu(i: u32) -> u32 { return P[i / 4u][i % 4u]; }
 fn pf(i: u32) -> f32 { return bitcast<f32>(P[i / 4u][i % 4u]); }

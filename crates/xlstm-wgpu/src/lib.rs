@@ -278,6 +278,9 @@ pub struct WgpuBackend {
     pool: Mutex<Option<Pool>>,
     /// Upload bytes written since the last submission (staging memory held by the queue).
     unflushed: AtomicU64,
+    /// Matrix bytes the model announced and has not placed yet (`expect_matrix_bytes`): the last
+    /// pool is made no larger than what is left.
+    expected: AtomicU64,
     /// The fused batch-1 kernels fit this adapter (11 storage buffers per stage) and are on.
     fused: bool,
     /// The gated decode mLSTM step runs as two dispatches (12 storage buffers per stage, fusion on).
@@ -360,7 +363,12 @@ impl WgpuBackend {
         let info = adapter.get_info();
         let limits = adapter.limits();
         let subgroup = subgroups && adapter.features().contains(wgpu::Features::SUBGROUP);
-        let features = if subgroup { wgpu::Features::SUBGROUP } else { wgpu::Features::empty() } | GpuProfiler::features(&adapter);
+        let mut features = if subgroup { wgpu::Features::SUBGROUP } else { wgpu::Features::empty() } | GpuProfiler::features(&adapter);
+        let mut knobs = knobs.unwrap_or_else(|| Knobs::for_adapter(info.device_type == wgpu::DeviceType::Cpu).with_env());
+        knobs.immediates &= adapter.features().contains(wgpu::Features::IMMEDIATES) && limits.max_immediate_size >= (PARAM_WORDS * 4) as u32;
+        if knobs.immediates {
+            features |= wgpu::Features::IMMEDIATES;
+        }
         let (device, queue) = futures::executor::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("xlstm"),
             required_features: features,
@@ -370,7 +378,7 @@ impl WgpuBackend {
             trace: wgpu::Trace::Off,
         }))
         .map_err(|e| dev_err(format!("cannot open {}: {e}", info.name)))?;
-        let mut knobs = knobs.unwrap_or_else(|| Knobs::for_adapter(info.device_type == wgpu::DeviceType::Cpu).with_env());
+
         // A cell tile over this adapter's workgroup limit gets fewer DK slices.
         while knobs.cell_cols * knobs.cell_split > limits.max_compute_invocations_per_workgroup && knobs.cell_split > 1 {
             knobs.cell_split /= 2;
@@ -417,6 +425,7 @@ impl WgpuBackend {
             dead,
             pool: Mutex::new(None),
             unflushed: AtomicU64::new(0),
+            expected: AtomicU64::new(0),
             fused,
             fused_cell,
             part_limit,
@@ -527,16 +536,19 @@ impl WgpuBackend {
             self.device.create_shader_module(desc)
         };
         let bl = bindings(entry);
-        let mut entries = vec![wgpu::BindGroupLayoutEntry {
-            binding: 0,
-            visibility: wgpu::ShaderStages::COMPUTE,
-            ty: wgpu::BindingType::Buffer {
-                ty: wgpu::BufferBindingType::Uniform,
-                has_dynamic_offset: true,
-                min_binding_size: wgpu::BufferSize::new((PARAM_WORDS * 4) as u64),
-            },
-            count: None,
-        }];
+        let mut entries = Vec::new();
+        if !self.knobs.immediates {
+            entries.push(wgpu::BindGroupLayoutEntry {
+                binding: 0,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: true,
+                    min_binding_size: wgpu::BufferSize::new((PARAM_WORDS * 4) as u64),
+                },
+                count: None,
+            });
+        }
         for &(b, acc) in bl {
             entries.push(wgpu::BindGroupLayoutEntry {
                 binding: b,
@@ -553,7 +565,7 @@ impl WgpuBackend {
         let pl = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
             label: Some(entry),
             bind_group_layouts: &[Some(&layout)],
-            immediate_size: 0,
+            immediate_size: if self.knobs.immediates { (PARAM_WORDS * 4) as u32 } else { 0 },
         });
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(entry),
@@ -584,20 +596,26 @@ impl WgpuBackend {
         let t0 = std::time::Instant::now();
         let pipe = self.pipe(rec, entry, dtype);
         assert_eq!(bufs.len(), pipe.bindings.len(), "{entry}: wrong number of buffers");
-        if rec.params.len() + self.align > ARENA_BYTES as usize {
+        let mut words = [0u32; PARAM_WORDS];
+        words[..params.len()].copy_from_slice(params);
+        let imm = self.knobs.immediates;
+        if !imm && rec.params.len() + self.align > ARENA_BYTES as usize {
             self.flush(rec);
         }
         let off = rec.params.len();
-        let mut words = [0u32; PARAM_WORDS];
-        words[..params.len()].copy_from_slice(params);
-        rec.params.extend_from_slice(bytemuck::cast_slice(&words));
-        rec.params.resize(off + self.align, 0);
+        if !imm {
+            rec.params.extend_from_slice(bytemuck::cast_slice(&words));
+            rec.params.resize(off + self.align, 0);
+        }
         let key = (pipe.uid, bufs.iter().flat_map(|b| [b.raw.id, b.off, b.size]).collect::<Vec<_>>());
         if !rec.groups.contains_key(&key) {
-            let mut entries = vec![wgpu::BindGroupEntry {
-                binding: 0,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: &self.arena, offset: 0, size: wgpu::BufferSize::new((PARAM_WORDS * 4) as u64) }),
-            }];
+            let mut entries = Vec::new();
+            if !imm {
+                entries.push(wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: &self.arena, offset: 0, size: wgpu::BufferSize::new((PARAM_WORDS * 4) as u64) }),
+                });
+            }
             for (&(b, _), bind) in pipe.bindings.iter().zip(bufs) {
                 let resource = if bind.size == 0 {
                     bind.raw.buf.as_entire_binding()
@@ -613,7 +631,12 @@ impl WgpuBackend {
         let bg = rec.groups[&key].0.clone();
         let pass = open_pass(&self.device, rec);
         pass.set_pipeline(&pipe.pipeline);
-        pass.set_bind_group(0, &bg, &[off as u32]);
+        if imm {
+            pass.set_immediates(0, bytemuck::cast_slice(&words));
+            pass.set_bind_group(0, &bg, &[]);
+        } else {
+            pass.set_bind_group(0, &bg, &[off as u32]);
+        }
         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
         if let (Some(p), Some(pass)) = (rec.prof.as_mut(), rec.pass.as_mut()) {
             p.mark(pass, entry, rec.pending == 0);
@@ -700,8 +723,12 @@ impl WgpuBackend {
         let align = (self.limits.min_storage_buffer_offset_alignment as u64).max(256);
         let mut guard = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         let fits = guard.as_ref().is_some_and(|p| p.used.next_multiple_of(align) + bytes <= p.size);
+        let left = self.expected.fetch_sub(bytes.min(self.expected.load(Ordering::Relaxed)), Ordering::Relaxed);
         if !fits {
-            let size = bytes.max(self.knobs.pool_bytes.min(self.max_binding())).next_multiple_of(32);
+            // Up to the pool size, but no more than the announced bytes still to come (plus the
+            // rows' padding to 8 values and the alignment: 1/64 + 1 MiB).
+            let want = if left > 0 { self.knobs.pool_bytes.min(left + left / 64 + (1 << 20)) } else { self.knobs.pool_bytes };
+            let size = bytes.max(want.min(self.max_binding())).next_multiple_of(32);
             if size > self.max_binding() {
                 return Err(dev_err(format!("a weight block of {bytes} bytes is over this adapter's storage-binding limit of {} bytes", self.max_binding())));
             }
@@ -974,7 +1001,9 @@ impl Backend for WgpuBackend {
     type Mat = WgpuMat;
 
     fn name(&self) -> String {
-        format!("wgpu:{} ({}, {:?}{})", self.api.name(), self.info.name, self.info.backend, if self.subgroup { ", subgroups" } else { "" })
+        let subgroups = if self.subgroup { ", subgroups" } else { "" };
+        let immediates = if self.knobs.immediates { ", immediates" } else { "" };
+        format!("wgpu:{} ({}, {:?}{subgroups}{immediates})", self.api.name(), self.info.name, self.info.backend)
     }
 
     fn zeros(&self, len: usize) -> Result<WgpuBuf> {
@@ -1088,6 +1117,9 @@ impl Backend for WgpuBackend {
             let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
         }
         Ok(WgpuMat { parts, rows, cols, kp, dtype: wd })
+    }
+    fn expect_matrix_bytes(&self, bytes: usize) {
+        self.expected.store(bytes as u64, Ordering::Relaxed);
     }
     fn matrix_bytes(&self, w: &WgpuMat) -> usize {
         let size = match w.dtype {

@@ -67,13 +67,20 @@ pub struct Knobs {
     /// may prefer another shape than the fused projections.
     pub mv_plain: (u32, u32, u32),
     /// Bytes of the device buffers that weight matrices are placed in, one after another (the
-    /// batch-1 GEMV reads several matrices of one pool in one dispatch).
+    /// batch-1 GEMV reads several matrices of one pool in one dispatch; a layer's projections that
+    /// straddle two pools take two). GPUs: 2 GiB (with 512 MiB, 12 of xLSTM-7B's 32 layers
+    /// straddled), capped by the adapter's binding limit and by the bytes the model announced.
     pub pool_bytes: u64,
     /// Fused decode kernels (RMSNorm + projections, RMSNorm + gate/up + activation) for batch 1.
     pub fuse: bool,
     /// Keep wgpu's runtime checks (bounds, loop bounding) in the batch-1 GEMV, which is otherwise
     /// built as a trusted module (its indices are in range by construction).
     pub checked: bool,
+    /// Kernel parameters as immediate data (push constants) set per dispatch, instead of a uniform
+    /// arena written at each submission (which makes the device finish all earlier work first).
+    /// Wanted by default; the backend keeps it only where the adapter has wgpu's IMMEDIATES
+    /// (`XLSTM_WGPU_IMMEDIATES=0`: off).
+    pub immediates: bool,
 }
 
 /// Input rows the GEMV kernel takes at once (more rows go through the GEMM).
@@ -85,19 +92,20 @@ impl Knobs {
         if cpu {
             Knobs {
                 gemv_wg: 32, gemv_rows: 4, gemm_bm: 32, gemm_bn: 32, gemm_bk: 16, gemm_tm: 4, gemm_tn: 4, reduce_wg: 64, elem_wg: 64, cell_cols: 32, cell_split: 2,
-                mv_wg: 32, mv_rows: 2, mv_unroll: 2, mv_plain: (32, 2, 2), pool_bytes: 32 << 20, fuse: true, checked: false,
+                mv_wg: 32, mv_rows: 2, mv_unroll: 2, mv_plain: (32, 2, 2), pool_bytes: 32 << 20, fuse: true, checked: false, immediates: true,
             }
         } else {
             Knobs {
                 gemv_wg: 128, gemv_rows: 4, gemm_bm: 64, gemm_bn: 64, gemm_bk: 16, gemm_tm: 4, gemm_tn: 4, reduce_wg: 256, elem_wg: 256, cell_cols: 16, cell_split: 16,
-                mv_wg: 128, mv_rows: 4, mv_unroll: 2, mv_plain: (128, 4, 2), pool_bytes: 512 << 20, fuse: true, checked: false,
+                mv_wg: 128, mv_rows: 4, mv_unroll: 2, mv_plain: (128, 4, 2), pool_bytes: 2048 << 20, fuse: true, checked: false, immediates: true,
             }
         }
     }
 
     /// `XLSTM_WGPU_GEMV=WGxROWS`, `XLSTM_WGPU_GEMM=BMxBNxBKxTMxTN`, `XLSTM_WGPU_MV=WGxROWSxUNROLL`
     /// (the fused batch-1 GEMVs; also the plain one unless `XLSTM_WGPU_MV_PLAIN=WGxROWSxUNROLL` is set),
-    /// `XLSTM_WGPU_CELL=COLSxSPLIT`, `XLSTM_WGPU_POOL_MB`, `XLSTM_WGPU_FUSE=0` and `XLSTM_WGPU_CHECKED=1` override the defaults.
+    /// `XLSTM_WGPU_CELL=COLSxSPLIT`, `XLSTM_WGPU_POOL_MB`, `XLSTM_WGPU_FUSE=0`, `XLSTM_WGPU_IMMEDIATES=0` and
+    /// `XLSTM_WGPU_CHECKED=1` override the defaults.
     pub fn with_env(mut self) -> Self {
         let nums = |v: String| v.split('x').map(|s| s.trim().parse::<u32>().ok()).collect::<Option<Vec<u32>>>();
         let mv_ok = |v: &Vec<u32>| v.len() == 3 && v[0].is_power_of_two() && (1..=16).contains(&v[1]) && (1..=8).contains(&v[2]);
@@ -118,6 +126,9 @@ impl Knobs {
         }
         if let Ok(v) = std::env::var("XLSTM_WGPU_FUSE") {
             self.fuse = v != "0";
+        }
+        if let Ok(v) = std::env::var("XLSTM_WGPU_IMMEDIATES") {
+            self.immediates = v != "0";
         }
         if let Ok(v) = std::env::var("XLSTM_WGPU_CHECKED") {
             self.checked = v == "1";
@@ -194,6 +205,9 @@ pub fn source(v: &Variant, knobs: &Knobs) -> String {
     defs.extend_from_slice(v.extra);
     if v.subgroup {
         defs.push("SUBGROUP");
+    }
+    if knobs.immediates {
+        defs.push("IMMEDIATES");
     }
     let mut subst = knobs.subst(v.file, v.extra.is_empty());
     let (params, args, fnp) = if v.subgroup {

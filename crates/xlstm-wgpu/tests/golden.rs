@@ -8,6 +8,7 @@ use common::*;
 use xlstm_core::model::LogitRows;
 use xlstm_core::state::LayerState;
 use xlstm_core::{Backend, DType, MlstmKernel, Model};
+use xlstm_wgpu::shaders::Knobs;
 use xlstm_wgpu::{Api, WgpuBackend};
 
 const TOL: f64 = 1e-4;
@@ -15,6 +16,16 @@ const TOL: f64 = 1e-4;
 fn load(case: &str, dtype: DType) -> Option<Model<WgpuBackend>> {
     backend()?;
     Some(Model::load(WgpuBackend::new(Api::Any).unwrap(), &case_dir(case), dtype).expect("golden case loads"))
+}
+
+/// As [`load`], on a backend that passes kernel parameters through the uniform arena even where
+/// the adapter has immediate data (the path of adapters without it).
+fn load_uniform(case: &str) -> Option<Model<WgpuBackend>> {
+    let cpu = backend()?.adapter_info().device_type == wgpu::DeviceType::Cpu;
+    let knobs = Knobs { immediates: false, ..Knobs::for_adapter(cpu).with_env() };
+    let b = WgpuBackend::with_options(Api::Any, true, Some(knobs)).unwrap();
+    assert!(!b.name().contains("immediates"), "{}", b.name());
+    Some(Model::load(b, &case_dir(case), DType::F32).expect("golden case loads"))
 }
 
 fn parallel(case: &str, kernel: Option<MlstmKernel>, check_state: bool) {
@@ -41,7 +52,11 @@ fn parallel(case: &str, kernel: Option<MlstmKernel>, check_state: bool) {
 }
 
 fn step(case: &str) {
-    let Some(mut model) = load(case, DType::F32) else { return };
+    let Some(model) = load(case, DType::F32) else { return };
+    step_on(model, case);
+}
+
+fn step_on(mut model: Model<WgpuBackend>, case: &str) {
     let exp = Expected::load(case);
     let ids = exp.ids("input_ids");
     let mut st = model.new_state(1).unwrap();
@@ -71,6 +86,13 @@ fn large_tiny_sequence_kernel() {
 #[test]
 fn large_tiny_step_logits() {
     step("large_tiny");
+}
+#[test]
+fn steps_with_parameters_in_the_uniform_arena() {
+    for case in ["large_tiny", "lm_tiny"] {
+        let Some(model) = load_uniform(case) else { return };
+        step_on(model, case);
+    }
 }
 #[test]
 fn large_tiny_greedy() {

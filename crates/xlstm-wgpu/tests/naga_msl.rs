@@ -1,5 +1,5 @@
 //! Every WGSL variant the backend can build (each kernel file × weight dtype × subgroups on/off, with
-//! the default knobs of both adapter classes) is parsed and validated by naga and translated to Metal
+//! the default knobs of both adapter classes, and kernel parameters as immediate data) is parsed and validated by naga and translated to Metal
 //! Shading Language, entry point by entry point, with explicit buffer slots (no fake bindings) —
 //! as wgpu's Metal backend does on macOS. A kernel naga's MSL writer rejects cannot land. (This is
 //! naga's check, not Apple's compiler: see the README for what is verified on Apple hardware.)
@@ -12,7 +12,8 @@ fn to_msl(name: &str, wgsl: &str) -> usize {
     // SUBGROUP: requested only where the adapter has it (the variants without it use none).
     // SHADER_FLOAT16_IN_FLOAT32 (unpack2x16float): a downlevel flag every Vulkan, Metal and DX12
     // adapter has; it is not the SHADER_F16 feature (no f16 arithmetic is used).
-    let mut validator = Validator::new(ValidationFlags::all(), Capabilities::SUBGROUP | Capabilities::SHADER_FLOAT16_IN_FLOAT32);
+    // IMMEDIATES: the variants with kernel parameters as immediate data (push constants).
+    let mut validator = Validator::new(ValidationFlags::all(), Capabilities::SUBGROUP | Capabilities::SHADER_FLOAT16_IN_FLOAT32 | Capabilities::IMMEDIATES);
     validator.subgroup_stages(ShaderStages::COMPUTE).subgroup_operations(SubgroupOperationSet::all());
     let info = validator.validate(&module).unwrap_or_else(|e| panic!("{name}: naga validation error:\n{}", e.emit_to_string(wgsl)));
     // Every resource gets the Metal buffer slot of its binding number, for every entry point.
@@ -25,7 +26,7 @@ fn to_msl(name: &str, wgsl: &str) -> usize {
     }
     let mut per_entry_point_map = msl::EntryPointResourceMap::new();
     for ep in &module.entry_points {
-        per_entry_point_map.insert(ep.name.clone(), msl::EntryPointResources { resources: resources.clone(), immediates_buffer: None, sizes_buffer: Some(30) });
+        per_entry_point_map.insert(ep.name.clone(), msl::EntryPointResources { resources: resources.clone(), immediates_buffer: Some(29), sizes_buffer: Some(30) });
     }
     let options = msl::Options { lang_version: (2, 4), per_entry_point_map, fake_missing_bindings: false, ..Default::default() };
     let mut count = 0;
@@ -41,14 +42,15 @@ fn to_msl(name: &str, wgsl: &str) -> usize {
 #[test]
 fn every_wgsl_variant_translates_to_msl() {
     let mut entries = 0;
-    for knobs in [Knobs::for_adapter(false), Knobs::for_adapter(true)] {
+    let uniform = Knobs { immediates: false, ..Knobs::for_adapter(false) };
+    for knobs in [Knobs::for_adapter(false), Knobs::for_adapter(true), uniform] {
         for v in all_variants() {
             let name = format!("{}.wgsl [{:?}, subgroups {}]", v.file, v.dtype, v.subgroup);
             entries += to_msl(&name, &source(&v, &knobs));
         }
     }
     eprintln!("{entries} entry points translated to MSL");
-    assert!(entries >= 2 * 30, "expected every kernel's entry points, got {entries}");
+    assert!(entries >= 3 * 30, "expected every kernel's entry points, got {entries}");
 }
 
 /// The preprocessor keeps the right branch and substitutes every knob.
