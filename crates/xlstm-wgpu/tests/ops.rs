@@ -269,6 +269,8 @@ fn conv1d() {
 
 struct MlstmOut {
     h: Vec<f32>,
+    /// With an out_proj: acc + out_proj · hn (acc random).
+    y: Vec<f32>,
     c: Vec<f32>,
     n: Vec<f32>,
     m: Vec<f32>,
@@ -276,6 +278,13 @@ struct MlstmOut {
 
 #[allow(clippy::too_many_arguments)]
 fn mlstm_on<B: Backend>(b: &B, d: MlstmDims, rows: usize, batch: usize, kernel: Option<MlstmKernel>, gated: bool, seed: u64) -> MlstmOut {
+    mlstm_out_on(b, d, rows, batch, kernel, gated, seed, None)
+}
+
+/// As [`mlstm_on`]; with `out_proj` (gated only), then `acc += out_proj · hn` (a 37-row matrix of
+/// that dtype) as the xlstm-large block runs it, before anything else reads hn.
+#[allow(clippy::too_many_arguments)]
+fn mlstm_out_on<B: Backend>(b: &B, d: MlstmDims, rows: usize, batch: usize, kernel: Option<MlstmKernel>, gated: bool, seed: u64, out_proj: Option<DType>) -> MlstmOut {
     let nh = d.heads;
     let q = b.upload(&rnd(rows * nh * d.dk, seed, 1.0)).unwrap();
     let k = b.upload(&rnd(rows * nh * d.dk, seed + 1, 1.0)).unwrap();
@@ -295,8 +304,17 @@ fn mlstm_on<B: Backend>(b: &B, d: MlstmDims, rows: usize, batch: usize, kernel: 
     };
     let mut h = b.zeros(rows * nh * d.dv).unwrap();
     let mut hn = b.zeros(rows * nh * d.dv).unwrap();
+    let mut y = Vec::new();
     if gated {
         b.mlstm_gated_cell(kernel, d, rows, &q, &k, &v, &o, &mut i, &mut f, &ib, &fb, 15.0, &mut s, 1e-6, &norm, 1e-6, &mut h, &mut hn).unwrap();
+        if let Some(dt) = out_proj {
+            let dm = 37;
+            let w = b.matrix(HostTensor::f32(vec![dm, nh * d.dv], rnd(dm * nh * d.dv, seed + 12, 0.3)), dt).unwrap();
+            let mut acc = b.upload(&rnd(rows * dm, seed + 13, 1.0)).unwrap();
+            let mut tmp = b.zeros(rows * dm).unwrap();
+            b.matmul_add(&hn, rows, &w, dm, &mut tmp, &mut acc).unwrap();
+            y = b.download(&acc, rows * dm).unwrap();
+        }
         h = hn;
     } else {
         match kernel {
@@ -305,10 +323,38 @@ fn mlstm_on<B: Backend>(b: &B, d: MlstmDims, rows: usize, batch: usize, kernel: 
         }
     }
     MlstmOut {
+        y,
         h: b.download(&h, rows * nh * d.dv).unwrap(),
         c: b.download(&s.c, batch * nh * d.dk * d.dv).unwrap(),
         n: b.download(&s.n, batch * nh * d.dk).unwrap(),
         m: b.download(&s.m, batch * nh).unwrap(),
+    }
+}
+
+/// The decode cell followed by out_proj, as the block runs them: on the wgpu backend at batch 1
+/// the head norm and output gate run inside out_proj's GEMV (and still leave hn, n and m).
+#[test]
+fn gated_cell_then_out_proj() {
+    let Some(g) = own_backend() else { return };
+    let cpu = CpuBackend::new();
+    for d in [MlstmDims { heads: 3, dk: 24, dv: 40 }, MlstmDims { heads: 2, dk: 16, dv: 64 }] {
+        for dt in [DType::F32, DType::BF16] {
+            for rows in [1, 2] {
+                let (_, d0) = g.counters();
+                let a = mlstm_out_on(&g, d, rows, rows, None, true, 60, Some(dt));
+                let (_, d1) = g.counters();
+                if rows == 1 {
+                    assert_eq!(d1 - d0, 2, "batch 1: the cell, then out_proj with the head norm inside");
+                }
+                let b = mlstm_out_on(&cpu, d, rows, rows, None, true, 60, Some(dt));
+                let what = format!("gated cell + out_proj {d:?} {dt:?} rows {rows}");
+                close(&format!("{what}: y"), &a.y, &b.y, CELL);
+                close(&format!("{what}: hn"), &a.h, &b.h, CELL);
+                close(&format!("{what}: C"), &a.c, &b.c, CELL);
+                close(&format!("{what}: n"), &a.n, &b.n, CELL);
+                close(&format!("{what}: m"), &a.m, &b.m, CELL);
+            }
+        }
     }
 }
 
