@@ -49,8 +49,8 @@
 const MAXH: u32 = 16u;
 // Per head: mean and 1/sqrt(var + eps) of h.
 var<workgroup> hs: array<vec2<f32>, MAXH>;
-// Partial sums of the head statistics (per subgroup, or one tree).
-var<workgroup> hred: array<f32, {{WG}} * 4>;
+// Partial sums of the head statistics: 2·MAXH per subgroup (subgroups of ≥ 4), or two trees.
+var<workgroup> hred: array<f32, {{WG}} * 8>;
 //#endif
 
 const WG: u32 = {{WG}}u;
@@ -97,56 +97,94 @@ fn sigmoid4(v: vec4<f32>) -> vec4<f32> { return 1.0 / (1.0 + exp(-v)); }
 
 fn hval(i: u32) -> f32 { return x4[i / 4u][i % 4u]; }
 
-// Sums v[0..nh) over the workgroup (every invocation gets the totals).
-fn hreduce(v: ptr<function, array<f32, MAXH>>, nh: u32, lid: u32 {{SG_FN}}) {
+// Sums a[0..nh) and b[0..nh) over the workgroup (every invocation gets the totals).
+fn hreduce(a: ptr<function, array<f32, MAXH>>, b: ptr<function, array<f32, MAXH>>, nh: u32, lid: u32 {{SG_FN}}) {
 //#if SUBGROUP
     let sg = lid / sgs;
     let nsg = (WG + sgs - 1u) / sgs;
     for (var hd = 0u; hd < nh; hd++) {
-        let t = subgroupAdd((*v)[hd]);
-        if (sgl == 0u) { hred[sg * MAXH + hd] = t; }
+        let ta = subgroupAdd((*a)[hd]);
+        let tb = subgroupAdd((*b)[hd]);
+        if (sgl == 0u) {
+            hred[sg * 2u * MAXH + hd] = ta;
+            hred[sg * 2u * MAXH + MAXH + hd] = tb;
+        }
     }
     workgroupBarrier();
     for (var hd = 0u; hd < nh; hd++) {
-        var t = 0.0;
-        for (var i = 0u; i < nsg; i++) { t += hred[i * MAXH + hd]; }
-        (*v)[hd] = t;
+        var ta = 0.0;
+        var tb = 0.0;
+        for (var i = 0u; i < nsg; i++) {
+            ta += hred[i * 2u * MAXH + hd];
+            tb += hred[i * 2u * MAXH + MAXH + hd];
+        }
+        (*a)[hd] = ta;
+        (*b)[hd] = tb;
     }
     workgroupBarrier();
 //#else
     for (var hd = 0u; hd < nh; hd++) {
-        hred[lid] = (*v)[hd];
+        hred[lid] = (*a)[hd];
+        hred[WG + lid] = (*b)[hd];
         workgroupBarrier();
         for (var h = WG / 2u; h > 0u; h = h / 2u) {
-            if (lid < h) { hred[lid] += hred[lid + h]; }
+            if (lid < h) {
+                hred[lid] += hred[lid + h];
+                hred[WG + lid] += hred[WG + lid + h];
+            }
             workgroupBarrier();
         }
-        (*v)[hd] = hred[0];
+        (*a)[hd] = hred[0];
+        (*b)[hd] = hred[WG];
         workgroupBarrier();
     }
 //#endif
 }
 
-// The per-head statistics of h into `hs` (two passes: mean, then the centred squares).
+// The per-head statistics of h into `hs`. Where a head's DV/4 vec4s are a multiple of WG, step r
+// of every invocation reads a vec4 of the same head: one pass of vec4 loads summing values and
+// squares (var = E[h²] − mean², in f32; h of a head has a mean small against its spread), one
+// reduction. Otherwise two passes (mean, then centred squares) of scalar loads.
 fn head_stats(lid: u32 {{SG_FN}}) {
     let nh = pu(5u);
     let dv = pu(6u);
     var mean: array<f32, MAXH>;
-    for (var hd = 0u; hd < nh; hd++) {
-        var s = 0.0;
-        for (var j = lid; j < dv; j += WG) { s += hval(hd * dv + j); }
-        mean[hd] = s;
-    }
-    hreduce(&mean, nh, lid {{SG_ARGS}});
     var sq: array<f32, MAXH>;
-    for (var hd = 0u; hd < nh; hd++) {
-        mean[hd] /= f32(dv);
-        var s = 0.0;
-        for (var j = lid; j < dv; j += WG) { let d = hval(hd * dv + j) - mean[hd]; s += d * d; }
-        sq[hd] = s;
+    if ((dv / 4u) % WG == 0u) {
+        let per = dv / (4u * WG);
+        for (var hd = 0u; hd < nh; hd++) {
+            var s = 0.0;
+            var q = 0.0;
+            for (var r = 0u; r < per; r++) {
+                let v = x4[(hd * per + r) * WG + lid];
+                s += v.x + v.y + v.z + v.w;
+                q += dot(v, v);
+            }
+            mean[hd] = s;
+            sq[hd] = q;
+        }
+        hreduce(&mean, &sq, nh, lid {{SG_ARGS}});
+        if (lid < nh) {
+            let mu = mean[lid] / f32(dv);
+            hs[lid] = vec2<f32>(mu, 1.0 / sqrt(max(sq[lid] / f32(dv) - mu * mu, 0.0) + pf(2u)));
+        }
+    } else {
+        var unused: array<f32, MAXH>;
+        for (var hd = 0u; hd < nh; hd++) {
+            var s = 0.0;
+            for (var j = lid; j < dv; j += WG) { s += hval(hd * dv + j); }
+            mean[hd] = s;
+        }
+        hreduce(&mean, &unused, nh, lid {{SG_ARGS}});
+        for (var hd = 0u; hd < nh; hd++) {
+            mean[hd] /= f32(dv);
+            var s = 0.0;
+            for (var j = lid; j < dv; j += WG) { let d = hval(hd * dv + j) - mean[hd]; s += d * d; }
+            sq[hd] = s;
+        }
+        hreduce(&sq, &unused, nh, lid {{SG_ARGS}});
+        if (lid < nh) { hs[lid] = vec2<f32>(mean[lid], 1.0 / sqrt(sq[lid] / f32(dv) + pf(2u))); }
     }
-    hreduce(&sq, nh, lid {{SG_ARGS}});
-    if (lid < nh) { hs[lid] = vec2<f32>(mean[lid], 1.0 / sqrt(sq[lid] / f32(dv) + pf(2u))); }
     workgroupBarrier();
 }
 //#endif
