@@ -23,8 +23,8 @@
 //
 // HNORM (one slot, the mLSTM block's out_proj at batch 1): x is the mLSTM cell's h [NH·DV] and the
 // product's input is hn = σ(o) ⊙ LayerNorm_head(h) ⊙ g (as mlstm.wgsl's mlstm_norm), made on the
-// fly: every workgroup first reduces the per-head mean and variance of h (NH ≤ 16); workgroup 0
-// also commits the cell's state (n' = f'n + i'k, m', from scal) and writes hn to xn. Bindings 12 o,
+// fly: every workgroup first reduces the per-head mean and variance of h (NH ≤ 16); the workgroups
+// also commit the cell's state (n' = f'n + i'k, m', from scal) and write hn to xn. Bindings 12 o,
 // 13 k, 14 n rw, 15 m rw, 16 scal. Params: 5 NH, 6 DV, 7 DK (2 eps: the head norm's).
 
 @group(0) @binding(1) var<storage, read> wa: array<vec4<u32>>;
@@ -311,17 +311,22 @@ fn mv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u
 
 //#if HNORM
     head_stats(lid {{SG_ARGS}});
-    if (gid == 0u) {
+    {
+        // The state commit and hn, spread over the dispatch's workgroups (one workgroup doing it
+        // all made the dispatch wait for it).
         let nh = pu(5u);
         let dk = pu(7u);
-        for (var i = lid; i < nh * dk; i += WG) {
-            let u = i / dk;
-            nst[i] = scal[u * 4u] * nst[i] + scal[u * 4u + 1u] * kv[i];
-        }
-        if (lid < nh) { mst[lid] = scal[lid * 4u + 2u]; }
-        for (var c = lid; c < k; c += WG) {
-            let st = hs[c / pu(6u)];
-            xn[c] = (hval(c) - st.x) * st.y * g4[c / 4u][c % 4u] * sigmoid(og4[c / 4u][c % 4u]);
+        let stride = ((n + R - 1u) / R) * WG;
+        for (var e = gid * WG + lid; e < max(k, nh * dk); e += stride) {
+            if (e < nh * dk) {
+                let u = e / dk;
+                nst[e] = scal[u * 4u] * nst[e] + scal[u * 4u + 1u] * kv[e];
+            }
+            if (e < nh) { mst[e] = scal[e * 4u + 2u]; }
+            if (e < k) {
+                let st = hs[e / pu(6u)];
+                xn[e] = (hval(e) - st.x) * st.y * g4[e / 4u][e % 4u] * sigmoid(og4[e / 4u][e % 4u]);
+            }
         }
     }
 //#endif
