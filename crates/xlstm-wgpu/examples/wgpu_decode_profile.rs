@@ -54,7 +54,7 @@ fn main() {
     // Pacings, unprofiled; each after a warm-up (pipelines, bind groups, clocks).
     model.backend.set_profiling(false);
     let defaults = (model.backend.submit_every(), model.backend.submit_first(), model.backend.submit_ramp());
-    let list = std::env::var("SUBMISSIONS").unwrap_or_else(|_| "128:2:1,128:2:1,64:2:1,32:2:1,256:2:1,128:4:1".into());
+    let list = std::env::var("SUBMISSIONS").unwrap_or_else(|_| "128:2:1,128:2:1,256:2:1,64:2:1,32:2:1,128:2:0".into());
     for setting in list.split(',').filter(|s| !s.is_empty()) {
         let v: Vec<u64> = setting.split(':').filter_map(|x| x.parse().ok()).collect();
         if v.len() != 3 {

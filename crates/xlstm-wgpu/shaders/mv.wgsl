@@ -20,12 +20,6 @@
 // {{R}} sums (PAIR: 2·{{R}}) and the sum of squares are then reduced over the workgroup (subgroupAdd
 // + workgroup memory, or a workgroup-memory tree without subgroups).
 // Dispatch: Σ_s ceil(rows_s / {{R}}) groups, spread over y past 65535.
-//
-// HNORM (one slot, the mLSTM block's out_proj at batch 1): x is the mLSTM cell's h [NH·DV] and the
-// product's input is hn = σ(o) ⊙ LayerNorm_head(h) ⊙ g (as mlstm.wgsl's mlstm_norm), made on the
-// fly: every workgroup first reduces the per-head mean and variance of h (NH ≤ 16); the workgroups
-// also commit the cell's state (n' = f'n + i'k, m', from scal) and write hn to xn. Bindings 12 o,
-// 13 k, 14 n rw, 15 m rw, 16 scal. Params: 5 NH, 6 DV, 7 DK (2 eps: the head norm's).
 
 @group(0) @binding(1) var<storage, read> wa: array<vec4<u32>>;
 @group(0) @binding(2) var<storage, read> wb: array<vec4<u32>>;
@@ -38,20 +32,6 @@
 @group(0) @binding(9) var<storage, read_write> y3: array<f32>;
 @group(0) @binding(10) var<storage, read_write> y4: array<f32>;
 @group(0) @binding(11) var<storage, read_write> y5: array<f32>;
-
-//#if HNORM
-@group(0) @binding(12) var<storage, read> og4: array<vec4<f32>>;
-@group(0) @binding(13) var<storage, read> kv: array<f32>;
-@group(0) @binding(14) var<storage, read_write> nst: array<f32>;
-@group(0) @binding(15) var<storage, read_write> mst: array<f32>;
-@group(0) @binding(16) var<storage, read> scal: array<f32>;
-
-const MAXH: u32 = 16u;
-// Per head: mean and 1/sqrt(var + eps) of h.
-var<workgroup> hs: array<vec2<f32>, MAXH>;
-// Partial sums of the head statistics: 2·MAXH per subgroup (subgroups of ≥ 4), or two trees.
-var<workgroup> hred: array<f32, {{WG}} * 8>;
-//#endif
 
 const WG: u32 = {{WG}}u;
 const R: u32 = {{R}}u;
@@ -73,12 +53,6 @@ struct X8 { a: vec4<f32>, b: vec4<f32>, e: vec4<f32>, o: vec4<f32> }
 fn x8(c: u32, k: u32, masked: bool, ss: ptr<function, f32>) -> X8 {
     var a = x4[2u * c];
     var b = x4[2u * c + 1u];
-//#if HNORM
-    // DV is a multiple of 8: the chunk lies in one head.
-    let st = hs[(c * 8u) / pu(6u)];
-    a = (a - st.x) * st.y * g4[2u * c] * sigmoid4(og4[2u * c]);
-    b = (b - st.x) * st.y * g4[2u * c + 1u] * sigmoid4(og4[2u * c + 1u]);
-//#endif
     if (masked) {
         let col = vec4<u32>(c * 8u) + vec4<u32>(0u, 1u, 2u, 3u);
         a = select(vec4<f32>(0.0), a, col < vec4<u32>(k));
@@ -91,103 +65,6 @@ fn x8(c: u32, k: u32, masked: bool, ss: ptr<function, f32>) -> X8 {
 //#endif
     return X8(a, b, vec4<f32>(a.x, a.z, b.x, b.z), vec4<f32>(a.y, a.w, b.y, b.w));
 }
-
-//#if HNORM
-fn sigmoid4(v: vec4<f32>) -> vec4<f32> { return 1.0 / (1.0 + exp(-v)); }
-
-fn hval(i: u32) -> f32 { return x4[i / 4u][i % 4u]; }
-
-// Sums a[0..nh) and b[0..nh) over the workgroup (every invocation gets the totals).
-fn hreduce(a: ptr<function, array<f32, MAXH>>, b: ptr<function, array<f32, MAXH>>, nh: u32, lid: u32 {{SG_FN}}) {
-//#if SUBGROUP
-    let sg = lid / sgs;
-    let nsg = (WG + sgs - 1u) / sgs;
-    for (var hd = 0u; hd < nh; hd++) {
-        let ta = subgroupAdd((*a)[hd]);
-        let tb = subgroupAdd((*b)[hd]);
-        if (sgl == 0u) {
-            hred[sg * 2u * MAXH + hd] = ta;
-            hred[sg * 2u * MAXH + MAXH + hd] = tb;
-        }
-    }
-    workgroupBarrier();
-    for (var hd = 0u; hd < nh; hd++) {
-        var ta = 0.0;
-        var tb = 0.0;
-        for (var i = 0u; i < nsg; i++) {
-            ta += hred[i * 2u * MAXH + hd];
-            tb += hred[i * 2u * MAXH + MAXH + hd];
-        }
-        (*a)[hd] = ta;
-        (*b)[hd] = tb;
-    }
-    workgroupBarrier();
-//#else
-    for (var hd = 0u; hd < nh; hd++) {
-        hred[lid] = (*a)[hd];
-        hred[WG + lid] = (*b)[hd];
-        workgroupBarrier();
-        for (var h = WG / 2u; h > 0u; h = h / 2u) {
-            if (lid < h) {
-                hred[lid] += hred[lid + h];
-                hred[WG + lid] += hred[WG + lid + h];
-            }
-            workgroupBarrier();
-        }
-        (*a)[hd] = hred[0];
-        (*b)[hd] = hred[WG];
-        workgroupBarrier();
-    }
-//#endif
-}
-
-// The per-head statistics of h into `hs`. Where a head's DV/4 vec4s are a multiple of WG, step r
-// of every invocation reads a vec4 of the same head: one pass of vec4 loads summing values and
-// squares (var = E[h²] − mean², in f32; h of a head has a mean small against its spread), one
-// reduction. Otherwise two passes (mean, then centred squares) of scalar loads.
-fn head_stats(lid: u32 {{SG_FN}}) {
-    let nh = pu(5u);
-    let dv = pu(6u);
-    var mean: array<f32, MAXH>;
-    var sq: array<f32, MAXH>;
-    if ((dv / 4u) % WG == 0u) {
-        let per = dv / (4u * WG);
-        for (var hd = 0u; hd < nh; hd++) {
-            var s = 0.0;
-            var q = 0.0;
-            for (var r = 0u; r < per; r++) {
-                let v = x4[(hd * per + r) * WG + lid];
-                s += v.x + v.y + v.z + v.w;
-                q += dot(v, v);
-            }
-            mean[hd] = s;
-            sq[hd] = q;
-        }
-        hreduce(&mean, &sq, nh, lid {{SG_ARGS}});
-        if (lid < nh) {
-            let mu = mean[lid] / f32(dv);
-            hs[lid] = vec2<f32>(mu, 1.0 / sqrt(max(sq[lid] / f32(dv) - mu * mu, 0.0) + pf(2u)));
-        }
-    } else {
-        var unused: array<f32, MAXH>;
-        for (var hd = 0u; hd < nh; hd++) {
-            var s = 0.0;
-            for (var j = lid; j < dv; j += WG) { s += hval(hd * dv + j); }
-            mean[hd] = s;
-        }
-        hreduce(&mean, &unused, nh, lid {{SG_ARGS}});
-        for (var hd = 0u; hd < nh; hd++) {
-            mean[hd] /= f32(dv);
-            var s = 0.0;
-            for (var j = lid; j < dv; j += WG) { let d = hval(hd * dv + j) - mean[hd]; s += d * d; }
-            sq[hd] = s;
-        }
-        hreduce(&sq, &unused, nh, lid {{SG_ARGS}});
-        if (lid < nh) { hs[lid] = vec2<f32>(mean[lid], 1.0 / sqrt(sq[lid] / f32(dv) + pf(2u))); }
-    }
-    workgroupBarrier();
-}
-//#endif
 
 fn dot16(u: vec4<u32>, x: X8) -> f32 {
 //#if F16
@@ -309,27 +186,6 @@ fn mv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u
     ro.b[$j] = pu(17u) + min(j0 + $j, n - 1u) * stride;
 //#endunroll
 
-//#if HNORM
-    head_stats(lid {{SG_ARGS}});
-    {
-        // The state commit and hn, spread over the dispatch's workgroups (one workgroup doing it
-        // all made the dispatch wait for it).
-        let nh = pu(5u);
-        let dk = pu(7u);
-        let stride = ((n + R - 1u) / R) * WG;
-        for (var e = gid * WG + lid; e < max(k, nh * dk); e += stride) {
-            if (e < nh * dk) {
-                let u = e / dk;
-                nst[e] = scal[u * 4u] * nst[e] + scal[u * 4u + 1u] * kv[e];
-            }
-            if (e < nh) { mst[e] = scal[e * 4u + 2u]; }
-            if (e < k) {
-                let st = hs[e / pu(6u)];
-                xn[e] = (hval(e) - st.x) * st.y * g4[e / 4u][e % 4u] * sigmoid(og4[e / 4u][e % 4u]);
-            }
-        }
-    }
-//#endif
     var acc: array<f32, NR>; // zero-initialised
     var ss = 0.0;
     let full = k / 8u;
@@ -400,11 +256,6 @@ fn mv(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u
 //#else
         let v = red[lid] * inv;
 //#endif
-//#if HNORM
-        let i = pu(24u) + j0 + lid;
-        y0[i] = select(v, y0[i] + v, (flags & 2u) != 0u);
-//#else
         store(s, pu(24u + s) + j0 + lid, v, (flags & 2u) != 0u);
-//#endif
     }
 }

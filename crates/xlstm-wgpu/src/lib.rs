@@ -174,7 +174,6 @@ fn bindings(entry: &str) -> &'static [(u32, Acc)] {
     match entry {
         "gemv" | "gemm" | "embed" | "rms_norm" => &[(1, R), (2, R), (3, W)],
         "mv" | "mv_norm" | "mv_pair" => &[(1, R), (2, R), (3, R), (4, R), (5, W), (6, W), (7, W), (8, W), (9, W), (10, W), (11, W)],
-        "mv_hnorm" => &[(1, R), (3, R), (4, R), (5, W), (6, W), (12, R), (13, R), (14, W), (15, W), (16, R)],
         "group_norm" => &[(1, R), (2, R), (4, R), (5, R), (6, W)],
         "bias_soft_cap" => &[(1, W), (2, R)],
         "add" => &[(3, W), (4, R)],
@@ -199,7 +198,7 @@ fn bindings(entry: &str) -> &'static [(u32, Acc)] {
 fn file_of(entry: &str) -> &'static str {
     match entry {
         "gemv" => "gemv",
-        "mv" | "mv_norm" | "mv_pair" | "mv_hnorm" => "mv",
+        "mv" | "mv_norm" | "mv_pair" => "mv",
         "stream_copy" | "stream_read" => "stream",
         "gemm" => "gemm",
         "embed" => "embed",
@@ -218,7 +217,6 @@ fn flavour_of(entry: &'static str) -> (&'static [&'static str], &'static str) {
         "mv" => (shaders::MV_FLAVOURS[0], "mv"),
         "mv_norm" => (shaders::MV_FLAVOURS[1], "mv"),
         "mv_pair" => (shaders::MV_FLAVOURS[2], "mv"),
-        "mv_hnorm" => (shaders::MV_FLAVOURS[3], "mv"),
         other => (&[], other),
     }
 }
@@ -256,27 +254,11 @@ struct Rec {
     host: HostTimes,
     /// Device timestamps after every dispatch (`XLSTM_WGPU_PROFILE=1`).
     prof: Option<GpuProfiler>,
-    /// A decode step's mLSTM head norm not yet recorded (see [`HeadNorm`]).
-    head_norm: Option<HeadNorm>,
-}
-
-/// The second half of the batch-1 gated mLSTM step (commit n, m; hn = σ(o) ⊙ LN_head(h) ⊙ g),
-/// held back by `mlstm_decode_gated` so that the op that reads hn next, the block's out_proj
-/// (`matmul_add`), can do it inside its GEMV (`mv_hnorm`: one dispatch fewer per layer). Any
-/// other op records it first as its own dispatch (`mlstm_norm`), so every result stays as if it had
-/// run at once.
-struct HeadNorm {
-    /// k, n, m, scal, h, norm weight, o, hn: `mlstm_norm`'s buffers in its binding order.
-    bufs: [Arc<Raw>; 8],
-    params: [u32; 5],
-    units: usize,
 }
 
 /// Parameter words per dispatch, and the arena's size.
 const PARAM_WORDS: usize = 32;
 const ARENA_BYTES: u64 = 4 << 20;
-/// Heads the fused head norm (`mv_hnorm`) takes (its workgroup arrays).
-const HNORM_MAX_HEADS: usize = 16;
 /// Token ids an embedding dispatch takes in its parameter words (after its 4 own).
 const EMBED_INLINE_IDS: usize = PARAM_WORDS - 4;
 
@@ -407,8 +389,8 @@ impl WgpuBackend {
         // long recording while the host still records (XLSTM_WGPU_SUBMIT_EVERY).
         // Default on GPUs: every 128 dispatches, reached by the ramp below (the GPU starts on a
         // decode step's first layers while wgpu encodes the rest; each submission boundary costs
-        // the device ~15 µs, so few; 7B decode on an H200, ms per token: 128 5.46, 64 5.47, 32
-        // 5.52, one submission per step 6.36); CPU adapters: 0.
+        // the device ~15 µs, so few; 7B decode on an H200, ms per token: 256 5.43, 128 5.45–5.46,
+        // 64 5.47, 32 5.52, one submission per step 6.36); CPU adapters: 0.
         let cpu = info.device_type == wgpu::DeviceType::Cpu;
         let submit_every = std::env::var("XLSTM_WGPU_SUBMIT_EVERY").ok().and_then(|v| v.parse().ok()).unwrap_or(if cpu { 0 } else { 128 });
         // After the host waited (a decode step's logits), the device is idle: the first submission
@@ -429,7 +411,7 @@ impl WgpuBackend {
         let dummy_w = make_buf(&device, &dead, 4, None);
         let fused = knobs.fuse && limits.max_storage_buffers_per_shader_stage >= 11;
         let fused_cell = knobs.fuse && limits.max_storage_buffers_per_shader_stage >= 12;
-        let part_limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size) / 32 * 32;
+        let part_limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         let prof = GpuProfiler::new(&device, &queue);
         Ok(WgpuBackend {
             device,
@@ -468,7 +450,6 @@ impl WgpuBackend {
                 submit_next: submit_every,
                 host: HostTimes::default(),
                 prof,
-                head_norm: None,
             }),
         })
     }
@@ -610,27 +591,11 @@ impl WgpuBackend {
 
     /// As [`Self::dispatch`], with buffer ranges.
     fn dispatch_binds(&self, entry: &'static str, dtype: WDType, bufs: &[Bind<'_>], params: &[u32], groups: (u32, u32, u32)) -> Result<()> {
-        let mut guard = self.lock();
-        self.settle(&mut guard)?;
-        self.record(&mut guard, entry, dtype, bufs, params, groups)
-    }
-
-    /// Records a held-back head norm (if any) as its own dispatch.
-    fn settle(&self, rec: &mut Rec) -> Result<()> {
-        match rec.head_norm.take() {
-            Some(h) => {
-                let binds: Vec<Bind<'_>> = h.bufs.iter().map(whole).collect();
-                self.record(rec, "mlstm_norm", WDType::F32, &binds, &h.params, split(h.units as u64))
-            }
-            None => Ok(()),
-        }
-    }
-
-    /// Records one dispatch into the pending pass (the caller holds the lock and has settled).
-    fn record(&self, rec: &mut Rec, entry: &'static str, dtype: WDType, bufs: &[Bind<'_>], params: &[u32], groups: (u32, u32, u32)) -> Result<()> {
         if groups.0 == 0 || groups.1 == 0 || groups.2 == 0 {
             return Ok(());
         }
+        let mut guard = self.lock();
+        let rec = &mut *guard;
         let t0 = std::time::Instant::now();
         let pipe = self.pipe(rec, entry, dtype);
         assert_eq!(bufs.len(), pipe.bindings.len(), "{entry}: wrong number of buffers");
@@ -737,7 +702,6 @@ impl WgpuBackend {
         if rec.prof.is_none() {
             return Ok(Vec::new());
         }
-        self.settle(rec)?;
         rec.pass = None;
         let enc = rec.encoder.get_or_insert_with(|| self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("xlstm") }));
         rec.prof.as_ref().expect("checked above").resolve(enc);
@@ -750,7 +714,6 @@ impl WgpuBackend {
     /// Submits everything recorded so far and waits for the device to finish it.
     pub fn sync(&self) -> Result<()> {
         let mut rec = self.lock();
-        self.settle(&mut rec)?;
         self.flush(&mut rec);
         rec.idle = true;
         self.wait(&mut rec)
@@ -768,8 +731,7 @@ impl WgpuBackend {
             // Up to the pool size, but no more than the announced bytes still to come (plus the
             // rows' padding to 8 values and the alignment: 1/64 + 1 MiB).
             let want = if left > 0 { self.knobs.pool_bytes.min(left + left / 64 + (1 << 20)) } else { self.knobs.pool_bytes };
-            // (rounded down to 32 bytes under the limit: NVIDIA's Vulkan binding limit is 2^31 − 4)
-            let size = bytes.next_multiple_of(32).max(want.min(self.max_binding()) / 32 * 32);
+            let size = bytes.max(want.min(self.max_binding())).next_multiple_of(32);
             if size > self.max_binding() {
                 return Err(dev_err(format!("a weight block of {bytes} bytes is over this adapter's storage-binding limit of {} bytes", self.max_binding())));
             }
@@ -1061,7 +1023,6 @@ impl Backend for WgpuBackend {
         let bytes = (len * 4) as u64;
         let mut guard = self.lock();
         let rec = &mut *guard;
-        self.settle(rec)?;
         if rec.staging.as_ref().is_none_or(|(_, n)| *n < bytes) {
             let size = bytes.next_power_of_two().max(1 << 16);
             let b = self.device.create_buffer(&wgpu::BufferDescriptor { label: Some("staging"), size, usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
@@ -1099,7 +1060,6 @@ impl Backend for WgpuBackend {
         }
         let mut guard = self.lock();
         let rec = &mut *guard;
-        self.settle(rec)?;
         rec.pass = None;
         if rec.encoder.is_none() {
             rec.encoder = Some(self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("xlstm") }));
@@ -1173,7 +1133,6 @@ impl Backend for WgpuBackend {
     }
     fn release_cache(&self) -> Result<()> {
         let mut rec = self.lock();
-        self.settle(&mut rec)?;
         self.flush(&mut rec);
         rec.groups.clear();
         rec.scratch.clear();
@@ -1217,9 +1176,6 @@ impl Backend for WgpuBackend {
     fn matmul_add(&self, x: &WgpuBuf, rows: usize, w: &WgpuMat, out: usize, _tmp: &mut WgpuBuf, acc: &mut WgpuBuf) -> Result<()> {
         if out != w.rows {
             return Err(dev_err(format!("matmul_add: `out` {out} differs from the matrix's {} rows", w.rows)));
-        }
-        if rows == 1 && acc.len >= w.rows && self.mv_head_norm(x, w, acc)? {
-            return Ok(());
         }
         self.mm(x, rows, w, acc, true)
     }
@@ -1477,37 +1433,7 @@ impl WgpuBackend {
         let groups = ((d.dv as u32).div_ceil(self.knobs.cell_cols), units as u32, 1);
         self.dispatch("mlstm_cell_fused", WDType::F32, &[&q.raw, &k.raw, &i.raw, &f.raw, &ibias.raw, &fbias.raw, &s.n.raw, &s.m.raw, &scal, &v.raw, &s.c.raw, &h.raw], &params, groups)?;
         let params = [nh as u32, d.dk as u32, d.dv as u32, units as u32, norm_eps.to_bits()];
-        let bufs = [k.raw.clone(), s.n.raw.clone(), s.m.raw.clone(), scal, h.raw.clone(), norm.raw.clone(), o.raw.clone(), hn.raw.clone()];
-        let mut rec = self.lock();
-        self.settle(&mut rec)?;
-        rec.head_norm = Some(HeadNorm { bufs, params, units });
-        if !(batch == 1 && nh <= HNORM_MAX_HEADS && d.dv % 8 == 0 && self.knobs.fuse_head_norm) {
-            self.settle(&mut rec)?;
-        }
-        Ok(())
-    }
-
-    /// `acc += out_proj · hn` at batch 1 with the held-back head norm done inside the GEMV
-    /// (`mv_hnorm`), when `x` is that norm's output; false (nothing recorded) otherwise.
-    fn mv_head_norm(&self, x: &WgpuBuf, w: &WgpuMat, acc: &WgpuBuf) -> Result<bool> {
-        let mut rec = self.lock();
-        let fits = |h: &HeadNorm| h.bufs[7].id == x.raw.id && w.parts.len() == 1 && w.cols == x.len;
-        let Some(h) = rec.head_norm.take_if(|h| fits(h)) else { return Ok(false) };
-        let part = &w.parts[0];
-        let [k, n, m, scal, hb, norm, o, hn] = &h.bufs;
-        let r = self.knobs.mv_shape(false).1 as u64;
-        let mut params = [0u32; PARAM_WORDS];
-        params[0] = w.cols as u32;
-        params[1] = 1 | 2; // write hn, accumulate
-        params[2] = h.params[4]; // the head norm's eps
-        params[3] = 1;
-        (params[5], params[6], params[7]) = (h.params[0], h.params[2], h.params[1]);
-        params[8] = part.rows as u32 | ((w.dtype == WDType::F32) as u32) << 31;
-        params[16] = (part.off / 16) as u32;
-        params[24] = part.row0 as u32;
-        let binds = [whole(&part.raw), whole(hb), whole(norm), whole(hn), whole(&acc.raw), whole(o), whole(k), whole(n), whole(m), whole(scal)];
-        self.record(&mut rec, "mv_hnorm", w.dtype, &binds, &params, split((part.rows as u64).div_ceil(r)))?;
-        Ok(true)
+        self.dispatch("mlstm_norm", WDType::F32, &[&k.raw, &s.n.raw, &s.m.raw, &scal, &h.raw, &norm.raw, &o.raw, &hn.raw], &params, split(units as u64))
     }
 
     #[allow(clippy::too_many_arguments)]

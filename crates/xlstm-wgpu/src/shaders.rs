@@ -73,9 +73,6 @@ pub struct Knobs {
     pub pool_bytes: u64,
     /// Fused decode kernels (RMSNorm + projections, RMSNorm + gate/up + activation) for batch 1.
     pub fuse: bool,
-    /// The mLSTM block's head norm and output gate done inside out_proj's batch-1 GEMV
-    /// (`XLSTM_WGPU_FUSE_HEAD_NORM=0`: its own dispatch).
-    pub fuse_head_norm: bool,
     /// Keep wgpu's runtime checks (bounds, loop bounding) in the batch-1 GEMV, which is otherwise
     /// built as a trusted module (its indices are in range by construction).
     pub checked: bool,
@@ -95,20 +92,19 @@ impl Knobs {
         if cpu {
             Knobs {
                 gemv_wg: 32, gemv_rows: 4, gemm_bm: 32, gemm_bn: 32, gemm_bk: 16, gemm_tm: 4, gemm_tn: 4, reduce_wg: 64, elem_wg: 64, cell_cols: 32, cell_split: 2,
-                mv_wg: 32, mv_rows: 2, mv_unroll: 2, mv_plain: (32, 2, 2), pool_bytes: 32 << 20, fuse: true, fuse_head_norm: true, checked: false, immediates: true,
+                mv_wg: 32, mv_rows: 2, mv_unroll: 2, mv_plain: (32, 2, 2), pool_bytes: 32 << 20, fuse: true, checked: false, immediates: true,
             }
         } else {
             Knobs {
                 gemv_wg: 128, gemv_rows: 4, gemm_bm: 64, gemm_bn: 64, gemm_bk: 16, gemm_tm: 4, gemm_tn: 4, reduce_wg: 256, elem_wg: 256, cell_cols: 16, cell_split: 16,
-                mv_wg: 128, mv_rows: 4, mv_unroll: 2, mv_plain: (128, 4, 2), pool_bytes: 2048 << 20, fuse: true, fuse_head_norm: true, checked: false, immediates: true,
+                mv_wg: 128, mv_rows: 4, mv_unroll: 2, mv_plain: (128, 4, 2), pool_bytes: 2048 << 20, fuse: true, checked: false, immediates: true,
             }
         }
     }
 
     /// `XLSTM_WGPU_GEMV=WGxROWS`, `XLSTM_WGPU_GEMM=BMxBNxBKxTMxTN`, `XLSTM_WGPU_MV=WGxROWSxUNROLL`
     /// (the fused batch-1 GEMVs; also the plain one unless `XLSTM_WGPU_MV_PLAIN=WGxROWSxUNROLL` is set),
-    /// `XLSTM_WGPU_CELL=COLSxSPLIT`, `XLSTM_WGPU_POOL_MB`, `XLSTM_WGPU_FUSE=0`, `XLSTM_WGPU_FUSE_HEAD_NORM=0`,
-    /// `XLSTM_WGPU_IMMEDIATES=0` and
+    /// `XLSTM_WGPU_CELL=COLSxSPLIT`, `XLSTM_WGPU_POOL_MB`, `XLSTM_WGPU_FUSE=0`, `XLSTM_WGPU_IMMEDIATES=0` and
     /// `XLSTM_WGPU_CHECKED=1` override the defaults.
     pub fn with_env(mut self) -> Self {
         let nums = |v: String| v.split('x').map(|s| s.trim().parse::<u32>().ok()).collect::<Option<Vec<u32>>>();
@@ -130,9 +126,6 @@ impl Knobs {
         }
         if let Ok(v) = std::env::var("XLSTM_WGPU_FUSE") {
             self.fuse = v != "0";
-        }
-        if let Ok(v) = std::env::var("XLSTM_WGPU_FUSE_HEAD_NORM") {
-            self.fuse_head_norm = v != "0";
         }
         if let Ok(v) = std::env::var("XLSTM_WGPU_IMMEDIATES") {
             self.immediates = v != "0";
@@ -197,9 +190,8 @@ pub struct Variant {
     pub extra: &'static [&'static str],
 }
 
-/// The flavours of the batch-1 GEMV: plain, RMSNorm fused, RMSNorm + gate/up pair fused, the
-/// mLSTM head norm and output gate fused (out_proj).
-pub const MV_FLAVOURS: &[&[&str]] = &[&[], &["NORM"], &["NORM", "PAIR"], &["HNORM"]];
+/// The flavours of the batch-1 GEMV: plain, RMSNorm fused, RMSNorm + gate/up pair fused.
+pub const MV_FLAVOURS: &[&[&str]] = &[&[], &["NORM"], &["NORM", "PAIR"]];
 
 /// The full WGSL of one variant: common.wgsl (+ reduce.wgsl) + the file, preprocessed.
 pub fn source(v: &Variant, knobs: &Knobs) -> String {

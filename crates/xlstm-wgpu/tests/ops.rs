@@ -331,24 +331,17 @@ fn mlstm_out_on<B: Backend>(b: &B, d: MlstmDims, rows: usize, batch: usize, kern
     }
 }
 
-/// The decode cell followed by out_proj, as the block runs them: on the wgpu backend at batch 1
-/// the head norm and output gate run inside out_proj's GEMV (and still leave hn, n and m).
+/// The decode cell followed by out_proj, as the xlstm-large block runs them (hn read by the
+/// batch-1 GEMV right after the cell wrote it), for head widths of several GEMV workgroup shapes.
 #[test]
 fn gated_cell_then_out_proj() {
-    let Some(g) = own_backend() else { return };
+    let g = gpu!();
     let cpu = CpuBackend::new();
-    // DV/4 a multiple of the GEMV's workgroup (32 on CPU adapters, 128 on GPUs) takes the one-pass
-    // head statistics, other DV the two-pass ones.
     let dims = [MlstmDims { heads: 3, dk: 24, dv: 40 }, MlstmDims { heads: 2, dk: 16, dv: 64 }, MlstmDims { heads: 3, dk: 8, dv: 128 }, MlstmDims { heads: 2, dk: 8, dv: 512 }];
     for d in dims {
         for dt in [DType::F32, DType::BF16] {
             for rows in [1, 2] {
-                let (_, d0) = g.counters();
-                let a = mlstm_out_on(&g, d, rows, rows, None, true, 60, Some(dt));
-                let (_, d1) = g.counters();
-                if rows == 1 {
-                    assert_eq!(d1 - d0, 2, "batch 1: the cell, then out_proj with the head norm inside");
-                }
+                let a = mlstm_out_on(g, d, rows, rows, None, true, 60, Some(dt));
                 let b = mlstm_out_on(&cpu, d, rows, rows, None, true, 60, Some(dt));
                 let what = format!("gated cell + out_proj {d:?} {dt:?} rows {rows}");
                 close(&format!("{what}: y"), &a.y, &b.y, CELL);
