@@ -11,7 +11,7 @@ use xlstm_core::config::{LargeConfig, ModelConfig};
 use xlstm_core::model::LogitRows;
 use xlstm_core::tensor::{DType, HostTensor};
 use xlstm_core::Model;
-use xlstm_cuda::{CudaBackend, CudaBuf, CudaMat};
+use xlstm_cuda::{ChunkKernels, ChunkPhase, CudaBackend, CudaBuf, CudaMat};
 
 fn mat(g: &CudaBackend, r: usize, c: usize, seed: u64) -> CudaMat {
     let mut s = seed | 1;
@@ -111,21 +111,15 @@ fn main() {
         let (i, f) = (buf(&g, seq * nh, 0.0), buf(&g, seq * nh, 3.0));
         let mut st = MlstmState { c: buf(&g, nh * 256 * 512, 0.0), n: buf(&g, nh * 256, 0.0), m: buf(&g, nh, 0.0), dims };
         let mut h = buf(&g, seq * vd, 0.0);
-        for (name, tc, weights) in [("cuda_cores", "0", DType::F32), ("tc_exact", "1", DType::F32), ("tc_tf32", "1", DType::BF16)] {
-            std::env::set_var("XLSTM_CUDA_CHUNK_TC", tc);
+        for (name, tensor_cores, weights) in [("cuda_cores", false, DType::F32), ("tc_exact", true, DType::F32), ("tc_tf32", true, DType::BF16)] {
             g.set_weight_dtype(weights);
-            for phase in ["both", "states", "out"] {
-                if phase == "both" {
-                    std::env::remove_var("XLSTM_CUDA_CHUNK_ONLY");
-                } else {
-                    std::env::set_var("XLSTM_CUDA_CHUNK_ONLY", phase);
-                }
+            for (phase, only) in [("both", None), ("states", Some(ChunkPhase::States)), ("out", Some(ChunkPhase::Out))] {
+                g.set_chunk_kernels(ChunkKernels { tensor_cores, only });
                 let us = time(&g, 10, |_| g.mlstm_prefill(MlstmKernel::Chunkwise { chunk: 64 }, dims, seq, &q, &k, &v, &i, &f, &mut st, 1e-6, &mut h).unwrap());
                 println!("{{\"kernel\":\"mlstm_chunkwise_{seq}\",\"impl\":\"{name}\",\"phase\":\"{phase}\",\"us\":{us:.1}}}");
             }
         }
-        std::env::remove_var("XLSTM_CUDA_CHUNK_ONLY");
-        std::env::remove_var("XLSTM_CUDA_CHUNK_TC");
+        g.set_chunk_kernels(ChunkKernels { tensor_cores: true, only: None });
     }
     if std::env::args().any(|a| a == "--chunk-only") {
         return;

@@ -148,6 +148,8 @@ pub(crate) struct Dev {
     /// TF32) and ops may leave 16-bit copies of their outputs for the next product.
     pub weight_dtype: Mutex<DType>,
     pub half_tag: Mutex<HalfTag>,
+    /// Which chunkwise-prefill kernels run (`CudaBackend::set_chunk_kernels`).
+    pub chunk_kernels: Mutex<ChunkKernels>,
     /// Per-op (calls, seconds) by op code while op timing is on (`CudaBackend::set_op_timing`).
     pub op_times: Mutex<Option<std::collections::BTreeMap<u64, (u64, f64)>>>,
     _modules: Vec<Arc<CudaModule>>,
@@ -261,6 +263,7 @@ impl Dev {
             pdl: cc.0 >= 9 && std::env::var("XLSTM_CUDA_PDL").map_or(true, |v| v != "0"),
             weight_dtype: Mutex::new(DType::F32),
             half_tag: Mutex::new(HalfTag::default()),
+            chunk_kernels: Mutex::new(ChunkKernels::from_env()),
             op_times: Mutex::new(None),
             _modules: modules,
         })
@@ -483,5 +486,32 @@ impl KArgs {
     }
     fn params(&mut self) -> Vec<*mut c_void> {
         (0..self.n).map(|i| &mut self.slots[i] as *mut u64 as *mut c_void).collect()
+    }
+}
+
+/// The chunkwise prefill's kernel choice: tensor cores where the shape allows
+/// (`XLSTM_CUDA_CHUNK_TC=0`: the CUDA-core kernels, for comparisons), and for profiling one of its
+/// two phases alone (`XLSTM_CUDA_CHUNK_ONLY=states|out`: wrong results). Read once, at start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkKernels {
+    pub tensor_cores: bool,
+    pub only: Option<ChunkPhase>,
+}
+
+/// One of the chunkwise prefill's two kernels: the chunk states, or the outputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkPhase {
+    States,
+    Out,
+}
+
+impl ChunkKernels {
+    fn from_env() -> Self {
+        let only = match std::env::var("XLSTM_CUDA_CHUNK_ONLY").as_deref() {
+            Ok("states") => Some(ChunkPhase::States),
+            Ok("out") => Some(ChunkPhase::Out),
+            _ => None,
+        };
+        ChunkKernels { tensor_cores: std::env::var("XLSTM_CUDA_CHUNK_TC").map_or(true, |v| v != "0"), only }
     }
 }

@@ -29,6 +29,7 @@ use xlstm_core::tensor::{DType, HostData, HostTensor};
 use xlstm_core::{Error, Result};
 
 use device::{drv, Dev, KArgs, GEMV_SMEM};
+pub use device::{ChunkKernels, ChunkPhase};
 
 /// Checks that a CUDA device can be used here: driver library, driver initialisation and version,
 /// a GPU, NVRTC and cuBLAS. The error names the first thing missing.
@@ -278,6 +279,12 @@ impl CudaBackend {
         *t = on.then(std::collections::BTreeMap::new);
     }
 
+    /// Sets which chunkwise-prefill kernels run (profiling and comparisons; the defaults come
+    /// from `XLSTM_CUDA_CHUNK_TC` / `XLSTM_CUDA_CHUNK_ONLY`, see [`ChunkKernels`]).
+    pub fn set_chunk_kernels(&self, choice: ChunkKernels) {
+        *self.dev.chunk_kernels.lock().expect("chunk kernels lock") = choice;
+    }
+
     /// (op, calls, seconds) for every op timed since `set_op_timing(true)`, longest first.
     pub fn op_times(&self) -> Vec<(&'static str, u64, f64)> {
         let t = self.dev.op_times.lock().expect("op times lock");
@@ -473,27 +480,22 @@ impl CudaBackend {
         let cs = dev.scratch(|s| &mut s.cs, nc * d.heads * d.dk * d.dv * 4, false)?;
         let ns = dev.scratch(|s| &mut s.ns, nc * d.heads * d.dk * 4, false)?;
         let ms = dev.scratch(|s| &mut s.ms, (nc + 1) * d.heads * 4, false)?;
-        // Tensor cores where the shape and alignment allow (see kernels/mlstm_chunk.cu);
-        // XLSTM_CUDA_CHUNK_TC=0 keeps the CUDA-core kernels (for comparisons).
+        // Tensor cores where the shape and alignment allow (see kernels/mlstm_chunk.cu) and the
+        // setting does not keep the CUDA-core kernels.
+        let choice = *dev.chunk_kernels.lock().expect("chunk kernels lock");
         let aligned = [q, k, v, h].iter().all(|&p| p % 16 == 0);
-        let tc = dev.cc.0 >= 8
-            && d.dk % 64 == 0
-            && d.dv % 128 == 0
-            && aligned
-            && std::env::var("XLSTM_CUDA_CHUNK_TC").map_or(true, |v| v != "0");
+        let tc = dev.cc.0 >= 8 && d.dk % 64 == 0 && d.dv % 128 == 0 && aligned && choice.tensor_cores;
         let exact = (*dev.weight_dtype.lock().expect("dtype lock") == DType::F32) as usize;
         let (states, out, out_cols) = match tc {
             true => (dev.f.chunk_states_tc[exact], dev.f.chunk_out_tc[exact], 128),
             false => (dev.f.chunk_states, dev.f.chunk_out, 64),
         };
-        // Profiling aid: XLSTM_CUDA_CHUNK_ONLY=states|out runs one of the two kernels (wrong results).
-        let only = std::env::var("XLSTM_CUDA_CHUNK_ONLY").ok();
         let mut a = KArgs::new();
         a.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).p(v).p(i).p(f).p(s.c.ptr).p(s.n.ptr).p(s.m.ptr).p(cs).p(ns).p(ms);
-        if only.as_deref() != Some("out") {
+        if choice.only != Some(ChunkPhase::Out) {
             dev.launch(states, (d.dv.div_ceil(64) as u32, d.dk.div_ceil(64) as u32, d.heads as u32), 256, 0, &mut a)?;
         }
-        if only.as_deref() == Some("states") {
+        if choice.only == Some(ChunkPhase::States) {
             return Ok(());
         }
         let mut a = KArgs::new();
