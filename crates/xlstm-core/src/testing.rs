@@ -53,9 +53,11 @@ impl Expected {
     }
 }
 
-/// Relative Frobenius error ‖a − b‖ / ‖b‖ (the absolute error when b is all zeros).
+/// Relative Frobenius error ‖a − b‖ / ‖b‖ (the absolute error when b is all zeros); a result
+/// with a non-finite value fails outright.
 pub fn rel_err(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
+    assert!(a.iter().all(|v| v.is_finite()), "non-finite value in the result");
     let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
     let den: f64 = b.iter().map(|y| y * y).sum();
     if den == 0.0 {
@@ -78,6 +80,19 @@ pub fn golden_prefill<B: crate::Backend>(model: &mut crate::Model<B>, case: &str
     let logits = model.prefill(&exp.ids("input_ids"), &mut st, kernel, crate::LogitRows::All).expect("prefill");
     let err = rel_err(&logits, &exp.f64("logits_f64"));
     (logits, err, st)
+}
+
+/// `case`'s prompt run token by token with recurrent steps from a fresh state: every step's
+/// logits and their relative error against the reference's `logits_f64`.
+pub fn golden_steps<B: crate::Backend>(model: &mut crate::Model<B>, case: &str) -> (Vec<f32>, f64) {
+    let exp = Expected::load(case);
+    let mut st = model.new_state(1).expect("state");
+    let mut logits = Vec::new();
+    for t in exp.ids("input_ids") {
+        logits.extend(model.step(&[t], &mut st).expect("step"));
+    }
+    let err = rel_err(&logits, &exp.f64("logits_f64"));
+    (logits, err)
 }
 
 /// Checks a model against a case's `gen_greedy`: the prompt `gen_prompt` prefilled chunkwise with

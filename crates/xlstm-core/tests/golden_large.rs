@@ -30,15 +30,7 @@ fn check_parallel_and_state(case: &str) {
 }
 
 fn check_step(case: &str) {
-    let exp = Expected::load(case);
-    let mut model = load(case);
-    let ids = exp.ids("input_ids");
-    let mut st = model.new_state(1).unwrap();
-    let mut all = Vec::new();
-    for &t in &ids {
-        all.extend(model.step(&[t], &mut st).unwrap());
-    }
-    let err = rel_err(&all, &exp.f64("logits_f64"));
+    let (_, err) = golden_steps(&mut load(case), case);
     assert!(err < TOL, "{case}: step logits rel err {err:e}");
 }
 

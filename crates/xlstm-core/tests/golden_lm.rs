@@ -65,14 +65,7 @@ fn lm_tiny_parallel_logits() {
 #[test]
 fn lm_tiny_step_logits() {
     let exp = Expected::load("lm_tiny");
-    let mut model = load();
-    let ids = exp.ids("input_ids");
-    let mut st = model.new_state(1).unwrap();
-    let mut all = Vec::new();
-    for &t in &ids {
-        all.extend(model.step(&[t], &mut st).unwrap());
-    }
-    let err = rel_err(&all, &exp.f64("logits_f64"));
+    let (all, err) = golden_steps(&mut load(), "lm_tiny");
     let err_step = rel_err(&all, &exp.f64("logits_step"));
     eprintln!("lm_tiny step: rel err vs logits_f64 {err:.3e}, vs logits_step (f32) {err_step:.3e}");
     assert!(err < TOL, "lm_tiny step logits rel err {err:e}");

@@ -6,8 +6,7 @@
 mod common;
 
 use common::*;
-use xlstm_core::testing::{assert_greedy_matches, Expected};
-use xlstm_core::model::LogitRows;
+use xlstm_core::testing::{assert_greedy_matches, golden_prefill, golden_steps, rel_err, Expected};
 use xlstm_core::state::LayerState;
 use xlstm_core::{Backend, DType, MlstmKernel, Model};
 use xlstm_cuda::CudaBackend;
@@ -21,33 +20,22 @@ fn load(g: &CudaBackend, case: &str, dt: DType) -> Model<CudaBackend> {
 fn parallel_and_state(g: &CudaBackend, case: &str, dt: DType, tol: f64) {
     let exp = Expected::load(case);
     let mut model = load(g, case, dt);
-    let ids = exp.ids("input_ids");
     let chunk = model.chunk_size;
-    let mut st = model.new_state(1).unwrap();
-    let logits = model.prefill(&ids, &mut st, MlstmKernel::Chunkwise { chunk }, LogitRows::All).unwrap();
-    let err = rel64(&logits, &exp.f64("logits_f64"));
+    let (_, err, st) = golden_prefill(&mut model, case, MlstmKernel::Chunkwise { chunk });
     eprintln!("{case} {dt}: chunkwise logits rel err {err:.2e}");
     assert!(err < tol, "{case} {dt}: chunkwise logits rel err {err:e}");
     for (li, layer) in st.layers.iter().enumerate() {
         let LayerState::Mlstm { cell, .. } = layer else { panic!() };
         for (name, buf) in [("C", &cell.c), ("n", &cell.n), ("m", &cell.m)] {
             let got = g.download(buf, buf.len()).unwrap();
-            let e = rel64(&got, &exp.f64(&format!("state_{li}_{name}")));
+            let e = rel_err(&got, &exp.f64(&format!("state_{li}_{name}")));
             assert!(e < tol, "{case} {dt}: state_{li}_{name} rel err {e:e}");
         }
     }
 }
 
 fn step_logits(g: &CudaBackend, case: &str, dt: DType, tol: f64) {
-    let exp = Expected::load(case);
-    let mut model = load(g, case, dt);
-    let ids = exp.ids("input_ids");
-    let mut st = model.new_state(1).unwrap();
-    let mut all = Vec::new();
-    for &t in &ids {
-        all.extend(model.step(&[t], &mut st).unwrap());
-    }
-    let err = rel64(&all, &exp.f64("logits_f64"));
+    let (_, err) = golden_steps(&mut load(g, case, dt), case);
     eprintln!("{case} {dt}: step logits rel err {err:.2e}");
     assert!(err < tol, "{case} {dt}: step logits rel err {err:e}");
 }
@@ -87,12 +75,7 @@ fn large_tiny_bf16_weights() {
 #[test]
 fn sequence_kernel() {
     let Some((g, _l)) = gpu("sequence_kernel") else { return };
-    let exp = Expected::load("large_tiny");
-    let mut model = load(&g, "large_tiny", DType::F32);
-    let ids = exp.ids("input_ids");
-    let mut st = model.new_state(1).unwrap();
-    let logits = model.prefill(&ids, &mut st, MlstmKernel::Sequence, LogitRows::All).unwrap();
-    let err = rel64(&logits, &exp.f64("logits_f64"));
+    let (_, err, _) = golden_prefill(&mut load(&g, "large_tiny", DType::F32), "large_tiny", MlstmKernel::Sequence);
     assert!(err < TOL, "sequence kernel rel err {err:e}");
 }
 

@@ -5,40 +5,19 @@
 mod common;
 
 use common::*;
-use safetensors::{Dtype, SafeTensors};
-use xlstm_core::model::LogitRows;
+use xlstm_core::testing::{golden_prefill, golden_steps, Expected};
 use xlstm_core::{DType, MlstmKernel, Model};
-
-fn expected(name: &str) -> Vec<f64> {
-    let bytes = std::fs::read(case_dir("lm_tiny").join("expected.safetensors")).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor(name).unwrap();
-    match t.dtype() {
-        Dtype::F64 => t.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
-        Dtype::I64 => t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
-        _ => t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
-    }
-}
 
 #[test]
 fn lm_tiny_prefill_and_step() {
     let Some((g, _l)) = gpu("lm_tiny_prefill_and_step") else { return };
-    let ids: Vec<u32> = expected("input_ids").iter().map(|&v| v as u32).collect();
-    let want = expected("logits_f64");
     let mut model = Model::load(g.clone(), &case_dir("lm_tiny"), DType::F32).expect("lm_tiny loads on CUDA");
     for kernel in [MlstmKernel::Chunkwise { chunk: model.chunk_size }, MlstmKernel::Chunkwise { chunk: 16 }, MlstmKernel::Sequence] {
-        let mut st = model.new_state(1).unwrap();
-        let logits = model.prefill(&ids, &mut st, kernel, LogitRows::All).unwrap();
-        let e = rel64(&logits, &want);
+        let (_, e, _) = golden_prefill(&mut model, "lm_tiny", kernel);
         eprintln!("lm_tiny prefill {kernel:?}: rel err {e:.2e}");
         assert!(e < 1e-4, "lm_tiny prefill {kernel:?}: rel err {e:e}");
     }
-    let mut st = model.new_state(1).unwrap();
-    let mut all = Vec::new();
-    for &t in &ids {
-        all.extend(model.step(&[t], &mut st).unwrap());
-    }
-    let e = rel64(&all, &want);
+    let (_, e) = golden_steps(&mut model, "lm_tiny");
     eprintln!("lm_tiny step: rel err {e:.2e}");
     assert!(e < 1e-4, "lm_tiny step: rel err {e:e}");
 }
@@ -46,7 +25,7 @@ fn lm_tiny_prefill_and_step() {
 #[test]
 fn lm_tiny_decode_graph_matches_eager() {
     let Some((g, _l)) = gpu("lm_tiny_decode_graph_matches_eager") else { return };
-    let ids: Vec<u32> = expected("input_ids").iter().map(|&v| v as u32).collect();
+    let ids = Expected::load("lm_tiny").ids("input_ids");
     let batch = 3;
     let run = |graphs: bool| {
         g.set_graphs(graphs);

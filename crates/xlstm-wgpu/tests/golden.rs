@@ -57,14 +57,7 @@ fn step(case: &str) {
 }
 
 fn step_on(mut model: Model<WgpuBackend>, case: &str) {
-    let exp = Expected::load(case);
-    let ids = exp.ids("input_ids");
-    let mut st = model.new_state(1).unwrap();
-    let mut all = Vec::new();
-    for &t in &ids {
-        all.extend(model.step(&[t], &mut st).unwrap());
-    }
-    let err = rel_err(&all, &exp.f64("logits_f64"));
+    let (_, err) = golden_steps(&mut model, case);
     eprintln!("{case} step: rel err {err:.3e}");
     assert!(err < TOL, "{case}: step logits rel err {err:e}");
 }

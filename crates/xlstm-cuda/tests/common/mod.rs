@@ -65,13 +65,6 @@ pub fn rel(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
-pub fn rel64(a: &[f32], b: &[f64]) -> f64 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    assert!(a.iter().all(|v| v.is_finite()), "non-finite value in the CUDA result");
-    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| y * y).sum();
-    (num / den.max(1e-30)).sqrt()
-}
 
 /// A golden case folder (tests/data/NAME, or $XLSTM_TEST_DATA/NAME for binaries run elsewhere).
 #[allow(unused_imports)]
