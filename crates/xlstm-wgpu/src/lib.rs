@@ -189,6 +189,8 @@ fn bindings(entry: &str) -> &'static [(u32, Acc)] {
         "mlstm_cell" => &[(1, R), (2, R), (10, R), (11, W), (12, R), (13, W)],
         "mlstm_cell_fused" => &[(1, R), (2, R), (3, R), (4, R), (5, R), (6, R), (7, W), (8, W), (9, W), (10, R), (11, W), (13, W)],
         "mlstm_norm" => &[(2, R), (7, W), (8, W), (9, W), (13, W), (14, R), (15, R), (16, W)],
+        "mlstm_chunk_states" => &[(2, R), (3, R), (4, R), (5, R), (6, W), (7, W), (8, W), (9, W), (10, W), (11, W)],
+        "mlstm_chunk_out" => &[(1, R), (2, R), (3, R), (4, R), (5, R), (8, W), (9, W), (10, W), (11, W), (12, W)],
         "top_k" => &[(1, R), (2, W)],
         "slstm" => &[(1, R), (2, R), (3, R), (4, R), (5, R), (6, R), (7, W), (8, W), (9, W), (10, W), (11, W)],
         other => panic!("no binding table for entry point `{other}`"),
@@ -205,6 +207,7 @@ fn file_of(entry: &str) -> &'static str {
         "rms_norm" | "group_norm" => "norm",
         "conv_out" | "conv_state" => "conv",
         "mlstm_gates" | "mlstm_cell" | "mlstm_cell_fused" | "mlstm_norm" => "mlstm",
+        "mlstm_chunk_states" | "mlstm_chunk_out" => "mlstm_chunk",
         "top_k" => "topk",
         "slstm" => "slstm",
         _ => "elementwise",
@@ -259,6 +262,8 @@ struct Rec {
 /// Parameter words per dispatch, and the arena's size.
 const PARAM_WORDS: usize = 32;
 const ARENA_BYTES: u64 = 4 << 20;
+/// Longest chunk of the chunkwise prefill (its workgroup tiles: `shaders/mlstm_chunk.wgsl`).
+const CHUNK_MAX: usize = 32;
 /// Token ids an embedding dispatch takes in its parameter words (after its 4 own).
 const EMBED_INLINE_IDS: usize = PARAM_WORDS - 4;
 
@@ -893,6 +898,34 @@ impl WgpuBackend {
         Ok(())
     }
 
+    /// Whether the chunkwise kernels take this prefill: 10 storage buffers per stage, and the
+    /// per-chunk states (`Cs`) within one binding.
+    fn chunkwise_fits(&self, d: MlstmDims, seq: usize, chunk: usize) -> bool {
+        let nc = seq.div_ceil(chunk.clamp(1, CHUNK_MAX)) as u64;
+        self.limits.max_storage_buffers_per_shader_stage >= 10 && nc * (d.heads * d.dk * d.dv * 4) as u64 <= self.max_binding()
+    }
+
+    /// Chunkwise-parallel prefill of `seq` tokens (state batch 1, gates already biased and capped):
+    /// the states entering each chunk in one pass over the chunks, then every chunk's outputs in
+    /// parallel (`shaders/mlstm_chunk.wgsl`). Chunks are at most `CHUNK_MAX` tokens.
+    #[allow(clippy::too_many_arguments)]
+    fn mlstm_chunkwise(&self, d: MlstmDims, seq: usize, chunk: usize, q: &WgpuBuf, k: &WgpuBuf, v: &WgpuBuf, i: &WgpuBuf, f: &WgpuBuf, s: &mut MlstmState<WgpuBuf>, eps: f32, h: &mut WgpuBuf) -> Result<()> {
+        let nh = d.heads;
+        shapes::mlstm("wgpu", "mlstm", d, seq, 1, [q.len, k.len, v.len, i.len, f.len, h.len], [s.c.len, s.n.len, s.m.len])?;
+        if seq == 0 || d.dk == 0 || d.dv == 0 {
+            return Ok(());
+        }
+        let l = chunk.clamp(1, CHUNK_MAX);
+        let nc = seq.div_ceil(l);
+        let cs = self.scratch("mlstm_chunk_c", nc * nh * d.dk * d.dv)?;
+        let ns = self.scratch("mlstm_chunk_n", nc * nh * d.dk)?;
+        let ms = self.scratch("mlstm_chunk_m", (nc + 1) * nh)?;
+        let params = [nh as u32, d.dk as u32, d.dv as u32, seq as u32, l as u32, eps.to_bits()];
+        let (dk, dv) = (d.dk as u32, d.dv as u32);
+        self.dispatch("mlstm_chunk_states", WDType::F32, &[&k.raw, &v.raw, &i.raw, &f.raw, &s.c.raw, &s.n.raw, &s.m.raw, &cs, &ns, &ms], &params, (dv.div_ceil(16), dk.div_ceil(16), nh as u32))?;
+        self.dispatch("mlstm_chunk_out", WDType::F32, &[&q.raw, &k.raw, &v.raw, &i.raw, &f.raw, &s.m.raw, &cs, &ns, &ms, &h.raw], &params, (dv.div_ceil(64), nc as u32, nh as u32))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn slstm(&self, op: &str, batch: usize, steps: usize, g: SlstmGates<'_, WgpuBuf>, r: &WgpuBuf, bias: &WgpuBuf, s: &mut SlstmState<WgpuBuf>, y: &mut WgpuBuf) -> Result<()> {
         let (w, nh) = (s.width, s.heads);
@@ -1274,9 +1307,12 @@ impl Backend for WgpuBackend {
         if let MlstmKernel::Chunkwise { chunk: 0 } = kernel {
             return Err(Error::Input("chunk size must be positive".into()));
         }
-        // Every split of a segment gives the same result (NOTES §2); this backend runs the
-        // recurrent form token by token (two dispatches per token, all in one submission).
-        self.mlstm_steps(d, 1, seq, q, k, v, i, f, None, s, eps, h)
+        match kernel {
+            MlstmKernel::Chunkwise { chunk } if self.chunkwise_fits(d, seq, chunk) => self.mlstm_chunkwise(d, seq, chunk, q, k, v, i, f, s, eps, h),
+            // The recurrent form token by token (two dispatches per token, all in one submission):
+            // every split of a segment gives the same result (NOTES §2).
+            _ => self.mlstm_steps(d, 1, seq, q, k, v, i, f, None, s, eps, h),
+        }
     }
 
     fn slstm_step(&self, batch: usize, g: SlstmGates<'_, WgpuBuf>, r: &WgpuBuf, bias: &WgpuBuf, s: &mut SlstmState<WgpuBuf>, y: &mut WgpuBuf) -> Result<()> {
@@ -1288,7 +1324,8 @@ impl Backend for WgpuBackend {
     }
 
     fn mlstm_gated_cell(&self, kernel: Option<MlstmKernel>, dims: MlstmDims, rows: usize, q: &WgpuBuf, k: &WgpuBuf, v: &WgpuBuf, o: &WgpuBuf, i: &mut WgpuBuf, f: &mut WgpuBuf, ibias: &WgpuBuf, fbias: &WgpuBuf, cap: f32, state: &mut MlstmState<WgpuBuf>, eps: f32, norm: &WgpuBuf, norm_eps: f32, h: &mut WgpuBuf, hn: &mut WgpuBuf) -> Result<()> {
-        // Bias + soft cap fused into the gate kernel, σ(o) fused into the per-head norm.
+        // Bias + soft cap fused into the gate kernel (the chunkwise prefill: applied first, in
+        // place), σ(o) fused into the per-head norm.
         if let Some(MlstmKernel::Chunkwise { chunk: 0 }) = kernel {
             return Err(Error::Input("chunk size must be positive".into()));
         }
@@ -1296,7 +1333,14 @@ impl Backend for WgpuBackend {
         if kernel.is_none() && self.fused_cell {
             return self.mlstm_decode_gated(dims, rows, q, k, v, o, i, f, ibias, fbias, cap, state, eps, norm, norm_eps, h, hn);
         }
-        self.mlstm_steps(dims, batch, rows, q, k, v, i, f, Some((ibias, fbias, cap)), state, eps, h)?;
+        match kernel {
+            Some(MlstmKernel::Chunkwise { chunk }) if self.chunkwise_fits(dims, rows, chunk) => {
+                self.bias_soft_cap(i, rows, dims.heads, Some(ibias), cap)?;
+                self.bias_soft_cap(f, rows, dims.heads, Some(fbias), cap)?;
+                self.mlstm_chunkwise(dims, rows, chunk, q, k, v, i, f, state, eps, h)?;
+            }
+            _ => self.mlstm_steps(dims, batch, rows, q, k, v, i, f, Some((ibias, fbias, cap)), state, eps, h)?,
+        }
         let width = dims.heads * dims.dv;
         self.group_norm_gated(h, rows, width, dims.dv, norm, None, Some(o), norm_eps, hn)
     }

@@ -16,6 +16,7 @@ pub const FILES: &[(&str, &str, bool)] = &[
     ("elementwise", include_str!("../shaders/elementwise.wgsl"), false),
     ("conv", include_str!("../shaders/conv.wgsl"), false),
     ("mlstm", include_str!("../shaders/mlstm.wgsl"), true),
+    ("mlstm_chunk", include_str!("../shaders/mlstm_chunk.wgsl"), false),
     ("slstm", include_str!("../shaders/slstm.wgsl"), false),
     ("mv", include_str!("../shaders/mv.wgsl"), false),
     ("stream", include_str!("../shaders/stream.wgsl"), false),

@@ -366,6 +366,9 @@ fn mlstm_step_prefill_and_gated_cell() {
         (19, 1, Some(MlstmKernel::Sequence), false),
         (19, 1, Some(MlstmKernel::Chunkwise { chunk: 8 }), false),
         (19, 1, Some(MlstmKernel::Chunkwise { chunk: 4 }), true),
+        // chunks past the wgpu kernels' 32 tokens (split there), a partial last chunk
+        (70, 1, Some(MlstmKernel::Chunkwise { chunk: 64 }), false),
+        (33, 1, Some(MlstmKernel::Chunkwise { chunk: 16 }), true),
     ];
     for (rows, batch, kernel, gated) in cases {
         let a = mlstm_on(g, d, rows, batch, kernel, gated, 50);
