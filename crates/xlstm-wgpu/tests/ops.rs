@@ -354,6 +354,19 @@ fn gated_cell_then_out_proj() {
     }
 }
 
+/// The chunkwise prefill at xLSTM-7B's head dims (DK 256, DV 512: several DK tiles and DV column
+/// blocks of the wgpu kernels), against the CPU's.
+#[test]
+fn mlstm_chunkwise_at_7b_head_dims() {
+    let g = gpu!();
+    let cpu = CpuBackend::new();
+    let d = MlstmDims { heads: 1, dk: 256, dv: 512 };
+    let kernel = Some(MlstmKernel::Chunkwise { chunk: 64 });
+    let a = mlstm_on(g, d, 80, 1, kernel, true, 70);
+    let b = mlstm_on(&cpu, d, 80, 1, kernel, true, 70);
+    close("mlstm chunkwise at 7B head dims: hn", &a.h, &b.h, CELL);
+}
+
 #[test]
 fn mlstm_step_prefill_and_gated_cell() {
     let g = gpu!();
