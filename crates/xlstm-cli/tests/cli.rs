@@ -103,11 +103,12 @@ fn bench_prints_json_with_floor_and_ratio() {
     let o = xlstm(&["bench", "--config", "tiny", "--prompt-len", "40", "--gen-len", "4", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    for key in ["prefill", "decode", "bandwidth", "decode_floor_ms_per_step", "decode_ratio_to_floor"] {
+    for key in ["prefill", "decode", "bandwidth", "decode_floor_ms_per_step", "decode_ratio_to_floor", "decode_read_floor_ms_per_step", "decode_ratio_to_read_floor"] {
         assert!(!v[key].is_null(), "missing {key} in {v}");
     }
     assert!(v["decode"]["tok_s"].as_f64().unwrap() > 0.0);
     assert!(v["bandwidth"]["copy_gb_s"].as_f64().unwrap() > 0.0);
+    assert!(v["decode_read_floor_ms_per_step"].as_f64().unwrap() > 0.0);
 }
 
 #[test]
