@@ -416,7 +416,8 @@ impl WgpuBackend {
         let dummy_w = make_buf(&device, &dead, 4, None);
         let fused = knobs.fuse && limits.max_storage_buffers_per_shader_stage >= 11;
         let fused_cell = knobs.fuse && limits.max_storage_buffers_per_shader_stage >= 12;
-        let part_limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        // Rounded down to 32 bytes, as pools are: NVIDIA's Vulkan binding limit is 2^31 − 4.
+        let part_limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size) / 32 * 32;
         let prof = GpuProfiler::new(&device, &queue);
         Ok(WgpuBackend {
             device,
@@ -736,7 +737,8 @@ impl WgpuBackend {
             // Up to the pool size, but no more than the announced bytes still to come (plus the
             // rows' padding to 8 values and the alignment: 1/64 + 1 MiB).
             let want = if left > 0 { self.knobs.pool_bytes.min(left + left / 64 + (1 << 20)) } else { self.knobs.pool_bytes };
-            let size = bytes.max(want.min(self.max_binding())).next_multiple_of(32);
+            // (rounded down to 32 bytes under the limit: NVIDIA's Vulkan binding limit is 2^31 − 4)
+            let size = bytes.next_multiple_of(32).max(want.min(self.max_binding()) / 32 * 32);
             if size > self.max_binding() {
                 return Err(dev_err(format!("a weight block of {bytes} bytes is over this adapter's storage-binding limit of {} bytes", self.max_binding())));
             }

@@ -14,6 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use xlstm_core::backend::{Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState};
 use xlstm_core::tensor::{DType, HostTensor};
 use xlstm_core::CpuBackend;
+use xlstm_wgpu::shaders::Knobs;
 use xlstm_wgpu::WgpuBackend;
 
 const POINT: f64 = 1e-6;
@@ -92,6 +93,27 @@ fn matmul_and_embed_over_several_parts() {
         }
         let ids = [9u32, 0, 4, 4, 7];
         close(&format!("parts embed {dt:?}"), &embed_on(&g, &w, dt, &ids), &embed_on(&cpu, &w, dt, &ids), 0.0 + f64::MIN_POSITIVE);
+    }
+}
+
+/// Weight pools asked for beyond the adapter's storage-binding limit are made at that limit,
+/// rounded down to 32 bytes (NVIDIA's Vulkan limit, 2^31 − 4, is not a multiple of 32), with or
+/// without the model's announcement of its matrix bytes.
+#[test]
+fn pools_above_the_binding_limit_are_capped() {
+    let Some(shared) = backend() else { return };
+    let cpu = CpuBackend::new();
+    let cpu_adapter = shared.adapter_info().device_type == wgpu::DeviceType::Cpu;
+    let knobs = Knobs { pool_bytes: u64::MAX / 4, ..Knobs::for_adapter(cpu_adapter).with_env() };
+    let (n, k) = (9, 40);
+    let w = HostTensor::f32(vec![n, k], rnd(n * k, 8, 1.0));
+    let x = rnd(k, 9, 1.0);
+    for announce in [false, true] {
+        let g = WgpuBackend::with_options(xlstm_wgpu::Api::Any, true, Some(knobs.clone())).unwrap();
+        if announce {
+            g.expect_matrix_bytes(n * k * 2);
+        }
+        close(&format!("matmul in a capped pool (announced {announce})"), &matmul_on(&g, &x, 1, &w, DType::BF16, None), &matmul_on(&cpu, &x, 1, &w, DType::BF16, None), REDUCE);
     }
 }
 
