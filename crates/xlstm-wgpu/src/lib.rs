@@ -1189,17 +1189,16 @@ impl Backend for WgpuBackend {
             if local.iter().all(|&v| v == u32::MAX) {
                 continue;
             }
-            let groups = self.grid_stride(ids.len() * d, self.knobs.elem_wg);
-            let mut params = vec![ids.len() as u32, d as u32, table.kp as u32, 0];
-            if local.len() <= EMBED_INLINE_IDS {
-                // Few ids (decode) travel in the parameter words: no buffer per step.
-                params[3] = 1;
+            // Few ids (decode) travel in the parameter words: no buffer per step.
+            let inline = local.len() <= EMBED_INLINE_IDS;
+            let mut params = vec![ids.len() as u32, d as u32, table.kp as u32, inline as u32];
+            let idb = if inline {
                 params.extend_from_slice(&local);
-                self.dispatch_binds("embed", table.dtype, &[p.bind(), whole(&self.dummy.raw), whole(&out.raw)], &params, groups)?;
+                self.dummy.raw.clone()
             } else {
-                let idb = self.new_buf(local.len(), Some(bytemuck::cast_slice(&local)))?;
-                self.dispatch_binds("embed", table.dtype, &[p.bind(), whole(&idb.raw), whole(&out.raw)], &params, groups)?;
-            }
+                self.new_buf(local.len(), Some(bytemuck::cast_slice(&local)))?.raw
+            };
+            self.dispatch_binds("embed", table.dtype, &[p.bind(), whole(&idb), whole(&out.raw)], &params, self.grid_stride(ids.len() * d, self.knobs.elem_wg))?;
         }
         Ok(())
     }
