@@ -7,11 +7,15 @@
 //! the device waited for the host). Prints one JSON object per line.
 //!
 //!   XLSTM_WGPU_PROFILE=1 cargo run --release -p xlstm-wgpu --example wgpu_decode_profile -- \
-//!       [vulkan|metal|dx12|gpu] [--layers N] [--steps N]
+//!       [vulkan|metal|dx12|gpu] [--layers N] [--steps N] [--prefill TOKENS]
+//!
+//! With `--prefill TOKENS` it profiles one chunkwise prefill of that many tokens instead (after an
+//! unprofiled one): wall time, and device time per kernel summed over the prefill.
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use xlstm_core::backend::Backend;
+use xlstm_core::backend::{Backend, MlstmKernel};
+use xlstm_core::LogitRows;
 use xlstm_core::config::{LargeConfig, ModelConfig};
 use xlstm_core::tensor::DType;
 use xlstm_core::Model;
@@ -45,6 +49,10 @@ fn main() {
     };
     let mut model = Model::random(backend, ModelConfig::Large(cfg), DType::BF16, 0).expect("random model");
     let mut state = model.new_state(1).expect("state");
+    if let Some(tokens) = arg("--prefill") {
+        profile_prefill(&mut model, layers, tokens);
+        return;
+    }
     let mut token = 1u32;
     let mut greedy = |model: &mut Model<WgpuBackend>, n: usize| {
         for _ in 0..n {
@@ -80,24 +88,7 @@ fn main() {
     let (s1, d1) = model.backend.counters();
     let h1 = model.backend.host_times();
     let per = |a: std::time::Duration, b: std::time::Duration| (a - b).as_secs_f64() * 1e3 / steps as f64;
-    // Per kernel: device ms per token and count, first-of-submission dispatches apart.
-    let mut kernels: BTreeMap<String, (f64, usize)> = BTreeMap::new();
-    let mut device = 0.0;
-    for s in &samples {
-        if let Some(ns) = s.ns {
-            let key = if s.opens_submission { format!("{} (opens a submission)", s.entry) } else { s.entry.to_string() };
-            let e = kernels.entry(key).or_default();
-            e.0 += ns / 1e6 / steps as f64;
-            e.1 += 1;
-            device += ns / 1e6 / steps as f64;
-        }
-    }
-    let mut list: Vec<_> = kernels.into_iter().collect();
-    list.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
-    let kernels: Vec<String> = list
-        .iter()
-        .map(|(k, (ms, n))| format!("{{\"kernel\":\"{k}\",\"ms_per_token\":{ms:.4},\"per_token\":{:.1}}}", *n as f64 / steps as f64))
-        .collect();
+    let (kernels, device) = per_kernel(&samples, steps as f64, "token");
     println!(
         "{{\"device\":\"{}\",\"layers\":{},\"steps\":{steps},\"profiled\":{},\"wall_ms_per_token\":{wall:.3},\"submissions_per_token\":{:.1},\"dispatches_per_token\":{:.1},\"host_ms_per_token\":{{\"record\":{:.3},\"submit\":{:.3},\"wait\":{:.3}}},\"device_ms_per_token_between_timestamps\":{device:.3},\"kernels\":[{}]}}",
         model.backend.name(),
@@ -108,6 +99,54 @@ fn main() {
         per(h1.record, h0.record),
         per(h1.submit, h0.submit),
         per(h1.wait, h0.wait),
+        kernels.join(",")
+    );
+}
+
+/// Device time per kernel (ms per `unit`, calls per `unit`), first-of-submission dispatches apart,
+/// largest first; and the total.
+fn per_kernel(samples: &[xlstm_wgpu::profile::Sample], units: f64, unit: &str) -> (Vec<String>, f64) {
+    let mut kernels: BTreeMap<String, (f64, usize)> = BTreeMap::new();
+    let mut device = 0.0;
+    for s in samples {
+        if let Some(ns) = s.ns {
+            let key = if s.opens_submission { format!("{} (opens a submission)", s.entry) } else { s.entry.to_string() };
+            let e = kernels.entry(key).or_default();
+            e.0 += ns / 1e6 / units;
+            e.1 += 1;
+            device += ns / 1e6 / units;
+        }
+    }
+    let mut list: Vec<_> = kernels.into_iter().collect();
+    list.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    let lines = list
+        .iter()
+        .map(|(k, (ms, n))| format!("{{\"kernel\":\"{k}\",\"ms_per_{unit}\":{ms:.4},\"per_{unit}\":{:.1}}}", *n as f64 / units))
+        .collect();
+    (lines, device)
+}
+
+/// One profiled chunkwise prefill of `tokens` tokens (after an unprofiled one of the same length).
+fn profile_prefill(model: &mut Model<WgpuBackend>, layers: usize, tokens: usize) {
+    let ids: Vec<u32> = (0..tokens as u32).map(|i| 1 + i % 1000).collect();
+    let kernel = MlstmKernel::Chunkwise { chunk: model.chunk_size };
+    let run = |model: &mut Model<WgpuBackend>| {
+        let mut state = model.new_state(1).expect("state");
+        let t = Instant::now();
+        model.prefill(&ids, &mut state, kernel, LogitRows::Last).expect("prefill");
+        t.elapsed().as_secs_f64() * 1e3
+    };
+    model.backend.set_profiling(false);
+    let warm = run(model);
+    let _ = model.backend.profile_take();
+    model.backend.set_profiling(true);
+    let profiled = run(model);
+    let samples = model.backend.profile_take().expect("profile");
+    let (kernels, device) = per_kernel(&samples, 1.0, "prefill");
+    println!(
+        "{{\"device\":\"{}\",\"layers\":{layers},\"prefill_tokens\":{tokens},\"wall_ms\":{warm:.1},\"profiled_wall_ms\":{profiled:.1},\"device_ms_between_timestamps\":{device:.1},\"dispatches\":{},\"kernels\":[{}]}}",
+        model.backend.name(),
+        samples.len(),
         kernels.join(",")
     );
 }

@@ -47,12 +47,6 @@ pub struct Knobs {
     /// GEMV: invocations per workgroup (a power of two) and weight rows per workgroup.
     pub gemv_wg: u32,
     pub gemv_rows: u32,
-    /// GEMM tile: rows of x × weight rows × k step, and outputs per invocation (TM × TN).
-    pub gemm_bm: u32,
-    pub gemm_bn: u32,
-    pub gemm_bk: u32,
-    pub gemm_tm: u32,
-    pub gemm_tn: u32,
     /// Invocations per workgroup of the norm/reduction kernels (a power of two) and of pointwise kernels.
     pub reduce_wg: u32,
     pub elem_wg: u32,
@@ -92,18 +86,18 @@ impl Knobs {
     pub fn for_adapter(cpu: bool) -> Self {
         if cpu {
             Knobs {
-                gemv_wg: 32, gemv_rows: 4, gemm_bm: 32, gemm_bn: 32, gemm_bk: 16, gemm_tm: 4, gemm_tn: 4, reduce_wg: 64, elem_wg: 64, cell_cols: 32, cell_split: 2,
+                gemv_wg: 32, gemv_rows: 4, reduce_wg: 64, elem_wg: 64, cell_cols: 32, cell_split: 2,
                 mv_wg: 32, mv_rows: 2, mv_unroll: 2, mv_plain: (32, 2, 2), pool_bytes: 32 << 20, fuse: true, checked: false, immediates: true,
             }
         } else {
             Knobs {
-                gemv_wg: 128, gemv_rows: 4, gemm_bm: 64, gemm_bn: 64, gemm_bk: 16, gemm_tm: 4, gemm_tn: 4, reduce_wg: 256, elem_wg: 256, cell_cols: 16, cell_split: 16,
+                gemv_wg: 128, gemv_rows: 4, reduce_wg: 256, elem_wg: 256, cell_cols: 16, cell_split: 16,
                 mv_wg: 128, mv_rows: 4, mv_unroll: 2, mv_plain: (128, 4, 2), pool_bytes: 2048 << 20, fuse: true, checked: false, immediates: true,
             }
         }
     }
 
-    /// `XLSTM_WGPU_GEMV=WGxROWS`, `XLSTM_WGPU_GEMM=BMxBNxBKxTMxTN`, `XLSTM_WGPU_MV=WGxROWSxUNROLL`
+    /// `XLSTM_WGPU_GEMV=WGxROWS`, `XLSTM_WGPU_MV=WGxROWSxUNROLL`
     /// (the fused batch-1 GEMVs; also the plain one unless `XLSTM_WGPU_MV_PLAIN=WGxROWSxUNROLL` is set),
     /// `XLSTM_WGPU_CELL=COLSxSPLIT`, `XLSTM_WGPU_POOL_MB`, `XLSTM_WGPU_FUSE=0`, `XLSTM_WGPU_IMMEDIATES=0` and
     /// `XLSTM_WGPU_CHECKED=1` override the defaults.
@@ -139,11 +133,6 @@ impl Knobs {
                 (self.gemv_wg, self.gemv_rows) = (v[0], v[1]);
             }
         }
-        if let Some(v) = std::env::var("XLSTM_WGPU_GEMM").ok().and_then(nums) {
-            if v.len() == 5 && v[0] % v[3] == 0 && v[1] % v[4] == 0 && (v[0] / v[3]) * (v[1] / v[4]) <= 256 {
-                (self.gemm_bm, self.gemm_bn, self.gemm_bk, self.gemm_tm, self.gemm_tn) = (v[0], v[1], v[2], v[3], v[4]);
-            }
-        }
         self
     }
 
@@ -170,11 +159,6 @@ impl Knobs {
         m.insert("R", if file == "mv" { mv_rows } else { self.gemv_rows }.to_string());
         m.insert("U", mv_unroll.to_string());
         m.insert("B", GEMV_MAX_ROWS.to_string());
-        m.insert("BM", self.gemm_bm.to_string());
-        m.insert("BN", self.gemm_bn.to_string());
-        m.insert("BK", self.gemm_bk.to_string());
-        m.insert("TM", self.gemm_tm.to_string());
-        m.insert("TN", self.gemm_tn.to_string());
         m.insert("COLS", self.cell_cols.to_string());
         m.insert("SPLIT", self.cell_split.to_string());
         m

@@ -65,10 +65,11 @@ fn matmul_on<B: Backend>(b: &B, x: &[f32], rows: usize, w: &HostTensor, dt: DTyp
 fn matmul_all_dtypes_and_row_counts() {
     let g = gpu!();
     let cpu = CpuBackend::new();
-    for (n, k) in [(67, 45), (130, 256), (5, 8)] {
+    // The GEMM's tile is 64 rows × 128 weight rows × 32 columns: shapes below, across and past it.
+    for (n, k) in [(67, 45), (130, 256), (5, 8), (300, 200)] {
         let w = HostTensor::f32(vec![n, k], rnd(n * k, n as u64 * 31 + k as u64, 0.5));
         for dt in [DType::F32, DType::BF16, DType::F16] {
-            for rows in [1, 2, 4, 5, 37] {
+            for rows in [1, 2, 4, 5, 37, 70, 130] {
                 let x = rnd(rows * k, rows as u64 + 7, 1.0);
                 close(&format!("matmul {n}x{k} {dt:?} rows {rows}"), &matmul_on(g, &x, rows, &w, dt, None), &matmul_on(&cpu, &x, rows, &w, dt, None), REDUCE);
                 let a = rnd(rows * n, 99, 1.0);
