@@ -16,6 +16,14 @@
 //   9 scal rw, 10 v, 11 C rw, 13 h rw): mlstm_cell's tiles, each workgroup computing its unit's
 //   gates and den itself from the old n, m (the same formulas as mlstm_gates); the tile at column 0
 //   leaves (f', i', m') in scal. Dispatch (ceil(DV/{{COLS}}), units).
+//   Each invocation loads 8 rows of its C column before it stores any (the stores could alias the
+//   next loads as far as the compiler knows, so a load-update-store loop waits on memory per row).
+//   NORMED (the gated decode step in one dispatch; bindings as above + 14 norm weight, 15 o, 16 hn
+//   rw, 17 counters rw, params + 8 norm eps): the last workgroup of a unit to finish (an atomic
+//   count per unit, reset by that workgroup) commits n', m' and writes hn as mlstm_norm does.
+//   storageBarrier() is a device-scope acquire/release fence in SPIR-V (naga) and HLSL, so the
+//   other workgroups' h is visible to it; not used on Metal, whose threadgroup barrier orders
+//   device memory for the threadgroup only.
 // mlstm_norm (bindings 2 k, 7 n rw, 8 m rw, 9 scal, 13 h, 14 norm weight, 15 o, 16 hn rw): one
 //   workgroup ({{WG}}) per unit commits the state (n' = f'n + i'k, m') and writes
 //   hn = σ(o) ⊙ LayerNorm_head(h)·weight (as norm.wgsl's group_norm). Params: 0 NH, 1 DK, 2 DV,
@@ -118,14 +126,48 @@ fn mlstm_cell(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id
 
 var<workgroup> colp: array<f32, {{COLS}}>;
 
+// The sum of v over the cell tile's {{COLS}}×{{SPLIT}} invocations (all call it; all get the total).
+fn tile_sum(v: f32, li: vec3<u32>) -> f32 {
+    hpart[li.y * {{COLS}}u + li.x] = v;
+    workgroupBarrier();
+    if (li.y == 0u) {
+        var cs = 0.0;
+        for (var i = 0u; i < {{SPLIT}}u; i++) { cs += hpart[i * {{COLS}}u + li.x]; }
+        colp[li.x] = cs;
+    }
+    workgroupBarrier();
+    var t = 0.0;
+    for (var i = 0u; i < {{COLS}}u; i++) { t += colp[i]; }
+    workgroupBarrier();
+    return t;
+}
+
+//#if NORMED
+@group(0) @binding(14) var<storage, read> norm_w: array<f32>;
+@group(0) @binding(15) var<storage, read> ogate: array<f32>;
+@group(0) @binding(16) var<storage, read_write> hn: array<f32>;
+@group(0) @binding(17) var<storage, read_write> counters: array<atomic<u32>>;
+var<workgroup> last_group: u32;
+//#endif
+
 @compute @workgroup_size({{COLS}}, {{SPLIT}})
-fn mlstm_cell_fused(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) li: vec3<u32>) {
+fn mlstm_cell_fused(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_id) li: vec3<u32>) {
     let nh = pu(0u);
     let dk = pu(1u);
     let dv = pu(2u);
     let eps = pf(4u);
     let cap = pf(7u);
     let u = wg.y;
+    let j = wg.x * {{COLS}}u + li.x;
+    let jc = min(j, dv - 1u);
+    let cb = u * dk * dv;
+    // The first 16 rows of this invocation's C column are loaded before anything else, so that
+    // their latency overlaps the gate math and the loads below (nothing here waits on them yet).
+//#unroll e 16
+    let r$e = li.y + $eu * {{SPLIT}}u;
+    let c$e = C[cb + min(r$e, dk - 1u) * dv + jc];
+//#endunroll
     let head = u % nh;
     let ip = capped(ig[u] + ibias[head], cap);
     let fp = capped(fg[u] + fbias[head], cap);
@@ -136,39 +178,42 @@ fn mlstm_cell_fused(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocat
     let ia = exp(ip - m_new);
     let scale = 1.0 / sqrt(f32(dk));
     let qb = u * dk;
-    // den = max(|q̂·n'|, e^(−m')) + eps: partial sums over DK, then per column, then all.
+    let vj = v[u * dv + jc];
+    // den = max(|q̂·n'|, e^(−m')) + eps
     let t = li.y * {{COLS}}u + li.x;
     var s = 0.0;
     for (var a = t; a < dk; a += {{COLS}}u * {{SPLIT}}u) {
         s += q[qb + a] * scale * (fa * n[qb + a] + ia * k[qb + a]);
     }
-    hpart[t] = s;
-    workgroupBarrier();
-    if (li.y == 0u) {
-        var cs = 0.0;
-        for (var i = 0u; i < {{SPLIT}}u; i++) { cs += hpart[i * {{COLS}}u + li.x]; }
-        colp[li.x] = cs;
-    }
-    workgroupBarrier();
-    var qn = 0.0;
-    for (var i = 0u; i < {{COLS}}u; i++) { qn += colp[i]; }
-    let den = max(abs(qn), exp(-m_new)) + eps;
+    let den = max(abs(tile_sum(s, li)), exp(-m_new)) + eps;
     if (wg.x == 0u && t == 0u) {
         scal[u * 4u] = fa;
         scal[u * 4u + 1u] = ia;
         scal[u * 4u + 2u] = m_new;
     }
-    let j = wg.x * {{COLS}}u + li.x;
-    let jc = min(j, dv - 1u);
-    let vj = v[u * dv + jc];
-    let cb = u * dk * dv;
     var acc = 0.0;
     if (j < dv) {
-        for (var a = li.y; a < dk; a += {{SPLIT}}u) {
-            let ci = cb + a * dv + j;
-            let c = fa * C[ci] + ia * k[qb + a] * vj;
-            C[ci] = c;
-            acc += q[qb + a] * c;
+//#unroll e 16
+        if (r$e < dk) {
+            let cn = fa * c$e + ia * k[qb + r$e] * vj;
+            C[cb + r$e * dv + j] = cn;
+            acc += q[qb + r$e] * cn;
+        }
+//#endunroll
+        // Rows past the first 16 per invocation: batches of 8 loads before their stores.
+        for (var a0 = li.y + 16u * {{SPLIT}}u; a0 < dk; a0 += 8u * {{SPLIT}}u) {
+//#unroll e 8
+            let a$e = a0 + $eu * {{SPLIT}}u;
+            let ci$e = cb + min(a$e, dk - 1u) * dv + j;
+            let c$e = C[ci$e];
+//#endunroll
+//#unroll e 8
+            if (a$e < dk) {
+                let cn$e = fa * c$e + ia * k[qb + a$e] * vj;
+                C[ci$e] = cn$e;
+                acc += q[qb + a$e] * cn$e;
+            }
+//#endunroll
         }
     }
     hpart[t] = acc;
@@ -178,11 +223,49 @@ fn mlstm_cell_fused(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocat
         for (var i = 0u; i < {{SPLIT}}u; i++) { hs += hpart[i * {{COLS}}u + li.x]; }
         h[u * dv + j] = hs * scale / den;
     }
+//#if NORMED
+    // Release this tile's h (device scope), count it; the unit's last tile acquires all of h.
+    storageBarrier();
+    if (t == 0u) {
+        last_group = u32(atomicAdd(&counters[u], 1u) + 1u == nwg.x);
+    }
+    if (workgroupUniformLoad(&last_group) == 0u) {
+        return;
+    }
+    storageBarrier();
+    let neps = pf(8u);
+    let base = u * dv;
+    let col0 = head * dv;
+    // One pass over h: sums of (h − h[0]) and its square (shifted, so the variance keeps its
+    // precision however far the mean is from zero).
+    let shift = h[base];
+    var hs1 = 0.0;
+    var hs2 = 0.0;
+    for (var jj = t; jj < dv; jj += {{COLS}}u * {{SPLIT}}u) { let d = h[base + jj] - shift; hs1 += d; hs2 += d * d; }
+    // The state commit (n', m') beside it, before the sums' barriers.
+    for (var a = t; a < dk; a += {{COLS}}u * {{SPLIT}}u) {
+        n[qb + a] = fa * n[qb + a] + ia * k[qb + a];
+    }
+    if (t == 0u) {
+        m[u] = m_new;
+        atomicStore(&counters[u], 0u);
+    }
+    let ms = tile_sum(hs1, li) / f32(dv);
+    let var_ = max(tile_sum(hs2, li) / f32(dv) - ms * ms, 0.0);
+    let mean = shift + ms;
+    let inv = 1.0 / sqrt(var_ + neps);
+    for (var jj = t; jj < dv; jj += {{COLS}}u * {{SPLIT}}u) {
+        hn[base + jj] = (h[base + jj] - mean) * inv * norm_w[col0 + jj] * sigmoid(ogate[base + jj]);
+    }
+//#endif
 }
 
+//#if NORMED
+//#else
 @group(0) @binding(14) var<storage, read> norm_w: array<f32>;
 @group(0) @binding(15) var<storage, read> ogate: array<f32>;
 @group(0) @binding(16) var<storage, read_write> hn: array<f32>;
+//#endif
 
 @compute @workgroup_size({{WG}})
 fn mlstm_norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,

@@ -192,6 +192,7 @@ fn bindings(entry: &str) -> &'static [(u32, Acc)] {
         "mlstm_cell" => &[(1, R), (2, R), (10, R), (11, W), (12, R), (13, W)],
         "mlstm_cell_fused" => &[(1, R), (2, R), (3, R), (4, R), (5, R), (6, R), (7, W), (8, W), (9, W), (10, R), (11, W), (13, W)],
         "mlstm_norm" => &[(2, R), (7, W), (8, W), (9, W), (13, W), (14, R), (15, R), (16, W)],
+        "mlstm_step_normed" => &[(1, R), (2, R), (3, R), (4, R), (5, R), (6, R), (7, W), (8, W), (9, W), (10, R), (11, W), (13, W), (14, R), (15, R), (16, W), (17, W)],
         "mlstm_chunk_states" => &[(2, R), (3, R), (4, R), (5, R), (6, W), (7, W), (8, W), (9, W), (10, W), (11, W)],
         "mlstm_chunk_out" => &[(1, R), (2, R), (3, R), (4, R), (5, R), (8, W), (9, W), (10, W), (11, W), (12, W)],
         "top_k" => &[(1, R), (2, W)],
@@ -209,7 +210,7 @@ fn file_of(entry: &str) -> &'static str {
         "embed" => "embed",
         "rms_norm" | "group_norm" => "norm",
         "conv_out" | "conv_state" => "conv",
-        "mlstm_gates" | "mlstm_cell" | "mlstm_cell_fused" | "mlstm_norm" => "mlstm",
+        "mlstm_gates" | "mlstm_cell" | "mlstm_cell_fused" | "mlstm_norm" | "mlstm_step_normed" => "mlstm",
         "mlstm_chunk_states" | "mlstm_chunk_out" => "mlstm_chunk",
         "top_k" => "topk",
         "slstm" => "slstm",
@@ -223,6 +224,7 @@ fn flavour_of(entry: &'static str) -> (&'static [&'static str], &'static str) {
         "mv" => (shaders::MV_FLAVOURS[0], "mv"),
         "mv_norm" => (shaders::MV_FLAVOURS[1], "mv"),
         "mv_pair" => (shaders::MV_FLAVOURS[2], "mv"),
+        "mlstm_step_normed" => (shaders::MLSTM_FLAVOURS[1], "mlstm_cell_fused"),
         other => (&[], other),
     }
 }
@@ -295,6 +297,8 @@ pub struct WgpuBackend {
     fused: bool,
     /// The gated decode mLSTM step runs as two dispatches (12 storage buffers per stage, fusion on).
     fused_cell: bool,
+    /// ... or as one (16 storage buffers per stage, `Knobs::cell_norm`).
+    normed_cell: bool,
     rec: Mutex<Rec>,
     submit_every: u64,
     /// Dispatches of the first submission after the host waited for the device.
@@ -419,6 +423,10 @@ impl WgpuBackend {
         let dummy_w = make_buf(&device, &dead, 4, None);
         let fused = knobs.fuse && limits.max_storage_buffers_per_shader_stage >= 11;
         let fused_cell = knobs.fuse && limits.max_storage_buffers_per_shader_stage >= 12;
+        if info.backend == wgpu::Backend::Metal && std::env::var("XLSTM_WGPU_CELL_NORM").is_err() {
+            knobs.cell_norm = false;
+        }
+        let normed_cell = fused_cell && knobs.cell_norm && limits.max_storage_buffers_per_shader_stage >= 16;
         // Rounded down to 32 bytes, as pools are: NVIDIA's Vulkan binding limit is 2^31 − 4.
         let part_limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size) / 32 * 32;
         let prof = GpuProfiler::new(&device, &queue);
@@ -440,6 +448,7 @@ impl WgpuBackend {
             expected: AtomicU64::new(0),
             fused,
             fused_cell,
+            normed_cell,
             part_limit,
             submit_every,
             submit_first,
@@ -1484,8 +1493,15 @@ impl WgpuBackend {
             return Ok(());
         }
         let scal = self.scratch("mlstm_scal", units * 4)?;
-        let params = [nh as u32, d.dk as u32, d.dv as u32, units as u32, eps.to_bits(), 0, 1, cap.to_bits()];
+        let params = [nh as u32, d.dk as u32, d.dv as u32, units as u32, eps.to_bits(), 0, 1, cap.to_bits(), norm_eps.to_bits()];
         let groups = ((d.dv as u32).div_ceil(self.knobs.cell_cols), units as u32, 1);
+        if self.normed_cell {
+            // The per-unit counts start at zero (new buffers are zeroed) and the last workgroup of
+            // each unit puts its count back to zero.
+            let counters = self.scratch("mlstm_counters", units)?;
+            let bufs = [&q.raw, &k.raw, &i.raw, &f.raw, &ibias.raw, &fbias.raw, &s.n.raw, &s.m.raw, &scal, &v.raw, &s.c.raw, &h.raw, &norm.raw, &o.raw, &hn.raw, &counters];
+            return self.dispatch("mlstm_step_normed", WDType::F32, &bufs, &params, groups);
+        }
         self.dispatch("mlstm_cell_fused", WDType::F32, &[&q.raw, &k.raw, &i.raw, &f.raw, &ibias.raw, &fbias.raw, &s.n.raw, &s.m.raw, &scal, &v.raw, &s.c.raw, &h.raw], &params, groups)?;
         let params = [nh as u32, d.dk as u32, d.dv as u32, units as u32, norm_eps.to_bits()];
         self.dispatch("mlstm_norm", WDType::F32, &[&k.raw, &s.n.raw, &s.m.raw, &scal, &h.raw, &norm.raw, &o.raw, &hn.raw], &params, split(units as u64))

@@ -76,6 +76,10 @@ pub struct Knobs {
     /// Wanted by default; the backend keeps it only where the adapter has wgpu's IMMEDIATES
     /// (`XLSTM_WGPU_IMMEDIATES=0`: off).
     pub immediates: bool,
+    /// The gated decode mLSTM step in one dispatch (each unit's last workgroup commits the state and
+    /// writes the head norm) instead of two. On by default except on Metal, where a threadgroup
+    /// barrier does not make device memory visible to other threadgroups (`XLSTM_WGPU_CELL_NORM`).
+    pub cell_norm: bool,
 }
 
 /// Input rows the GEMV kernel takes at once (more rows go through the GEMM).
@@ -87,12 +91,12 @@ impl Knobs {
         if cpu {
             Knobs {
                 gemv_wg: 32, gemv_rows: 4, reduce_wg: 64, elem_wg: 64, cell_cols: 32, cell_split: 2,
-                mv_wg: 32, mv_rows: 2, mv_unroll: 2, mv_plain: (32, 2, 2), pool_bytes: 32 << 20, fuse: true, checked: false, immediates: true,
+                mv_wg: 32, mv_rows: 2, mv_unroll: 2, mv_plain: (32, 2, 2), pool_bytes: 32 << 20, fuse: true, checked: false, immediates: true, cell_norm: true,
             }
         } else {
             Knobs {
                 gemv_wg: 128, gemv_rows: 4, reduce_wg: 256, elem_wg: 256, cell_cols: 16, cell_split: 16,
-                mv_wg: 128, mv_rows: 4, mv_unroll: 2, mv_plain: (128, 4, 2), pool_bytes: 2048 << 20, fuse: true, checked: false, immediates: true,
+                mv_wg: 128, mv_rows: 4, mv_unroll: 2, mv_plain: (128, 4, 2), pool_bytes: 2048 << 20, fuse: true, checked: false, immediates: true, cell_norm: true,
             }
         }
     }
@@ -124,6 +128,9 @@ impl Knobs {
         }
         if let Ok(v) = std::env::var("XLSTM_WGPU_IMMEDIATES") {
             self.immediates = v != "0";
+        }
+        if let Ok(v) = std::env::var("XLSTM_WGPU_CELL_NORM") {
+            self.cell_norm = v != "0";
         }
         if let Ok(v) = std::env::var("XLSTM_WGPU_CHECKED") {
             self.checked = v == "1";
@@ -177,6 +184,9 @@ pub struct Variant {
 
 /// The flavours of the batch-1 GEMV: plain, RMSNorm fused, RMSNorm + gate/up pair fused.
 pub const MV_FLAVOURS: &[&[&str]] = &[&[], &["NORM"], &["NORM", "PAIR"]];
+/// The flavours of mlstm.wgsl: two-dispatch decode step, and one dispatch with the head norm
+/// done by each unit's last workgroup.
+pub const MLSTM_FLAVOURS: &[&[&str]] = &[&[], &["NORMED"]];
 
 /// The full WGSL of one variant: common.wgsl (+ reduce.wgsl) + the file, preprocessed.
 pub fn source(v: &Variant, knobs: &Knobs) -> String {
@@ -291,7 +301,11 @@ pub fn all_variants() -> Vec<Variant> {
             "mv" => &[WDType::BF16, WDType::F16],
             _ => &[WDType::F32],
         };
-        let flavours: &[&'static [&'static str]] = if *file == "mv" { MV_FLAVOURS } else { &[&[]] };
+        let flavours: &[&'static [&'static str]] = match *file {
+            "mv" => MV_FLAVOURS,
+            "mlstm" => MLSTM_FLAVOURS,
+            _ => &[&[]],
+        };
         for &dtype in dtypes {
             for &extra in flavours {
                 for subgroup in [false, true] {

@@ -290,6 +290,7 @@ fn conv1d() {
     }
 }
 
+#[derive(Clone)]
 struct MlstmOut {
     h: Vec<f32>,
     /// With an out_proj: acc + out_proj · hn (acc random).
@@ -372,6 +373,37 @@ fn gated_cell_then_out_proj() {
                 close(&format!("{what}: C"), &a.c, &b.c, CELL);
                 close(&format!("{what}: n"), &a.n, &b.n, CELL);
                 close(&format!("{what}: m"), &a.m, &b.m, CELL);
+            }
+        }
+    }
+}
+
+/// The gated decode step in one dispatch (each unit's last workgroup commits n, m and writes the
+/// head norm) and in two, at small and at xLSTM-7B's head dims (DK 256, DV 512: several load
+/// batches of C per invocation, many workgroups per unit), batches 1 and 3, against the CPU; and
+/// twice in a row, so the per-unit counts must have been put back to zero.
+#[test]
+fn gated_decode_step_in_one_and_two_dispatches() {
+    let Some(g) = backend() else { return };
+    let cpu = CpuBackend::new();
+    let cpu_adapter = g.adapter_info().device_type == wgpu::DeviceType::Cpu;
+    for one in [true, false] {
+        let knobs = Knobs { cell_norm: one, ..Knobs::for_adapter(cpu_adapter).with_env() };
+        let g = xlstm_wgpu::WgpuBackend::with_options(xlstm_wgpu::Api::Any, true, Some(knobs)).unwrap();
+        for d in [MlstmDims { heads: 3, dk: 24, dv: 40 }, MlstmDims { heads: 2, dk: 256, dv: 512 }] {
+            for batch in [1, 3] {
+                let d0 = g.counters().1;
+                let a = mlstm_on(&g, d, batch, batch, None, true, 80);
+                assert_eq!(g.counters().1 - d0, if one { 1 } else { 2 }, "dispatches of the decode step (one: {one})");
+                let b = mlstm_on(&cpu, d, batch, batch, None, true, 80);
+                for rep in 0..2 {
+                    let a = if rep == 0 { a.clone() } else { mlstm_on(&g, d, batch, batch, None, true, 80) };
+                    let what = format!("decode step {d:?} batch {batch} one dispatch {one} #{rep}");
+                    close(&format!("{what}: hn"), &a.h, &b.h, CELL);
+                    close(&format!("{what}: C"), &a.c, &b.c, CELL);
+                    close(&format!("{what}: n"), &a.n, &b.n, CELL);
+                    close(&format!("{what}: m"), &a.m, &b.m, CELL);
+                }
             }
         }
     }
