@@ -42,7 +42,7 @@ pub struct RuntimeArgs {
     /// Prefill chunk size [XLSTM_CHUNK_SIZE, the model's].
     #[arg(long)]
     pub chunk_size: Option<String>,
-    /// Prompt tokens per prefill pass [XLSTM_PREFILL_SEGMENT, the backend's: 512 CPU, 2048 CUDA].
+    /// Prompt tokens per prefill pass [XLSTM_PREFILL_SEGMENT, the backend's: 512 CPU, 2048 CUDA and wgpu GPUs].
     #[arg(long)]
     pub prefill_segment: Option<String>,
     /// Heads per kernel launch / CPU task [XLSTM_HEADS_PER_BAND, 1: each head its own task].
