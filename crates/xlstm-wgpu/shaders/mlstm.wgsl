@@ -87,6 +87,9 @@ fn mlstm_gates(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nw
 @group(0) @binding(11) var<storage, read_write> C: array<f32>;
 @group(0) @binding(12) var<storage, read> scal_in: array<f32>;
 @group(0) @binding(13) var<storage, read_write> h: array<f32>;
+@group(0) @binding(14) var<storage, read> norm_w: array<f32>;
+@group(0) @binding(15) var<storage, read> ogate: array<f32>;
+@group(0) @binding(16) var<storage, read_write> hn: array<f32>;
 
 var<workgroup> hpart: array<f32, {{COLS}} * {{SPLIT}}>;
 
@@ -143,9 +146,6 @@ fn tile_sum(v: f32, li: vec3<u32>) -> f32 {
 }
 
 //#if NORMED
-@group(0) @binding(14) var<storage, read> norm_w: array<f32>;
-@group(0) @binding(15) var<storage, read> ogate: array<f32>;
-@group(0) @binding(16) var<storage, read_write> hn: array<f32>;
 @group(0) @binding(17) var<storage, read_write> counters: array<atomic<u32>>;
 var<workgroup> last_group: u32;
 //#endif
@@ -259,13 +259,6 @@ fn mlstm_cell_fused(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroup
     }
 //#endif
 }
-
-//#if NORMED
-//#else
-@group(0) @binding(14) var<storage, read> norm_w: array<f32>;
-@group(0) @binding(15) var<storage, read> ogate: array<f32>;
-@group(0) @binding(16) var<storage, read_write> hn: array<f32>;
-//#endif
 
 @compute @workgroup_size({{WG}})
 fn mlstm_norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
