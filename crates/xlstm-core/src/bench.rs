@@ -70,6 +70,9 @@ pub struct DecodeResult {
     /// Weight bytes one step reads (every matrix once, whatever the batch).
     pub weight_bytes_per_step: usize,
     pub achieved_gb_s: f64,
+    /// Greedy steps recorded before the previous token was read back (`Model::pipe_step`), as
+    /// greedy generation runs them on such a backend.
+    pub pipelined: bool,
 }
 
 fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
@@ -96,6 +99,27 @@ pub fn prefill<B: Backend>(model: &mut Model<B>, len: usize, kernel: MlstmKernel
 pub fn decode<B: Backend>(model: &mut Model<B>, batch: usize, steps: usize, warmup: usize, top_k: Option<usize>) -> Result<DecodeResult> {
     let mut st = model.new_state(batch)?;
     let ids = tokens(batch, model.vocab_size(), 3);
+    let pipelined = top_k == Some(1) && batch == 1 && model.can_pipe_greedy();
+    if pipelined {
+        // Greedy as generation runs it here: step i + 1 is under way before step i's token is read.
+        let run = |model: &mut Model<B>, st: &mut crate::state::State<B>, n: usize| -> Result<()> {
+            let mut ticket = model.pipe_step(Some(ids[0]), st)?;
+            for i in 0..n {
+                let ahead = if i + 1 < n { Some(model.pipe_step(None, st)?) } else { None };
+                model.pipe_token(ticket)?;
+                match ahead {
+                    Some(a) => ticket = a,
+                    None => break,
+                }
+            }
+            Ok(())
+        };
+        run(model, &mut st, warmup.max(1))?;
+        let t = Instant::now();
+        run(model, &mut st, steps.max(1))?;
+        let per = t.elapsed().as_secs_f64() / steps.max(1) as f64;
+        return Ok(decode_result(model, batch, steps, per, true));
+    }
     let step = |model: &mut Model<B>, st: &mut crate::state::State<B>| -> Result<()> {
         match top_k {
             Some(k) => model.step_top_k(&ids, st, k).map(drop),
@@ -110,13 +134,18 @@ pub fn decode<B: Backend>(model: &mut Model<B>, batch: usize, steps: usize, warm
         step(model, &mut st)?;
     }
     let per = t.elapsed().as_secs_f64() / steps.max(1) as f64;
+    Ok(decode_result(model, batch, steps, per, false))
+}
+
+fn decode_result<B: Backend>(model: &Model<B>, batch: usize, steps: usize, per: f64, pipelined: bool) -> DecodeResult {
     let bytes = model.weight_bytes_per_token();
-    Ok(DecodeResult {
+    DecodeResult {
         batch,
         steps: steps.max(1),
         ms_per_step: per * 1e3,
         tok_s: batch as f64 / per,
         weight_bytes_per_step: bytes,
         achieved_gb_s: bytes as f64 / per / 1e9,
-    })
+        pipelined,
+    }
 }

@@ -155,11 +155,23 @@ pub fn generate<B: Backend>(
     let t_decode = Instant::now();
     let mut decode_steps = 0usize;
     let fast_k = if params.fast_head { sampler.candidates_needed() } else { None };
+    // Greedy on a backend that keeps the chosen token on the device: each step is recorded before
+    // the previous token is read back (`ticket`: the step whose token comes next; `ahead`: the one
+    // after it, already under way). Output is the same; a stop leaves one step run past it.
+    let pipe = fast_k == Some(1) && model.can_pipe_greedy();
+    let (mut ticket, mut ahead): (Option<u64>, Option<u64>) = (None, None);
+    let mut last_token_at = Instant::now();
     let mut cands: Option<Vec<(u32, f32)>> = None;
     while out_ids.len() < params.max_new_tokens {
-        let next = match cands.take() {
-            Some(c) => sampler.sample_candidates(&c),
-            None => sampler.sample(&mut logits, &history),
+        let next = match (ticket.take(), cands.take()) {
+            (Some(t), _) => {
+                if out_ids.len() + 2 <= params.max_new_tokens {
+                    ahead = Some(model.pipe_step(None, &mut state)?);
+                }
+                model.pipe_token(t)?
+            }
+            (None, Some(c)) => sampler.sample_candidates(&c),
+            (None, None) => sampler.sample(&mut logits, &history),
         };
         ttft.get_or_insert_with(|| t0.elapsed().as_secs_f64());
         if Some(next) == eos {
@@ -189,11 +201,21 @@ pub fn generate<B: Backend>(
         }
         model.ease_memory(None)?;
         let t_step = Instant::now();
-        match fast_k {
-            Some(k) => cands = model.step_top_k(&[next], &mut state, k)?.pop(),
-            None => logits = model.step(&[next], &mut state)?,
-        }
-        let dt = t_step.elapsed().as_secs_f64();
+        let dt = if pipe {
+            ticket = Some(match ahead.take() {
+                Some(a) => a,
+                None => model.pipe_step(Some(next), &mut state)?,
+            });
+            // a pipelined step's time is the interval between tokens
+            let now = Instant::now();
+            std::mem::replace(&mut last_token_at, now).elapsed().as_secs_f64()
+        } else {
+            match fast_k {
+                Some(k) => cands = model.step_top_k(&[next], &mut state, k)?.pop(),
+                None => logits = model.step(&[next], &mut state)?,
+            }
+            t_step.elapsed().as_secs_f64()
+        };
         decode_steps += 1;
         live.token(dt);
         if let Some(w) = &model.watchdog {
@@ -203,6 +225,10 @@ pub fn generate<B: Backend>(
         if let Some(l) = log.as_mut() {
             l.row("decode", 1, dt, 0);
         }
+    }
+    // A step run past the stop: collect its token (unused) so its read-back is released.
+    if let Some(a) = ahead.take() {
+        model.pipe_token(a)?;
     }
     live.update(|s| s.phase = "done".into());
     if let Some(l) = log.as_mut() {

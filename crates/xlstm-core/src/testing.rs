@@ -112,3 +112,42 @@ pub fn assert_greedy_matches<B: crate::Backend>(model: &mut crate::Model<B>, cas
     }
     assert_eq!(got, want, "{case}: greedy continuation differs from the reference");
 }
+
+/// Greedy decoding with the chosen token kept on the device (`Model::pipe_step`: each step recorded
+/// before the previous token is read back) gives the case's reference continuation, and leaves the
+/// same state as stepping every token but the last from the host.
+pub fn assert_pipelined_greedy_matches<B: crate::Backend>(model: &mut crate::Model<B>, case: &str, chunk: usize) {
+    let exp = Expected::load(case);
+    let prompt = exp.ids("gen_prompt");
+    let want = exp.ids("gen_greedy");
+    assert!(want.len() >= 2, "{case}: too short a reference continuation");
+    assert!(model.can_pipe_greedy(), "{case}: no greedy decoding on the device here");
+    let kernel = crate::MlstmKernel::Chunkwise { chunk };
+    let mut st = model.new_state(1).expect("state");
+    let first = argmax(&model.prefill(&prompt, &mut st, kernel, crate::LogitRows::Last).expect("prefill"));
+    let mut got = vec![first];
+    let mut ticket = model.pipe_step(Some(first), &mut st).expect("pipe_step");
+    loop {
+        let ahead = if got.len() + 1 < want.len() { Some(model.pipe_step(None, &mut st).expect("pipe_step")) } else { None };
+        got.push(model.pipe_token(ticket).expect("pipe_token"));
+        match ahead {
+            Some(a) => ticket = a,
+            None => break,
+        }
+    }
+    assert_eq!(got, want, "{case}: pipelined greedy continuation differs from the reference");
+    let mut host = model.new_state(1).expect("state");
+    model.prefill(&prompt, &mut host, kernel, crate::LogitRows::Last).expect("prefill");
+    for &t in &want[..want.len() - 1] {
+        model.step_top_k(&[t], &mut host, 1).expect("step");
+    }
+    assert_eq!(st.position, host.position, "{case}: steps run");
+    for (li, (a, b)) in st.layers.iter().zip(&host.layers).enumerate() {
+        for ((name, shape, x), (_, _, y)) in a.tensors(1).into_iter().zip(b.tensors(1)) {
+            let n = shape.iter().product();
+            let (x, y) = (model.backend.download(x, n).expect("download"), model.backend.download(y, n).expect("download"));
+            let err = rel_err32(&x, &y);
+            assert!(err < 1e-5, "{case}: layer {li} state {name} after pipelined greedy: rel err {err:e}");
+        }
+    }
+}

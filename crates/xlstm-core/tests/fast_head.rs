@@ -76,3 +76,15 @@ fn tile_and_band_knobs_do_not_change_results() {
     let e = rel_err32(&tuned, &base);
     assert!(e < 1e-6, "knobs changed results: {e:e}");
 }
+
+/// The CPU keeps no chosen token on the device: greedy generation steps from the host there, and
+/// asking for the device path is a clear error, not a panic.
+#[test]
+fn pipelined_greedy_is_refused_where_the_backend_lacks_it() {
+    let mut m = model(DType::F32);
+    assert!(!m.can_pipe_greedy());
+    let mut st = m.new_state(1).unwrap();
+    let err = m.pipe_step(Some(1), &mut st).unwrap_err().to_string();
+    assert!(err.contains("keep the chosen token"), "{err}");
+    assert_eq!(st.position, 0, "nothing ran");
+}

@@ -54,9 +54,16 @@ fn main() {
         return;
     }
     let mut token = 1u32;
+    // Greedy as generation runs it: each step recorded before the previous token is read back.
     let mut greedy = |model: &mut Model<WgpuBackend>, n: usize| {
-        for _ in 0..n {
-            token = model.step_top_k(&[token], &mut state, 1).expect("step")[0][0].0;
+        let mut ticket = model.pipe_step(Some(token), &mut state).expect("step");
+        for i in 0..n {
+            let ahead = (i + 1 < n).then(|| model.pipe_step(None, &mut state).expect("step"));
+            token = model.pipe_token(ticket).expect("token");
+            match ahead {
+                Some(a) => ticket = a,
+                None => break,
+            }
         }
     };
     // Pacings, unprofiled; each after a warm-up (pipelines, bind groups, clocks).

@@ -9,6 +9,9 @@
 // one partial per subgroup (or a workgroup-memory tree without subgroups).
 // Params: 0 rows, 1 n (values per row), 2 k, 3 cap (bits), 4 blocks per row.
 // Bindings: 1 logits [rows, n], 2 cand [rows, blocks, k, 2] (u32). Dispatch (blocks, rows).
+// top1_merge (k = 1, greedy decoding on the device): one workgroup per row merges the blocks'
+// candidates in the same order and writes the row's best index to `best` (binding 3, u32 [rows]).
+// Dispatch (1, rows).
 
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read_write> cand: array<u32>;
@@ -99,4 +102,29 @@ fn top_k(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
         }
         if (pi == NONE) { break; }
     }
+}
+
+@group(0) @binding(3) var<storage, read_write> best: array<u32>;
+
+@compute @workgroup_size({{WG}})
+fn top1_merge(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    let blocks = pu(4u);
+    let r = wg.y;
+    var bk = 0u;
+    var bi = NONE;
+    for (var b = lid; b < blocks; b += WG) {
+        let e = 2u * (r * blocks + b);
+        if (better(cand[e + 1u], cand[e], bk, bi)) { bk = cand[e + 1u]; bi = cand[e]; }
+    }
+    rkey[lid] = bk;
+    ridx[lid] = bi;
+    workgroupBarrier();
+    for (var h = WG / 2u; h > 0u; h = h / 2u) {
+        if (lid < h && better(rkey[lid + h], ridx[lid + h], rkey[lid], ridx[lid])) {
+            rkey[lid] = rkey[lid + h];
+            ridx[lid] = ridx[lid + h];
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) { best[r] = ridx[0]; }
 }

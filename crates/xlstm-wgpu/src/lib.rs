@@ -31,7 +31,7 @@ use shaders::{Knobs, Variant, WDType, GEMV_MAX_ROWS};
 
 /// Workgroup memory of the prefill GEMM's tile (gemm.wgsl).
 const GEMM_WORKGROUP_BYTES: u32 = 24 << 10;
-use xlstm_core::backend::{shapes, Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState};
+use xlstm_core::backend::{shapes, Activation, Backend, CHOSEN_ID, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState};
 use xlstm_core::tensor::{DType, HostData, HostTensor};
 use xlstm_core::{Error, Result};
 
@@ -196,6 +196,7 @@ fn bindings(entry: &str) -> &'static [(u32, Acc)] {
         "mlstm_chunk_states" => &[(2, R), (3, R), (4, R), (5, R), (6, W), (7, W), (8, W), (9, W), (10, W), (11, W)],
         "mlstm_chunk_out" => &[(1, R), (2, R), (3, R), (4, R), (5, R), (8, W), (9, W), (10, W), (11, W), (12, W)],
         "top_k" => &[(1, R), (2, W)],
+        "top1_merge" => &[(2, W), (3, W)],
         "slstm" => &[(1, R), (2, R), (3, R), (4, R), (5, R), (6, R), (7, W), (8, W), (9, W), (10, W), (11, W)],
         other => panic!("no binding table for entry point `{other}`"),
     }
@@ -212,7 +213,7 @@ fn file_of(entry: &str) -> &'static str {
         "conv_out" | "conv_state" => "conv",
         "mlstm_gates" | "mlstm_cell" | "mlstm_cell_fused" | "mlstm_norm" | "mlstm_step_normed" => "mlstm",
         "mlstm_chunk_states" | "mlstm_chunk_out" => "mlstm_chunk",
-        "top_k" => "topk",
+        "top_k" | "top1_merge" => "topk",
         "slstm" => "slstm",
         _ => "elementwise",
     }
@@ -262,6 +263,8 @@ struct Rec {
     host: HostTimes,
     /// Device timestamps after every dispatch (`XLSTM_WGPU_PROFILE=1`).
     prof: Option<GpuProfiler>,
+    /// The last submission (what a chosen-ids ticket waits for).
+    last_submission: Option<wgpu::SubmissionIndex>,
 }
 
 /// Parameter words per dispatch, and the arena's size.
@@ -307,6 +310,23 @@ pub struct WgpuBackend {
     submit_ramp: bool,
     /// Largest weight part in bytes (the storage-binding limit unless lowered, e.g. by tests).
     part_limit: u64,
+    /// Greedy decoding on the device: the ids chosen last and their read-backs in flight.
+    chosen: Mutex<Chosen>,
+}
+
+/// The ids `head_top1_chosen` chose last (u32 per row, on the device: what `embed` reads for
+/// `CHOSEN_ID`) and the read-back buffers, each free or holding a ticket's ids.
+#[derive(Default)]
+struct Chosen {
+    ids: Option<WgpuBuf>,
+    readbacks: Vec<(wgpu::Buffer, Option<Ticket>)>,
+    next_ticket: u64,
+}
+
+struct Ticket {
+    id: u64,
+    rows: usize,
+    submission: wgpu::SubmissionIndex,
 }
 
 /// The adapters wgpu sees for `api`, best first (discrete GPU, integrated, virtual, CPU).
@@ -450,6 +470,7 @@ impl WgpuBackend {
             fused_cell,
             normed_cell,
             part_limit,
+            chosen: Mutex::new(Chosen::default()),
             submit_every,
             submit_first,
             submit_ramp,
@@ -468,6 +489,7 @@ impl WgpuBackend {
                 submit_next: submit_every,
                 host: HostTimes::default(),
                 prof,
+                last_submission: None,
             }),
         })
     }
@@ -680,7 +702,7 @@ impl WgpuBackend {
             if !rec.params.is_empty() {
                 self.queue.write_buffer(&self.arena, 0, &rec.params);
             }
-            self.queue.submit([enc.finish()]);
+            rec.last_submission = Some(self.queue.submit([enc.finish()]));
             rec.submissions += 1;
             rec.submit_next = if self.submit_ramp { (rec.pending * 2).clamp(1, self.submit_every.max(1)) } else { self.submit_every };
             rec.pending = 0;
@@ -921,6 +943,21 @@ impl WgpuBackend {
 
     /// Whether the chunkwise kernels take this prefill: 10 storage buffers per stage, and the
     /// per-chunk states (`Cs`) within one binding.
+    /// `embed` of the ids the last `head_top1_chosen` chose (all `rows` given as `CHOSEN_ID`).
+    fn embed_chosen(&self, table: &WgpuMat, rows: usize, out: &WgpuBuf) -> Result<()> {
+        let d = table.cols;
+        check("embed", "out", out.len, rows * d)?;
+        let ids = match &self.chosen.lock().unwrap_or_else(|e| e.into_inner()).ids {
+            Some(b) if b.len >= rows => b.raw.clone(),
+            _ => return Err(Error::Input(format!("embed: {rows} ids stand for the device's choice (CHOSEN_ID), but no step chose that many on the device yet"))),
+        };
+        for p in &table.parts {
+            let params = [rows as u32, d as u32, table.kp as u32, 2, p.row0 as u32, p.rows as u32];
+            self.dispatch_binds("embed", table.dtype, &[p.bind(), whole(&ids), whole(&out.raw)], &params, self.grid_stride(rows * d, self.knobs.elem_wg))?;
+        }
+        Ok(())
+    }
+
     fn chunkwise_fits(&self, d: MlstmDims, seq: usize, chunk: usize) -> bool {
         let nc = seq.div_ceil(chunk.clamp(1, CHUNK_MAX)) as u64;
         self.limits.max_storage_buffers_per_shader_stage >= 10 && nc * (d.heads * d.dk * d.dv * 4) as u64 <= self.max_binding()
@@ -1207,6 +1244,9 @@ impl Backend for WgpuBackend {
     fn embed(&self, table: &WgpuMat, ids: &[u32], out: &mut WgpuBuf) -> Result<()> {
         let d = table.cols;
         check("embed", "out", out.len, ids.len() * d)?;
+        if ids.contains(&CHOSEN_ID) {
+            return self.embed_chosen(table, ids.len(), out);
+        }
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= table.rows) {
             return Err(Error::Input(format!("token id {bad} is out of range: the vocabulary has {} tokens", table.rows)));
         }
@@ -1447,6 +1487,79 @@ impl Backend for WgpuBackend {
             out.push(all);
         }
         Ok(out)
+    }
+
+    fn device_greedy(&self) -> bool {
+        true
+    }
+
+    fn head_top1_chosen(&self, x: &WgpuBuf, rows: usize, w: &WgpuMat, n: usize, cap: f32, scratch: &mut WgpuBuf) -> Result<u64> {
+        if n != w.rows || n == 0 || rows == 0 {
+            return Err(dev_err(format!("head_top1_chosen: {rows} rows of {n} logits from a {}-row head", w.rows)));
+        }
+        // The product, each block's best (top_k with k = 1), then one workgroup per row merges them.
+        self.matmul(x, rows, w, scratch)?;
+        let blocks = n.div_ceil(self.knobs.elem_wg as usize * 4);
+        let cand = self.scratch("top_k", rows * blocks * 2)?;
+        let params = [rows as u32, n as u32, 1, cap.to_bits(), blocks as u32];
+        self.dispatch("top_k", WDType::F32, &[&scratch.raw, &cand], &params, (blocks as u32, rows as u32, 1))?;
+        let ids = {
+            let mut ch = self.chosen.lock().unwrap_or_else(|e| e.into_inner());
+            if ch.ids.as_ref().is_none_or(|b| b.len < rows) {
+                ch.ids = Some(self.new_buf(rows, None)?);
+            }
+            ch.ids.as_ref().expect("made above").raw.clone()
+        };
+        self.dispatch("top1_merge", WDType::F32, &[&cand, &ids], &params, (1, rows as u32, 1))?;
+        // Copy the ids back through a free read-back buffer and submit; nothing waits here.
+        let mut ch = self.chosen.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes = (rows * 4) as u64;
+        let slot = match ch.readbacks.iter().position(|(b, t)| t.is_none() && b.size() >= bytes) {
+            Some(i) => i,
+            None => {
+                let b = self.device.create_buffer(&wgpu::BufferDescriptor { label: Some("chosen ids"), size: bytes.max(256), usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
+                ch.readbacks.push((b, None));
+                ch.readbacks.len() - 1
+            }
+        };
+        let submission = {
+            let mut guard = self.lock();
+            let rec = &mut *guard;
+            rec.pass = None;
+            if rec.encoder.is_none() {
+                rec.encoder = Some(self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("xlstm") }));
+            }
+            rec.encoder.as_mut().expect("made above").copy_buffer_to_buffer(&ids.buf, 0, &ch.readbacks[slot].0, 0, bytes);
+            self.flush(rec);
+            rec.last_submission.clone().expect("flush submitted")
+        };
+        ch.next_ticket += 1;
+        let id = ch.next_ticket;
+        ch.readbacks[slot].1 = Some(Ticket { id, rows, submission });
+        Ok(id)
+    }
+
+    fn chosen_ids(&self, ticket: u64) -> Result<Vec<u32>> {
+        let mut ch = self.chosen.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = ch.readbacks.iter().position(|(_, t)| t.as_ref().is_some_and(|t| t.id == ticket)).ok_or_else(|| Error::Input(format!("chosen_ids: no ticket {ticket} in flight (each is read once)")))?;
+        let (buf, t) = &mut ch.readbacks[slot];
+        let t = t.take().expect("found above");
+        let bytes = (t.rows * 4) as u64;
+        let (tx, rx) = std::sync::mpsc::channel();
+        buf.map_async(wgpu::MapMode::Read, 0..bytes, move |r| {
+            let _ = tx.send(r);
+        });
+        // Waits for that submission only: later steps may already be running.
+        let t0 = std::time::Instant::now();
+        self.device.poll(wgpu::PollType::Wait { submission_index: Some(t.submission), timeout: None }).map_err(|e| dev_err(format!("poll: {e}")))?;
+        self.lock().host.wait += t0.elapsed();
+        rx.recv().map_err(|_| dev_err("chosen_ids: the map callback never ran"))?.map_err(|e| dev_err(format!("chosen_ids: {e}")))?;
+        let ids = {
+            let view = buf.get_mapped_range(0..bytes).map_err(|e| dev_err(format!("chosen_ids: {e:?}")))?;
+            bytemuck::cast_slice::<u8, u32>(&view).to_vec()
+        };
+        buf.unmap();
+        Ok(ids)
     }
 }
 

@@ -103,6 +103,16 @@ fn large_tiny_bf16_sharded_step_logits() {
 fn large_tiny_bf16_sharded_greedy() {
     greedy("large_tiny_bf16_sharded", None);
 }
+/// Greedy decoding with the chosen token kept on the device, each step recorded before the previous
+/// token is read back: the reference continuation and the same state as stepping from the host.
+#[test]
+fn pipelined_greedy() {
+    for case in ["large_tiny", "large_tiny_bf16_sharded"] {
+        let Some(mut model) = load(case, DType::F32) else { return };
+        let chunk = model.chunk_size;
+        xlstm_core::testing::assert_pipelined_greedy_matches(&mut model, case, chunk);
+    }
+}
 
 /// Weights kept in bf16 on the device (packed pairs widened in the shaders) stay close to the f32
 /// reference, as the CPU backend's bf16 path does.

@@ -10,6 +10,9 @@ pub mod cpu;
 pub mod shapes;
 
 use crate::error::Result;
+
+/// In `embed`'s ids: the id the device chose last for that row (see [`Backend::device_greedy`]).
+pub const CHOSEN_ID: u32 = u32::MAX;
 use crate::tensor::{DType, HostTensor};
 
 /// Sizes of one mLSTM layer's heads.
@@ -148,7 +151,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     }
 
     // ---- dense ops ----------------------------------------------------------------------------
-    /// `out[r] = table[ids[r]]` (f32).
+    /// `out[r] = table[ids[r]]` (f32). On a backend with [`Backend::device_greedy`], an id equal to
+    /// [`CHOSEN_ID`] stands for the id the last [`Backend::head_top1_chosen`] chose for that row.
     fn embed(&self, table: &Self::Mat, ids: &[u32], out: &mut Self::Buf) -> Result<()>;
     /// `out[rows, n] = x[rows, k] · wᵀ` with `w` `[n, k]`.
     fn matmul(&self, x: &Self::Buf, rows: usize, w: &Self::Mat, out: &mut Self::Buf) -> Result<()>;
@@ -158,6 +162,24 @@ pub trait Backend: Send + Sync + Sized + 'static {
     #[allow(clippy::too_many_arguments)]
     fn head_top_k(&self, x: &Self::Buf, rows: usize, w: &Self::Mat, n: usize, cap: f32, k: usize, scratch: &mut Self::Buf) -> Result<Vec<Vec<(u32, f32)>>> {
         head_top_k_on_host(self, x, rows, w, n, cap, k, scratch)
+    }
+    /// Greedy decoding with the chosen ids kept on the device (`Model::pipe_step`): the backend has
+    /// [`Backend::head_top1_chosen`], [`Backend::chosen_ids`] and [`CHOSEN_ID`] in `embed`, so that
+    /// a step can be recorded before the previous step's token is read back. Default: no.
+    fn device_greedy(&self) -> bool {
+        false
+    }
+    /// The fused LM head's best id per row (as `head_top_k` with k = 1), kept on the device for the
+    /// next `embed` of [`CHOSEN_ID`], and its copy to the host started without waiting: returns the
+    /// ticket [`Backend::chosen_ids`] takes. Default: unsupported.
+    #[allow(clippy::too_many_arguments)]
+    fn head_top1_chosen(&self, _x: &Self::Buf, _rows: usize, _w: &Self::Mat, _n: usize, _cap: f32, _scratch: &mut Self::Buf) -> Result<u64> {
+        Err(crate::Error::Device("this backend keeps no chosen ids on the device".into()))
+    }
+    /// The ids of a [`Backend::head_top1_chosen`] ticket (waits for that selection only). Each
+    /// ticket is read once. Default: unsupported.
+    fn chosen_ids(&self, _ticket: u64) -> Result<Vec<u32>> {
+        Err(crate::Error::Device("this backend keeps no chosen ids on the device".into()))
     }
     /// RMSNorm over `width`: `x · rsqrt(mean(x²) + eps) · weight`.
     fn rms_norm(&self, x: &Self::Buf, rows: usize, width: usize, weight: &Self::Buf, eps: f32, out: &mut Self::Buf) -> Result<()>;

@@ -229,6 +229,17 @@ impl<B: Backend> Network<B> for LargeNet<B> {
         self.head_logits_of(b, 0, rows)
     }
 
+    fn has_chosen_head(&self) -> bool {
+        true
+    }
+
+    fn head_top1_chosen(&mut self, b: &B, rows: usize) -> Result<u64> {
+        self.final_norm(b, 0, rows)?;
+        let (c, s) = (&self.cfg, self.scratch.as_mut().expect("a forward ran"));
+        let logits = self.logits.get(b, rows * c.vocab_size)?;
+        b.head_top1_chosen(&s.xn, rows, &self.lm_head, c.vocab_size, c.output_logit_soft_cap, logits)
+    }
+
     fn head_top_k(&mut self, b: &B, rows: usize, k: usize) -> Result<Option<Vec<Vec<(u32, f32)>>>> {
         self.final_norm(b, 0, rows)?;
         let (c, s) = (&self.cfg, self.scratch.as_mut().expect("a forward ran"));

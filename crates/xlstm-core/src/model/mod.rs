@@ -59,6 +59,15 @@ pub trait Network<B: Backend>: Send {
     }
     /// After a forward with `LogitRows::None` over `rows` rows: those rows' logits [rows, V].
     fn head_logits(&mut self, backend: &B, rows: usize) -> Result<Vec<f32>>;
+    /// Whether [`Network::head_top1_chosen`] is there (the family has the fused head).
+    fn has_chosen_head(&self) -> bool {
+        false
+    }
+    /// After a forward with `LogitRows::None`: the fused head's top-1 per row kept on the device
+    /// (`Backend::head_top1_chosen`), returning its ticket.
+    fn head_top1_chosen(&mut self, _backend: &B, _rows: usize) -> Result<u64> {
+        Err(Error::Device("this model family has no fused LM head".into()))
+    }
 }
 
 /// A buffer sized on demand to the most elements asked of it so far (the LM head's logits: a
@@ -254,11 +263,48 @@ impl<B: Backend> Model<B> {
         }
     }
 
+    /// Whether greedy decoding can keep the chosen token on the device ([`Model::pipe_step`]).
+    pub fn can_pipe_greedy(&self) -> bool {
+        self.backend.device_greedy() && self.net.has_chosen_head()
+    }
+
+    /// Greedy decoding of one sequence (state batch 1) with the chosen token kept on the device: the
+    /// step on `token`, or on the token the device chose last (None), then the LM head's top-1 kept
+    /// there and its copy back started. Returns at once with a ticket for [`Model::pipe_token`], so
+    /// the next step can be recorded before this one's token is read: the device never waits for the
+    /// host between tokens. Needs [`Model::can_pipe_greedy`]. A caller that stops at a token it read
+    /// (end of sequence, a stop string) has by then usually run the step on it too: the state has
+    /// consumed that token.
+    pub fn pipe_step(&mut self, token: Option<u32>, state: &mut State<B>) -> Result<u64> {
+        if !self.can_pipe_greedy() {
+            return Err(Error::Device(format!("greedy decoding on the device needs a backend and model family that keep the chosen token there ({})", self.backend.name())));
+        }
+        if state.batch != 1 {
+            return Err(Error::State(format!("pipelined greedy decoding runs one sequence; this state holds {}", state.batch)));
+        }
+        if let Some(t) = token {
+            self.check_ids(&[t])?;
+        }
+        self.step_layers_of(&[token.unwrap_or(crate::backend::CHOSEN_ID)], state, LogitRows::None)?;
+        self.net.head_top1_chosen(&self.backend, 1)
+    }
+
+    /// The token of a [`Model::pipe_step`] ticket (waits for that step's selection only).
+    pub fn pipe_token(&mut self, ticket: u64) -> Result<u32> {
+        let ids = self.backend.chosen_ids(ticket)?;
+        ids.first().copied().ok_or_else(|| Error::Device("the device returned no chosen token".into()))
+    }
+
     fn step_layers(&mut self, ids: &[u32], state: &mut State<B>, logits: LogitRows) -> Result<Vec<f32>> {
+        self.check_ids(ids)?;
+        self.step_layers_of(ids, state, logits)
+    }
+
+    /// [`Model::step_layers`] with the ids checked by the caller ([`crate::backend::CHOSEN_ID`] allowed).
+    fn step_layers_of(&mut self, ids: &[u32], state: &mut State<B>, logits: LogitRows) -> Result<Vec<f32>> {
         if ids.len() != state.batch {
             return Err(Error::Input(format!("step got {} tokens for a batch of {}", ids.len(), state.batch)));
         }
-        self.check_ids(ids)?;
         // The backend may record this step's device work and replay it on later steps (CUDA graphs);
         // when it could not run the step as recorded, it left everything untouched and asks for the
         // step again (a backend settles within three attempts: replay, record, eager).
