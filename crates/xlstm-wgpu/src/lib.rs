@@ -28,9 +28,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use profile::{GpuProfiler, HostTimes, Sample};
 use shaders::{Knobs, Variant, WDType, GEMV_MAX_ROWS};
-
-/// Workgroup memory of the prefill GEMM's tile (gemm.wgsl).
-const GEMM_WORKGROUP_BYTES: u32 = 24 << 10;
 use xlstm_core::backend::{shapes, Activation, Backend, CHOSEN_ID, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState};
 use xlstm_core::tensor::{DType, HostData, HostTensor};
 use xlstm_core::{Error, Result};
@@ -900,16 +897,22 @@ impl WgpuBackend {
                 let params = [p.rows as u32, w.cols as u32, rows as u32, (w.kp / per) as u32, w.rows as u32, p.row0 as u32, accumulate as u32];
                 self.dispatch_binds("gemv", w.dtype, &[p.bind(), whole(&x.raw), whole(&out.raw)], &params, split(groups))?;
             } else {
-                // gemm.wgsl's tile: 64 input rows × 128 weight rows, 24 KiB of workgroup memory.
-                if self.limits.max_compute_workgroup_storage_size < GEMM_WORKGROUP_BYTES {
+                let (bm, bn) = k.gemm;
+                if !Knobs::gemm_ok(bm, bn) {
+                    return Err(dev_err(format!("matmul: no GEMM tile {bm}x{bn} (BM 32 or 64, BN 32 to 256, BM·BN/32 ≤ 256)")));
+                }
+                let need = k.gemm_workgroup_bytes();
+                if self.limits.max_compute_workgroup_storage_size < need || self.limits.max_compute_invocations_per_workgroup < bm * bn / 32 {
                     return Err(dev_err(format!(
-                        "matmul: the prefill GEMM needs {GEMM_WORKGROUP_BYTES} bytes of workgroup memory; this adapter has {} (use another device: --device cpu runs everywhere)",
-                        self.limits.max_compute_workgroup_storage_size
+                        "matmul: the prefill GEMM tile {bm}x{bn} needs {need} bytes of workgroup memory and {} invocations; this adapter has {} and {} (a smaller tile: XLSTM_WGPU_GEMM=32x64, or --device cpu)",
+                        bm * bn / 32,
+                        self.limits.max_compute_workgroup_storage_size,
+                        self.limits.max_compute_invocations_per_workgroup
                     )));
                 }
                 let params = [p.rows as u32, w.cols as u32, rows as u32, w.kp as u32, w.rows as u32, p.row0 as u32, accumulate as u32];
-                let gx = (p.rows as u32).div_ceil(128);
-                let gy = (rows as u32).div_ceil(64);
+                let gx = (p.rows as u32).div_ceil(bn);
+                let gy = (rows as u32).div_ceil(bm);
                 self.dispatch_binds("gemm", w.dtype, &[p.bind(), whole(&x.raw), whole(&out.raw)], &params, (gx, gy, 1))?;
             }
         }

@@ -47,6 +47,9 @@ pub struct Knobs {
     /// GEMV: invocations per workgroup (a power of two) and weight rows per workgroup.
     pub gemv_wg: u32,
     pub gemv_rows: u32,
+    /// Prefill GEMM tile (`gemm.wgsl`): input rows × weight rows per workgroup (BM 32 or 64; BN 32,
+    /// 64, 128 or 256; BM·BN/32 ≤ 256 invocations).
+    pub gemm: (u32, u32),
     /// Invocations per workgroup of the norm/reduction kernels (a power of two) and of pointwise kernels.
     pub reduce_wg: u32,
     pub elem_wg: u32,
@@ -90,18 +93,18 @@ impl Knobs {
     pub fn for_adapter(cpu: bool) -> Self {
         if cpu {
             Knobs {
-                gemv_wg: 32, gemv_rows: 4, reduce_wg: 64, elem_wg: 64, cell_cols: 32, cell_split: 2,
+                gemv_wg: 32, gemv_rows: 4, gemm: (32, 64), reduce_wg: 64, elem_wg: 64, cell_cols: 32, cell_split: 2,
                 mv_wg: 32, mv_rows: 2, mv_unroll: 2, mv_plain: (32, 2, 2), pool_bytes: 32 << 20, fuse: true, checked: false, immediates: true, cell_norm: true,
             }
         } else {
             Knobs {
-                gemv_wg: 128, gemv_rows: 4, reduce_wg: 256, elem_wg: 256, cell_cols: 16, cell_split: 16,
+                gemv_wg: 128, gemv_rows: 4, gemm: (64, 128), reduce_wg: 256, elem_wg: 256, cell_cols: 16, cell_split: 16,
                 mv_wg: 128, mv_rows: 4, mv_unroll: 2, mv_plain: (128, 4, 2), pool_bytes: 2048 << 20, fuse: true, checked: false, immediates: true, cell_norm: true,
             }
         }
     }
 
-    /// `XLSTM_WGPU_GEMV=WGxROWS`, `XLSTM_WGPU_MV=WGxROWSxUNROLL`
+    /// `XLSTM_WGPU_GEMV=WGxROWS`, `XLSTM_WGPU_GEMM=BMxBN`, `XLSTM_WGPU_MV=WGxROWSxUNROLL`
     /// (the fused batch-1 GEMVs; also the plain one unless `XLSTM_WGPU_MV_PLAIN=WGxROWSxUNROLL` is set),
     /// `XLSTM_WGPU_CELL=COLSxSPLIT`, `XLSTM_WGPU_POOL_MB`, `XLSTM_WGPU_FUSE=0`, `XLSTM_WGPU_IMMEDIATES=0` and
     /// `XLSTM_WGPU_CHECKED=1` override the defaults.
@@ -129,6 +132,11 @@ impl Knobs {
         if let Ok(v) = std::env::var("XLSTM_WGPU_IMMEDIATES") {
             self.immediates = v != "0";
         }
+        if let Some(v) = std::env::var("XLSTM_WGPU_GEMM").ok().and_then(nums) {
+            if v.len() == 2 && Self::gemm_ok(v[0], v[1]) {
+                self.gemm = (v[0], v[1]);
+            }
+        }
         if let Ok(v) = std::env::var("XLSTM_WGPU_CELL_NORM") {
             self.cell_norm = v != "0";
         }
@@ -141,6 +149,16 @@ impl Knobs {
             }
         }
         self
+    }
+
+    /// A GEMM tile `gemm.wgsl` can take.
+    pub fn gemm_ok(bm: u32, bn: u32) -> bool {
+        matches!(bm, 32 | 64) && matches!(bn, 32 | 64 | 128 | 256) && bm * bn / 32 <= 256
+    }
+
+    /// Workgroup memory of the GEMM tile: x and W staged in f32 for a k step of 32.
+    pub fn gemm_workgroup_bytes(&self) -> u32 {
+        (self.gemm.0 + self.gemm.1) * 32 * 4
     }
 
     /// The batch-1 GEMV shape (WG, rows, unroll) of a flavour (`plain`: no norm fused in).
@@ -166,6 +184,10 @@ impl Knobs {
         m.insert("R", if file == "mv" { mv_rows } else { self.gemv_rows }.to_string());
         m.insert("U", mv_unroll.to_string());
         m.insert("B", GEMV_MAX_ROWS.to_string());
+        m.insert("GBM", self.gemm.0.to_string());
+        m.insert("GBN", self.gemm.1.to_string());
+        m.insert("GXH", (256 / self.gemm.1).to_string());
+        m.insert("GWH", (64 / self.gemm.0).to_string());
         m.insert("COLS", self.cell_cols.to_string());
         m.insert("SPLIT", self.cell_split.to_string());
         m

@@ -79,6 +79,34 @@ fn matmul_all_dtypes_and_row_counts() {
     }
 }
 
+/// Every GEMM tile the knob takes, on shapes across and past its edges, against the CPU.
+#[test]
+fn gemm_tiles() {
+    let Some(g) = backend() else { return };
+    let cpu = CpuBackend::new();
+    let cpu_adapter = g.adapter_info().device_type == wgpu::DeviceType::Cpu;
+    for tile in [(32, 32), (32, 64), (32, 128), (32, 256), (64, 32), (64, 64), (64, 128)] {
+        assert!(Knobs::gemm_ok(tile.0, tile.1));
+        let knobs = Knobs { gemm: tile, ..Knobs::for_adapter(cpu_adapter).with_env() };
+        let g = xlstm_wgpu::WgpuBackend::with_options(xlstm_wgpu::Api::Any, true, Some(knobs)).unwrap();
+        // A tile over the adapter's workgroup memory is a clear error (lavapipe: 32 KiB, so 32x256).
+        let probe = g.matrix(HostTensor::f32(vec![8, 8], vec![0.5; 64]), DType::BF16).unwrap();
+        let mut out = g.zeros(8 * 8).unwrap();
+        if let Err(e) = g.matmul(&g.upload(&[1.0; 64]).unwrap(), 8, &probe, &mut out) {
+            assert!(e.to_string().contains("workgroup memory"), "{e}");
+            continue;
+        }
+        for (n, k, rows) in [(300usize, 200usize, 70usize), (67, 45, 5), (130, 64, 130)] {
+            let w = HostTensor::f32(vec![n, k], rnd(n * k, n as u64 + k as u64, 0.5));
+            let x = rnd(rows * k, 5, 1.0);
+            for dt in [DType::BF16, DType::F32] {
+                close(&format!("gemm tile {tile:?} {n}x{k} rows {rows} {dt:?}"), &matmul_on(&g, &x, rows, &w, dt, None), &matmul_on(&cpu, &x, rows, &w, dt, None), REDUCE);
+            }
+        }
+    }
+    assert!(!Knobs::gemm_ok(64, 256) && !Knobs::gemm_ok(128, 64) && !Knobs::gemm_ok(48, 64));
+}
+
 #[test]
 fn matmul_and_embed_over_several_parts() {
     let Some(mut g) = own_backend() else { return };
