@@ -36,6 +36,21 @@ fn better(ka: u32, ia: u32, kb: u32, ib: u32) -> bool {
     return ka > kb || (ka == kb && ia < ib);
 }
 
+// The workgroup's best of every invocation's (key, index), left in rkey[0], ridx[0] (a tree in
+// workgroup memory; every invocation calls it).
+fn tree_best(lid: u32, key: u32, idx: u32) {
+    rkey[lid] = key;
+    ridx[lid] = idx;
+    workgroupBarrier();
+    for (var h = WG / 2u; h > 0u; h = h / 2u) {
+        if (lid < h && better(rkey[lid + h], ridx[lid + h], rkey[lid], ridx[lid])) {
+            rkey[lid] = rkey[lid + h];
+            ridx[lid] = ridx[lid + h];
+        }
+        workgroupBarrier();
+    }
+}
+
 @compute @workgroup_size({{WG}})
 fn top_k(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32 {{SG_PARAMS}}) {
     let n = pu(1u);
@@ -79,16 +94,7 @@ fn top_k(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) 
             win_idx = wi;
         }
 //#else
-        rkey[lid] = bk;
-        ridx[lid] = bi;
-        workgroupBarrier();
-        for (var h = WG / 2u; h > 0u; h = h / 2u) {
-            if (lid < h && better(rkey[lid + h], ridx[lid + h], rkey[lid], ridx[lid])) {
-                rkey[lid] = rkey[lid + h];
-                ridx[lid] = ridx[lid + h];
-            }
-            workgroupBarrier();
-        }
+        tree_best(lid, bk, bi);
         if (lid == 0u) {
             win_key = rkey[0];
             win_idx = ridx[0];
@@ -116,15 +122,6 @@ fn top1_merge(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_in
         let e = 2u * (r * blocks + b);
         if (better(cand[e + 1u], cand[e], bk, bi)) { bk = cand[e + 1u]; bi = cand[e]; }
     }
-    rkey[lid] = bk;
-    ridx[lid] = bi;
-    workgroupBarrier();
-    for (var h = WG / 2u; h > 0u; h = h / 2u) {
-        if (lid < h && better(rkey[lid + h], ridx[lid + h], rkey[lid], ridx[lid])) {
-            rkey[lid] = rkey[lid + h];
-            ridx[lid] = ridx[lid + h];
-        }
-        workgroupBarrier();
-    }
+    tree_best(lid, bk, bi);
     if (lid == 0u) { best[r] = ridx[0]; }
 }
