@@ -73,6 +73,9 @@ pub struct DecodeResult {
     /// Greedy steps recorded before the previous token was read back (`Model::pipe_step`), as
     /// greedy generation runs them on such a backend.
     pub pipelined: bool,
+    /// Device memory the backend held at the end of the timed steps, the states still live
+    /// (`Backend::allocated_bytes`; None where it keeps no count), MB.
+    pub device_allocated_mb: Option<f64>,
 }
 
 fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
@@ -118,7 +121,7 @@ pub fn decode<B: Backend>(model: &mut Model<B>, batch: usize, steps: usize, warm
         let t = Instant::now();
         run(model, &mut st, steps.max(1))?;
         let per = t.elapsed().as_secs_f64() / steps.max(1) as f64;
-        return Ok(decode_result(model, batch, steps, per, true));
+        return Ok(decode_result(model, batch, steps, per, true, &st));
     }
     let step = |model: &mut Model<B>, st: &mut crate::state::State<B>| -> Result<()> {
         match top_k {
@@ -134,10 +137,11 @@ pub fn decode<B: Backend>(model: &mut Model<B>, batch: usize, steps: usize, warm
         step(model, &mut st)?;
     }
     let per = t.elapsed().as_secs_f64() / steps.max(1) as f64;
-    Ok(decode_result(model, batch, steps, per, false))
+    Ok(decode_result(model, batch, steps, per, false, &st))
 }
 
-fn decode_result<B: Backend>(model: &Model<B>, batch: usize, steps: usize, per: f64, pipelined: bool) -> DecodeResult {
+/// `_state`: the decode's state, alive while the backend's memory is read.
+fn decode_result<B: Backend>(model: &Model<B>, batch: usize, steps: usize, per: f64, pipelined: bool, _state: &crate::state::State<B>) -> DecodeResult {
     let bytes = model.weight_bytes_per_token();
     DecodeResult {
         batch,
@@ -147,5 +151,6 @@ fn decode_result<B: Backend>(model: &Model<B>, batch: usize, steps: usize, per: 
         weight_bytes_per_step: bytes,
         achieved_gb_s: bytes as f64 / per / 1e9,
         pipelined,
+        device_allocated_mb: model.backend.allocated_bytes().map(|b| b as f64 / 1e6),
     }
 }

@@ -152,6 +152,8 @@ pub(crate) struct Dev {
     pub chunk_kernels: Mutex<ChunkKernels>,
     /// Per-op (calls, seconds) by op code while op timing is on (`CudaBackend::set_op_timing`).
     pub op_times: Mutex<Option<std::collections::BTreeMap<u64, (u64, f64)>>>,
+    /// Bytes of every live allocation made through `alloc` (`Backend::allocated_bytes`).
+    live: Mutex<std::collections::HashMap<CUdeviceptr, usize>>,
     _modules: Vec<Arc<CudaModule>>,
 }
 
@@ -265,6 +267,7 @@ impl Dev {
             half_tag: Mutex::new(HalfTag::default()),
             chunk_kernels: Mutex::new(ChunkKernels::from_env()),
             op_times: Mutex::new(None),
+            live: Mutex::new(std::collections::HashMap::new()),
             _modules: modules,
         })
     }
@@ -275,7 +278,7 @@ impl Dev {
 
     pub fn alloc(&self, bytes: usize) -> Result<CUdeviceptr> {
         // SAFETY: context bound by the caller; the memory is owned by the returned handle's owner.
-        unsafe { dres::malloc_sync(bytes.max(16)) }.map_err(|e| {
+        let ptr = unsafe { dres::malloc_sync(bytes.max(16)) }.map_err(|e| {
             let (free, total) = dres::mem_get_info().unwrap_or((0, 0));
             Error::Device(format!(
                 "cuda: allocating {:.1} MiB failed ({e}); {:.1} of {:.1} GiB free",
@@ -283,10 +286,21 @@ impl Dev {
                 free as f64 / (1u64 << 30) as f64,
                 total as f64 / (1u64 << 30) as f64
             ))
-        })
+        })?;
+        self.live.lock().expect("live lock").insert(ptr, bytes.max(16));
+        Ok(ptr)
+    }
+
+    /// Device memory allocated through `alloc` and still live, plus the cuBLAS workspace: what
+    /// this backend holds (weights, states, activations, workspace), not the CUDA runtime's own.
+    pub fn allocated(&self) -> usize {
+        self.live.lock().expect("live lock").values().sum::<usize>() + BLAS_WS
     }
 
     pub fn free(&self, ptr: CUdeviceptr) {
+        if ptr != 0 {
+            self.live.lock().expect("live lock").remove(&ptr);
+        }
         if ptr != 0 && self.ctx.bind_to_thread().is_ok() {
             // SAFETY: ptr came from alloc and is freed once; the stream is synchronised first so no
             // queued work still uses it.

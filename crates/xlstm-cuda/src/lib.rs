@@ -700,6 +700,10 @@ impl Backend for CudaBackend {
         self.dev.release_scratch()
     }
 
+    fn allocated_bytes(&self) -> Option<u64> {
+        Some(self.dev.allocated() as u64)
+    }
+
     fn memory_probe(&self) -> Option<xlstm_core::watchdog::DeviceProbe> {
         let ctx = self.dev.ctx.clone();
         Some(Box::new(move || {

@@ -27,6 +27,19 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f64) {
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
 }
 
+/// The backend's own count of device memory follows its buffers: up by a buffer's bytes when it is
+/// made, back down when it is dropped.
+#[test]
+fn allocated_bytes_follow_the_buffers() {
+    let Some((g, _l)) = gpu("allocated_bytes_follow_the_buffers") else { return };
+    let before = g.allocated_bytes().expect("the CUDA backend counts its memory");
+    let z = g.zeros(1 << 20).unwrap();
+    let with = g.allocated_bytes().unwrap();
+    assert_eq!(with - before, 4 << 20, "a 4 MiB buffer");
+    drop(z);
+    assert_eq!(g.allocated_bytes().unwrap(), before, "freed");
+}
+
 #[test]
 fn memory_round_trip_and_copy() {
     let Some((g, _l)) = gpu("memory_round_trip_and_copy") else { return };

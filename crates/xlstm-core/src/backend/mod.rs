@@ -144,6 +144,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn release_cache(&self) -> Result<()> {
         Ok(())
     }
+    /// Device memory this backend allocated itself and still holds (weights, states, activation
+    /// buffers, workspace; not the runtime's own), where it keeps count. Default: None.
+    fn allocated_bytes(&self) -> Option<u64> {
+        None
+    }
     /// A probe of device memory (bytes used, bytes total) for the watchdog's thread, where the
     /// backend has memory of its own.
     fn memory_probe(&self) -> Option<crate::watchdog::DeviceProbe> {
