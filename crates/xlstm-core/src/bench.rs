@@ -121,7 +121,7 @@ pub fn decode<B: Backend>(model: &mut Model<B>, batch: usize, steps: usize, warm
         let t = Instant::now();
         run(model, &mut st, steps.max(1))?;
         let per = t.elapsed().as_secs_f64() / steps.max(1) as f64;
-        return Ok(decode_result(model, batch, steps, per, true, &st));
+        return Ok(decode_result(model, batch, steps, per, true));
     }
     let step = |model: &mut Model<B>, st: &mut crate::state::State<B>| -> Result<()> {
         match top_k {
@@ -137,11 +137,11 @@ pub fn decode<B: Backend>(model: &mut Model<B>, batch: usize, steps: usize, warm
         step(model, &mut st)?;
     }
     let per = t.elapsed().as_secs_f64() / steps.max(1) as f64;
-    Ok(decode_result(model, batch, steps, per, false, &st))
+    Ok(decode_result(model, batch, steps, per, false))
 }
 
-/// `_state`: the decode's state, alive while the backend's memory is read.
-fn decode_result<B: Backend>(model: &Model<B>, batch: usize, steps: usize, per: f64, pipelined: bool, _state: &crate::state::State<B>) -> DecodeResult {
+/// Read while the caller's decode state is still alive, so the backend's memory count includes it.
+fn decode_result<B: Backend>(model: &Model<B>, batch: usize, steps: usize, per: f64, pipelined: bool) -> DecodeResult {
     let bytes = model.weight_bytes_per_token();
     DecodeResult {
         batch,

@@ -944,8 +944,28 @@ impl WgpuBackend {
         Ok(())
     }
 
-    /// Whether the chunkwise kernels take this prefill: 10 storage buffers per stage, and the
-    /// per-chunk states (`Cs`) within one binding.
+    /// Records a copy of `bytes` from `src` to `dst` after everything recorded so far, and submits.
+    fn submit_copy(&self, rec: &mut Rec, src: &wgpu::Buffer, dst: &wgpu::Buffer, bytes: u64) {
+        rec.pass = None;
+        if rec.encoder.is_none() {
+            rec.encoder = Some(self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("xlstm") }));
+        }
+        rec.encoder.as_mut().expect("made above").copy_buffer_to_buffer(src, 0, dst, 0, bytes);
+        self.flush(rec);
+    }
+
+    /// The fused LM head's first part: the product into `scratch`, then each block of logits gives
+    /// its k best (soft cap applied there) as (index, key) pairs. Returns those and the blocks per row.
+    #[allow(clippy::too_many_arguments)]
+    fn block_candidates(&self, x: &WgpuBuf, rows: usize, w: &WgpuMat, n: usize, cap: f32, k: usize, scratch: &mut WgpuBuf) -> Result<(Arc<Raw>, usize)> {
+        self.matmul(x, rows, w, scratch)?;
+        let blocks = n.div_ceil(self.knobs.elem_wg as usize * 4);
+        let cand = self.scratch("top_k", rows * blocks * k * 2)?;
+        let params = [rows as u32, n as u32, k as u32, cap.to_bits(), blocks as u32];
+        self.dispatch("top_k", WDType::F32, &[&scratch.raw, &cand], &params, (blocks as u32, rows as u32, 1))?;
+        Ok((cand, blocks))
+    }
+
     /// `embed` of the ids the last `head_top1_chosen` chose (all `rows` given as `CHOSEN_ID`).
     fn embed_chosen(&self, table: &WgpuMat, rows: usize, out: &WgpuBuf) -> Result<()> {
         let d = table.cols;
@@ -961,6 +981,8 @@ impl WgpuBackend {
         Ok(())
     }
 
+    /// Whether the chunkwise kernels take this prefill: 10 storage buffers per stage, and the
+    /// per-chunk states (`Cs`) within one binding.
     fn chunkwise_fits(&self, d: MlstmDims, seq: usize, chunk: usize) -> bool {
         let nc = seq.div_ceil(chunk.clamp(1, CHUNK_MAX)) as u64;
         self.limits.max_storage_buffers_per_shader_stage >= 10 && nc * (d.heads * d.dk * d.dv * 4) as u64 <= self.max_binding()
@@ -1122,13 +1144,8 @@ impl Backend for WgpuBackend {
             let b = self.device.create_buffer(&wgpu::BufferDescriptor { label: Some("staging"), size, usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
             rec.staging = Some((b, size));
         }
-        rec.pass = None;
-        if rec.encoder.is_none() {
-            rec.encoder = Some(self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("xlstm") }));
-        }
         let staging = rec.staging.as_ref().expect("made above").0.clone();
-        rec.encoder.as_mut().expect("made above").copy_buffer_to_buffer(&buf.raw.buf, 0, &staging, 0, bytes);
-        self.flush(rec);
+        self.submit_copy(rec, &buf.raw.buf, &staging, bytes);
         rec.idle = true;
         // The lock stays held until the staging buffer is unmapped: no other thread may submit
         // while it is mapped.
@@ -1464,14 +1481,8 @@ impl Backend for WgpuBackend {
         if k == 0 || k > TOP_K_MAX || n != w.rows || n == 0 {
             return xlstm_core::backend::head_top_k_on_host(self, x, rows, w, n, cap, k, scratch);
         }
-        // The product into `scratch`, then each block of logits gives its k best (soft cap applied
-        // there); only those candidates come back to the host, which merges them.
-        self.matmul(x, rows, w, scratch)?;
-        let per = self.knobs.elem_wg as usize * 4;
-        let blocks = n.div_ceil(per);
-        let cand = self.scratch("top_k", rows * blocks * k * 2)?;
-        let params = [rows as u32, n as u32, k as u32, cap.to_bits(), blocks as u32];
-        self.dispatch("top_k", WDType::F32, &[&scratch.raw, &cand], &params, (blocks as u32, rows as u32, 1))?;
+        // Only the blocks' candidates come back to the host, which merges them.
+        let (cand, blocks) = self.block_candidates(x, rows, w, n, cap, k, scratch)?;
         let host = self.download(&WgpuBuf { raw: cand, len: rows * blocks * k * 2 }, rows * blocks * k * 2)?;
         let words: Vec<u32> = host.iter().map(|v| v.to_bits()).collect();
         let mut out = Vec::with_capacity(rows);
@@ -1500,12 +1511,9 @@ impl Backend for WgpuBackend {
         if n != w.rows || n == 0 || rows == 0 {
             return Err(dev_err(format!("head_top1_chosen: {rows} rows of {n} logits from a {}-row head", w.rows)));
         }
-        // The product, each block's best (top_k with k = 1), then one workgroup per row merges them.
-        self.matmul(x, rows, w, scratch)?;
-        let blocks = n.div_ceil(self.knobs.elem_wg as usize * 4);
-        let cand = self.scratch("top_k", rows * blocks * 2)?;
+        // Each block's best, then one workgroup per row merges them.
+        let (cand, blocks) = self.block_candidates(x, rows, w, n, cap, 1, scratch)?;
         let params = [rows as u32, n as u32, 1, cap.to_bits(), blocks as u32];
-        self.dispatch("top_k", WDType::F32, &[&scratch.raw, &cand], &params, (blocks as u32, rows as u32, 1))?;
         let ids = {
             let mut ch = self.chosen.lock().unwrap_or_else(|e| e.into_inner());
             if ch.ids.as_ref().is_none_or(|b| b.len < rows) {
@@ -1528,12 +1536,7 @@ impl Backend for WgpuBackend {
         let submission = {
             let mut guard = self.lock();
             let rec = &mut *guard;
-            rec.pass = None;
-            if rec.encoder.is_none() {
-                rec.encoder = Some(self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("xlstm") }));
-            }
-            rec.encoder.as_mut().expect("made above").copy_buffer_to_buffer(&ids.buf, 0, &ch.readbacks[slot].0, 0, bytes);
-            self.flush(rec);
+            self.submit_copy(rec, &ids.buf, &ch.readbacks[slot].0, bytes);
             rec.last_submission.clone().expect("flush submitted")
         };
         ch.next_ticket += 1;
