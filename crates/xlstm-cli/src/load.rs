@@ -80,6 +80,7 @@ pub fn configure<B: Backend>(model: &mut Model<B>, settings: &mut Settings) -> R
     if let Some(tokens) = settings.prefill_segment()? {
         model.prefill_segment = tokens;
     }
+    model.keep_prompt_rows = settings.keep_prompt_buffers()?;
     model.watchdog = Watchdog::start(settings, model.backend.memory_probe())?;
     if let Some((gemv_rows, gemm_rows)) = settings.gemm_tile()? {
         xlstm_core::backend::cpu::matmul::set_tile(gemv_rows, gemm_rows);

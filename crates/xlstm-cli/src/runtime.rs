@@ -45,6 +45,10 @@ pub struct RuntimeArgs {
     /// Prompt tokens per prefill pass [XLSTM_PREFILL_SEGMENT, the backend's: 512 CPU, 2048 CUDA and wgpu GPUs].
     #[arg(long)]
     pub prefill_segment: Option<String>,
+    /// Prompts up to this many tokens keep their activation buffers; longer ones free them when
+    /// done [XLSTM_KEEP_PROMPT_BUFFERS, 256].
+    #[arg(long)]
+    pub keep_prompt_buffers: Option<String>,
     /// Heads per kernel launch / CPU task [XLSTM_HEADS_PER_BAND, 1: each head its own task].
     #[arg(long)]
     pub heads_per_band: Option<String>,
@@ -89,6 +93,7 @@ impl RuntimeArgs {
         put("min_chunk", &self.min_chunk);
         put("chunk_size", &self.chunk_size);
         put("prefill_segment", &self.prefill_segment);
+        put("keep_prompt_buffers", &self.keep_prompt_buffers);
         put("heads_per_band", &self.heads_per_band);
         put("workers", &self.workers);
         put("streams", &self.streams);

@@ -28,6 +28,7 @@ pub const KNOBS: &[Knob] = &[
     Knob { key: "min_chunk", env: "XLSTM_MIN_CHUNK", flag: "--min-chunk", default: "8", help: "smallest prefill chunk shrinking may reach" },
     Knob { key: "chunk_size", env: "XLSTM_CHUNK_SIZE", flag: "--chunk-size", default: "", help: "prefill chunk size (default: the model's, 64 for xLSTM-7B)" },
     Knob { key: "prefill_segment", env: "XLSTM_PREFILL_SEGMENT", flag: "--prefill-segment", default: "", help: "prompt tokens one prefill pass takes (a multiple of the chunk; default: the backend's, 512 on CPU, 2048 on CUDA)" },
+    Knob { key: "keep_prompt_buffers", env: "XLSTM_KEEP_PROMPT_BUFFERS", flag: "--keep-prompt-buffers", default: "256", help: "prompts up to this many tokens keep their activation buffers for the next one; longer prompts free theirs when done (decode memory then does not depend on the prompt)" },
     Knob { key: "heads_per_band", env: "XLSTM_HEADS_PER_BAND", flag: "--heads-per-band", default: "", help: "heads one kernel launch / CPU task takes (default 1: each head its own task)" },
     Knob { key: "workers", env: "XLSTM_WORKERS", flag: "--workers", default: "", help: "CPU worker threads (default: one per core)" },
     Knob { key: "streams", env: "XLSTM_STREAMS", flag: "--streams", default: "1", help: "GPU streams" },
@@ -52,9 +53,9 @@ pub enum Source {
 pub fn profile(name: &str) -> Result<Vec<(&'static str, &'static str)>> {
     match name {
         // Warn only near the cliff, never shrink, large chunks.
-        "high-memory" => Ok(vec![("mem_soft_pct", "0.97"), ("mem_hard_pct", "0.99"), ("mem_action", "warn"), ("shrink_on_soft", "0"), ("chunk_size", "256")]),
+        "high-memory" => Ok(vec![("mem_soft_pct", "0.97"), ("mem_hard_pct", "0.99"), ("mem_action", "warn"), ("shrink_on_soft", "0"), ("chunk_size", "256"), ("keep_prompt_buffers", "65536")]),
         // Shrink early and keep chunks small.
-        "low-memory" => Ok(vec![("mem_soft_pct", "0.70"), ("mem_hard_pct", "0.85"), ("chunk_size", "32")]),
+        "low-memory" => Ok(vec![("mem_soft_pct", "0.70"), ("mem_hard_pct", "0.85"), ("chunk_size", "32"), ("keep_prompt_buffers", "0")]),
         "default" => Ok(vec![]),
         other => Err(Error::Input(format!("unknown profile `{other}`: use default, high-memory or low-memory"))),
     }
@@ -181,6 +182,7 @@ impl Settings {
         if self.prefill_segment()? == Some(0) {
             return Err(self.bad("prefill_segment", "a positive number of tokens"));
         }
+        self.keep_prompt_buffers()?;
         if self.heads_per_band()? == Some(0) {
             return Err(self.bad("heads_per_band", "a positive number of heads"));
         }
@@ -239,6 +241,9 @@ impl Settings {
     }
     pub fn prefill_segment(&self) -> Result<Option<usize>> {
         self.num("prefill_segment", "a number of tokens")
+    }
+    pub fn keep_prompt_buffers(&self) -> Result<usize> {
+        Ok(self.num("keep_prompt_buffers", "a number of tokens")?.unwrap_or(crate::model::KEEP_PROMPT_ROWS))
     }
     pub fn heads_per_band(&self) -> Result<Option<usize>> {
         self.num("heads_per_band", "a number of heads")

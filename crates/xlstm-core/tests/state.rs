@@ -69,3 +69,26 @@ fn batched_decode_equals_single_sequences() {
         assert!(e < 1e-5, "sequence {b}: batched vs single {e:e}");
     }
 }
+
+/// A prompt longer than `keep_prompt_rows` frees its activation buffers when done; what follows
+/// (steps, another prompt) gives exactly what a model that kept them gives. Both families.
+#[test]
+fn freeing_prompt_buffers_changes_no_result() {
+    for case in ["large_tiny", "lm_tiny"] {
+        let run = |keep: usize| {
+            let mut model = Model::load(CpuBackend::new(), &case_dir(case), DType::F32).unwrap();
+            model.keep_prompt_rows = keep;
+            let v = model.vocab_size() as u32;
+            let ids: Vec<u32> = (0..48).map(|i| (i * 37 + 5) % v).collect();
+            let mut st = model.new_state(1).unwrap();
+            let mut out = model.prefill(&ids[..40], &mut st, MlstmKernel::Chunkwise { chunk: 16 }, LogitRows::Last).unwrap();
+            for &t in &ids[40..44] {
+                out.extend(model.step(&[t], &mut st).unwrap());
+            }
+            out.extend(model.prefill(&ids[44..], &mut st, MlstmKernel::Chunkwise { chunk: 16 }, LogitRows::All).unwrap());
+            out.extend(model.step(&[ids[0]], &mut st).unwrap());
+            out
+        };
+        assert_eq!(run(8), run(1000), "{case}: freeing the prompt buffers changed the logits");
+    }
+}

@@ -131,6 +131,11 @@ impl Capture {
         }
     }
 
+    /// Whether a decode step is running (between `step_begin` and `step_end`).
+    pub fn in_step(&self) -> bool {
+        self.in_step
+    }
+
     pub fn step_begin(&mut self, stream: CUstream) -> Result<()> {
         if self.in_step {
             // A step that never ended (an error escaped between the hooks): drop its capture.

@@ -101,6 +101,10 @@ pub(crate) struct Scratch {
     pub bytes: usize,
 }
 
+/// The scratch set of ops inside decode steps, and of all others.
+pub(crate) const STEP: usize = 0;
+pub(crate) const SEQUENCE: usize = 1;
+
 #[derive(Default)]
 pub(crate) struct Scratches {
     /// 16-bit copy of a matmul's activations (cuBLAS operand).
@@ -136,7 +140,9 @@ pub(crate) struct Dev {
     pub f: Funcs,
     pub blas: cbsys::cublasHandle_t,
     pub blas_ws: CUdeviceptr,
-    pub scratch: Mutex<Scratches>,
+    /// Two sets: [`STEP`] for ops inside decode steps (recorded graphs point into it) and
+    /// [`SEQUENCE`] for the rest (prompts), which a long prompt's end frees.
+    pub scratch: Mutex<[Scratches; 2]>,
     pub cap: Mutex<Capture>,
     pub name: String,
     pub cc: (i32, i32),
@@ -257,7 +263,7 @@ impl Dev {
             f,
             blas,
             blas_ws,
-            scratch: Mutex::new(Scratches::default()),
+            scratch: Mutex::new(Default::default()),
             cap: Mutex::new(Capture::new()),
             name,
             cc,
@@ -365,15 +371,27 @@ impl Dev {
         }
     }
 
-    /// Makes sure the named scratch holds `bytes`; returns its pointer. Growing drops any recorded
-    /// decode graph (it may point at the old allocation).
+    /// The scratch set the running op uses.
+    fn scratch_set(&self) -> usize {
+        if self.cap.lock().expect("capture lock").in_step() {
+            STEP
+        } else {
+            SEQUENCE
+        }
+    }
+
+    /// Makes sure the named scratch (of the running op's set) holds `bytes`; returns its pointer.
+    /// Growing the step set drops any recorded decode graph (it may point at the old allocation).
     pub fn scratch(&self, which: fn(&mut Scratches) -> &mut Scratch, bytes: usize, zero: bool) -> Result<CUdeviceptr> {
+        let set = self.scratch_set();
         let mut s = self.scratch.lock().expect("scratch lock");
-        let sc = which(&mut s);
+        let sc = which(&mut s[set]);
         if sc.bytes >= bytes && sc.ptr != 0 {
             return Ok(sc.ptr);
         }
-        self.cap.lock().expect("capture lock").scratch_moved()?;
+        if set == STEP {
+            self.cap.lock().expect("capture lock").scratch_moved()?;
+        }
         let old = sc.ptr;
         let new_bytes = bytes.max(sc.bytes * 3 / 2).max(256);
         let p = self.alloc(new_bytes)?;
@@ -390,9 +408,13 @@ impl Dev {
     /// Pinned host staging for `n` token ids, and the device copy's pointer.
     pub fn ids_buffers(&self, n: usize) -> Result<(*mut u32, CUdeviceptr)> {
         let dptr = self.scratch(|s| &mut s.ids, n * 4, false)?;
-        let mut s = self.scratch.lock().expect("scratch lock");
+        let set = self.scratch_set();
+        let mut guard = self.scratch.lock().expect("scratch lock");
+        let s = &mut guard[set];
         if s.ids_host < n * 4 {
-            self.cap.lock().expect("capture lock").scratch_moved()?;
+            if set == STEP {
+                self.cap.lock().expect("capture lock").scratch_moved()?;
+            }
             let bytes = (n * 4).max(16 << 10);
             self.sync()?;
             if s.ids_host_ptr != 0 {
@@ -431,13 +453,28 @@ impl Dev {
         held.then(|| self.scratch(|s| &mut s.half, n * 2, false).ok()).flatten()
     }
 
+    /// Frees the cached working memory of both sets (the step set's graphs go with it).
     pub fn release_scratch(&self) -> Result<()> {
         self.sync()?;
         *self.half_tag.lock().expect("half tag lock") = HalfTag::default();
         let mut guard = self.scratch.lock().expect("scratch lock");
-        let s = &mut *guard;
         self.cap.lock().expect("capture lock").scratch_moved()?;
-        for sc in [&mut s.half, &mut s.wide, &mut s.cs, &mut s.ns, &mut s.ms] {
+        for s in guard.iter_mut() {
+            for sc in [&mut s.half, &mut s.wide, &mut s.cs, &mut s.ns, &mut s.ms] {
+                self.free(sc.ptr);
+                *sc = Scratch::default();
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees the device memory of the sequence set (no recorded graph points into it).
+    pub fn release_sequence_scratch(&self) -> Result<()> {
+        self.sync()?;
+        *self.half_tag.lock().expect("half tag lock") = HalfTag::default();
+        let mut guard = self.scratch.lock().expect("scratch lock");
+        let s = &mut guard[SEQUENCE];
+        for sc in [&mut s.half, &mut s.wide, &mut s.counters, &mut s.cs, &mut s.ns, &mut s.ms, &mut s.ids] {
             self.free(sc.ptr);
             *sc = Scratch::default();
         }
@@ -457,14 +494,15 @@ impl Drop for Dev {
             let _ = cbsys::cublasDestroy_v2(self.blas);
             let _ = dres::free_sync(self.blas_ws);
             if let Ok(mut guard) = self.scratch.lock() {
-                let s = &mut *guard;
-                for sc in [&mut s.half, &mut s.wide, &mut s.counters, &mut s.cs, &mut s.ns, &mut s.ms, &mut s.ids] {
-                    if sc.ptr != 0 {
-                        let _ = dres::free_sync(sc.ptr);
+                for s in guard.iter_mut() {
+                    for sc in [&mut s.half, &mut s.wide, &mut s.counters, &mut s.cs, &mut s.ns, &mut s.ms, &mut s.ids] {
+                        if sc.ptr != 0 {
+                            let _ = dres::free_sync(sc.ptr);
+                        }
                     }
-                }
-                if s.ids_host_ptr != 0 {
-                    let _ = dres::free_host(s.ids_host_ptr as *mut c_void);
+                    if s.ids_host_ptr != 0 {
+                        let _ = dres::free_host(s.ids_host_ptr as *mut c_void);
+                    }
                 }
             }
             let _ = dres::stream::destroy(self.stream);

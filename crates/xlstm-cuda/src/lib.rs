@@ -700,6 +700,11 @@ impl Backend for CudaBackend {
         self.dev.release_scratch()
     }
 
+    fn release_sequence_cache(&self) -> Result<()> {
+        self.dev.bind()?;
+        self.dev.release_sequence_scratch()
+    }
+
     fn allocated_bytes(&self) -> Option<u64> {
         Some(self.dev.allocated() as u64)
     }

@@ -115,6 +115,39 @@ fn decode_graph_matches_eager() {
     }
 }
 
+/// A prompt longer than `KEEP_PROMPT_ROWS` frees the memory it made for itself when it ends: decode
+/// after it holds what decode held before it, and the recorded decode graph still fits (the decode
+/// buffers stayed where they were).
+#[test]
+fn long_prompt_frees_its_buffers() {
+    let Some((g, _l)) = gpu("long_prompt_frees_its_buffers") else { return };
+    let exp = Expected::load("large_tiny");
+    let ids = exp.ids("input_ids");
+    let mut model = load(&g, "large_tiny", DType::BF16);
+    let mut st = model.new_state(1).unwrap();
+    let kernel = MlstmKernel::Chunkwise { chunk: 16 };
+    model.prefill(&ids[..8], &mut st, kernel, xlstm_core::LogitRows::Last).unwrap();
+    for t in 0..6 {
+        model.step(&[ids[t]], &mut st).unwrap();
+    }
+    let held = g.allocated_bytes().unwrap();
+    let (_, rec0, _) = g.graph_stats();
+    let long: Vec<u32> = (0..4 * xlstm_core::model::KEEP_PROMPT_ROWS).map(|i| ids[i % ids.len()]).collect();
+    model.prefill(&long, &mut st, kernel, xlstm_core::LogitRows::Last).unwrap();
+    let after_prompt = g.allocated_bytes().unwrap();
+    let (r0, _, _) = g.graph_stats();
+    for t in 0..6 {
+        model.step(&[ids[t]], &mut st).unwrap();
+    }
+    let (r1, rec1, _) = g.graph_stats();
+    eprintln!("decode holds {held} bytes; after the long prompt {after_prompt}; {} replays, {} new recordings", r1 - r0, rec1 - rec0);
+    // (held includes the short prompt's buffers, which it keeps: hence ≤)
+    assert!(after_prompt <= held, "the long prompt's buffers were not freed: {after_prompt} > {held} bytes");
+    assert_eq!(g.allocated_bytes().unwrap(), after_prompt, "decode after the long prompt allocated more");
+    assert_eq!(rec1, rec0, "the decode graph had to be recorded again");
+    assert_eq!(r1 - r0, 6, "every step after the prompt replays the graph");
+}
+
 /// A batched step gives each sequence what single steps give it (within 1e-4: 5 rows go through
 /// cuBLAS SGEMM, 1 row through the GEMV, so summation orders differ).
 #[test]

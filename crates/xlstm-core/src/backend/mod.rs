@@ -144,6 +144,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn release_cache(&self) -> Result<()> {
         Ok(())
     }
+    /// Releases the working memory that ops outside decode steps (a prompt's) made for themselves;
+    /// what decode steps use stays. Called after a long prompt.
+    fn release_sequence_cache(&self) -> Result<()> {
+        Ok(())
+    }
     /// Device memory this backend allocated itself and still holds (weights, states, activation
     /// buffers, workspace; not the runtime's own), where it keeps count. Default: None.
     fn allocated_bytes(&self) -> Option<u64> {

@@ -6,7 +6,7 @@
 use crate::backend::{Activation, Backend, MlstmDims, MlstmKernel};
 use crate::config::LargeConfig;
 use crate::error::Result;
-use crate::model::{GrowBuf, LogitRows, Network, Rows};
+use crate::model::{ActivationCache, GrowBuf, LogitRows, Network, Rows};
 use crate::state::{mlstm_zeros, LayerState};
 use crate::tensor::{DType, HostTensor};
 use crate::weights::Weights;
@@ -29,9 +29,8 @@ struct Block<B: Backend> {
     down: B::Mat,
 }
 
-/// Activation buffers, sized for `rows` rows and grown on demand (never inside a decode loop once warm).
+/// Activation buffers for a number of rows (see `ActivationCache`).
 struct Scratch<B: Backend> {
-    rows: usize,
     x: B::Buf,
     xn: B::Buf,
     q: B::Buf,
@@ -57,7 +56,7 @@ pub struct LargeNet<B: Backend> {
     blocks: Vec<Block<B>>,
     out_norm: Option<B::Buf>,
     lm_head: B::Mat,
-    scratch: Option<Scratch<B>>,
+    scratch: ActivationCache<Scratch<B>>,
     logits: GrowBuf<B::Buf>,
 }
 
@@ -132,21 +131,16 @@ impl<B: Backend> LargeNet<B> {
             blocks,
             out_norm,
             lm_head: mat(lm_head)?,
-            scratch: None,
+            scratch: ActivationCache::new(),
             logits: GrowBuf::new(),
         };
         w.finish()?;
         Ok(net)
     }
 
-    fn ensure_scratch(&mut self, b: &B, rows: usize) -> Result<()> {
-        if self.scratch.as_ref().is_some_and(|s| s.rows >= rows) {
-            return Ok(());
-        }
-        let c = &self.cfg;
+    fn make_scratch(b: &B, c: &LargeConfig, rows: usize) -> Result<Scratch<B>> {
         let (d, qk, v, nh, ff) = (c.hidden_size, c.qk_dim(), c.v_dim(), c.num_heads, c.ffn_dim());
-        self.scratch = Some(Scratch {
-            rows,
+        Ok(Scratch {
             x: b.zeros(rows * d)?,
             xn: b.zeros(rows * d)?,
             q: b.zeros(rows * qk)?,
@@ -162,8 +156,7 @@ impl<B: Backend> LargeNet<B> {
             u: b.zeros(rows * ff)?,
             a: b.zeros(rows * ff)?,
             last: b.zeros(rows * d)?,
-        });
-        Ok(())
+        })
     }
 }
 
@@ -176,8 +169,14 @@ impl<B: Backend> Network<B> for LargeNet<B> {
 
 
     fn release_cache(&mut self) {
-        self.scratch = None;
+        self.scratch.clear();
         self.logits.clear();
+    }
+
+    fn release_sequence_cache(&mut self, keep_rows: usize) -> bool {
+        let freed = self.scratch.release_sequence(keep_rows);
+        self.logits.shrink_to(keep_rows * self.cfg.vocab_size);
+        freed
     }
 
     fn weight_bytes_per_token(&self, b: &B) -> usize {
@@ -191,10 +190,9 @@ impl<B: Backend> Network<B> for LargeNet<B> {
 
     fn forward(&mut self, b: &B, ids: &[u32], rows: Rows, state: &mut [LayerState<B::Buf>], logits: LogitRows) -> Result<Vec<f32>> {
         let n = ids.len();
-        self.ensure_scratch(b, n)?;
         let c = &self.cfg;
         let (d, ff, eps) = (c.hidden_size, c.ffn_dim(), c.norm_eps);
-        let s = self.scratch.as_mut().expect("scratch allocated above");
+        let s = self.scratch.get(rows, n, |n| Self::make_scratch(b, c, n))?;
         b.embed(&self.embedding, ids, &mut s.x)?;
         for (blk, layer) in self.blocks.iter().zip(state.iter_mut()) {
             let LayerState::Mlstm { cell, .. } = layer else { unreachable!("xlstm-large state holds mLSTM layers only") };
@@ -235,14 +233,14 @@ impl<B: Backend> Network<B> for LargeNet<B> {
 
     fn head_top1_chosen(&mut self, b: &B, rows: usize) -> Result<u64> {
         self.final_norm(b, 0, rows)?;
-        let (c, s) = (&self.cfg, self.scratch.as_mut().expect("a forward ran"));
+        let (c, s) = (&self.cfg, self.scratch.last());
         let logits = self.logits.get(b, rows * c.vocab_size)?;
         b.head_top1_chosen(&s.xn, rows, &self.lm_head, c.vocab_size, c.output_logit_soft_cap, logits)
     }
 
     fn head_top_k(&mut self, b: &B, rows: usize, k: usize) -> Result<Option<Vec<Vec<(u32, f32)>>>> {
         self.final_norm(b, 0, rows)?;
-        let (c, s) = (&self.cfg, self.scratch.as_mut().expect("a forward ran"));
+        let (c, s) = (&self.cfg, self.scratch.last());
         let logits = self.logits.get(b, rows * c.vocab_size)?;
         Ok(Some(b.head_top_k(&s.xn, rows, &self.lm_head, c.vocab_size, c.output_logit_soft_cap, k, logits)?))
     }
@@ -252,7 +250,7 @@ impl<B: Backend> LargeNet<B> {
     /// Out-norm of hidden rows `first..first + count` of the last forward, into `scratch.xn`.
     fn final_norm(&mut self, b: &B, first: usize, count: usize) -> Result<()> {
         let d = self.cfg.hidden_size;
-        let s = self.scratch.as_mut().expect("a forward ran");
+        let s = self.scratch.last();
         b.copy(&s.x, first * d, &mut s.last, 0, count * d)?;
         match &self.out_norm {
             Some(w) => b.rms_norm(&s.last, count, d, w, self.cfg.norm_eps, &mut s.xn),
@@ -262,7 +260,7 @@ impl<B: Backend> LargeNet<B> {
 
     fn head_logits_of(&mut self, b: &B, first: usize, count: usize) -> Result<Vec<f32>> {
         self.final_norm(b, first, count)?;
-        let (c, s) = (&self.cfg, self.scratch.as_mut().expect("a forward ran"));
+        let (c, s) = (&self.cfg, self.scratch.last());
         let logits = self.logits.get(b, count * c.vocab_size)?;
         b.matmul(&s.xn, count, &self.lm_head, logits)?; //                          [count, V]
         b.bias_soft_cap(logits, count, c.vocab_size, None, c.output_logit_soft_cap)?;

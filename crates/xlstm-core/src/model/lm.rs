@@ -24,7 +24,7 @@ use crate::backend::{Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, Sls
 use crate::config::check_known_fields;
 use crate::error::{Error, Result};
 use crate::model::random::{Init, WeightSpec};
-use crate::model::{GrowBuf, LogitRows, Network, Rows};
+use crate::model::{ActivationCache, GrowBuf, LogitRows, Network, Rows};
 use crate::state::{mlstm_zeros, ConvState, LayerState};
 use crate::tensor::{DType, HostTensor};
 use crate::weights::Weights;
@@ -672,9 +672,8 @@ enum Block<B: Backend> {
     S(Box<SBlock<B>>),
 }
 
-/// Activation buffers, sized for `rows` rows and grown on demand.
+/// Activation buffers for a number of rows (see `ActivationCache`).
 struct Scratch<B: Backend> {
-    rows: usize,
     x: B::Buf,
     xn: B::Buf,
     xm: B::Buf,
@@ -707,7 +706,7 @@ pub struct LmNet<B: Backend> {
     lm_head: B::Mat,
     /// Bytes of the small f32 weights (headwise, recurrent, conv, norms) read per token.
     small_bytes: usize,
-    scratch: Option<Scratch<B>>,
+    scratch: ActivationCache<Scratch<B>>,
     logits: GrowBuf<B::Buf>,
 }
 
@@ -915,18 +914,14 @@ impl<B: Backend> LmNet<B> {
         let lm_head = l.mat(lm_head)?;
         let small_bytes = l.small;
         l.w.finish()?;
-        Ok(LmNet { dims, embedding, blocks, post_norm, lm_head, small_bytes, scratch: None, logits: GrowBuf::new() })
+        Ok(LmNet { dims, embedding, blocks, post_norm, lm_head, small_bytes, scratch: ActivationCache::new(), logits: GrowBuf::new() })
     }
 
-    fn ensure_scratch(&mut self, b: &B, rows: usize) -> Result<()> {
-        if self.scratch.as_ref().is_some_and(|s| s.rows >= rows) {
-            return Ok(());
-        }
-        let Dims { d, inner, m_heads, ffn, .. } = self.dims;
+    fn make_scratch(b: &B, dims: Dims, rows: usize) -> Result<Scratch<B>> {
+        let Dims { d, inner, m_heads, ffn, .. } = dims;
         let wide = inner.max(d);
         let z = |w: usize| b.zeros(rows * w);
-        self.scratch = Some(Scratch {
-            rows,
+        Ok(Scratch {
             x: z(d)?,
             xn: z(d)?,
             xm: z(inner)?,
@@ -949,8 +944,7 @@ impl<B: Backend> LmNet<B> {
             u: z(ffn)?,
             a: z(ffn.max(inner))?,
             last: z(d)?,
-        });
-        Ok(())
+        })
     }
 }
 
@@ -989,8 +983,14 @@ impl<B: Backend> Network<B> for LmNet<B> {
     }
 
     fn release_cache(&mut self) {
-        self.scratch = None;
+        self.scratch.clear();
         self.logits.clear();
+    }
+
+    fn release_sequence_cache(&mut self, keep_rows: usize) -> bool {
+        let freed = self.scratch.release_sequence(keep_rows);
+        self.logits.shrink_to(keep_rows * self.dims.vocab);
+        freed
     }
 
 
@@ -1011,10 +1011,9 @@ impl<B: Backend> Network<B> for LmNet<B> {
         if state.len() != self.blocks.len() {
             return Err(Error::State(format!("the state has {} layers, this model {} blocks", state.len(), self.blocks.len())));
         }
-        self.ensure_scratch(b, n)?;
         let dm = self.dims;
         let (d, inner) = (dm.d, dm.inner);
-        let s = self.scratch.as_mut().expect("scratch allocated above");
+        let s = self.scratch.get(rows, n, |n| Self::make_scratch(b, dm, n))?;
         b.embed(&self.embedding, ids, &mut s.x)?; //                                      [n, D]
         for (li, (blk, layer)) in self.blocks.iter().zip(state.iter_mut()).enumerate() {
             b.group_norm(&s.x, n, d, d, match blk {
@@ -1113,7 +1112,7 @@ impl<B: Backend> LmNet<B> {
     fn head_logits_of(&mut self, b: &B, first: usize, count: usize) -> Result<Vec<f32>> {
         let d = self.dims.d;
         let vocab = self.dims.vocab;
-        let s = self.scratch.as_mut().expect("a forward ran");
+        let s = self.scratch.last();
         b.copy(&s.x, first * d, &mut s.last, 0, count * d)?;
         let normed = match &self.post_norm {
             Some(w) => {

@@ -52,6 +52,11 @@ pub trait Network<B: Backend>: Send {
     fn weight_bytes_per_token(&self, backend: &B) -> usize;
     /// Drops cached activation buffers (they are re-made at the next call's size).
     fn release_cache(&mut self) {}
+    /// Drops the activation buffers of prompts longer than `keep_rows` rows (decode steps keep
+    /// theirs); true when something was freed.
+    fn release_sequence_cache(&mut self, _keep_rows: usize) -> bool {
+        false
+    }
     /// After a forward with `LogitRows::None` over `rows` rows: the LM head fused with the selection
     /// of each row's k best tokens. None where the family has no fused head (the caller falls back).
     fn head_top_k(&mut self, _backend: &B, _rows: usize, _k: usize) -> Result<Option<Vec<Vec<(u32, f32)>>>> {
@@ -88,7 +93,66 @@ impl<Bf> GrowBuf<Bf> {
     pub fn clear(&mut self) {
         self.0 = None;
     }
+    /// Frees the buffer when it holds more than `max_len` elements.
+    pub fn shrink_to(&mut self, max_len: usize) {
+        if self.0.as_ref().is_some_and(|(n, _)| *n > max_len) {
+            self.0 = None;
+        }
+    }
 }
+
+/// A network's activation buffers (`S`, made for a number of rows), kept apart for decode steps and
+/// for prompts: a step's buffers never move once made (a backend may have recorded the step against
+/// them), and a long prompt's can be dropped after it without touching them.
+pub(crate) struct ActivationCache<S> {
+    step: Option<(usize, S)>,
+    sequence: Option<(usize, S)>,
+    last_was_step: bool,
+}
+
+impl<S> ActivationCache<S> {
+    pub fn new() -> Self {
+        ActivationCache { step: None, sequence: None, last_was_step: false }
+    }
+
+    /// The buffers for a forward of `n` rows laid out as `rows` says, made by `make(n)` when those
+    /// held are fewer rows.
+    pub fn get(&mut self, rows: Rows, n: usize, make: impl FnOnce(usize) -> Result<S>) -> Result<&mut S> {
+        self.last_was_step = rows == Rows::Step;
+        let slot = if self.last_was_step { &mut self.step } else { &mut self.sequence };
+        if !slot.as_ref().is_some_and(|(r, _)| *r >= n) {
+            *slot = None; // free the old ones first
+            *slot = Some((n, make(n)?));
+        }
+        Ok(&mut slot.as_mut().expect("made above").1)
+    }
+
+    /// The buffers of the last forward.
+    pub fn last(&mut self) -> &mut S {
+        let slot = if self.last_was_step { &mut self.step } else { &mut self.sequence };
+        &mut slot.as_mut().expect("a forward ran").1
+    }
+
+    /// Drops the prompt buffers when they hold more than `keep_rows` rows; true when it did.
+    pub fn release_sequence(&mut self, keep_rows: usize) -> bool {
+        let big = self.sequence.as_ref().is_some_and(|(r, _)| *r > keep_rows);
+        if big {
+            self.sequence = None;
+            self.last_was_step = true;
+        }
+        big
+    }
+
+    pub fn clear(&mut self) {
+        self.step = None;
+        self.sequence = None;
+    }
+}
+
+/// Prompts up to this many tokens keep their activation buffers for the next prompt by default;
+/// longer ones free them when done, so that the memory held while decoding does not depend on the
+/// prompt (`Model::keep_prompt_rows`, the `keep_prompt_buffers` knob).
+pub const KEEP_PROMPT_ROWS: usize = 256;
 
 /// One prefill segment, as the stats log records it.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -107,6 +171,9 @@ pub struct Model<B: Backend> {
     /// Prompt tokens per prefill pass (rounded down to a multiple of the chunk, at least one chunk);
     /// bounds activation memory. Starts at the backend's preference.
     pub prefill_segment: usize,
+    /// Prompts of up to this many tokens keep their activation buffers for the next prompt; longer
+    /// ones free them when done ([`KEEP_PROMPT_ROWS`] unless set).
+    pub keep_prompt_rows: usize,
     net: Box<dyn Network<B>>,
     /// Samples memory between segments and tokens; None when switched off.
     pub watchdog: Option<crate::watchdog::Watchdog>,
@@ -133,7 +200,7 @@ impl<B: Backend> Model<B> {
             ModelConfig::Lm(c) => (Box::new(lm::LmNet::new(&backend, c, weights)?), 64),
         };
         let prefill_segment = backend.prefill_segment();
-        Ok(Model { backend, config, dtype, chunk_size, prefill_segment, net, watchdog: None, segments: Vec::new(), events: Vec::new() })
+        Ok(Model { backend, config, dtype, chunk_size, prefill_segment, keep_prompt_rows: KEEP_PROMPT_ROWS, net, watchdog: None, segments: Vec::new(), events: Vec::new() })
     }
 
     /// A model of `config`'s shape with random weights (for trying things out and benchmarks).
@@ -208,6 +275,9 @@ impl<B: Backend> Model<B> {
             out.extend_from_slice(&l);
             state.position += part.len();
             pos += part.len();
+        }
+        if self.net.release_sequence_cache(self.keep_prompt_rows) {
+            self.backend.release_sequence_cache()?;
         }
         Ok(out)
     }
@@ -326,5 +396,38 @@ impl<B: Backend> Model<B> {
 
     pub fn weight_bytes_per_token(&self) -> usize {
         self.net.weight_bytes_per_token(&self.backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MlstmKernel;
+
+    const SEQ: Rows = Rows::Sequence(MlstmKernel::Sequence);
+
+    /// Steps and prompts get buffers of their own; a long prompt's are dropped after it, a step's
+    /// stay where they are (the same allocation, so a recorded step still fits).
+    #[test]
+    fn activation_cache_keeps_step_buffers_apart() {
+        let mut made = Vec::new();
+        let mut c: ActivationCache<Vec<u8>> = ActivationCache::new();
+        let mut make = |n: usize| -> Result<Vec<u8>> {
+            made.push(n);
+            Ok(vec![0u8; n])
+        };
+        let step_ptr = c.get(Rows::Step, 1, &mut make).unwrap().as_ptr();
+        assert_eq!(c.get(SEQ, 1000, &mut make).unwrap().len(), 1000);
+        assert_eq!(c.last().len(), 1000, "the last forward was the prompt");
+        assert!(c.get(SEQ, 300, &mut make).is_ok(), "fewer rows reuse the prompt buffers");
+        assert_eq!(c.get(Rows::Step, 1, &mut make).unwrap().as_ptr(), step_ptr, "the step buffers did not move");
+        assert_eq!(c.last().len(), 1);
+        assert!(!c.release_sequence(1000), "prompts up to keep_rows keep theirs");
+        assert!(c.release_sequence(256), "a longer prompt's buffers go");
+        assert!(!c.release_sequence(256), "nothing left to free");
+        assert_eq!(c.get(Rows::Step, 1, &mut make).unwrap().as_ptr(), step_ptr);
+        c.get(SEQ, 10, &mut make).unwrap();
+        drop(make);
+        assert_eq!(made, [1, 1000, 10], "made once per size that did not fit");
     }
 }
