@@ -24,16 +24,17 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
     asm("{ .reg .b16 t; mov.b16 t, %1; cvt.f32.f16 %0, t; }" : "=f"(f) : "h"(h));
     return f;
 }
-// out[i] = v as 16-bit bits of dtype dt (DT_BF16 or DT_F16).
-__device__ __forceinline__ void store_half(u16* out, long long i, float v, int dt) {
-    if (dt == DT_BF16) {
-        out[i] = f32_to_bf16(v);
-    } else {
-        u16 h;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-        out[i] = h;
-    }
+// v as the 16-bit bits of dtype dt (DT_BF16 or DT_F16).
+__device__ __forceinline__ u16 half_bits(float v, int dt) {
+    if (dt == DT_BF16) return f32_to_bf16(v);
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
 }
+// out[i] = v as 16-bit bits of dtype dt (DT_BF16 or DT_F16).
+__device__ __forceinline__ void store_half(u16* out, long long i, float v, int dt) { out[i] = half_bits(v, dt); }
+// 16-bit bits h of dtype dt (DT_BF16 or DT_F16) as f32.
+__device__ __forceinline__ float half_value(u16 h, int dt) { return dt == DT_BF16 ? bf16_to_f32(h) : f16_to_f32(h); }
 __device__ __forceinline__ float load_w(const void* p, long long i, int dt) {
     if (dt == DT_F32) return ((const float*)p)[i];
     if (dt == DT_BF16) return bf16_to_f32(((const u16*)p)[i]);

@@ -8,6 +8,9 @@
 //            optional `gate`: the result is multiplied by sigmoid(gate[r, j]) (the mLSTM output gate);
 //            optional 16-bit copy `out_h` as for rms_norm.
 //            Launch: grid = (width / group, rows), block = 256.
+// group_norm_warp: the same, one warp per group held in registers (one read of x, shuffles only),
+//            for group % 128 == 0 and group ≤ 1024 with x, w, bias, gate, out 16-byte and out_h
+//            8-byte aligned; `groups` = rows · width / group. Launch: grid = ceil(groups / 8), block = 256.
 // Limits: width, group < 2^31; `red` scratch is 32 floats of shared memory.
 
 extern "C" __global__ void rms_norm(const float* x, int width, const float* w, float eps, float* out, u16* out_h, int hdt) {
@@ -41,5 +44,54 @@ extern "C" __global__ void group_norm(const float* x, int width, int group, cons
         if (gate) y *= sigmoid_exact(gate[base + j]);
         out[base + j] = y;
         if (out_h) store_half(out_h, base + j, y, hdt);
+    }
+}
+
+extern "C" __global__ void group_norm_warp(const float* x, int width, int group, const float* w, const float* bias, float eps,
+                                           const float* gate, float* out, u16* out_h, int hdt, int groups) {
+    const int lane = threadIdx.x & 31;
+    const long long gi = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (gi >= groups) return;
+    const int per_row = width / group;
+    const int j0 = (int)(gi % per_row) * group;
+    const long long base = (gi / per_row) * width + j0;
+    const int nv = group >> 7;  // float4s per lane
+    float4 v[8];
+    float s = 0.f;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        if (u < nv) {
+            v[u] = *(const float4*)(x + base + (u * 32 + lane) * 4);
+            s += (v[u].x + v[u].y) + (v[u].z + v[u].w);
+        }
+    }
+    const float mean = warp_sum(s) / (float)group;
+    float q = 0.f;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        if (u < nv) {
+            float a = v[u].x - mean, b = v[u].y - mean, c = v[u].z - mean, d = v[u].w - mean;
+            q = fmaf(a, a, q); q = fmaf(b, b, q); q = fmaf(c, c, q); q = fmaf(d, d, q);
+        }
+    }
+    const float r = rsqrtf(warp_sum(q) / (float)group + eps);
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        if (u < nv) {
+            const int j = (u * 32 + lane) * 4;
+            const float4 wv = *(const float4*)(w + j0 + j);
+            const float4 bv = bias ? *(const float4*)(bias + j0 + j) : make_float4(0.f, 0.f, 0.f, 0.f);
+            float y[4] = {(v[u].x - mean) * r * wv.x + bv.x, (v[u].y - mean) * r * wv.y + bv.y,
+                          (v[u].z - mean) * r * wv.z + bv.z, (v[u].w - mean) * r * wv.w + bv.w};
+            if (gate) {
+                const float4 g = *(const float4*)(gate + base + j);
+                y[0] *= sigmoid_exact(g.x); y[1] *= sigmoid_exact(g.y); y[2] *= sigmoid_exact(g.z); y[3] *= sigmoid_exact(g.w);
+            }
+            *(float4*)(out + base + j) = make_float4(y[0], y[1], y[2], y[3]);
+            if (out_h) {
+                *(uint2*)(out_h + base + j) = make_uint2((u32)half_bits(y[0], hdt) | ((u32)half_bits(y[1], hdt) << 16),
+                                                         (u32)half_bits(y[2], hdt) | ((u32)half_bits(y[3], hdt) << 16));
+            }
+        }
     }
 }

@@ -78,6 +78,7 @@ pub(crate) struct Funcs {
     pub read_sum: CUfunction,
     pub rms_norm: CUfunction,
     pub group_norm: CUfunction,
+    pub group_norm_warp: CUfunction,
     pub gemv: [CUfunction; 4],
     pub mlstm_step: CUfunction,
     pub mlstm_step_wide: CUfunction,
@@ -140,6 +141,8 @@ pub(crate) struct Dev {
     pub f: Funcs,
     pub blas: cbsys::cublasHandle_t,
     pub blas_ws: CUdeviceptr,
+    /// 16-bit products with per-shape timed algorithms (None: cublasGemmEx; see lt.rs).
+    pub lt: Option<crate::lt::Lt>,
     /// Two sets: [`STEP`] for ops inside decode steps (recorded graphs point into it) and
     /// [`SEQUENCE`] for the rest (prompts), which a long prompt's end frees.
     pub scratch: Mutex<[Scratches; 2]>,
@@ -200,7 +203,7 @@ impl Dev {
             Ok(fs)
         };
         let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum", "gated_act_split", "copy_cols4"])?;
-        let n = get("norm", &["rms_norm", "group_norm"])?;
+        let n = get("norm", &["rms_norm", "group_norm", "group_norm_warp"])?;
         let g = get("gemv", &["gemv_r1", "gemv_r2", "gemv_r3", "gemv_r4"])?;
         let m = get("mlstm", &["mlstm_step", "mlstm_step_wide"])?;
         let mc = get(
@@ -224,6 +227,7 @@ impl Dev {
             copy_cols4: e[10],
             rms_norm: n[0],
             group_norm: n[1],
+            group_norm_warp: n[2],
             gemv: [g[0], g[1], g[2], g[3]],
             mlstm_step: m[0],
             mlstm_step_wide: m[1],
@@ -263,6 +267,7 @@ impl Dev {
             f,
             blas,
             blas_ws,
+            lt: crate::lt::Lt::new(blas_ws, BLAS_WS),
             scratch: Mutex::new(Default::default()),
             cap: Mutex::new(Capture::new()),
             name,
@@ -492,6 +497,7 @@ impl Drop for Dev {
             let _ = dres::stream::synchronize(self.stream);
             self.cap.lock().map(|mut c| c.clear()).ok();
             let _ = cbsys::cublasDestroy_v2(self.blas);
+            drop(self.lt.take());
             let _ = dres::free_sync(self.blas_ws);
             if let Ok(mut guard) = self.scratch.lock() {
                 for s in guard.iter_mut() {

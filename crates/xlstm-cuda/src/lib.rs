@@ -13,6 +13,7 @@
 //!   (`capture.rs`).
 mod capture;
 mod device;
+mod lt;
 pub mod kernels;
 
 use std::ffi::c_void;
@@ -374,7 +375,8 @@ impl CudaBackend {
     }
 
     /// Products for `mats` (all `[·, width]`) into `outs`, through cuBLAS; runs of matrices that lie
-    /// next to each other in memory go through one call (into the `wide` scratch, then split).
+    /// next to each other in memory go through one call (into the `wide` scratch, then split). (For
+    /// a 2,048-token prompt, separate products straight into the outputs measured the same.)
     fn gemm_group(&self, dev: &Dev, rows: usize, mats: &[&CudaMat], x: CUdeviceptr, xh: Option<CUdeviceptr>, outs: &[CUdeviceptr]) -> Result<()> {
         let mut j = 0;
         while j < mats.len() {
@@ -430,6 +432,14 @@ impl CudaBackend {
                         Some(p) => p,
                         None => self.half_copy(dev, x, rows * w.cols, dt)?,
                     };
+                    if let Some(lt) = &dev.lt {
+                        let p = lt::Product { m: rows, n: w.rows, k: w.cols, dtype: dt, out16: half_out, w: w.ptr, x: xh, out, beta };
+                        if !lt.knows(&p) {
+                            // choosing the algorithm runs the stream: not while recording
+                            dev.cap.lock().expect("capture lock").unrecordable()?;
+                        }
+                        return lt.run(dev.stream, &p);
+                    }
                     let ty = if dt == DType::BF16 { cb::cudaDataType::CUDA_R_16BF } else { cb::cudaDataType::CUDA_R_16F };
                     device::blas_ok(
                         "gemm",
@@ -449,6 +459,21 @@ impl CudaBackend {
         let mut a = KArgs::new();
         a.p(x).i(width).p(w).f(eps).p(out).p(out_h).i(dt_code(hdt));
         dev.launch(dev.f.rms_norm, (rows as u32, 1, 1), 256, 0, &mut a)
+    }
+
+    /// LayerNorm per group of `group` values of each row, optional output gate and 16-bit copy (see
+    /// norm.cu): one warp per group where the group fits a warp's registers, else one block.
+    #[allow(clippy::too_many_arguments)]
+    fn group_norm_rows(&self, dev: &Dev, x: CUdeviceptr, rows: usize, width: usize, group: usize, w: CUdeviceptr, bias: CUdeviceptr, eps: f32, gate: CUdeviceptr, out: CUdeviceptr, out_h: CUdeviceptr, hdt: DType) -> Result<()> {
+        let mut a = KArgs::new();
+        a.p(x).i(width).i(group).p(w).p(bias).f(eps).p(gate).p(out).p(out_h).i(dt_code(hdt));
+        let aligned = [x, w, bias, gate, out].iter().all(|&p| p % 16 == 0) && out_h % 8 == 0;
+        if group % 128 == 0 && group <= 1024 && aligned {
+            let groups = rows * (width / group);
+            a.i(groups);
+            return dev.launch(dev.f.group_norm_warp, (groups.div_ceil(8) as u32, 1, 1), 256, 0, &mut a);
+        }
+        dev.launch(dev.f.group_norm, ((width / group) as u32, rows as u32, 1), 256, 0, &mut a)
     }
 
     /// One mLSTM step kernel. `pdl`: its launch may overlap the previous kernel's tail (the kernel
@@ -571,6 +596,12 @@ impl Backend for CudaBackend {
         // SAFETY: fresh allocation of len·4 bytes.
         unsafe { dres::memset_d8_async(b.ptr, 0, len * 4, self.dev.stream) }.map_err(|e| drv("memset", e))?;
         Ok(b)
+    }
+
+    fn scratch(&self, len: usize) -> Result<CudaBuf> {
+        self.dev.bind()?;
+        self.dev.cap.lock().expect("capture lock").unrecordable()?;
+        self.buf(len)
     }
 
     fn upload(&self, host: &[f32]) -> Result<CudaBuf> {
@@ -792,9 +823,7 @@ impl Backend for CudaBackend {
             if rows == 0 {
                 return Ok(());
             }
-            let mut a = KArgs::new();
-            a.p(xp).i(width).i(group).p(wp).p(bp).f(eps).p(0).p(op).p(0).i(0);
-            dev.launch(dev.f.group_norm, ((width / group) as u32, rows as u32, 1), 256, 0, &mut a)
+            self.group_norm_rows(dev, xp, rows, width, group, wp, bp, eps, 0, op, 0, DType::BF16)
         })
     }
 
@@ -1067,9 +1096,11 @@ impl Backend for CudaBackend {
                     Some(dt) => dev.half_scratch(rows * ff, Some((op, rows * ff, dt)))?,
                     None => 0,
                 };
+                let vec = wide_dt != DType::F32 && ff % 8 == 0 && [wide, op, oh].iter().all(|&p| p % 16 == 0);
+                let per_block = if vec { 8 * 256 } else { 256 };
                 let mut a = KArgs::new();
-                a.i(act_code(act)).p(wide).i(dt_code(wide_dt)).i(ff).p(op).i(rows).p(oh).i(dt_code(hdt.unwrap_or(DType::BF16)));
-                return self.ew(dev, dev.f.gated_act_split, rows * ff, &mut a);
+                a.i(act_code(act)).p(wide).i(dt_code(wide_dt)).i(ff).p(op).i(rows).p(oh).i(dt_code(hdt.unwrap_or(DType::BF16))).i(vec as usize);
+                return dev.launch(dev.f.gated_act_split, (rows as u32, ff.div_ceil(per_block) as u32, 1), 256, 0, &mut a);
             }
             self.gemm(dev, rows, gate, xnp, h, gp, 0.0)?;
             self.gemm(dev, rows, up, xnp, h, upp, 0.0)?;
@@ -1110,9 +1141,7 @@ impl Backend for CudaBackend {
                 DType::F32 => 0,
                 dt => dev.half_scratch(rows * width, Some((hnp, rows * width, dt)))?,
             };
-            let mut a = KArgs::new();
-            a.p(hp).i(width).i(d.dv).p(nwp).p(0).f(norm_eps).p(op).p(hnp).p(hh).i(dt_code(hdt));
-            dev.launch(dev.f.group_norm, (d.heads as u32, rows as u32, 1), 256, 0, &mut a)
+            self.group_norm_rows(dev, hp, rows, width, d.dv, nwp, 0, norm_eps, op, hnp, hh, hdt)
         })
     }
 

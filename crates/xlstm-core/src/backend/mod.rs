@@ -119,6 +119,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
 
     // ---- memory -------------------------------------------------------------------------------
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    /// A buffer whose contents are unspecified until written (activations): a backend may skip
+    /// clearing it. Default: `zeros`.
+    fn scratch(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     fn download(&self, buf: &Self::Buf, len: usize) -> Result<Vec<f32>>;
     /// `dst[dst_off..dst_off + len] = src[src_off..src_off + len]`.

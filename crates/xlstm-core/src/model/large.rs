@@ -141,21 +141,21 @@ impl<B: Backend> LargeNet<B> {
     fn make_scratch(b: &B, c: &LargeConfig, rows: usize) -> Result<Scratch<B>> {
         let (d, qk, v, nh, ff) = (c.hidden_size, c.qk_dim(), c.v_dim(), c.num_heads, c.ffn_dim());
         Ok(Scratch {
-            x: b.zeros(rows * d)?,
-            xn: b.zeros(rows * d)?,
-            q: b.zeros(rows * qk)?,
-            k: b.zeros(rows * qk)?,
-            v: b.zeros(rows * v)?,
-            o: b.zeros(rows * v)?,
-            i: b.zeros(rows * nh)?,
-            f: b.zeros(rows * nh)?,
-            h: b.zeros(rows * v)?,
-            hn: b.zeros(rows * v)?,
-            y: b.zeros(rows * d)?,
-            g: b.zeros(rows * ff)?,
-            u: b.zeros(rows * ff)?,
-            a: b.zeros(rows * ff)?,
-            last: b.zeros(rows * d)?,
+            x: b.scratch(rows * d)?,
+            xn: b.scratch(rows * d)?,
+            q: b.scratch(rows * qk)?,
+            k: b.scratch(rows * qk)?,
+            v: b.scratch(rows * v)?,
+            o: b.scratch(rows * v)?,
+            i: b.scratch(rows * nh)?,
+            f: b.scratch(rows * nh)?,
+            h: b.scratch(rows * v)?,
+            hn: b.scratch(rows * v)?,
+            y: b.scratch(rows * d)?,
+            g: b.scratch(rows * ff)?,
+            u: b.scratch(rows * ff)?,
+            a: b.scratch(rows * ff)?,
+            last: b.scratch(rows * d)?,
         })
     }
 }

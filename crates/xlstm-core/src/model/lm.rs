@@ -920,7 +920,7 @@ impl<B: Backend> LmNet<B> {
     fn make_scratch(b: &B, dims: Dims, rows: usize) -> Result<Scratch<B>> {
         let Dims { d, inner, m_heads, ffn, .. } = dims;
         let wide = inner.max(d);
-        let z = |w: usize| b.zeros(rows * w);
+        let z = |w: usize| b.scratch(rows * w);
         Ok(Scratch {
             x: z(d)?,
             xn: z(d)?,
