@@ -9,13 +9,17 @@
 // Prologue: x is staged in shared memory as f32 ([R, K], R·K·4 bytes of dynamic shared memory); when
 // `norm_w` is set it is RMS-normalised first (x·rsqrt(mean x² + eps)·norm_w, per row) and block 0 also
 // writes the normalised rows to `xn_out` (if set).
-// Launch: block = 256 threads = 8 warps; each warp computes `rpw` consecutive output rows (the host
-// picks rpw so the grid is about one wave: x is staged once per block and amortised over 8·rpw rows);
-// grid = Σ_s ceil(n_s / (8·rpw)) blocks, segment s owning blocks from block0_s. Blocks never straddle
+// Launch: block = 256 threads = 8 warps; each warp computes `rpw_s` consecutive output rows of its
+// segment s (the host picks them so the grid is about one wave and every warp streams about the same
+// bytes: x is staged once per block and amortised over its rows; a warp that streams twice the
+// bytes of the others would finish last); grid = Σ_s ceil(n_s / (8·rpw_s)) blocks, segment s owning
+// blocks from block0_s. Blocks never straddle
 // segments, so dtype and mode branches are block-uniform. Each warp streams its rows as a sequence of
 // rounds (8 chunks per lane) with two rounds in flight (double-buffered registers). Launched with
 // programmatic dependent launch on sm_90: the first two rounds of weight loads go out before
 // pdl_wait(), overlapping the previous kernel's tail; x and the outputs are touched only after it.
+// Registers: at most 128 per thread (__launch_bounds__(256, 2)), so two blocks share an SM as the
+// host's grid assumes (without the bound, R = 4 took 142 and ran 1.5× slower, one block per SM).
 // Limits: R ∈ {1, 2, 3, 4}; vector path needs K % 8 == 0 (16-bit) / K % 4 == 0 (f32), else a scalar
 // path; R·K·4 bytes of shared memory (the host raises the dynamic limit; it routes larger products to
 // cuBLAS).
@@ -29,7 +33,7 @@ struct GemvSeg {
     int mode;
     int ld;
     int block0;
-    int pad_;
+    int rpw;  // rows per warp
 };
 
 struct GemvArgs {
@@ -41,7 +45,7 @@ struct GemvArgs {
     int k;
     float eps;
     int act;
-    int rpw;  // rows per warp
+    int pad0_;
     int pad_;
 };
 
@@ -161,7 +165,7 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
     while (s + 1 < a.nseg && b >= a.seg[s + 1].block0) ++s;
     const GemvSeg sg = a.seg[s];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int rpw = a.rpw;
+    const int rpw = sg.rpw;
     const int row0 = (b - sg.block0) * 8 * rpw + warp * rpw;  // this warp's rows: row0 .. row0 + rpw
     const bool pair = sg.mode == 2;
     const bool half = sg.dt != DT_F32;
@@ -298,7 +302,7 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
 #undef GEMV_LOAD
 }
 
-extern "C" __global__ void __launch_bounds__(256) gemv_r1(const GemvArgs a) { gemv_body<1>(a); }
-extern "C" __global__ void __launch_bounds__(256) gemv_r2(const GemvArgs a) { gemv_body<2>(a); }
-extern "C" __global__ void __launch_bounds__(256) gemv_r3(const GemvArgs a) { gemv_body<3>(a); }
-extern "C" __global__ void __launch_bounds__(256) gemv_r4(const GemvArgs a) { gemv_body<4>(a); }
+extern "C" __global__ void __launch_bounds__(256, 2) gemv_r1(const GemvArgs a) { gemv_body<1>(a); }
+extern "C" __global__ void __launch_bounds__(256, 2) gemv_r2(const GemvArgs a) { gemv_body<2>(a); }
+extern "C" __global__ void __launch_bounds__(256, 2) gemv_r3(const GemvArgs a) { gemv_body<3>(a); }
+extern "C" __global__ void __launch_bounds__(256, 2) gemv_r4(const GemvArgs a) { gemv_body<4>(a); }

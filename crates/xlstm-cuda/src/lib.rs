@@ -179,7 +179,7 @@ struct GemvSeg {
     mode: i32,
     ld: i32,
     block0: i32,
-    pad: i32,
+    rpw: i32,
 }
 
 #[repr(C)]
@@ -193,7 +193,7 @@ struct GemvArgs {
     k: i32,
     eps: f32,
     act: i32,
-    rpw: i32,
+    pad0: i32,
     pad: i32,
 }
 
@@ -331,15 +331,19 @@ impl CudaBackend {
     /// One GEMV launch over `segs` (all with `k` inputs), optional RMS-norm prologue.
     #[allow(clippy::too_many_arguments)]
     fn gemv(&self, dev: &Dev, rows: usize, k: usize, x: CUdeviceptr, norm: Option<(CUdeviceptr, f32)>, xn_out: CUdeviceptr, segs: &[Seg], act: usize) -> Result<()> {
-        // Rows per warp: about one wave of blocks (x is staged once per block).
+        // Rows per warp: about one wave of blocks (x is staged once per block), the same bytes per
+        // warp in every segment (f32 rows and gated pairs are wider), a small segment spread over
+        // all 8 warps of its block.
         let smem = rows * k * 4;
         let per_sm = ((227 * 1024) / (smem + 1024)).clamp(1, 2); // 2 blocks/SM by registers (128 each)
         let target = dev.sms.max(1) as usize * per_sm;
-        let total: usize = segs.iter().map(|s| s.w.rows).sum();
-        let rpw = total.div_ceil(8 * target).max(1);
-        let mut a = GemvArgs { x, norm_w: norm.map_or(0, |n| n.0), xn_out, nseg: segs.len() as i32, k: k as i32, eps: norm.map_or(0.0, |n| n.1), act: act as i32, rpw: rpw as i32, ..Default::default() };
+        let row_bytes = |s: &Seg| k * s.w.dtype.size() * if s.w2.is_some() { 2 } else { 1 };
+        let total: usize = segs.iter().map(|s| s.w.rows * row_bytes(s)).sum();
+        let per_warp = total.div_ceil(8 * target).max(1);
+        let mut a = GemvArgs { x, norm_w: norm.map_or(0, |n| n.0), xn_out, nseg: segs.len() as i32, k: k as i32, eps: norm.map_or(0.0, |n| n.1), act: act as i32, ..Default::default() };
         let mut blocks = 0usize;
         for (i, s) in segs.iter().enumerate() {
+            let rpw = per_warp.div_ceil(row_bytes(s)).min(s.w.rows.div_ceil(8)).max(1);
             a.seg[i] = GemvSeg {
                 w: s.w.ptr,
                 w2: s.w2.map_or(0, |m| m.ptr),
@@ -349,7 +353,7 @@ impl CudaBackend {
                 mode: s.mode,
                 ld: s.w.rows as i32,
                 block0: blocks as i32,
-                pad: 0,
+                rpw: rpw as i32,
             };
             blocks += s.w.rows.div_ceil(8 * rpw);
         }
