@@ -56,15 +56,35 @@ extern "C" __global__ void copy_cols(const float* src, int ss, int soff, float* 
     }
 }
 
-// copy_cols in float4s: pointers 16-byte aligned, every stride, offset and width a multiple of 4.
-extern "C" __global__ void copy_cols4(const float* src, int ss, int soff, float* dst, int ds, int doff, int rows, int width) {
-    const int w4 = width >> 2;
-    const long long n = (long long)rows * w4;
-    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < n; e += (long long)gridDim.x * blockDim.x) {
-        const long long r = e / w4;
-        const int j = (int)(e - r * w4) * 4;
-        *(float4*)(dst + r * ds + doff + j) = *(const float4*)(src + r * ss + soff + j);
-    }
+// split_cols: the column blocks of one product over several adjacent matrices into their own
+// buffers, in one launch: out[s].dst[r·width_s + j] = src[r·ld + off_s + j] for j < width_s.
+// Launch: grid = (rows, ceil(ld / (256·V))), block = 256; V = 4 with `vec` (src, every dst 16-byte
+// aligned; ld, every off and width multiples of 4: float4 copies), else 1.
+struct SplitOut {
+    float* dst;
+    int off;
+    int width;
+};
+struct SplitArgs {
+    SplitOut out[8];
+    const float* src;
+    int ld;
+    int rows;
+    int nout;
+    int vec;
+};
+extern "C" __global__ void split_cols(const SplitArgs a) {
+    const long long r = blockIdx.x;
+    const int c = (blockIdx.y * blockDim.x + threadIdx.x) * (a.vec ? 4 : 1);
+    if (r >= a.rows || c >= a.ld) return;
+    int s = 0;
+    while (s + 1 < a.nout && c >= a.out[s + 1].off) ++s;
+    const SplitOut o = a.out[s];
+    if (c >= o.off + o.width) return;
+    float* d = o.dst + r * o.width + (c - o.off);
+    const float* p = a.src + r * a.ld + c;
+    if (a.vec) *(float4*)d = *(const float4*)p;
+    else *d = *p;
 }
 
 // bf16 copy of an f32 buffer (the activation operand of the cuBLAS bf16 products); dt selects

@@ -71,7 +71,7 @@ pub(crate) struct Funcs {
     pub sigmoid_gate: CUfunction,
     pub gated_act: CUfunction,
     pub gated_act_split: CUfunction,
-    pub copy_cols4: CUfunction,
+    pub split_cols: CUfunction,
     pub scaled_add: CUfunction,
     pub copy_cols: CUfunction,
     pub to_half: CUfunction,
@@ -202,7 +202,7 @@ impl Dev {
             modules.push(module);
             Ok(fs)
         };
-        let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum", "gated_act_split", "copy_cols4"])?;
+        let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum", "gated_act_split", "split_cols"])?;
         let n = get("norm", &["rms_norm", "group_norm", "group_norm_warp"])?;
         let g = get("gemv", &["gemv_r1", "gemv_r2", "gemv_r3", "gemv_r4"])?;
         let m = get("mlstm", &["mlstm_step", "mlstm_step_wide"])?;
@@ -224,7 +224,7 @@ impl Dev {
             to_half: e[7],
             read_sum: e[8],
             gated_act_split: e[9],
-            copy_cols4: e[10],
+            split_cols: e[10],
             rms_norm: n[0],
             group_norm: n[1],
             group_norm_warp: n[2],

@@ -197,6 +197,26 @@ struct GemvArgs {
     pad: i32,
 }
 
+/// `split_cols` (kernels/elementwise.cu): one output's column block.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct SplitOut {
+    dst: u64,
+    off: i32,
+    width: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct SplitArgs {
+    out: [SplitOut; 8],
+    src: u64,
+    ld: i32,
+    rows: i32,
+    nout: i32,
+    vec: i32,
+}
+
 /// A matrix (or several adjacent ones) as cuBLAS sees it.
 #[derive(Clone, Copy)]
 struct MatView {
@@ -385,7 +405,7 @@ impl CudaBackend {
         let mut j = 0;
         while j < mats.len() {
             let mut e = j + 1;
-            while e < mats.len() && mats[e - 1].adjacent(mats[e]) {
+            while e < mats.len() && e - j < 8 && mats[e - 1].adjacent(mats[e]) {
                 e += 1;
             }
             let h = xh.filter(|_| mats[j].dtype != DType::F32);
@@ -396,17 +416,18 @@ impl CudaBackend {
                 let wide = dev.scratch(|s| &mut s.wide, rows * total * 4, false)?;
                 let view = MatView { ptr: mats[j].ptr, rows: total, cols: mats[j].cols, dtype: mats[j].dtype };
                 self.gemm_view(dev, rows, view, x, h, wide, 0.0, false)?;
-                let mut off = 0;
-                for (m, &o) in mats[j..e].iter().zip(&outs[j..e]) {
-                    let mut a = KArgs::new();
-                    a.p(wide).i(total).i(off).p(o).i(m.rows).i(0).i(rows).i(m.rows);
-                    let by4 = (total | off | m.rows) % 4 == 0 && (wide | o) % 16 == 0;
-                    match by4 {
-                        true => self.ew(dev, dev.f.copy_cols4, rows * m.rows / 4, &mut a)?,
-                        false => self.ew(dev, dev.f.copy_cols, rows * m.rows, &mut a)?,
-                    }
+                // the column blocks into their outputs, one launch (a decode batch's are a few KB:
+                // a launch each would cost more than the copying)
+                let mut a = SplitArgs { src: wide, ld: total as i32, rows: rows as i32, nout: (e - j) as i32, ..Default::default() };
+                let (mut off, mut vec) = (0, total % 4 == 0 && wide % 16 == 0);
+                for (i, (m, &o)) in mats[j..e].iter().zip(&outs[j..e]).enumerate() {
+                    a.out[i] = SplitOut { dst: o, off: off as i32, width: m.rows as i32 };
+                    vec &= (off | m.rows) % 4 == 0 && o % 16 == 0;
                     off += m.rows;
                 }
+                a.vec = vec as i32;
+                let per_block = if vec { 4 * 256 } else { 256 };
+                dev.launch_struct(dev.f.split_cols, (rows as u32, total.div_ceil(per_block) as u32, 1), 256, 0, &mut a, false)?;
             }
             j = e;
         }
