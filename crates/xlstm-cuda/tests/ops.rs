@@ -286,9 +286,13 @@ fn mlstm_step_batched() {
     let Some((g, _l)) = gpu("mlstm_step_batched") else { return };
     let c = CpuBackend::new();
     let mut rng = Rng::fresh("mlstm_step");
-    // the last case is large enough for the wide-tile kernel
-    for &(nh, dk, dv, batch) in &[(2usize, 32usize, 64usize, 1usize), (3, 16, 40, 3), (8, 256, 512, 2), (8, 64, 128, 40)] {
+    // the last two cases are large enough for the wide-tile kernel (DK 256: more rows than it loads
+    // up front)
+    for &(nh, dk, dv, batch) in &[(2usize, 32usize, 64usize, 1usize), (3, 16, 40, 3), (8, 256, 512, 2), (8, 64, 128, 40), (4, 256, 128, 36)] {
         let d = MlstmDims { heads: nh, dk, dv };
+        // h sums DK products and divides by max(|q·n|, e^-m), which can nearly cancel: its f32
+        // rounding grows with DK (1.3e-5 relative seen at DK 256); the state is elementwise.
+        let tol_h = 1e-5 * (dk as f64 / 64.0).max(1.0);
         let mut cs = cpu_state(&c, &mut rng, d, batch, true);
         let mut gs = gpu_state(&g, &cs);
         for _ in 0..4 {
@@ -297,7 +301,7 @@ fn mlstm_step_batched() {
             let mut gh = up(&g, &vec![f32::NAN; batch * nh * dv]);
             c.mlstm_step(d, batch, &x.q, &x.k, &x.v, &x.i, &x.f, &mut cs, 1e-6, &mut ch).unwrap();
             g.mlstm_step(d, batch, &up(&g, &x.q), &up(&g, &x.k), &up(&g, &x.v), &up(&g, &x.i), &up(&g, &x.f), &mut gs, 1e-6, &mut gh).unwrap();
-            assert_close(&format!("mlstm_step h {nh}x{dk}x{dv} b{batch}"), &down(&g, &gh), &ch, 1e-5);
+            assert_close(&format!("mlstm_step h {nh}x{dk}x{dv} b{batch}"), &down(&g, &gh), &ch, tol_h);
         }
         assert_state("mlstm_step", &g, &gs, &cs, 1e-5);
         // the fused cell (gates' bias + cap, per-head LayerNorm, output gate) on the same state
@@ -310,7 +314,7 @@ fn mlstm_step_batched() {
         let (mut gi, mut gf) = (up(&g, &x.i), up(&g, &x.f));
         let (mut gh, mut ghn) = (g.zeros(batch * nh * dv).unwrap(), g.zeros(batch * nh * dv).unwrap());
         g.mlstm_gated_cell(None, d, batch, &up(&g, &x.q), &up(&g, &x.k), &up(&g, &x.v), &up(&g, &o), &mut gi, &mut gf, &up(&g, &ib), &up(&g, &fb), 15.0, &mut gs, 1e-6, &up(&g, &hw), 1e-6, &mut gh, &mut ghn).unwrap();
-        assert_close(&format!("fused cell h {nh}x{dk}x{dv} b{batch}"), &down(&g, &gh), &ch, 1e-5);
+        assert_close(&format!("fused cell h {nh}x{dk}x{dv} b{batch}"), &down(&g, &gh), &ch, tol_h);
         assert_close(&format!("fused cell hn {nh}x{dk}x{dv} b{batch}"), &down(&g, &ghn), &chn, 1e-4);
         assert_state("fused cell", &g, &gs, &cs, 1e-5);
     }
