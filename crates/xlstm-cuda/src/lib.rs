@@ -615,9 +615,7 @@ impl Backend for CudaBackend {
     }
 
     fn zeros(&self, len: usize) -> Result<CudaBuf> {
-        self.dev.bind()?;
-        self.dev.cap.lock().expect("capture lock").unrecordable()?;
-        let b = self.buf(len)?;
+        let b = self.scratch(len)?;
         // SAFETY: fresh allocation of len·4 bytes.
         unsafe { dres::memset_d8_async(b.ptr, 0, len * 4, self.dev.stream) }.map_err(|e| drv("memset", e))?;
         Ok(b)

@@ -4,7 +4,8 @@
 //! decode (5 to 256 rows against a 7B model's matrices) it picks ones that stream the weights at
 //! 1–2.5 TB/s. Here the first product of each shape asks cuBLASLt for its candidates, times each
 //! on the real operands (into a throw-away output), and keeps the fastest with its descriptors for
-//! every later call of that shape. Choosing needs the stream to run, so inside a decode step being
+//! every later call of that shape. Only shapes that recur are timed (up to 256 rows, or a power of
+//! two: decode batches, full prefill segments); others take the heuristics' first candidate. Choosing needs the stream to run, so inside a decode step being
 //! recorded an unknown shape breaks the step (it runs again eagerly, chooses, then records).
 //! `XLSTM_CUDA_LT=0` keeps `cublasGemmEx` (for comparisons).
 use std::collections::HashMap;
@@ -229,7 +230,9 @@ impl Lt {
         if found.is_empty() {
             return Err(Error::Device(format!("cuda cuBLASLt has no algorithm for a {}×{}×{} product", p.m, p.n, p.k)));
         }
-        if found.len() == 1 {
+        // Timing costs a few ms per shape: spent on the shapes that recur (decode batches, full
+        // prefill segments), not on every prompt's odd-length tail, which takes the heuristics' first.
+        if found.len() == 1 || !(p.m <= 256 || p.m.is_power_of_two()) {
             plan.algo = found[0];
             return Ok(plan);
         }
