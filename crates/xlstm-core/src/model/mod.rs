@@ -427,7 +427,6 @@ mod tests {
         assert!(!c.release_sequence(256), "nothing left to free");
         assert_eq!(c.get(Rows::Step, 1, &mut make).unwrap().as_ptr(), step_ptr);
         c.get(SEQ, 10, &mut make).unwrap();
-        drop(make);
         assert_eq!(made, [1, 1000, 10], "made once per size that did not fit");
     }
 }
