@@ -4,7 +4,8 @@
 //
 // topk_rows: grid = rows, block = 1024. Each value becomes a 64-bit key (total-order bits, then the
 // inverted index); k rounds each take the block-wide largest key below the previous round's. Exact
-// for any k ≤ V; a round costs one pass over the row (V/1024 values per thread) and one reduction.
+// for any k ≤ V; a round costs one pass over the row (V/1024 values per thread, 8 loads in flight)
+// and one reduction.
 // Writes ids[row·k + j], vals[row·k + j] (the value's bits as stored).
 
 __device__ __forceinline__ unsigned long long order_key(float v, u32 i) {
@@ -30,7 +31,19 @@ extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int
     unsigned long long bound = ~0ull;
     for (int j = 0; j < k; ++j) {
         unsigned long long best = 0;
-        for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        // 8 loads in flight per thread (one at a time, the pass is a chain of memory latencies)
+        int i = threadIdx.x;
+        for (; i + 7 * (int)blockDim.x < V; i += 8 * blockDim.x) {
+            float v[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) v[u] = row[i + u * blockDim.x];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                const unsigned long long key = order_key(v[u], (u32)(i + u * blockDim.x));
+                if (key < bound && key > best) best = key;
+            }
+        }
+        for (; i < V; i += blockDim.x) {
             const unsigned long long key = order_key(row[i], (u32)i);
             if (key < bound && key > best) best = key;
         }

@@ -503,7 +503,15 @@ fn bad_shapes_are_errors() {
 fn head_top_k_matches_host_selection() {
     let Some((g, _l)) = gpu("head_top_k") else { return };
     let mut rng = Rng::fresh("head_top_k");
-    let (n, width) = (5003usize, 96usize);
+    // 5003 rows: each thread of the selection takes the one-at-a-time path only; 20011: eight at a
+    // time for 16384 of them, then the rest
+    for n in [5003usize, 20011] {
+        check_head_top_k(&g, &mut rng, n);
+    }
+}
+
+fn check_head_top_k(g: &CudaBackend, rng: &mut Rng, n: usize) {
+    let width = 96usize;
     let mut w = rng.vec(n * width, 1.0 / (width as f32).sqrt());
     // rows 7 and 4000 equal to row 11, all three large: tied logits near the top (about half the
     // time at the very top, by the sign of x · w_11)
@@ -517,17 +525,17 @@ fn head_top_k_matches_host_selection() {
     for dt in [DType::F32, DType::BF16] {
         let gw = g.matrix(HostTensor::f32(vec![n, width], w.clone()), dt).unwrap();
         for rows in [1usize, 3, 9] {
-            let gx = up(&g, &rng.vec(rows * width, 1.0));
+            let gx = up(g, &rng.vec(rows * width, 1.0));
             for cap in [0.0f32, 3.0] {
                 let mut logits = g.zeros(rows * n).unwrap();
                 g.matmul(&gx, rows, &gw, &mut logits).unwrap();
                 g.bias_soft_cap(&mut logits, rows, n, None, cap).unwrap();
-                let host = down(&g, &logits);
+                let host = down(g, &logits);
                 for k in [1usize, 5, 64, 300] {
                     let mut scratch = g.zeros(rows * n).unwrap();
                     let got = g.head_top_k(&gx, rows, &gw, n, cap, k, &mut scratch).unwrap();
                     let want: Vec<Vec<(u32, f32)>> = host.chunks(n).map(|r| xlstm_core::backend::top_k_of(r, k)).collect();
-                    assert_eq!(got, want, "{dt} rows {rows} cap {cap} k {k}");
+                    assert_eq!(got, want, "{dt} n {n} rows {rows} cap {cap} k {k}");
                 }
             }
         }
