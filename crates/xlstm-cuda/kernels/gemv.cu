@@ -45,8 +45,6 @@ struct GemvArgs {
     int k;
     float eps;
     int act;
-    int pad0_;
-    int pad_;
 };
 
 __device__ __forceinline__ uint4 ld_stream(const void* p) {

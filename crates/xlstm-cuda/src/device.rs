@@ -125,6 +125,13 @@ pub(crate) struct Scratches {
     pub ids_host_ptr: usize,
 }
 
+impl Scratches {
+    /// Every device allocation of the set.
+    fn device_buffers(&mut self) -> [&mut Scratch; 7] {
+        [&mut self.half, &mut self.wide, &mut self.counters, &mut self.cs, &mut self.ns, &mut self.ms, &mut self.ids]
+    }
+}
+
 /// What the `half` scratch holds: a 16-bit copy of an f32 buffer (pointer, elements, dtype) left by
 /// the op that ran last, so that the next op's cuBLAS product need not convert that buffer again.
 #[derive(Default)]
@@ -478,8 +485,7 @@ impl Dev {
         self.sync()?;
         *self.half_tag.lock().expect("half tag lock") = HalfTag::default();
         let mut guard = self.scratch.lock().expect("scratch lock");
-        let s = &mut guard[SEQUENCE];
-        for sc in [&mut s.half, &mut s.wide, &mut s.counters, &mut s.cs, &mut s.ns, &mut s.ms, &mut s.ids] {
+        for sc in guard[SEQUENCE].device_buffers() {
             self.free(sc.ptr);
             *sc = Scratch::default();
         }
@@ -501,7 +507,7 @@ impl Drop for Dev {
             let _ = dres::free_sync(self.blas_ws);
             if let Ok(mut guard) = self.scratch.lock() {
                 for s in guard.iter_mut() {
-                    for sc in [&mut s.half, &mut s.wide, &mut s.counters, &mut s.cs, &mut s.ns, &mut s.ms, &mut s.ids] {
+                    for sc in s.device_buffers() {
                         if sc.ptr != 0 {
                             let _ = dres::free_sync(sc.ptr);
                         }

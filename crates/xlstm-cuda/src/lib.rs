@@ -193,8 +193,6 @@ struct GemvArgs {
     k: i32,
     eps: f32,
     act: i32,
-    pad0: i32,
-    pad: i32,
 }
 
 /// `split_cols` (kernels/elementwise.cu): one output's column block.
