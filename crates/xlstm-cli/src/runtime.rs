@@ -45,8 +45,8 @@ pub struct RuntimeArgs {
     /// Prompt tokens per prefill pass [XLSTM_PREFILL_SEGMENT, the backend's: 512 CPU, 2048 CUDA and wgpu GPUs].
     #[arg(long)]
     pub prefill_segment: Option<String>,
-    /// Prompts up to this many tokens keep their activation buffers; longer ones free them when
-    /// done [XLSTM_KEEP_PROMPT_BUFFERS, 256].
+    /// A prompt's activation buffers for up to this many tokens per prefill pass are kept for the
+    /// next prompt; larger ones are freed when it is done [XLSTM_KEEP_PROMPT_BUFFERS, 2048].
     #[arg(long)]
     pub keep_prompt_buffers: Option<String>,
     /// Heads per kernel launch / CPU task [XLSTM_HEADS_PER_BAND, 1: each head its own task].

@@ -28,7 +28,7 @@ pub const KNOBS: &[Knob] = &[
     Knob { key: "min_chunk", env: "XLSTM_MIN_CHUNK", flag: "--min-chunk", default: "8", help: "smallest prefill chunk shrinking may reach" },
     Knob { key: "chunk_size", env: "XLSTM_CHUNK_SIZE", flag: "--chunk-size", default: "", help: "prefill chunk size (default: the model's, 64 for xLSTM-7B)" },
     Knob { key: "prefill_segment", env: "XLSTM_PREFILL_SEGMENT", flag: "--prefill-segment", default: "", help: "prompt tokens one prefill pass takes (a multiple of the chunk; default: the backend's, 512 on CPU, 2048 on CUDA)" },
-    Knob { key: "keep_prompt_buffers", env: "XLSTM_KEEP_PROMPT_BUFFERS", flag: "--keep-prompt-buffers", default: "256", help: "prompts up to this many tokens keep their activation buffers for the next one; longer prompts free theirs when done (decode memory then does not depend on the prompt)" },
+    Knob { key: "keep_prompt_buffers", env: "XLSTM_KEEP_PROMPT_BUFFERS", flag: "--keep-prompt-buffers", default: "2048", help: "a prompt's activation buffers for up to this many tokens per prefill pass are kept for the next prompt; larger ones are freed when it is done (0: decode memory never holds a prompt's buffers)" },
     Knob { key: "heads_per_band", env: "XLSTM_HEADS_PER_BAND", flag: "--heads-per-band", default: "", help: "heads one kernel launch / CPU task takes (default 1: each head its own task)" },
     Knob { key: "workers", env: "XLSTM_WORKERS", flag: "--workers", default: "", help: "CPU worker threads (default: one per core)" },
     Knob { key: "streams", env: "XLSTM_STREAMS", flag: "--streams", default: "1", help: "GPU streams" },

@@ -138,10 +138,11 @@ impl Weights {
         Weights { tensors, dtype }
     }
 
-    /// Bytes the 2-D tensors take as matrices in `dtype`, each rounded up to 256 (what a backend
-    /// that packs matrices back to back needs; see `Backend::expect_matrix_bytes`).
-    pub fn matrix_bytes(&self, dtype: DType) -> usize {
-        self.tensors.values().filter(|t| t.shape.len() == 2).map(|t| (t.numel() * dtype.size()).div_ceil(256) * 256).sum()
+    /// Bytes the 2-D tensors take as matrices, each in the dtype `dtype_of` gives its name and
+    /// rounded up to 256 (what a backend that packs matrices back to back needs; see
+    /// `Backend::expect_matrix_bytes`: a count that falls short leaves the pool's tail unused).
+    pub fn matrix_bytes(&self, dtype_of: impl Fn(&str) -> DType) -> usize {
+        self.tensors.iter().filter(|(_, t)| t.shape.len() == 2).map(|(n, t)| (t.numel() * dtype_of(n).size()).div_ceil(256) * 256).sum()
     }
 
     pub fn contains(&self, name: &str) -> bool {

@@ -116,7 +116,22 @@ fn decode_graph_matches_eager() {
     }
 }
 
-/// A prompt longer than `KEEP_PROMPT_ROWS` frees the memory it made for itself when it ends: decode
+/// The model's weights take one pool of the size it announced: a count that fell short (the f32 gate
+/// rows counted at the weights' 16 bits) sent the last matrices to a pool of their own, 1 GiB for
+/// small ones, and on xLSTM-7B left the LM head's 0.4 GB unused at the end of the first pool.
+#[test]
+fn weights_fill_one_pool() {
+    let Some((_, _l)) = gpu("weights_fill_one_pool") else { return };
+    let g = CudaBackend::new(0).expect("a second backend on the device");
+    let before = g.allocated_bytes().unwrap();
+    let model = load(&g, "large_tiny", DType::BF16);
+    let weights = g.allocated_bytes().unwrap() - before;
+    eprintln!("large_tiny bf16 on CUDA: {weights} bytes of weights and vectors");
+    assert!(weights < 16 << 20, "the tiny model's weights took {weights} bytes: a second pool was made");
+    drop(model);
+}
+
+/// A prompt longer than `keep_prompt_rows` frees the memory it made for itself when it ends: decode
 /// after it holds what decode held before it, and the recorded decode graph still fits (the decode
 /// buffers stayed where they were).
 #[test]
@@ -125,6 +140,7 @@ fn long_prompt_frees_its_buffers() {
     let exp = Expected::load("large_tiny");
     let ids = exp.ids("input_ids");
     let mut model = load(&g, "large_tiny", DType::BF16);
+    model.keep_prompt_rows = 256;
     let mut st = model.new_state(1).unwrap();
     let kernel = MlstmKernel::Chunkwise { chunk: 16 };
     model.prefill(&ids[..8], &mut st, kernel, xlstm_core::LogitRows::Last).unwrap();
@@ -133,7 +149,7 @@ fn long_prompt_frees_its_buffers() {
     }
     let held = g.allocated_bytes().unwrap();
     let (_, rec0, _) = g.graph_stats();
-    let long: Vec<u32> = (0..4 * xlstm_core::model::KEEP_PROMPT_ROWS).map(|i| ids[i % ids.len()]).collect();
+    let long: Vec<u32> = (0..4 * model.keep_prompt_rows).map(|i| ids[i % ids.len()]).collect();
     model.prefill(&long, &mut st, kernel, xlstm_core::LogitRows::Last).unwrap();
     let after_prompt = g.allocated_bytes().unwrap();
     let (r0, _, _) = g.graph_stats();

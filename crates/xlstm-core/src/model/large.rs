@@ -64,10 +64,16 @@ fn vector<B: Backend>(b: &B, t: HostTensor) -> Result<B::Buf> {
     b.upload(&t.to_f32())
 }
 
+/// The gate rows are tiny ([NH, D]); f32 keeps their dot products exact at no cost.
+const GATE_DTYPE: DType = DType::F32;
+
 impl<B: Backend> LargeNet<B> {
     pub fn new(backend: &B, cfg: &LargeConfig, mut w: Weights) -> Result<Self> {
         let dt: DType = w.dtype;
-        backend.expect_matrix_bytes(w.matrix_bytes(dt));
+        // The gate rows go in GATE_DTYPE (below); a fused [ĩ; f̃] tensor becomes two matrices,
+        // hence 256 bytes of rounding per layer on top.
+        let gate_rows = |n: &str| n.ends_with("igate_preact.weight") || n.ends_with("fgate_preact.weight");
+        backend.expect_matrix_bytes(w.matrix_bytes(|n| if gate_rows(n) { GATE_DTYPE } else { dt }) + 256 * cfg.num_hidden_layers);
         let (d, qk, vd, nh, ff, voc) = (cfg.hidden_size, cfg.qk_dim(), cfg.v_dim(), cfg.num_heads, cfg.ffn_dim(), cfg.vocab_size);
         let mat = |t: HostTensor| backend.matrix(t, dt);
         let fused = cfg.weight_mode == "fused";
@@ -110,9 +116,8 @@ impl<B: Backend> LargeNet<B> {
                 k: mat(k)?,
                 v: mat(v)?,
                 o: mat(o)?,
-                // The gate rows are tiny ([NH, D]); f32 keeps their dot products exact at no cost.
-                igate: backend.matrix(ig, DType::F32)?,
-                fgate: backend.matrix(fg, DType::F32)?,
+                igate: backend.matrix(ig, GATE_DTYPE)?,
+                fgate: backend.matrix(fg, GATE_DTYPE)?,
                 igate_bias: vector(backend, ib)?,
                 fgate_bias: vector(backend, fb)?,
                 head_norm: vector(backend, w.take(&format!("{ml}.multihead_norm.weight"), &[vd])?)?,
