@@ -360,6 +360,77 @@ extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_out(
     }
 }
 
+// ---- the gate terms of every chunk, for the tensor-core kernels -----------------------------------
+// mlstm_chunk_gates: grid = NH, block = 256. Every chunk's gate terms into G ([nc, NH, CG_STRIDE]):
+//   sb, sig (chunk_scan), smc, sdec (as chunk_out_gates), sw and the carried state's decay (as
+//   chunk_state_gates); m[h] becomes the final stabiliser. Per chunk one warp; the stabilisers
+//   entering the chunks form a scalar recurrence that one thread runs. Computed once here, the
+//   states kernel's chunk loop and every output block no longer wait on one warp's gate math.
+#define CG_SB 0
+#define CG_SIG 64
+#define CG_MC 128
+#define CG_DEC 192
+#define CG_SW 256
+#define CG_DECAY 320
+#define CG_G 321   // b_{L-1}: the chunk's summed log forget gates
+#define CG_MX 322  // max_t (b_{L-1} − b_t + ĩ_t)
+#define CG_MP 323  // the stabiliser entering the chunk
+#define CG_MN 324  // and leaving it
+#define CG_STRIDE 328
+
+extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_gates(int NH, int seq, int L, const float* ig, const float* fg, float* m, float* G) {
+    const int h = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nc = (seq + L - 1) / L;
+    for (int c = warp; c < nc; c += 8) {
+        float* g = G + ((long long)c * NH + h) * CG_STRIDE;
+        const int Lk = min(L, seq - c * L);
+        chunk_scan(ig, fg, NH, h, c * L, Lk, g + CG_SB, g + CG_SIG);
+        __syncwarp();
+        const float sb0 = g[CG_SB + lane], sb1 = g[CG_SB + lane + 32];
+        const float si0 = g[CG_SIG + lane], si1 = g[CG_SIG + lane + 32];
+        // prefix max of ĩ_s − b_s (the outputs' stabiliser), kept in the smc slots until m is known
+        float x0 = lane < Lk ? si0 - sb0 : NEG_INF, x1 = lane + 32 < Lk ? si1 - sb1 : NEG_INF;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const float y0 = __shfl_up_sync(0xffffffffu, x0, o), y1 = __shfl_up_sync(0xffffffffu, x1, o);
+            if (lane >= o) { x0 = fmaxf(x0, y0); x1 = fmaxf(x1, y1); }
+        }
+        x1 = fmaxf(x1, __shfl_sync(0xffffffffu, x0, 31));
+        g[CG_MC + lane] = x0;
+        g[CG_MC + lane + 32] = x1;
+        const float gl = g[CG_SB + Lk - 1];
+        const float a0 = lane < Lk ? gl - sb0 + si0 : NEG_INF, a1 = lane + 32 < Lk ? gl - sb1 + si1 : NEG_INF;
+        const float mx = warp_max(fmaxf(a0, a1));
+        if (lane == 0) { g[CG_G] = gl; g[CG_MX] = mx; }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float mp = m[h];
+        for (int c = 0; c < nc; ++c) {
+            float* g = G + ((long long)c * NH + h) * CG_STRIDE;
+            const float mn = fmaxf(g[CG_G] + mp, g[CG_MX]);
+            g[CG_DECAY] = expf(g[CG_G] + mp - mn);
+            g[CG_MP] = mp;
+            g[CG_MN] = mn;
+            mp = mn;
+        }
+        m[h] = mp;
+    }
+    __syncthreads();
+    for (int c = warp; c < nc; c += 8) {
+        float* g = G + ((long long)c * NH + h) * CG_STRIDE;
+        const int Lk = min(L, seq - c * L);
+        const float mp = g[CG_MP], mn = g[CG_MN], gl = g[CG_G];
+        for (int t = lane; t < 64; t += 32) {
+            const float sb = g[CG_SB + t];
+            const float mc = fmaxf(sb + mp, sb + g[CG_MC + t]);
+            g[CG_MC + t] = mc;
+            g[CG_DEC + t] = expf(sb + mp - mc);
+            g[CG_SW + t] = t < Lk ? expf(gl - sb + g[CG_SIG + t] - mn) : 0.f;
+        }
+    }
+}
+
 // ---- tensor cores (TF32 mma.sync, sm_80+) --------------------------------------------------------
 // m16n8k8 fragments (g = lane / 4, q = lane % 4): A (16×8, row-major) a0 (g, q), a1 (g+8, q),
 // a2 (g, q+4), a3 (g+8, q+4); B (8×8) b0 (q, g), b1 (q+4, g); C (16×8) c0, c1 (g, 2q, 2q+1),
@@ -429,20 +500,20 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 #define CHUNK_STATES_PARAMS                                                                          \
-    int NH, int DK, int DV, int seq, int L, const float *k, const float *v, const float *ig,          \
-        const float *fg, float *C, float *n, const float *m, float *Cs, float *ns, float *ms
-#define CHUNK_STATES_ARGS NH, DK, DV, seq, L, k, v, ig, fg, C, n, m, Cs, ns, ms
+    int NH, int DK, int DV, int seq, int L, const float *k, const float *v, const float *G, float *C, \
+        float *n, float *Cs, float *ns
+#define CHUNK_STATES_ARGS NH, DK, DV, seq, L, k, v, G, C, n, Cs, ns
 
 // 8 warps over the 64×64 tile: warp w owns rows (of DK) 16·(w % 4) .. +16 and columns (of DV)
-// 32·(w / 4) .. +32, i.e. four m16n8 accumulators. The next chunk's keys, values and gates are loaded
-// into registers while the current chunk is multiplied.
+// 32·(w / 4) .. +32, i.e. four m16n8 accumulators. The next chunk's keys, values and key weights
+// (from mlstm_chunk_gates) are loaded into registers while the current chunk is multiplied.
 template <bool EXACT>
 __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
     constexpr int ST = 72;
     __shared__ __align__(16) float kw[64 * ST];  // [t][a]: keys × w_t
     __shared__ __align__(16) float vs[64 * ST];  // [t][c]
-    __shared__ float sb[64], sig[64], sw[64], npart[4][64];
-    __shared__ float s_decay, s_mnew;
+    __shared__ float sw[64], npart[4][64];
+    __shared__ float s_decay;
     const int h = blockIdx.z, a0 = blockIdx.y * 64, c0 = blockIdx.x * 64;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
     const int rm = (warp & 3) * 16, cw = (warp >> 2) * 32;
@@ -458,10 +529,9 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
     }
     const bool own_n = blockIdx.x == 0;
     float nr = (own_n && tid < 64) ? n[(long long)h * DK + a0 + tid] : 0.f;
-    float mp = m[h];
     float4 kr[4], vr[4];
-    float gf0, gf1, gi0, gi1;
-    auto load_chunk = [&](int t0, int Lk) {
+    float gw0, gw1, gdec;  // warp 0: the chunk's key weights (lanes t, t + 32) and the state's decay
+    auto load_chunk = [&](int kc, int t0, int Lk) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int e = tid + 256 * i, t = e >> 4, p = (e & 15) * 4;
@@ -470,9 +540,14 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
             kr[i] = ok ? *(const float4*)(k + r * qrow + (long long)h * DK + a0 + p) : make_float4(0.f, 0.f, 0.f, 0.f);
             vr[i] = ok ? *(const float4*)(v + r * vrow + (long long)h * DV + c0 + p) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
-        if (warp == 0) chunk_gate_load(ig, fg, NH, h, t0, Lk, gf0, gf1, gi0, gi1);
+        if (warp == 0) {
+            const float* gk = G + ((long long)kc * NH + h) * CG_STRIDE;
+            gw0 = gk[CG_SW + lane];
+            gw1 = gk[CG_SW + lane + 32];
+            gdec = gk[CG_DECAY];
+        }
     };
-    load_chunk(0, min(L, seq));
+    load_chunk(0, 0, min(L, seq));
     for (int kc = 0; kc < nc; ++kc) {
         const int t0 = kc * L, Lk = min(L, seq - t0);
         float* Csk = Cs + ((long long)kc * NH + h) * DK * DV;
@@ -483,11 +558,10 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
             *(float2*)(Csk + e + 8LL * DV) = make_float2(acc[j][2], acc[j][3]);
         }
         if (own_n && tid < 64) ns[((long long)kc * NH + h) * DK + a0 + tid] = nr;
-        if (blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) ms[(long long)kc * NH + h] = mp;
         if (warp == 0) {
-            chunk_scan_vals(gf0, gf1, gi0, gi1, Lk, sb, sig);
-            __syncwarp();
-            chunk_state_gates(sb, sig, Lk, mp, sw, &s_decay, &s_mnew);
+            sw[lane] = gw0;
+            sw[lane + 32] = gw1;
+            if (lane == 0) s_decay = gdec;
         }
         __syncthreads();
 #pragma unroll
@@ -498,7 +572,7 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
             *(float4*)(vs + t * ST + p) = vr[i];
         }
         __syncthreads();
-        if (kc + 1 < nc) load_chunk(t0 + L, min(L, seq - t0 - L));
+        if (kc + 1 < nc) load_chunk(kc + 1, t0 + L, min(L, seq - t0 - L));
         const float dec = s_decay;
 #pragma unroll
         for (int j = 0; j < 4; ++j)
@@ -523,7 +597,6 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
             __syncthreads();
             if (tid < 64) nr = nr * dec + ((npart[0][tid] + npart[1][tid]) + (npart[2][tid] + npart[3][tid]));
         }
-        mp = s_mnew;
         __syncthreads();
     }
 #pragma unroll
@@ -533,7 +606,6 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
         *(float2*)(Ch + e + 8LL * DV) = make_float2(acc[j][2], acc[j][3]);
     }
     if (own_n && tid < 64) n[(long long)h * DK + a0 + tid] = nr;
-    if (blockIdx.x == 0 && blockIdx.y == 0 && tid == 0) ms[(long long)nc * NH + h] = mp;
 }
 
 extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_states_tc(CHUNK_STATES_PARAMS) {
@@ -545,9 +617,8 @@ extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_states_tc_exact(CH
 
 #define CHUNK_OUT_PARAMS                                                                             \
     int NH, int DK, int DV, int seq, int L, const float *q, const float *k, const float *v,           \
-        const float *ig, const float *fg, const float *Cs, const float *ns, const float *ms, float *m, \
-        float eps, float *hout
-#define CHUNK_OUT_ARGS NH, DK, DV, seq, L, q, k, v, ig, fg, Cs, ns, ms, m, eps, hout
+        const float *G, const float *Cs, const float *ns, float eps, float *hout
+#define CHUNK_OUT_ARGS NH, DK, DV, seq, L, q, k, v, G, Cs, ns, eps, hout
 
 // 8 warps over 64 rows (tokens) × 128 columns: warp w owns rows 16·(w % 4) .. +16, columns
 // 32·(w / 4) .. +32 of S (4 accumulators) and 64·(w / 4) .. +64 of H (8 accumulators). Phase 1
@@ -562,10 +633,18 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
     const int h = blockIdx.z, c0 = blockIdx.x * 128;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
     const int rm = (warp & 3) * 16, sc = (warp >> 2) * 32, hc = (warp >> 2) * 64;
-    const ChunkOut co = chunk_out_begin(NH, DK, DV, seq, L, ig, fg, Cs, ns, ms, m, sb, sig, smc, sdec);
-    const int t0 = co.t0, Lk = co.Lk;
-    const long long qrow = co.qrow, vrow = co.vrow;
-    const float *Cp = co.Cp, *np = co.np, scale = co.scale;
+    const int kc = blockIdx.y, t0 = kc * L, Lk = min(L, seq - t0);
+    const long long qrow = (long long)NH * DK, vrow = (long long)NH * DV;
+    const float* Cp = Cs + ((long long)kc * NH + h) * DK * DV;
+    const float* np = ns + ((long long)kc * NH + h) * DK;
+    const float scale = 1.f / sqrtf((float)DK);
+    if (tid < 64) {  // the chunk's gate terms (mlstm_chunk_gates); the first barrier below publishes them
+        const float* gk = G + ((long long)kc * NH + h) * CG_STRIDE;
+        sb[tid] = gk[CG_SB + tid];
+        sig[tid] = gk[CG_SIG + tid];
+        smc[tid] = gk[CG_MC + tid];
+        sdec[tid] = gk[CG_DEC + tid];
+    }
     float sacc[4][4], hacc[8][4];
 #pragma unroll
     for (int j = 0; j < 4; ++j)

@@ -87,6 +87,8 @@ pub(crate) struct Funcs {
     /// Tensor-core chunk kernels: [TF32, exact (split TF32)].
     pub chunk_states_tc: [CUfunction; 2],
     pub chunk_out_tc: [CUfunction; 2],
+    /// The gate terms of every chunk, for the tensor-core chunk kernels.
+    pub chunk_gates: CUfunction,
     pub headwise: CUfunction,
     pub conv_seq_out: CUfunction,
     pub conv_seq_state: CUfunction,
@@ -114,8 +116,9 @@ pub(crate) struct Scratches {
     pub wide: Scratch,
     /// mLSTM step: one u32 counter per unit (zeroed).
     pub counters: Scratch,
-    /// Chunkwise prefill: states entering each chunk.
+    /// Chunkwise prefill: states entering each chunk, and each chunk's gate terms.
     pub cs: Scratch,
+    pub gates: Scratch,
     pub ns: Scratch,
     pub ms: Scratch,
     /// Token ids on the device.
@@ -127,8 +130,8 @@ pub(crate) struct Scratches {
 
 impl Scratches {
     /// Every device allocation of the set.
-    fn device_buffers(&mut self) -> [&mut Scratch; 7] {
-        [&mut self.half, &mut self.wide, &mut self.counters, &mut self.cs, &mut self.ns, &mut self.ms, &mut self.ids]
+    fn device_buffers(&mut self) -> [&mut Scratch; 8] {
+        [&mut self.half, &mut self.wide, &mut self.counters, &mut self.cs, &mut self.gates, &mut self.ns, &mut self.ms, &mut self.ids]
     }
 }
 
@@ -215,7 +218,15 @@ impl Dev {
         let m = get("mlstm", &["mlstm_step", "mlstm_step_wide"])?;
         let mc = get(
             "mlstm_chunk",
-            &["mlstm_chunk_states", "mlstm_chunk_out", "mlstm_chunk_states_tc", "mlstm_chunk_states_tc_exact", "mlstm_chunk_out_tc", "mlstm_chunk_out_tc_exact"],
+            &[
+                "mlstm_chunk_states",
+                "mlstm_chunk_out",
+                "mlstm_chunk_states_tc",
+                "mlstm_chunk_states_tc_exact",
+                "mlstm_chunk_out_tc",
+                "mlstm_chunk_out_tc_exact",
+                "mlstm_chunk_gates",
+            ],
         )?;
         let c = get("conv", &["headwise", "conv_seq_out", "conv_seq_state", "conv_step"])?;
         let s = get("slstm", &["slstm_run"])?;
@@ -242,6 +253,7 @@ impl Dev {
             chunk_out: mc[1],
             chunk_states_tc: [mc[2], mc[3]],
             chunk_out_tc: [mc[4], mc[5]],
+            chunk_gates: mc[6],
             headwise: c[0],
             conv_seq_out: c[1],
             conv_seq_state: c[2],
@@ -472,7 +484,7 @@ impl Dev {
         let mut guard = self.scratch.lock().expect("scratch lock");
         self.cap.lock().expect("capture lock").scratch_moved()?;
         for s in guard.iter_mut() {
-            for sc in [&mut s.half, &mut s.wide, &mut s.cs, &mut s.ns, &mut s.ms] {
+            for sc in [&mut s.half, &mut s.wide, &mut s.cs, &mut s.gates, &mut s.ns, &mut s.ms] {
                 self.free(sc.ptr);
                 *sc = Scratch::default();
             }

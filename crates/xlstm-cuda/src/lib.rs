@@ -131,6 +131,8 @@ pub struct CudaBackend {
 
 /// Largest k the device selection takes (more: the logits come back and the host selects).
 const TOP_K_MAX: usize = 256;
+/// Floats of gate terms per chunk and head (`CG_STRIDE` in kernels/mlstm_chunk.cu).
+const CHUNK_GATE_STRIDE: usize = 328;
 
 // Op codes for capture signatures.
 mod opc {
@@ -527,28 +529,36 @@ impl CudaBackend {
         let nc = seq.div_ceil(l);
         let cs = dev.scratch(|s| &mut s.cs, nc * d.heads * d.dk * d.dv * 4, false)?;
         let ns = dev.scratch(|s| &mut s.ns, nc * d.heads * d.dk * 4, false)?;
-        let ms = dev.scratch(|s| &mut s.ms, (nc + 1) * d.heads * 4, false)?;
         // Tensor cores where the shape and alignment allow (see kernels/mlstm_chunk.cu) and the
         // setting does not keep the CUDA-core kernels.
         let choice = *dev.chunk_kernels.lock().expect("chunk kernels lock");
         let aligned = [q, k, v, h].iter().all(|&p| p % 16 == 0);
         let tc = dev.cc.0 >= 8 && d.dk % 64 == 0 && d.dv % 128 == 0 && aligned && choice.tensor_cores;
         let exact = (*dev.weight_dtype.lock().expect("dtype lock") == DType::F32) as usize;
-        let (states, out, out_cols) = match tc {
-            true => (dev.f.chunk_states_tc[exact], dev.f.chunk_out_tc[exact], 128),
-            false => (dev.f.chunk_states, dev.f.chunk_out, 64),
+        let states_grid = (d.dv.div_ceil(64) as u32, d.dk.div_ceil(64) as u32, d.heads as u32);
+        let (mut sa, mut oa) = (KArgs::new(), KArgs::new());
+        let (states, out, out_grid) = if tc {
+            // every chunk's gate terms first, which both kernels then read
+            let gates = dev.scratch(|s| &mut s.gates, nc * d.heads * CHUNK_GATE_STRIDE * 4, false)?;
+            let mut a = KArgs::new();
+            a.i(d.heads).i(seq).i(l).p(i).p(f).p(s.m.ptr).p(gates);
+            dev.launch(dev.f.chunk_gates, (d.heads as u32, 1, 1), 256, 0, &mut a)?;
+            sa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).p(v).p(gates).p(s.c.ptr).p(s.n.ptr).p(cs).p(ns);
+            oa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(q).p(k).p(v).p(gates).p(cs).p(ns).f(eps).p(h);
+            (dev.f.chunk_states_tc[exact], dev.f.chunk_out_tc[exact], (d.dv.div_ceil(128) as u32, nc as u32, d.heads as u32))
+        } else {
+            let ms = dev.scratch(|s| &mut s.ms, (nc + 1) * d.heads * 4, false)?;
+            sa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).p(v).p(i).p(f).p(s.c.ptr).p(s.n.ptr).p(s.m.ptr).p(cs).p(ns).p(ms);
+            oa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(q).p(k).p(v).p(i).p(f).p(cs).p(ns).p(ms).p(s.m.ptr).f(eps).p(h);
+            (dev.f.chunk_states, dev.f.chunk_out, (d.dv.div_ceil(64) as u32, nc as u32, d.heads as u32))
         };
-        let mut a = KArgs::new();
-        a.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).p(v).p(i).p(f).p(s.c.ptr).p(s.n.ptr).p(s.m.ptr).p(cs).p(ns).p(ms);
         if choice.only != Some(ChunkPhase::Out) {
-            dev.launch(states, (d.dv.div_ceil(64) as u32, d.dk.div_ceil(64) as u32, d.heads as u32), 256, 0, &mut a)?;
+            dev.launch(states, states_grid, 256, 0, &mut sa)?;
         }
         if choice.only == Some(ChunkPhase::States) {
             return Ok(());
         }
-        let mut a = KArgs::new();
-        a.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(q).p(k).p(v).p(i).p(f).p(cs).p(ns).p(ms).p(s.m.ptr).f(eps).p(h);
-        dev.launch(out, (d.dv.div_ceil(out_cols) as u32, nc as u32, d.heads as u32), 256, 0, &mut a)
+        dev.launch(out, out_grid, 256, 0, &mut oa)
     }
 
     fn check_mlstm(op: &str, d: MlstmDims, rows: usize, batch: usize, bufs: [&CudaBuf; 6], s: &MlstmState<CudaBuf>) -> Result<()> {
