@@ -361,10 +361,10 @@ extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_out(
 }
 
 // ---- the gate terms of every chunk, for the tensor-core kernels -----------------------------------
-// mlstm_chunk_gates: grid = NH, block = 256. Every chunk's gate terms into G ([nc, NH, CG_STRIDE]):
-//   sb, sig (chunk_scan), smc, sdec (as chunk_out_gates), sw and the carried state's decay (as
+// mlstm_chunk_gates: grid = NH, block = 1024 (any multiple of 32). Every chunk's gate terms into G
+//   ([nc, NH, CG_STRIDE]): sb, sig (chunk_scan), smc, sdec (as chunk_out_gates), sw and the carried state's decay (as
 //   chunk_state_gates); m[h] becomes the final stabiliser. Per chunk one warp; the stabilisers
-//   entering the chunks form a scalar recurrence that one thread runs. Computed once here, the
+//   entering the chunks form a recurrence that one warp scans. Computed once here, the
 //   states kernel's chunk loop and every output block no longer wait on one warp's gate math.
 #define CG_SB 0
 #define CG_SIG 64
@@ -378,10 +378,10 @@ extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_out(
 #define CG_MN 324  // and leaving it
 #define CG_STRIDE 328
 
-extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_gates(int NH, int seq, int L, const float* ig, const float* fg, float* m, float* G) {
-    const int h = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+extern "C" __global__ void __launch_bounds__(1024) mlstm_chunk_gates(int NH, int seq, int L, const float* ig, const float* fg, float* m, float* G) {
+    const int h = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int nc = (seq + L - 1) / L;
-    for (int c = warp; c < nc; c += 8) {
+    for (int c = warp; c < nc; c += nw) {
         float* g = G + ((long long)c * NH + h) * CG_STRIDE;
         const int Lk = min(L, seq - c * L);
         chunk_scan(ig, fg, NH, h, c * L, Lk, g + CG_SB, g + CG_SIG);
@@ -404,20 +404,35 @@ extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_gates(int NH, int 
         if (lane == 0) { g[CG_G] = gl; g[CG_MX] = mx; }
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
+    // The stabiliser leaving chunk c is f_c(m entering it), f_c(x) = max(x + g_c, mx_c): maps that
+    // compose as (g_a, mx_a) then (g_b, mx_b) = (g_a + g_b, max(mx_a + g_b, mx_b)). Warp 0 scans
+    // them 32 chunks at a time.
+    if (warp == 0) {
         float mp = m[h];
-        for (int c = 0; c < nc; ++c) {
+        for (int base = 0; base < nc; base += 32) {
+            const int c = base + lane;
             float* g = G + ((long long)c * NH + h) * CG_STRIDE;
-            const float mn = fmaxf(g[CG_G] + mp, g[CG_MX]);
-            g[CG_DECAY] = expf(g[CG_G] + mp - mn);
-            g[CG_MP] = mp;
-            g[CG_MN] = mn;
-            mp = mn;
+            const float gc = c < nc ? g[CG_G] : 0.f;
+            float gs = gc, ms = c < nc ? g[CG_MX] : NEG_INF;  // past the end: the identity
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const float gp = __shfl_up_sync(0xffffffffu, gs, o), mpv = __shfl_up_sync(0xffffffffu, ms, o);
+                if (lane >= o) { ms = fmaxf(mpv + gs, ms); gs = gp + gs; }
+            }
+            const float mout = fmaxf(mp + gs, ms);
+            float min_ = __shfl_up_sync(0xffffffffu, mout, 1);
+            if (lane == 0) min_ = mp;
+            if (c < nc) {
+                g[CG_DECAY] = expf(gc + min_ - mout);
+                g[CG_MP] = min_;
+                g[CG_MN] = mout;
+            }
+            mp = __shfl_sync(0xffffffffu, mout, 31);
         }
-        m[h] = mp;
+        if (lane == 0) m[h] = mp;
     }
     __syncthreads();
-    for (int c = warp; c < nc; c += 8) {
+    for (int c = warp; c < nc; c += nw) {
         float* g = G + ((long long)c * NH + h) * CG_STRIDE;
         const int Lk = min(L, seq - c * L);
         const float mp = g[CG_MP], mn = g[CG_MN], gl = g[CG_G];

@@ -542,7 +542,7 @@ impl CudaBackend {
             let gates = dev.scratch(|s| &mut s.gates, nc * d.heads * CHUNK_GATE_STRIDE * 4, false)?;
             let mut a = KArgs::new();
             a.i(d.heads).i(seq).i(l).p(i).p(f).p(s.m.ptr).p(gates);
-            dev.launch(dev.f.chunk_gates, (d.heads as u32, 1, 1), 256, 0, &mut a)?;
+            dev.launch(dev.f.chunk_gates, (d.heads as u32, 1, 1), 1024, 0, &mut a)?;
             sa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).p(v).p(gates).p(s.c.ptr).p(s.n.ptr).p(cs).p(ns);
             oa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(q).p(k).p(v).p(gates).p(cs).p(ns).f(eps).p(h);
             (dev.f.chunk_states_tc[exact], dev.f.chunk_out_tc[exact], (d.dv.div_ceil(128) as u32, nc as u32, d.heads as u32))
