@@ -13,6 +13,7 @@
 //!   (`capture.rs`).
 mod capture;
 mod device;
+mod greedy;
 mod lt;
 pub mod kernels;
 
@@ -23,7 +24,7 @@ use cudarc::cublas::sys as cb;
 use cudarc::driver::result as dres;
 use cudarc::driver::sys::CUdeviceptr;
 use xlstm_core::backend::{
-    shapes, Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState,
+    shapes, Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState, CHOSEN_ID,
 };
 use xlstm_core::bench::Bandwidth;
 use xlstm_core::tensor::{DType, HostData, HostTensor};
@@ -127,6 +128,8 @@ pub struct CudaBackend {
     slab: Arc<std::sync::Mutex<Slab>>,
     /// The fused LM head's selections (ids, then values), reused across steps.
     topk_out: Arc<std::sync::Mutex<Option<CudaBuf>>>,
+    /// Greedy decoding kept on the device: its picks and their read-back (greedy.rs).
+    chosen: Arc<std::sync::Mutex<greedy::Chosen>>,
 }
 
 /// Largest k the device selection takes (more: the logits come back and the host selects).
@@ -252,7 +255,11 @@ impl CudaBackend {
     /// GPU: every missing piece is an `Error::Device` that names it.
     pub fn new(ordinal: usize) -> Result<Self> {
         match std::panic::catch_unwind(|| Dev::new(ordinal)) {
-            Ok(r) => Ok(CudaBackend { dev: Arc::new(r?), slab: Arc::default(), topk_out: Arc::default() }),
+            Ok(r) => {
+                let dev = Arc::new(r?);
+                let chosen = Arc::new(std::sync::Mutex::new(greedy::Chosen::new(dev.clone())));
+                Ok(CudaBackend { dev, slab: Arc::default(), topk_out: Arc::default(), chosen })
+            }
             Err(p) => {
                 let msg = p
                     .downcast_ref::<String>()
@@ -381,6 +388,24 @@ impl CudaBackend {
     }
 
     /// A 16-bit copy of `x [n]` (the type of `dt`) in the scratch; returns its pointer.
+    /// `embed` of the ids the last `head_top1_chosen` chose (every id `CHOSEN_ID`): read on the
+    /// device, no host copy.
+    fn embed_chosen(&self, table: &CudaMat, ids: &[u32], out: &mut CudaBuf) -> Result<()> {
+        if ids.iter().any(|&t| t != CHOSEN_ID) {
+            return Err(Error::Input("embed: CHOSEN_ID stands for every row of a step or for none".into()));
+        }
+        let Some(dids) = self.chosen.lock().expect("chosen ids lock").ids_for(ids.len()) else {
+            return Err(Error::Input(format!("embed: {} ids stand for the device's choice (CHOSEN_ID), but no step chose that many on the device yet", ids.len())));
+        };
+        self.dev.bind()?;
+        let (d, outp) = (table.cols, out.ptr);
+        self.op(&[opc::EMBED, table.ptr, ids.len() as u64, outp, dids], |dev| {
+            let mut a = KArgs::new();
+            a.p(table.ptr).i(dt_code(table.dtype)).p(dids).i(d).p(outp);
+            dev.launch(dev.f.embed, (d.div_ceil(256).min(64) as u32, ids.len() as u32, 1), 256, 0, &mut a)
+        })
+    }
+
     fn half_copy(&self, dev: &Dev, x: CUdeviceptr, n: usize, dt: DType) -> Result<CUdeviceptr> {
         if let Some(p) = dev.half_copy_of(x, n, dt) {
             return Ok(p);
@@ -783,6 +808,9 @@ impl Backend for CudaBackend {
     fn embed(&self, table: &CudaMat, ids: &[u32], out: &mut CudaBuf) -> Result<()> {
         let d = table.cols;
         check("embed", "out", out.len, ids.len() * d)?;
+        if ids.contains(&CHOSEN_ID) {
+            return self.embed_chosen(table, ids, out);
+        }
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= table.rows) {
             return Err(Error::Input(format!("token id {bad} is out of range: the vocabulary has {} tokens", table.rows)));
         }
@@ -811,6 +839,34 @@ impl Backend for CudaBackend {
             }
             Ok(())
         })
+    }
+
+    fn device_greedy(&self) -> bool {
+        true
+    }
+
+    fn head_top1_chosen(&self, x: &CudaBuf, rows: usize, w: &CudaMat, n: usize, cap: f32, scratch: &mut CudaBuf) -> Result<u64> {
+        if n != w.rows || n == 0 || rows == 0 {
+            return Err(Error::Device(format!("cuda head_top1_chosen: {rows} rows of {n} logits from a {}-row head", w.rows)));
+        }
+        // As head_top_k with k = 1, the picks kept on the device for the next embed and their copy
+        // to the host queued behind them; nothing waits here.
+        self.matmul(x, rows, w, scratch)?;
+        self.bias_soft_cap(scratch, rows, n, None, cap)?;
+        let mut chosen = self.chosen.lock().expect("chosen ids lock");
+        let picked = chosen.picked_for(rows)?;
+        let sp = scratch.ptr;
+        self.op(&[opc::TOPK, sp, rows as u64, n as u64, 1, picked], |dev| {
+            let mut a = KArgs::new();
+            a.p(sp).i(n).i(1).p(picked).p(picked + (4 * rows) as u64);
+            dev.launch(dev.f.topk_rows, (rows as u32, 1, 1), 1024, 0, &mut a)
+        })?;
+        chosen.start_readback(rows)
+    }
+
+    fn chosen_ids(&self, ticket: u64) -> Result<Vec<u32>> {
+        self.dev.bind()?;
+        self.chosen.lock().expect("chosen ids lock").take(ticket)
     }
 
     fn matmul(&self, x: &CudaBuf, rows: usize, w: &CudaMat, out: &mut CudaBuf) -> Result<()> {

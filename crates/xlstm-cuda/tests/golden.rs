@@ -2,7 +2,8 @@
 //! float64; see tests/data/README.md): f32 weights within 1e-4 relative (Frobenius) of the float64
 //! logits and states, greedy continuations identical; bf16 weights within 3e-2 (the bound a bfloat16
 //! model gets, as on the CPU). Also: the decode graph (record + replay) gives the same logits as eager
-//! steps, and a batched step equals single steps. Without a usable GPU every test prints SKIP.
+//! steps, a batched step equals single steps, and greedy decoding kept on the device matches. Without
+//! a usable GPU every test prints SKIP.
 mod common;
 
 use common::*;
@@ -113,6 +114,21 @@ fn decode_graph_matches_eager() {
         eprintln!("batch {batch}: {} replays, {rec} recordings so far", r1 - r0);
         assert!(r1 - r0 >= 8, "the decode graph was replayed only {} times", r1 - r0);
         assert_eq!(graphed, eager, "batch {batch}: graph replay differs from eager steps");
+    }
+}
+
+/// Greedy decoding with the chosen token kept on the device (each step's graph launched before the
+/// previous token is read back) gives the reference continuation and the state of host-fed steps.
+#[test]
+fn pipelined_greedy() {
+    let Some((g, _l)) = gpu("pipelined_greedy") else { return };
+    for case in ["large_tiny", "large_tiny_bf16_sharded"] {
+        let mut model = load(&g, case, DType::F32);
+        let chunk = model.chunk_size;
+        let (r0, _, _) = g.graph_stats();
+        xlstm_core::testing::assert_pipelined_greedy_matches(&mut model, case, chunk);
+        let (r1, _, _) = g.graph_stats();
+        assert!(r1 > r0, "{case}: no decode step was replayed from a graph");
     }
 }
 
