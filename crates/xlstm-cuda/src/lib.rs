@@ -10,7 +10,7 @@
 //!   rows (bf16/f16 weights × activations converted to the same 16-bit type, f32 accumulation and
 //!   output; f32 weights through SGEMM).
 //! - State and activations are f32. The decode step is captured in a CUDA graph and replayed
-//!   (`capture.rs`).
+//!   (`capture.rs`); greedy decoding can keep the chosen token on the device (`greedy.rs`).
 mod capture;
 mod device;
 mod greedy;
