@@ -387,7 +387,6 @@ impl CudaBackend {
         dev.launch_struct(dev.f.gemv[rows - 1], (blocks as u32, 1, 1), 256, smem as u32, &mut a, true)
     }
 
-    /// A 16-bit copy of `x [n]` (the type of `dt`) in the scratch; returns its pointer.
     /// `embed` of the ids the last `head_top1_chosen` chose (every id `CHOSEN_ID`): read on the
     /// device, no host copy.
     fn embed_chosen(&self, table: &CudaMat, ids: &[u32], out: &mut CudaBuf) -> Result<()> {
@@ -406,6 +405,7 @@ impl CudaBackend {
         })
     }
 
+    /// A 16-bit copy of `x [n]` (the type of `dt`) in the scratch; returns its pointer.
     fn half_copy(&self, dev: &Dev, x: CUdeviceptr, n: usize, dt: DType) -> Result<CUdeviceptr> {
         if let Some(p) = dev.half_copy_of(x, n, dt) {
             return Ok(p);
