@@ -4,21 +4,24 @@
 // mlstm_kernels: intra-chunk tiles, inter-chunk state recurrence). Math: shared/NOTES.md §2; layouts
 // as in mlstm.cu. Chunk length L ≤ 64; the last chunk may be shorter (the math holds for any split).
 //
-// Two implementations with the same parameters, chosen on the host:
-// - CUDA cores, f32 (any shape, any GPU): mlstm_chunk_states, mlstm_chunk_out.
+// Two implementations, chosen on the host:
+// - CUDA cores, f32 (any shape, any GPU): mlstm_chunk_states, mlstm_chunk_out, each deriving the
+//   gate terms it needs itself.
 // - Tensor cores, TF32 mma.sync (sm_80+, DK % 64 == 0, DV % 128 == 0, 16-byte aligned rows):
-//   mlstm_chunk_states_tc*, mlstm_chunk_out_tc*. The `_exact` variants split every operand into two
+//   mlstm_chunk_gates (every chunk's gate terms, once), then mlstm_chunk_states_tc*,
+//   mlstm_chunk_out_tc*, which read them. The `_exact` variants split every operand into two
 //   TF32 parts (x = hi + lo, product ≈ hi·hi + hi·lo + lo·hi), which keeps f32 accuracy at three
 //   times the tensor-core work; the plain ones round operands to TF32 (10-bit mantissa), which is
 //   what a model with 16-bit weights already carries.
 //
 // mlstm_chunk_states*: grid = (DV/64, DK/64, NH), block = 256. Runs the chunks in order for a 64×64
-//   tile of C (registers), saving the state entering each chunk (Cs [nc, NH, DK, DV], ns [nc, NH, DK],
-//   ms [nc + 1, NH], the last row of ms being the final m) and writing the final C, n to the state.
+//   tile of C (registers), saving the state entering each chunk (Cs [nc, NH, DK, DV], ns [nc, NH, DK];
+//   the CUDA-core kernel also ms [nc + 1, NH], the last row being the final m) and writing the final
+//   C, n to the state.
 // mlstm_chunk_out (CUDA cores): grid = (ceil(DV/64), nc, NH); mlstm_chunk_out_tc*: grid = (DV/128,
 //   nc, NH); block = 256. For one chunk and a block of DV columns: S = Q Kᵀ and Q C_prev over DK, the
-//   decay matrix and stabiliser, then H = decay·Q C_prev + S̃ V, divided by the denominator. Blocks
-//   (0, 0, h) copy the final m.
+//   decay matrix and stabiliser, then H = decay·Q C_prev + S̃ V, divided by the denominator. In the
+//   CUDA-core kernel blocks (0, 0, h) copy the final m (mlstm_chunk_gates writes it for the others).
 
 // One warp, for the chunk starting at t0 with L tokens: lane loads entries lane and lane + 32 of the
 // raw gates (f̃ into f0, f1; ĩ into i0, i1; entries t ≥ L get f̃ = 0 contribution and ĩ = −inf).
@@ -362,9 +365,9 @@ extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_out(
 
 // ---- the gate terms of every chunk, for the tensor-core kernels -----------------------------------
 // mlstm_chunk_gates: grid = NH, block = 1024 (any multiple of 32). Every chunk's gate terms into G
-//   ([nc, NH, CG_STRIDE]): sb, sig (chunk_scan), smc, sdec (as chunk_out_gates), sw and the carried state's decay (as
-//   chunk_state_gates); m[h] becomes the final stabiliser. Per chunk one warp; the stabilisers
-//   entering the chunks form a recurrence that one warp scans. Computed once here, the
+//   ([nc, NH, CG_STRIDE]): sb, sig (chunk_scan), smc, sdec (as chunk_out_gates), sw and the carried
+//   state's decay (as chunk_state_gates); m[h] becomes the final stabiliser. Per chunk one warp; the
+//   stabilisers entering the chunks form a recurrence that one warp scans. Computed once here, the
 //   states kernel's chunk loop and every output block no longer wait on one warp's gate math.
 #define CG_SB 0
 #define CG_SIG 64
