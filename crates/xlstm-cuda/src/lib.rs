@@ -387,6 +387,21 @@ impl CudaBackend {
         dev.launch_struct(dev.f.gemv[rows - 1], (blocks as u32, 1, 1), 256, smem as u32, &mut a, true)
     }
 
+    /// The LM head on the device: the soft-capped logits of `rows` rows into `scratch`, then the `k`
+    /// best of each row by k rounds of a block-wide maximum (kernels/topk.cu) into `out`: ids
+    /// [rows·k] (u32 bits), then their logits [rows·k].
+    #[allow(clippy::too_many_arguments)]
+    fn head_select(&self, x: &CudaBuf, rows: usize, w: &CudaMat, n: usize, cap: f32, k: usize, scratch: &mut CudaBuf, out: CUdeviceptr) -> Result<()> {
+        self.matmul(x, rows, w, scratch)?;
+        self.bias_soft_cap(scratch, rows, n, None, cap)?;
+        let sp = scratch.ptr;
+        self.op(&[opc::TOPK, sp, rows as u64, n as u64, k as u64, out], |dev| {
+            let mut a = KArgs::new();
+            a.p(sp).i(n).i(k).p(out).p(out + (4 * rows * k) as u64);
+            dev.launch(dev.f.topk_rows, (rows as u32, 1, 1), 1024, 0, &mut a)
+        })
+    }
+
     /// `embed` of the ids the last `head_top1_chosen` chose (every id `CHOSEN_ID`): read on the
     /// device, no host copy.
     fn embed_chosen(&self, table: &CudaMat, ids: &[u32], out: &mut CudaBuf) -> Result<()> {
@@ -748,21 +763,13 @@ impl Backend for CudaBackend {
         if k == 0 || k > TOP_K_MAX || n != w.rows {
             return xlstm_core::backend::head_top_k_on_host(self, x, rows, w, n, cap, k, scratch);
         }
-        // Logits on the device, then k rounds of a block-wide maximum per row (kernels/topk.cu):
-        // only rows·k (id, value) pairs come back, not rows·n logits.
-        self.matmul(x, rows, w, scratch)?;
-        self.bias_soft_cap(scratch, rows, n, None, cap)?;
+        // Only rows·k (id, value) pairs come back, not rows·n logits.
         let mut picked = self.topk_out.lock().expect("top-k buffer lock");
         if picked.as_ref().is_none_or(|b| b.len < 2 * rows * k) {
             *picked = Some(self.buf(2 * rows * k)?);
         }
         let out = picked.as_ref().expect("allocated above");
-        let (sp, op) = (scratch.ptr, out.ptr);
-        self.op(&[opc::TOPK, sp, rows as u64, n as u64, k as u64, op], |dev| {
-            let mut a = KArgs::new();
-            a.p(sp).i(n).i(k).p(op).p(op + (4 * rows * k) as u64);
-            dev.launch(dev.f.topk_rows, (rows as u32, 1, 1), 1024, 0, &mut a)
-        })?;
+        self.head_select(x, rows, w, n, cap, k, scratch, out.ptr)?;
         let host = self.download(out, 2 * rows * k)?;
         let (ids, vals) = host.split_at(rows * k);
         Ok((0..rows).map(|r| (0..k).map(|j| (ids[r * k + j].to_bits(), vals[r * k + j])).collect()).collect())
@@ -851,16 +858,9 @@ impl Backend for CudaBackend {
         }
         // As head_top_k with k = 1, the picks kept on the device for the next embed and their copy
         // to the host queued behind them; nothing waits here.
-        self.matmul(x, rows, w, scratch)?;
-        self.bias_soft_cap(scratch, rows, n, None, cap)?;
         let mut chosen = self.chosen.lock().expect("chosen ids lock");
         let picked = chosen.picked_for(rows)?;
-        let sp = scratch.ptr;
-        self.op(&[opc::TOPK, sp, rows as u64, n as u64, 1, picked], |dev| {
-            let mut a = KArgs::new();
-            a.p(sp).i(n).i(1).p(picked).p(picked + (4 * rows) as u64);
-            dev.launch(dev.f.topk_rows, (rows as u32, 1, 1), 1024, 0, &mut a)
-        })?;
+        self.head_select(x, rows, w, n, cap, 1, scratch, picked)?;
         chosen.start_readback(rows)
     }
 
