@@ -23,21 +23,15 @@
 //   decay matrix and stabiliser, then H = decay·Q C_prev + S̃ V, divided by the denominator. In the
 //   CUDA-core kernel blocks (0, 0, h) copy the final m (mlstm_chunk_gates writes it for the others).
 
-// One warp, for the chunk starting at t0 with L tokens: lane loads entries lane and lane + 32 of the
-// raw gates (f̃ into f0, f1; ĩ into i0, i1; entries t ≥ L get f̃ = 0 contribution and ĩ = −inf).
-__device__ __forceinline__ void chunk_gate_load(const float* ig, const float* fg, int NH, int h, int t0, int L,
-                                                float& f0, float& f1, float& i0, float& i1) {
+// One warp, for the chunk starting at t0 with L tokens: lf_t = logsigmoid(f̃_t), b_t = Σ_{s≤t} lf_s
+// (inclusive) into sb[64], ĩ_t into sig[64] (lf = 0 and ĩ = −inf for t ≥ L); lane takes entries lane
+// and lane + 32. The caller syncs.
+__device__ __forceinline__ void chunk_scan(const float* ig, const float* fg, int NH, int h, int t0, int L, float* sb, float* sig) {
     const int lane = threadIdx.x & 31;
-    f0 = lane < L ? fg[(long long)(t0 + lane) * NH + h] : 0.f;
-    f1 = lane + 32 < L ? fg[(long long)(t0 + lane + 32) * NH + h] : 0.f;
-    i0 = lane < L ? ig[(long long)(t0 + lane) * NH + h] : NEG_INF;
-    i1 = lane + 32 < L ? ig[(long long)(t0 + lane + 32) * NH + h] : NEG_INF;
-}
-
-// One warp, from the loaded gates: lf_t = logsigmoid(f̃_t), b_t = Σ_{s≤t} lf_s (inclusive) into sb[64],
-// ĩ_t into sig[64] (lf = 0 and ĩ = −inf for t ≥ L). The caller syncs.
-__device__ __forceinline__ void chunk_scan_vals(float f0, float f1, float i0, float i1, int L, float* sb, float* sig) {
-    const int lane = threadIdx.x & 31;
+    const float f0 = lane < L ? fg[(long long)(t0 + lane) * NH + h] : 0.f;
+    const float f1 = lane + 32 < L ? fg[(long long)(t0 + lane + 32) * NH + h] : 0.f;
+    const float i0 = lane < L ? ig[(long long)(t0 + lane) * NH + h] : NEG_INF;
+    const float i1 = lane + 32 < L ? ig[(long long)(t0 + lane + 32) * NH + h] : NEG_INF;
     float lf0 = lane < L ? log_sigmoid(f0) : 0.f;
     float lf1 = lane + 32 < L ? log_sigmoid(f1) : 0.f;
 #pragma unroll
@@ -51,12 +45,6 @@ __device__ __forceinline__ void chunk_scan_vals(float f0, float f1, float i0, fl
     sb[lane + 32] = lf1 + tot0;
     sig[lane] = i0;
     sig[lane + 32] = i1;
-}
-
-__device__ __forceinline__ void chunk_scan(const float* ig, const float* fg, int NH, int h, int t0, int L, float* sb, float* sig) {
-    float f0, f1, i0, i1;
-    chunk_gate_load(ig, fg, NH, h, t0, L, f0, f1, i0, i1);
-    chunk_scan_vals(f0, f1, i0, i1, L, sb, sig);
 }
 
 // One warp (the chunk-states kernels): after chunk_scan, the weights of the chunk's keys
