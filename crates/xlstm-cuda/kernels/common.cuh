@@ -101,3 +101,44 @@ __device__ __forceinline__ float act_apply(int act, float x) {
         default: return 1.0507009873554805f * (x > 0.f ? x : 1.6732632423543772f * (expf(x) - 1.f));
     }
 }
+
+// Loads through L2 only (ld.global.cg): for data another block of the same kernel wrote, which a
+// stale L1 line must not hide.
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ float4 ld_cg4(const float4* p) {
+    float4 v;
+    asm volatile("ld.global.cg.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
+    return v;
+}
+
+// A barrier across the whole grid, for persistent kernels whose blocks are all resident at once (a
+// cooperative launch), in two halves so that a block can issue loads that do not depend on the other
+// blocks (a GEMV's weights) between arriving and waiting: the arrival's fence waits for the thread's
+// outstanding memory operations, so loads issued before it would delay every block's arrival.
+// `bar` is one u32, zeroed once: block 0 adds 2^31 − (G − 1), the others 1, so its top bit flips
+// when all G blocks have arrived and its low bits return to where they were (the scheme of
+// cooperative groups' grid sync). Writes before grid_arrive are visible to every block after
+// grid_wait. grid_arrive returns the word as thread 0 found it (for grid_wait; other threads get 0).
+__device__ __forceinline__ u32 grid_arrive(u32* bar) {
+    __syncthreads();
+    u32 old = 0;
+    if (threadIdx.x == 0) {
+        const u32 add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
+        __threadfence();
+        old = atomicAdd(bar, add);
+    }
+    return old;
+}
+__device__ __forceinline__ void grid_wait(const u32* bar, u32 old) {
+    if (threadIdx.x == 0) {
+        u32 cur;
+        do {
+            asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(cur) : "l"(bar) : "memory");
+        } while (((old ^ cur) & 0x80000000u) == 0);
+    }
+    __syncthreads();
+}
