@@ -23,14 +23,6 @@
 // Limits: R ∈ {1, 2, 3, 4}; vector path needs K % 8 == 0 (16-bit) / K % 4 == 0 (f32), else a scalar
 // path; R·K·4 bytes of shared memory (the host raises the dynamic limit; it routes larger products to
 // cuBLAS).
-//
-// gemv_chain_r*: several such launches ("phases", up to CHAIN_MAX) in one persistent launch. The grid
-// is what fits on the GPU at once (2 blocks per SM, a cooperative launch) and every phase was sized by
-// the host to at most that many blocks; block b runs block b of each phase. Between phases a grid
-// barrier replaces the kernel boundary: a block arrives, issues its first two rounds of the next
-// phase's weights, then waits for every block's outputs of the phase before (the next phase's x). So
-// the weight stream does not stop at the boundary, and no launch, block start-up or grid-completion
-// wait is paid per phase.
 
 struct GemvSeg {
     const void* w;
@@ -53,7 +45,6 @@ struct GemvArgs {
     int k;
     float eps;
     int act;
-    int nblocks;  // blocks the phase needs (gemv_chain: blocks past it only join the barriers)
 };
 
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
@@ -153,7 +144,7 @@ __device__ __forceinline__ void gemv_finish(const GemvSeg& sg, bool pair, int ac
         if (lane == 0) {
             float* o = sg.out + (long long)r * sg.ld + row;
             if (sg.mode == 0) *o = v;
-            else if (sg.mode == 1) *o = ld_cg(o) + v;  // L2: in a chain another block wrote it
+            else if (sg.mode == 1) *o += v;
             else *o = act_apply(act, v) * v2;
         }
         acc[r] = 0.f;
@@ -161,22 +152,14 @@ __device__ __forceinline__ void gemv_finish(const GemvSeg& sg, bool pair, int ac
     }
 }
 
-// Block `b` of the product `a`. Before it reads x it waits for the kernel before (`bar` null: PDL) or
-// for every block of the grid (`bar`: a chain's barrier; blocks with b ≥ a.nblocks only join it).
 template <int R>
-__device__ __forceinline__ void gemv_body(const GemvArgs& a, int b, u32* bar, bool trigger) {
+__device__ __forceinline__ void gemv_body(const GemvArgs& a) {
     extern __shared__ float xs[];
     __shared__ float red[32];
     __shared__ float inv[4];
-    const u32 ticket = bar ? grid_arrive(bar) : 0u;
-    if (trigger) pdl_trigger();
-    if (b >= a.nblocks) {
-        if (bar) grid_wait(bar, ticket); else pdl_wait();
-        return;
-    }
     const int k = a.k;
     const bool split = (k & 7) == 0;
-    int s = 0;
+    int b = blockIdx.x, s = 0;
     while (s + 1 < a.nseg && b >= a.seg[s + 1].block0) ++s;
     const GemvSeg sg = a.seg[s];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -202,11 +185,12 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a, int b, u32* bar, bo
 
     // Two rounds of weight loads are issued before x is staged, and the loop below keeps two rounds
     // in flight (double buffering), so each warp streams its rows without waiting between rounds.
+    pdl_trigger();
     uint4 wa[GEMV_U], wb[GEMV_U];
     if (nrounds > 0) GEMV_LOAD(wa, 0);
     if (nrounds > 1) GEMV_LOAD(wb, 1);
-    // Weights never change; x (and the outputs) belong to the previous kernel or phase: wait here.
-    if (bar) grid_wait(bar, ticket); else pdl_wait();
+    // Weights never change; x (and the outputs) belong to the previous kernel: wait for it here.
+    pdl_wait();
 
     // Stage x (one read of global memory, 16-byte loads, 4 in flight per thread), then normalise it
     // in place.
@@ -221,7 +205,7 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a, int b, u32* bar, bo
 #pragma unroll
                 for (int u = 0; u < 4; ++u) {
                     int i = i0 + u * blockDim.x;
-                    v[u] = i < k4 ? ld_cg4(x4 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+                    v[u] = i < k4 ? x4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
                 }
 #pragma unroll
                 for (int u = 0; u < 4; ++u) {
@@ -235,7 +219,7 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a, int b, u32* bar, bo
             }
         } else {
             for (int j = threadIdx.x; j < k; j += blockDim.x) {
-                float v = ld_cg(a.x + r * k + j);
+                float v = a.x[r * k + j];
                 ss = fmaf(v, v, ss);
                 xs[r * k + j] = v;
             }
@@ -316,28 +300,7 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a, int b, u32* bar, bo
 #undef GEMV_LOAD
 }
 
-extern "C" __global__ void __launch_bounds__(256, 2) gemv_r1(const GemvArgs a) { gemv_body<1>(a, blockIdx.x, 0, true); }
-extern "C" __global__ void __launch_bounds__(256, 2) gemv_r2(const GemvArgs a) { gemv_body<2>(a, blockIdx.x, 0, true); }
-extern "C" __global__ void __launch_bounds__(256, 2) gemv_r3(const GemvArgs a) { gemv_body<3>(a, blockIdx.x, 0, true); }
-extern "C" __global__ void __launch_bounds__(256, 2) gemv_r4(const GemvArgs a) { gemv_body<4>(a, blockIdx.x, 0, true); }
-
-#define CHAIN_MAX 4
-
-struct GemvChain {
-    GemvArgs ph[CHAIN_MAX];
-    u32* bar;  // the grid barrier's word (zeroed once; the barrier leaves it as it found it)
-    int nph;
-};
-
-// The phases in order; the next kernel may start launching once the last phase begins.
-template <int R>
-__device__ __forceinline__ void gemv_chain_body(const GemvChain& c) {
-    for (int p = 0; p < c.nph; ++p) gemv_body<R>(c.ph[p], blockIdx.x, p == 0 ? 0 : c.bar, p == c.nph - 1);
-}
-
-// __grid_constant__: the phases are indexed at run time; without it each thread would copy the
-// 1.7 KB parameter block to local memory.
-extern "C" __global__ void __launch_bounds__(256, 2) gemv_chain_r1(const __grid_constant__ GemvChain c) { gemv_chain_body<1>(c); }
-extern "C" __global__ void __launch_bounds__(256, 2) gemv_chain_r2(const __grid_constant__ GemvChain c) { gemv_chain_body<2>(c); }
-extern "C" __global__ void __launch_bounds__(256, 2) gemv_chain_r3(const __grid_constant__ GemvChain c) { gemv_chain_body<3>(c); }
-extern "C" __global__ void __launch_bounds__(256, 2) gemv_chain_r4(const __grid_constant__ GemvChain c) { gemv_chain_body<4>(c); }
+extern "C" __global__ void __launch_bounds__(256, 2) gemv_r1(const GemvArgs a) { gemv_body<1>(a); }
+extern "C" __global__ void __launch_bounds__(256, 2) gemv_r2(const GemvArgs a) { gemv_body<2>(a); }
+extern "C" __global__ void __launch_bounds__(256, 2) gemv_r3(const GemvArgs a) { gemv_body<3>(a); }
+extern "C" __global__ void __launch_bounds__(256, 2) gemv_r4(const GemvArgs a) { gemv_body<4>(a); }

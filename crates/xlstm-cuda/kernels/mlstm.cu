@@ -15,6 +15,12 @@
 //   when `hn` is set, the normalised, gated output hn = σ(o) ⊙ LayerNorm_DV(h)·w over the unit's DV
 //   values. Limits: DK ≤ 4096 (shared memory), `counters` holds B·NH zeroed u32.
 
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
+
 // One block: NW warps, 32·CW columns of one unit's C (lane l owns columns l·CW .. l·CW + CW − 1),
 // PRE rows per warp loaded up front (more rows, if DK > PRE·NW, in batches of 8).
 template <int CW, int NW, int PRE>

@@ -217,11 +217,6 @@ impl Capture {
         Ok(())
     }
 
-    /// Whether the running step is broken (it will run again; what it queued must not run).
-    pub fn is_broken(&self) -> bool {
-        self.broken
-    }
-
     /// An op failed: in a recorded or replayed step, the step is broken.
     pub fn fail(&mut self) {
         if self.in_step && !self.flushed && self.mode != Mode::Eager {

@@ -12,7 +12,6 @@ use xlstm_core::tensor::DType;
 use xlstm_core::{Error, Result};
 
 use crate::capture::Capture;
-use crate::chain::{Chain, GemvArgs};
 use crate::kernels;
 
 /// What a usable CUDA device needs, checked in order; the first failure names what is missing.
@@ -81,8 +80,6 @@ pub(crate) struct Funcs {
     pub group_norm: CUfunction,
     pub group_norm_warp: CUfunction,
     pub gemv: [CUfunction; 4],
-    /// Persistent chains of GEMV launches (chain.rs), by rows.
-    pub gemv_chain: [CUfunction; 4],
     pub mlstm_step: CUfunction,
     pub mlstm_step_wide: CUfunction,
     pub chunk_states: CUfunction,
@@ -172,8 +169,6 @@ pub(crate) struct Dev {
     pub half_tag: Mutex<HalfTag>,
     /// Which chunkwise-prefill kernels run (`CudaBackend::set_chunk_kernels`).
     pub chunk_kernels: Mutex<ChunkKernels>,
-    /// GEMV launches queued to run as one chained launch (chain.rs).
-    pub chain: Mutex<Chain>,
     /// Per-op (calls, seconds) by op code while op timing is on (`CudaBackend::set_op_timing`).
     pub op_times: Mutex<Option<std::collections::BTreeMap<u64, (u64, f64)>>>,
     /// Bytes of every live allocation made through `alloc` (`Backend::allocated_bytes`).
@@ -219,7 +214,7 @@ impl Dev {
         };
         let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum", "gated_act_split", "split_cols"])?;
         let n = get("norm", &["rms_norm", "group_norm", "group_norm_warp"])?;
-        let g = get("gemv", &["gemv_r1", "gemv_r2", "gemv_r3", "gemv_r4", "gemv_chain_r1", "gemv_chain_r2", "gemv_chain_r3", "gemv_chain_r4"])?;
+        let g = get("gemv", &["gemv_r1", "gemv_r2", "gemv_r3", "gemv_r4"])?;
         let m = get("mlstm", &["mlstm_step", "mlstm_step_wide"])?;
         let mc = get(
             "mlstm_chunk",
@@ -252,7 +247,6 @@ impl Dev {
             group_norm: n[1],
             group_norm_warp: n[2],
             gemv: [g[0], g[1], g[2], g[3]],
-            gemv_chain: [g[4], g[5], g[6], g[7]],
             mlstm_step: m[0],
             mlstm_step_wide: m[1],
             chunk_states: mc[0],
@@ -267,7 +261,7 @@ impl Dev {
             slstm_run: s[0],
             topk_rows: tk[0],
         };
-        for &gf in f.gemv.iter().chain(&f.gemv_chain) {
+        for &gf in &f.gemv {
             // SAFETY: valid function handle; raises the dynamic shared-memory limit.
             unsafe {
                 dres::function::set_function_attribute(
@@ -286,13 +280,7 @@ impl Dev {
             blas_ok("set stream", cbsys::cublasSetStream_v2(blas, stream as cbsys::cudaStream_t))?;
             blas_ok("set workspace", cbsys::cublasSetWorkspace_v2(blas, blas_ws as *mut c_void, BLAS_WS))?;
         }
-        // The chain's barrier word, zeroed once (see chain.rs).
-        // SAFETY: plain allocation and clear of 16 bytes, before any other work on the stream.
-        let bar = unsafe { dres::malloc_sync(16) }.map_err(|e| drv("chain barrier", e))?;
-        unsafe { dres::memset_d8_sync(bar, 0, 16) }.map_err(|e| drv("chain barrier", e))?;
-        let chain_on = std::env::var("XLSTM_CUDA_CHAIN").map_or(cc.0 >= 9, |v| v != "0");
         Ok(Dev {
-            chain: Mutex::new(Chain::new(chain_on, bar)),
             ctx,
             stream,
             f,
@@ -344,7 +332,6 @@ impl Dev {
             self.live.lock().expect("live lock").remove(&ptr);
         }
         if ptr != 0 && self.ctx.bind_to_thread().is_ok() {
-            let _ = self.flush_chain();
             // SAFETY: ptr came from alloc and is freed once; the stream is synchronised first so no
             // queued work still uses it.
             unsafe {
@@ -355,14 +342,12 @@ impl Dev {
     }
 
     pub fn sync(&self) -> Result<()> {
-        self.flush_chain()?;
         // SAFETY: valid stream.
         unsafe { dres::stream::synchronize(self.stream) }.map_err(|e| drv("synchronize", e))
     }
 
     /// Launches `f` on the stream with 8-byte argument slots (`KArgs`).
     pub fn launch(&self, f: CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, args: &mut KArgs) -> Result<()> {
-        self.flush_chain()?;
         let mut params = args.params();
         // SAFETY: the argument slots match the kernel's parameter list (each kernel's caller builds
         // them in order); pointers are live device allocations.
@@ -384,33 +369,16 @@ impl Dev {
     }
 
     fn launch_ex(&self, f: CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, params: &mut [*mut c_void], pdl: bool) -> Result<()> {
-        self.flush_chain()?;
-        self.launch_attrs(f, grid, block, smem, params, pdl, false)
-    }
-
-    /// A launch with programmatic dependent launch (`pdl`, where the device has it) and as a
-    /// cooperative launch (`coop`: all blocks resident at once, or the driver refuses it).
-    #[allow(clippy::too_many_arguments)]
-    fn launch_attrs(&self, f: CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, params: &mut [*mut c_void], pdl: bool, coop: bool) -> Result<()> {
-        if !(pdl && self.pdl) && !coop {
+        if !(pdl && self.pdl) {
             // SAFETY: as in `launch`.
             return unsafe { dres::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, params) }.map_err(|e| drv("launch", e));
         }
         // SAFETY: a zeroed attribute value is valid for every member; the config points at one live
         // attribute for the duration of the call; params as in `launch`.
         unsafe {
-            let mut attrs: [sys::CUlaunchAttribute; 2] = std::mem::zeroed();
-            let mut n = 0;
-            if pdl && self.pdl {
-                attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-                attrs[n].value.programmaticStreamSerializationAllowed = 1;
-                n += 1;
-            }
-            if coop {
-                attrs[n].id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
-                attrs[n].value.cooperative = 1;
-                n += 1;
-            }
+            let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
             let cfg = sys::CUlaunchConfig {
                 gridDimX: grid.0,
                 gridDimY: grid.1,
@@ -420,66 +388,11 @@ impl Dev {
                 blockDimZ: 1,
                 sharedMemBytes: smem,
                 hStream: self.stream,
-                attrs: attrs.as_mut_ptr(),
-                numAttrs: n as u32,
+                attrs: &mut attr,
+                numAttrs: 1,
             };
             sys::cuLaunchKernelEx(&cfg, f, params.as_mut_ptr(), std::ptr::null_mut()).result().map_err(|e| drv("launch (PDL)", e))
         }
-    }
-
-    /// One GEMV launch (kernels/gemv.cu) of `rows` rows: queued as a chain phase when chaining is
-    /// on (chain.rs), else launched now.
-    pub fn gemv(&self, rows: usize, smem: usize, mut a: GemvArgs) -> Result<()> {
-        let timing = self.op_times.lock().expect("op times lock").is_some();
-        {
-            let mut c = self.chain.lock().expect("chain lock");
-            if c.enabled && !timing {
-                if !c.phases.is_empty() && c.rows != rows {
-                    drop(c);
-                    self.flush_chain()?;
-                    c = self.chain.lock().expect("chain lock");
-                }
-                if c.phases.is_empty() {
-                    c.rows = rows;
-                    c.smem = 0;
-                }
-                c.smem = c.smem.max(smem);
-                c.phases.push(a);
-                let full = c.phases.len() == crate::chain::CHAIN_MAX;
-                drop(c);
-                return if full { self.flush_chain() } else { Ok(()) };
-            }
-        }
-        self.flush_chain()?;
-        let grid = (a.nblocks as u32, 1, 1);
-        self.launch_struct(self.f.gemv[rows - 1], grid, 256, smem as u32, &mut a, true)
-    }
-
-    /// Launches the queued chain phases (chain.rs), if any: one phase as a plain GEMV launch,
-    /// several as one cooperative chain launch. If the driver refuses that, they run one by one
-    /// and chaining stays off.
-    pub fn flush_chain(&self) -> Result<()> {
-        let Some((rows, grid, smem, mut c)) = self.chain.lock().expect("chain lock").take() else { return Ok(()) };
-        if c.nph > 1 {
-            let mut params = [&mut c as *mut crate::chain::GemvChain as *mut c_void];
-            let f = self.f.gemv_chain[rows - 1];
-            let coop = std::env::var("XLSTM_CUDA_CHAIN_COOP").map_or(true, |v| v != "0");
-            if self.launch_attrs(f, (grid, 1, 1), 256, smem, &mut params, true, coop).is_ok() {
-                self.chain.lock().expect("chain lock").launches += 1;
-                return Ok(());
-            }
-            self.chain.lock().expect("chain lock").enabled = false;
-        }
-        for a in &mut c.ph[..c.nph as usize] {
-            let mut params = [a as *mut GemvArgs as *mut c_void];
-            self.launch_attrs(self.f.gemv[rows - 1], (a.nblocks as u32, 1, 1), 256, smem, &mut params, true, false)?;
-        }
-        Ok(())
-    }
-
-    /// Forgets queued chain phases (their step is being run again).
-    pub fn drop_chain(&self) {
-        self.chain.lock().expect("chain lock").phases.clear();
     }
 
     /// The scratch set the running op uses.
@@ -507,7 +420,6 @@ impl Dev {
         let new_bytes = bytes.max(sc.bytes * 3 / 2).max(256);
         let p = self.alloc(new_bytes)?;
         if zero {
-            self.flush_chain()?;
             // SAFETY: fresh allocation of new_bytes.
             unsafe { dres::memset_d8_async(p, 0, new_bytes, self.stream) }.map_err(|e| drv("memset", e))?;
         }
@@ -605,9 +517,6 @@ impl Drop for Dev {
             let _ = cbsys::cublasDestroy_v2(self.blas);
             drop(self.lt.take());
             let _ = dres::free_sync(self.blas_ws);
-            if let Ok(c) = self.chain.lock() {
-                let _ = dres::free_sync(c.bar);
-            }
             if let Ok(mut guard) = self.scratch.lock() {
                 for s in guard.iter_mut() {
                     for sc in s.device_buffers() {

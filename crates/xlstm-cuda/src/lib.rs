@@ -12,7 +12,6 @@
 //! - State and activations are f32. The decode step is captured in a CUDA graph and replayed
 //!   (`capture.rs`); greedy decoding can keep the chosen token on the device (`greedy.rs`).
 mod capture;
-mod chain;
 mod device;
 mod greedy;
 mod lt;
@@ -31,7 +30,6 @@ use xlstm_core::bench::Bandwidth;
 use xlstm_core::tensor::{DType, HostData, HostTensor};
 use xlstm_core::{Error, Result};
 
-use chain::{GemvArgs, GemvSeg};
 use device::{drv, Dev, KArgs, GEMV_SMEM};
 pub use device::{ChunkKernels, ChunkPhase};
 
@@ -175,6 +173,33 @@ mod opc {
     }
 }
 
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GemvSeg {
+    w: u64,
+    w2: u64,
+    out: u64,
+    n: i32,
+    dt: i32,
+    mode: i32,
+    ld: i32,
+    block0: i32,
+    rpw: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct GemvArgs {
+    seg: [GemvSeg; 8],
+    x: u64,
+    norm_w: u64,
+    xn_out: u64,
+    nseg: i32,
+    k: i32,
+    eps: f32,
+    act: i32,
+}
+
 /// `split_cols` (kernels/elementwise.cu): one output's column block.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -257,16 +282,6 @@ impl CudaBackend {
         self.dev.cap.lock().expect("capture lock").set_enabled(on);
     }
 
-    /// Switches the chaining of decode GEMVs into persistent launches on or off (chain.rs; default
-    /// on for sm_90+, `XLSTM_CUDA_CHAIN=0` starts off). Returns the chain launches made so far.
-    pub fn set_chain(&self, on: bool) -> Result<u64> {
-        self.dev.bind()?;
-        self.dev.flush_chain()?;
-        let mut c = self.dev.chain.lock().expect("chain lock");
-        c.enabled = on;
-        Ok(c.launches)
-    }
-
     /// (replayed, recorded, eager) decode steps so far.
     pub fn graph_stats(&self) -> (u64, u64, u64) {
         let c = self.dev.cap.lock().expect("capture lock");
@@ -308,15 +323,10 @@ impl CudaBackend {
 
     fn op(&self, words: &[u64], f: impl FnOnce(&Dev) -> Result<()>) -> Result<()> {
         self.dev.bind()?;
-        let run = self.dev.cap.lock().expect("capture lock").enter(capture::sig(words));
-        let run = run.inspect_err(|_| self.dev.drop_chain())?;
+        let run = self.dev.cap.lock().expect("capture lock").enter(capture::sig(words))?;
         self.dev.next_op();
         if !run {
             return Ok(());
-        }
-        // GEMV launches may wait in the chain queue (chain.rs); anything else goes after them.
-        if !matches!(words[0], opc::NORM_MM | opc::MM_ADD | opc::GATED_UP | opc::MATMUL) {
-            self.dev.flush_chain()?;
         }
         let timing = self.dev.op_times.lock().expect("op times lock").is_some();
         if timing {
@@ -332,7 +342,6 @@ impl CudaBackend {
         }
         let r = f(&self.dev);
         if r.is_err() {
-            self.dev.drop_chain();
             self.dev.cap.lock().expect("capture lock").fail();
         }
         r
@@ -357,34 +366,25 @@ impl CudaBackend {
         let target = dev.sms.max(1) as usize * per_sm;
         let row_bytes = |s: &Seg| k * s.w.dtype.size() * if s.w2.is_some() { 2 } else { 1 };
         let total: usize = segs.iter().map(|s| s.w.rows * row_bytes(s)).sum();
-        let mut per_warp = total.div_ceil(8 * target).max(1);
+        let per_warp = total.div_ceil(8 * target).max(1);
         let mut a = GemvArgs { x, norm_w: norm.map_or(0, |n| n.0), xn_out, nseg: segs.len() as i32, k: k as i32, eps: norm.map_or(0.0, |n| n.1), act: act as i32, ..Default::default() };
-        // Rounding up per segment may ask for a few blocks more than one wave; a chained launch
-        // (chain.rs) needs every phase within one wave, so the bytes per warp grow until it fits.
-        loop {
-            let mut blocks = 0usize;
-            for (i, s) in segs.iter().enumerate() {
-                let rpw = per_warp.div_ceil(row_bytes(s)).min(s.w.rows.div_ceil(8)).max(1);
-                a.seg[i] = GemvSeg {
-                    w: s.w.ptr,
-                    w2: s.w2.map_or(0, |m| m.ptr),
-                    out: s.out,
-                    n: s.w.rows as i32,
-                    dt: dt_code(s.w.dtype) as i32,
-                    mode: s.mode,
-                    ld: s.w.rows as i32,
-                    block0: blocks as i32,
-                    rpw: rpw as i32,
-                };
-                blocks += s.w.rows.div_ceil(8 * rpw);
-            }
-            a.nblocks = blocks as i32;
-            if blocks <= target || blocks <= segs.len() {
-                break;
-            }
-            per_warp += per_warp / 16 + 1;
+        let mut blocks = 0usize;
+        for (i, s) in segs.iter().enumerate() {
+            let rpw = per_warp.div_ceil(row_bytes(s)).min(s.w.rows.div_ceil(8)).max(1);
+            a.seg[i] = GemvSeg {
+                w: s.w.ptr,
+                w2: s.w2.map_or(0, |m| m.ptr),
+                out: s.out,
+                n: s.w.rows as i32,
+                dt: dt_code(s.w.dtype) as i32,
+                mode: s.mode,
+                ld: s.w.rows as i32,
+                block0: blocks as i32,
+                rpw: rpw as i32,
+            };
+            blocks += s.w.rows.div_ceil(8 * rpw);
         }
-        dev.gemv(rows, smem, a)
+        dev.launch_struct(dev.f.gemv[rows - 1], (blocks as u32, 1, 1), 256, smem as u32, &mut a, true)
     }
 
     /// The LM head on the device: the soft-capped logits of `rows` rows into `scratch`, then the `k`
@@ -435,7 +435,6 @@ impl CudaBackend {
     /// `out[rows, w.rows] = x · wᵀ (+ beta·out)` through cuBLAS. `xh`: the 16-bit copy of x when w
     /// is 16-bit (made here when None).
     fn gemm(&self, dev: &Dev, rows: usize, w: &CudaMat, x: CUdeviceptr, xh: Option<CUdeviceptr>, out: CUdeviceptr, beta: f32) -> Result<()> {
-        dev.flush_chain()?;
         self.gemm_view(dev, rows, MatView { ptr: w.ptr, rows: w.rows, cols: w.cols, dtype: w.dtype }, x, xh, out, beta, false)
     }
 
@@ -443,7 +442,6 @@ impl CudaBackend {
     /// next to each other in memory go through one call (into the `wide` scratch, then split). (For
     /// a 2,048-token prompt, separate products straight into the outputs measured the same.)
     fn gemm_group(&self, dev: &Dev, rows: usize, mats: &[&CudaMat], x: CUdeviceptr, xh: Option<CUdeviceptr>, outs: &[CUdeviceptr]) -> Result<()> {
-        dev.flush_chain()?;
         let mut j = 0;
         while j < mats.len() {
             let mut e = j + 1;
@@ -481,7 +479,6 @@ impl CudaBackend {
     /// than f32 (16-bit weights only).
     #[allow(clippy::too_many_arguments)]
     fn gemm_view(&self, dev: &Dev, rows: usize, w: MatView, x: CUdeviceptr, xh: Option<CUdeviceptr>, out: CUdeviceptr, beta: f32, half_out: bool) -> Result<()> {
-        dev.flush_chain()?;
         let (n, k, m) = (w.rows as i32, w.cols as i32, rows as i32);
         let alpha = 1f32;
         // SAFETY: pointers are live device buffers of the checked sizes; the handle is bound to our
@@ -667,7 +664,6 @@ impl Backend for CudaBackend {
 
     fn zeros(&self, len: usize) -> Result<CudaBuf> {
         let b = self.scratch(len)?;
-        self.dev.flush_chain()?;
         // SAFETY: fresh allocation of len·4 bytes.
         unsafe { dres::memset_d8_async(b.ptr, 0, len * 4, self.dev.stream) }.map_err(|e| drv("memset", e))?;
         Ok(b)
@@ -683,7 +679,6 @@ impl Backend for CudaBackend {
         self.dev.bind()?;
         self.dev.cap.lock().expect("capture lock").unrecordable()?;
         let b = self.buf(host.len())?;
-        self.dev.flush_chain()?;
         // SAFETY: b holds host.len() floats; synchronised before return (pageable source).
         unsafe { dres::memcpy_htod_async(b.ptr, host, self.dev.stream) }.map_err(|e| drv("upload", e))?;
         self.dev.sync()?;
@@ -695,8 +690,7 @@ impl Backend for CudaBackend {
         self.dev.bind()?;
         {
             let mut c = self.dev.cap.lock().expect("capture lock");
-            c.enter(capture::sig(&[100, buf.ptr, len as u64])).inspect_err(|_| self.dev.drop_chain())?;
-            self.dev.flush_chain()?;
+            c.enter(capture::sig(&[100, buf.ptr, len as u64]))?;
             c.flush(self.dev.stream)?;
         }
         let mut out = vec![0f32; len];
@@ -754,7 +748,6 @@ impl Backend for CudaBackend {
         };
         drop(slab);
         let m = CudaMat { ptr, rows, cols, dtype, _mem: mem };
-        self.dev.flush_chain()?;
         // SAFETY: ptr holds bytes.len() bytes; synchronised (pageable source).
         unsafe { dres::memcpy_htod_async(ptr, bytes, self.dev.stream) }.map_err(|e| drv("upload matrix", e))?;
         self.dev.sync()?;
@@ -1243,17 +1236,11 @@ impl Backend for CudaBackend {
 
     fn step_begin(&self) -> Result<()> {
         self.dev.bind()?;
-        self.dev.flush_chain()?;
         self.dev.cap.lock().expect("capture lock").step_begin(self.dev.stream)
     }
 
     fn step_end(&self) -> Result<bool> {
         self.dev.bind()?;
-        if !self.dev.cap.lock().expect("capture lock").is_broken() {
-            self.dev.flush_chain()?;
-        } else {
-            self.dev.drop_chain();
-        }
         self.dev.cap.lock().expect("capture lock").step_end(self.dev.stream)
     }
 
