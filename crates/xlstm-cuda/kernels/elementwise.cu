@@ -109,7 +109,7 @@ extern "C" __global__ void read_sum(const float4* x, long long n4, float* out) {
 
 // out[r, j] = act(t[r, j]) · t[r, F + j]: the gated activation on one [rows, 2F] product of the
 // adjacent [gate; up] weights, t in f32 or 16 bits (tdt); optional 16-bit copy `out_h` (for the down
-// projection's product). Launch: grid = (rows, ceil(F / (256·V))), block = 256; V = 8 with `vec`
+// projection's product; with `out` null only that copy is written). Launch: grid = (rows, ceil(F / (256·V))), block = 256; V = 8 with `vec`
 // (16-bit t, F % 8 == 0, t / out / out_h 16-byte aligned: 16-byte loads and stores), else 1.
 extern "C" __global__ void gated_act_split(int act, const void* t, int tdt, int F, float* out, int rows, u16* out_h, int hdt, int vec) {
     const long long r = blockIdx.x;
@@ -118,7 +118,7 @@ extern "C" __global__ void gated_act_split(int act, const void* t, int tdt, int 
     const long long ti = r * 2 * F + j, oi = r * F + j;
     if (!vec) {
         float y = act_apply(act, load_w(t, ti, tdt)) * load_w(t, ti + F, tdt);
-        out[oi] = y;
+        if (out) out[oi] = y;
         if (out_h) store_half(out_h, oi, y, hdt);
         return;
     }
@@ -130,8 +130,10 @@ extern "C" __global__ void gated_act_split(int act, const void* t, int tdt, int 
         y[2 * i] = act_apply(act, half_value((u16)(g[i] & 0xffffu), tdt)) * half_value((u16)(u[i] & 0xffffu), tdt);
         y[2 * i + 1] = act_apply(act, half_value((u16)(g[i] >> 16), tdt)) * half_value((u16)(u[i] >> 16), tdt);
     }
-    *(float4*)(out + oi) = make_float4(y[0], y[1], y[2], y[3]);
-    *(float4*)(out + oi + 4) = make_float4(y[4], y[5], y[6], y[7]);
+    if (out) {
+        *(float4*)(out + oi) = make_float4(y[0], y[1], y[2], y[3]);
+        *(float4*)(out + oi + 4) = make_float4(y[4], y[5], y[6], y[7]);
+    }
     if (out_h) {
         u32 h[4];
 #pragma unroll

@@ -1,7 +1,8 @@
 // norm.cu — RMSNorm and LayerNorm-per-group over f32 rows.
 //
 // rms_norm:  out[r, j] = x[r, j] · rsqrt(mean_j x[r, :]² + eps) · w[j]; optional 16-bit copy of the
-//            result (`out_h`, bf16 or f16 bits per `hdt`) for a following cuBLAS product. Rows of
+//            result (`out_h`, bf16 or f16 bits per `hdt`) for a following cuBLAS product (with `out`
+//            null, only that copy is written). Rows of
 //            width % 4 == 0 up to 32·blockDim values (aligned) are read once, as float4 in registers.
 //            Launch: grid = rows, block = 256 (any multiple of 32 up to 1024).
 // group_norm: per row r and group g of `group` values: (x − mean)·rsqrt(var + eps)·w[j] (+ bias[j]),
@@ -37,7 +38,7 @@ extern "C" __global__ void rms_norm(const float* x, int width, const float* w, f
             if (i < n4) {
                 const float4 wv = ((const float4*)w)[i];
                 const float4 y = make_float4(v[u].x * r * wv.x, v[u].y * r * wv.y, v[u].z * r * wv.z, v[u].w * r * wv.w);
-                ((float4*)(out + base))[i] = y;
+                if (out) ((float4*)(out + base))[i] = y;
                 if (out_h) ((uint2*)(out_h + base))[i] = make_uint2((u32)half_bits(y.x, hdt) | ((u32)half_bits(y.y, hdt) << 16),
                                                                     (u32)half_bits(y.z, hdt) | ((u32)half_bits(y.w, hdt) << 16));
             }
@@ -50,7 +51,7 @@ extern "C" __global__ void rms_norm(const float* x, int width, const float* w, f
     float r = rsqrtf(tot / (float)width + eps);
     for (int j = threadIdx.x; j < width; j += blockDim.x) {
         float v = x[base + j] * r * w[j];
-        out[base + j] = v;
+        if (out) out[base + j] = v;
         if (out_h) store_half(out_h, base + j, v, hdt);
     }
 }

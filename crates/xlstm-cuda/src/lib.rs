@@ -24,7 +24,7 @@ use cudarc::cublas::sys as cb;
 use cudarc::driver::result as dres;
 use cudarc::driver::sys::CUdeviceptr;
 use xlstm_core::backend::{
-    shapes, Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState, CHOSEN_ID,
+    shapes, Activation, Backend, ConvDims, FfnScratch, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState, CHOSEN_ID,
 };
 use xlstm_core::bench::Bandwidth;
 use xlstm_core::tensor::{DType, HostData, HostTensor};
@@ -161,13 +161,14 @@ mod opc {
     pub const GATED_UP: u64 = 20;
     pub const MCELL: u64 = 21;
     pub const TOPK: u64 = 22;
+    pub const FFN: u64 = 23;
 
     /// The op's name, for `CudaBackend::op_times`.
     pub fn name(code: u64) -> &'static str {
-        const NAMES: [&str; 23] = [
+        const NAMES: [&str; 24] = [
             "?", "copy", "embed", "matmul", "rms_norm", "group_norm", "bias_soft_cap", "add", "gated_act", "sigmoid_gate", "scaled_add",
             "copy_cols", "headwise", "conv1d_prefill", "conv1d_step", "mlstm_step", "mlstm_prefill", "slstm", "norm_matmuls", "matmul_add",
-            "norm_gated_up", "mlstm_gated_cell", "head_top_k",
+            "norm_gated_up", "mlstm_gated_cell", "head_top_k", "norm_gated_ffn_add",
         ];
         NAMES.get(code as usize).copied().unwrap_or("?")
     }
@@ -539,6 +540,30 @@ impl CudaBackend {
             return dev.launch(dev.f.group_norm_warp, (groups.div_ceil(8) as u32, 1, 1), 256, 0, &mut a);
         }
         dev.launch(dev.f.group_norm, ((width / group) as u32, rows as u32, 1), 256, 0, &mut a)
+    }
+
+    /// `out = act(xn·gateᵀ) ⊙ (xn·upᵀ)` for adjacent [gate; up] (ff rows each) as one product, then
+    /// act(g)·u straight from it. With 16-bit weights (`xh`: xn's 16-bit copy) the product is kept in
+    /// 16 bits (what a bf16 model's reference computes; half the traffic) and the 16-bit copy of the
+    /// result that the down projection's product takes is left in the half scratch; its pointer is
+    /// returned (0 for f32 weights). `out` 0: only that copy.
+    #[allow(clippy::too_many_arguments)]
+    fn gated_up_adjacent(&self, dev: &Dev, rows: usize, width: usize, xn: CUdeviceptr, xh: Option<CUdeviceptr>, gate: &CudaMat, ff: usize, act: Activation, out: CUdeviceptr) -> Result<CUdeviceptr> {
+        let hdt = (gate.dtype != DType::F32).then_some(gate.dtype);
+        let wide_dt = hdt.unwrap_or(DType::F32);
+        let wide = dev.scratch(|s| &mut s.wide, rows * 2 * ff * wide_dt.size(), false)?;
+        let view = MatView { ptr: gate.ptr, rows: 2 * ff, cols: width, dtype: gate.dtype };
+        self.gemm_view(dev, rows, view, xn, xh, wide, 0.0, hdt.is_some())?;
+        let oh = match hdt {
+            Some(dt) => dev.half_scratch(rows * ff, (out != 0).then_some((out, rows * ff, dt)))?,
+            None => 0,
+        };
+        let vec = wide_dt != DType::F32 && ff % 8 == 0 && [wide, out, oh].iter().all(|&p| p % 16 == 0);
+        let per_block = if vec { 8 * 256 } else { 256 };
+        let mut a = KArgs::new();
+        a.i(act_code(act)).p(wide).i(dt_code(wide_dt)).i(ff).p(out).i(rows).p(oh).i(dt_code(hdt.unwrap_or(DType::BF16))).i(vec as usize);
+        dev.launch(dev.f.gated_act_split, (rows as u32, ff.div_ceil(per_block) as u32, 1), 256, 0, &mut a)?;
+        Ok(oh)
     }
 
     /// One mLSTM step kernel. `pdl`: its launch may overlap the previous kernel's tail (the kernel
@@ -1172,28 +1197,38 @@ impl Backend for CudaBackend {
             self.rms(dev, xp, rows, width, wp, eps, xnp, xh, hdt.unwrap_or(DType::BF16))?;
             let h = hdt.map(|_| xh);
             if gate.adjacent(up) {
-                // [gate; up] as one product, then act(g)·u straight from it. With 16-bit weights the
-                // product is kept in 16 bits (what a bf16 model's reference computes; half the traffic).
-                let wide_dt = hdt.unwrap_or(DType::F32);
-                let wide = dev.scratch(|s| &mut s.wide, rows * 2 * ff * wide_dt.size(), false)?;
-                let view = MatView { ptr: gate.ptr, rows: 2 * ff, cols: width, dtype: gate.dtype };
-                self.gemm_view(dev, rows, view, xnp, h, wide, 0.0, hdt.is_some())?;
-                // also the 16-bit copy of the result that the down projection's product will take
-                let oh = match hdt {
-                    Some(dt) => dev.half_scratch(rows * ff, Some((op, rows * ff, dt)))?,
-                    None => 0,
-                };
-                let vec = wide_dt != DType::F32 && ff % 8 == 0 && [wide, op, oh].iter().all(|&p| p % 16 == 0);
-                let per_block = if vec { 8 * 256 } else { 256 };
-                let mut a = KArgs::new();
-                a.i(act_code(act)).p(wide).i(dt_code(wide_dt)).i(ff).p(op).i(rows).p(oh).i(dt_code(hdt.unwrap_or(DType::BF16))).i(vec as usize);
-                return dev.launch(dev.f.gated_act_split, (rows as u32, ff.div_ceil(per_block) as u32, 1), 256, 0, &mut a);
+                return self.gated_up_adjacent(dev, rows, width, xnp, h, gate, ff, act, op).map(|_| ());
             }
             self.gemm(dev, rows, gate, xnp, h, gp, 0.0)?;
             self.gemm(dev, rows, up, xnp, h, upp, 0.0)?;
             let mut a = KArgs::new();
             a.i(act_code(act)).p(gp).p(upp).p(op).i(rows * ff);
             self.ew(dev, dev.f.gated_act, rows * ff, &mut a)
+        })
+    }
+
+    fn norm_gated_ffn_add(&self, x: &mut CudaBuf, rows: usize, width: usize, weight: &CudaBuf, eps: f32, gate: &CudaMat, up: &CudaMat, down: &CudaMat, ff: usize, act: Activation, s: FfnScratch<'_, CudaBuf>) -> Result<()> {
+        // A prompt's FFN with 16-bit weights keeps its intermediates in 16 bits only: the normalised
+        // rows and act(g)·u are written once, as the operands of the products that take them (the
+        // f32 copies, which nothing reads, would be 3·ff + 2·width bytes per row more traffic).
+        // Decode (GEMV) and f32 weights: the two fused ops.
+        let half = gate.dtype != DType::F32 && down.dtype == gate.dtype && gate.adjacent(up) && down.rows == width && down.cols == ff;
+        if Self::gemv_fits(rows, gate) || !half || rows == 0 {
+            self.norm_gated_up(x, rows, width, weight, eps, s.xn, gate, up, ff, act, s.g, s.u, s.a)?;
+            return self.matmul_add(s.a, rows, down, width, s.y, x);
+        }
+        check("norm_gated_ffn_add", "x", x.len, rows * width)?;
+        check("norm_gated_ffn_add", "weight", weight.len, width)?;
+        if gate.rows != ff || up.rows != ff || gate.cols != width || up.cols != width || gate.dtype != up.dtype {
+            return Err(Error::Device("cuda norm_gated_ffn_add: gate and up must both be [ff, width] of one dtype".into()));
+        }
+        let (xp, wp, dt) = (x.ptr, weight.ptr, gate.dtype);
+        let words = [opc::FFN, xp, rows as u64, width as u64, wp, eps.to_bits() as u64, gate.ptr, up.ptr, down.ptr, act_code(act) as u64];
+        self.op(&words, |dev| {
+            let xh = dev.half_scratch(rows * width, None)?;
+            self.rms(dev, xp, rows, width, wp, eps, 0, xh, dt)?;
+            let oh = self.gated_up_adjacent(dev, rows, width, 0, Some(xh), gate, ff, act, 0)?;
+            self.gemm(dev, rows, down, 0, Some(oh), xp, 1.0)
         })
     }
 

@@ -11,7 +11,7 @@
 mod common;
 
 use common::*;
-use xlstm_core::backend::{Activation, Backend, ConvDims, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState};
+use xlstm_core::backend::{Activation, Backend, ConvDims, FfnScratch, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState};
 use xlstm_core::tensor::{DType, HostTensor};
 use xlstm_core::CpuBackend;
 use xlstm_cuda::{CudaBackend, CudaBuf};
@@ -461,6 +461,7 @@ fn fused_compositions_match_primitive_ops() {
             c.mlstm_gated_cell(kernel, dims, rows, &cqo, &cko, &cvo, &coo, &mut cio, &mut cfo, &ib, &fb, 15.0, &mut cstate, 1e-6, &hw, 1e-6, &mut ch, &mut chn).unwrap();
             let mut cy = z(rows * d);
             c.matmul_add(&chn, rows, &cout, d, &mut cy, &mut cx).unwrap();
+            let cx_mid = cx.clone();
             let (mut cg, mut cu, mut ca) = (z(rows * ff), z(rows * ff), z(rows * ff));
             c.norm_gated_up(&cx, rows, d, &nw, 1e-6, &mut cxn, &cug, &cup, ff, Activation::Silu, &mut cg, &mut cu, &mut ca).unwrap();
             c.matmul_add(&ca, rows, &cdn, d, &mut cy, &mut cx).unwrap();
@@ -479,7 +480,13 @@ fn fused_compositions_match_primitive_ops() {
             assert_state(&format!("mlstm_gated_cell {what}"), &g, &gstate, &cstate, tol);
             let mut gy = zz(rows * d);
             g.matmul_add(&ghn, rows, &gout, d, &mut gy, &mut gx).unwrap();
+            // the whole FFN as one composition (16-bit intermediates only in a bf16 prefill), from
+            // the CPU's residual stream before the FFN
+            let mut gx_ffn = up(&g, &cx_mid);
             let (mut gg, mut gu, mut ga) = (zz(rows * ff), zz(rows * ff), zz(rows * ff));
+            let ffn_scratch = FfnScratch { xn: &mut gxn, g: &mut gg, u: &mut gu, a: &mut ga, y: &mut gy };
+            g.norm_gated_ffn_add(&mut gx_ffn, rows, d, &gnw, 1e-6, &gug, &gup, &gdn, ff, Activation::Silu, ffn_scratch).unwrap();
+            assert_close(&format!("norm_gated_ffn_add {what}"), &down(&g, &gx_ffn), &cx, tol);
             g.norm_gated_up(&gx, rows, d, &gnw, 1e-6, &mut gxn, &gug, &gup, ff, Activation::Silu, &mut gg, &mut gu, &mut ga).unwrap();
             assert_close(&format!("norm_gated_up {what}"), &down(&g, &ga), &ca, tol);
             g.matmul_add(&ga, rows, &gdn, d, &mut gy, &mut gx).unwrap();

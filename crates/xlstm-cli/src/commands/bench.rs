@@ -24,6 +24,9 @@ pub struct Args {
     pub gen_len: usize,
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Timed prefills (after one warm-up); the best is reported.
+    #[arg(long, default_value_t = 1)]
+    pub prefill_reps: usize,
     /// Print one JSON object (otherwise a readable summary too).
     #[arg(long)]
     pub json: bool,
@@ -85,7 +88,7 @@ fn bench_on<B: Backend>(backend: B, a: Args) -> Result<()> {
     configure(&mut model, &mut settings)?;
     let warmup = settings.warmup().max(1);
     let kernel = MlstmKernel::Chunkwise { chunk: model.chunk_size };
-    let prefill = bench::prefill(&mut model, a.prompt_len, kernel, 1)?;
+    let prefill = bench::prefill(&mut model, a.prompt_len, kernel, a.prefill_reps)?;
     // Decode as greedy generation runs it: the fused head's top-1 unless --fast-head 0.
     let head = settings.fast_head().then_some(1);
     let decode = bench::decode(&mut model, a.batch, a.gen_len, warmup, head)?;

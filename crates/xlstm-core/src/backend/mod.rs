@@ -62,6 +62,16 @@ pub struct SlstmGates<'a, Buf> {
     pub o: &'a Buf,
 }
 
+/// Scratch of [`Backend::norm_gated_ffn_add`]: `xn` [rows, width], `g`, `u`, `a` [rows, ff],
+/// `y` [rows, width].
+pub struct FfnScratch<'a, Buf> {
+    pub xn: &'a mut Buf,
+    pub g: &'a mut Buf,
+    pub u: &'a mut Buf,
+    pub a: &'a mut Buf,
+    pub y: &'a mut Buf,
+}
+
 /// Sizes of a block-diagonal ("headwise") projection: `blocks` independent `[dout, din]` matrices;
 /// the input row is `blocks·din` wide, the output row `blocks·dout`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -298,6 +308,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
             Activation::Silu => self.swiglu(g, u, len, out),
             a => self.gated_act(a, g, u, len, out),
         }
+    }
+    /// A gated feed-forward added to the residual stream (`norm_gated_up`, then `matmul_add` of
+    /// `down` [`width`, ff]): `x += down(act(xn·gateᵀ) ⊙ (xn·upᵀ))`, `xn = rms_norm(x)`. Every buffer
+    /// of `s` is scratch whose contents are unspecified afterwards, so a backend may keep the
+    /// intermediates in the form its products take (the CUDA prefill: 16-bit only).
+    #[allow(clippy::too_many_arguments)]
+    fn norm_gated_ffn_add(&self, x: &mut Self::Buf, rows: usize, width: usize, weight: &Self::Buf, eps: f32, gate: &Self::Mat, up: &Self::Mat, down: &Self::Mat, ff: usize, act: Activation, s: FfnScratch<'_, Self::Buf>) -> Result<()> {
+        self.norm_gated_up(x, rows, width, weight, eps, s.xn, gate, up, ff, act, s.g, s.u, s.a)?;
+        self.matmul_add(s.a, rows, down, width, s.y, x)
     }
     /// The gated mLSTM cell of an xlstm-large layer: ĩ, f̃ (`[rows, NH]`, raw projections) get `bias`
     /// and the soft `cap` (the default does this in place; afterwards both are scratch); the cell runs (`kernel` None: one batched step, `rows` = batch; Some: a

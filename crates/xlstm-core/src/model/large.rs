@@ -3,7 +3,7 @@
 //! x = Embedding(ids); per block: x += mLSTMLayer(RMSNorm(x)); x += SwiGLU-FFN(RMSNorm(x));
 //! logits = 30·tanh(lm_head(RMSNorm(x)) / 30). The mLSTM layer: q, k, v, o, ĩ, f̃ projections,
 //! gates soft-capped at 15, the mLSTM cell per head, per-head LayerNorm, sigmoid(o) gate, out_proj.
-use crate::backend::{Activation, Backend, MlstmDims, MlstmKernel};
+use crate::backend::{Activation, Backend, FfnScratch, MlstmDims, MlstmKernel};
 use crate::config::LargeConfig;
 use crate::error::Result;
 use crate::model::{ActivationCache, GrowBuf, LogitRows, Network, Rows};
@@ -219,8 +219,8 @@ impl<B: Backend> Network<B> for LargeNet<B> {
             )?; //                                                               hn [n, v]
             b.matmul_add(&s.hn, n, &blk.out_proj, d, &mut s.y, &mut s.x)?; //    x += [n, D]
             // FFN sub-block (SwiGLU): x += down(silu(up_gate(RMSNorm(x))) ⊙ up(RMSNorm(x)))
-            b.norm_gated_up(&s.x, n, d, &blk.norm_ffn, eps, &mut s.xn, &blk.up_gate, &blk.up, ff, Activation::Silu, &mut s.g, &mut s.u, &mut s.a)?;
-            b.matmul_add(&s.a, n, &blk.down, d, &mut s.y, &mut s.x)?; //        x += [n, D]
+            let ffn_scratch = FfnScratch { xn: &mut s.xn, g: &mut s.g, u: &mut s.u, a: &mut s.a, y: &mut s.y };
+            b.norm_gated_ffn_add(&mut s.x, n, d, &blk.norm_ffn, eps, &blk.up_gate, &blk.up, &blk.down, ff, Activation::Silu, ffn_scratch)?; // x += [n, D]
         }
         match logits.range(n) {
             Some((first, count)) => self.head_logits_of(b, first, count),
