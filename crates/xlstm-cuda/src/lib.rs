@@ -24,7 +24,7 @@ use cudarc::cublas::sys as cb;
 use cudarc::driver::result as dres;
 use cudarc::driver::sys::CUdeviceptr;
 use xlstm_core::backend::{
-    shapes, Activation, Backend, ConvDims, FfnScratch, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState, CHOSEN_ID,
+    norm_gated_ffn_add_composed, shapes, Activation, Backend, ConvDims, FfnScratch, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState, CHOSEN_ID,
 };
 use xlstm_core::bench::Bandwidth;
 use xlstm_core::tensor::{DType, HostData, HostTensor};
@@ -1214,8 +1214,7 @@ impl Backend for CudaBackend {
         // Decode (GEMV) and f32 weights: the two fused ops.
         let half = gate.dtype != DType::F32 && down.dtype == gate.dtype && gate.adjacent(up) && down.rows == width && down.cols == ff;
         if Self::gemv_fits(rows, gate) || !half || rows == 0 {
-            self.norm_gated_up(x, rows, width, weight, eps, s.xn, gate, up, ff, act, s.g, s.u, s.a)?;
-            return self.matmul_add(s.a, rows, down, width, s.y, x);
+            return norm_gated_ffn_add_composed(self, x, rows, width, weight, eps, gate, up, down, ff, act, s);
         }
         check("norm_gated_ffn_add", "x", x.len, rows * width)?;
         check("norm_gated_ffn_add", "weight", weight.len, width)?;

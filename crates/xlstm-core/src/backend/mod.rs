@@ -315,8 +315,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// intermediates in the form its products take (the CUDA prefill: 16-bit only).
     #[allow(clippy::too_many_arguments)]
     fn norm_gated_ffn_add(&self, x: &mut Self::Buf, rows: usize, width: usize, weight: &Self::Buf, eps: f32, gate: &Self::Mat, up: &Self::Mat, down: &Self::Mat, ff: usize, act: Activation, s: FfnScratch<'_, Self::Buf>) -> Result<()> {
-        self.norm_gated_up(x, rows, width, weight, eps, s.xn, gate, up, ff, act, s.g, s.u, s.a)?;
-        self.matmul_add(s.a, rows, down, width, s.y, x)
+        norm_gated_ffn_add_composed(self, x, rows, width, weight, eps, gate, up, down, ff, act, s)
     }
     /// The gated mLSTM cell of an xlstm-large layer: ĩ, f̃ (`[rows, NH]`, raw projections) get `bias`
     /// and the soft `cap` (the default does this in place; afterwards both are scratch); the cell runs (`kernel` None: one batched step, `rows` = batch; Some: a
@@ -353,6 +352,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn device_bandwidth(&self) -> Result<Option<crate::bench::Bandwidth>> {
         Ok(None)
     }
+}
+
+/// [`Backend::norm_gated_ffn_add`] as its two compositions, `norm_gated_up` then `matmul_add` (the
+/// default, and an override's fallback for the cases it does not fuse).
+#[allow(clippy::too_many_arguments)]
+pub fn norm_gated_ffn_add_composed<B: Backend + ?Sized>(b: &B, x: &mut B::Buf, rows: usize, width: usize, weight: &B::Buf, eps: f32, gate: &B::Mat, up: &B::Mat, down: &B::Mat, ff: usize, act: Activation, s: FfnScratch<'_, B::Buf>) -> Result<()> {
+    b.norm_gated_up(x, rows, width, weight, eps, s.xn, gate, up, ff, act, s.g, s.u, s.a)?;
+    b.matmul_add(s.a, rows, down, width, s.y, x)
 }
 
 /// The `k` largest values of `x` as (index, value), best first (ties: lower index first).
