@@ -4,6 +4,10 @@
 //! lengths. Prints one JSON line per measurement.
 //!
 //!   cargo run --release -p xlstm-cuda --example cuda_profile -- [--quick]
+//!
+//! With `--trace FILE` (kernels built with `XLSTM_CUDA_TRACE=1`) it only replays three batch-1
+//! decode steps of the 7B model from their graph and writes every traced block's record (kernel
+//! tag, grid size and block, SM, start / after-wait / prologue-done / end in ns) to FILE as CSV.
 use std::time::Instant;
 
 use xlstm_core::backend::{Activation, Backend, MlstmDims, MlstmKernel, MlstmState};
@@ -49,6 +53,10 @@ fn main() {
     let prefill_only = std::env::args().any(|a| a == "--prefill-only");
     let g = CudaBackend::new(0).expect("a usable CUDA device");
     println!("{{\"device\":\"{}\"}}", g.device_name());
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(path) = args.iter().position(|a| a == "--trace").and_then(|i| args.get(i + 1)) {
+        return trace_decode(&g, path);
+    }
     let bw = g.measure_bandwidth().unwrap();
     println!("{{\"bandwidth\":{{\"copy_gb_s\":{:.0},\"read_gb_s\":{:.0}}}}}", bw.copy_gb_s, bw.read_gb_s);
 
@@ -194,4 +202,30 @@ fn main() {
         println!("{{\"prefill_8192_op\":\"{op}\",\"calls\":{calls},\"ms\":{:.2}}}", s * 1e3);
     }
     g.set_op_timing(false);
+}
+
+/// Three graph-replayed batch-1 decode steps of the 7B model, every traced block's record to `path`.
+fn trace_decode(g: &CudaBackend, path: &str) {
+    let mut model = Model::random(g.clone(), ModelConfig::Large(LargeConfig::xlstm_7b()), DType::BF16, 0).unwrap();
+    g.set_graphs(true);
+    let mut st = model.new_state(1).unwrap();
+    for _ in 0..6 {
+        model.step(&[17], &mut st).unwrap();
+    }
+    if g.trace_take().unwrap().is_none() {
+        eprintln!("kernels were built without the trace (set XLSTM_CUDA_TRACE=1): timing the steps only");
+    }
+    let t = Instant::now();
+    for _ in 0..3 {
+        model.step(&[17], &mut st).unwrap();
+    }
+    g.synchronize().unwrap();
+    let ms = t.elapsed().as_secs_f64() * 1e3 / 3.0;
+    let recs = g.trace_take().unwrap().unwrap_or_default();
+    let mut out = String::from("tag,grid,block,sm,t0,t1,t2,t3\n");
+    for r in &recs {
+        out += &format!("{},{},{},{},{},{},{},{}\n", r[0], r[1] >> 32, r[1] & 0xffff_ffff, r[2], r[3], r[4], r[5], r[6]);
+    }
+    std::fs::write(path, out).unwrap();
+    println!("{{\"trace\":{{\"records\":{},\"ms_per_step\":{ms:.3},\"file\":\"{path}\"}}}}", recs.len());
 }

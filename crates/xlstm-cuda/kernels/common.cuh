@@ -101,3 +101,33 @@ __device__ __forceinline__ float act_apply(int act, float x) {
         default: return 1.0507009873554805f * (x > 0.f ? x : 1.6732632423543772f * (expf(x) - 1.f));
     }
 }
+
+// Timing trace, compiled in only when the host defines XLSTM_TRACE (XLSTM_CUDA_TRACE=1): thread 0 of
+// every traced block appends one record of 8 u64 to the host's buffer `xlstm_trace_buf` (word 0 is
+// the record counter, records start at word 8, a ring of `xlstm_trace_cap` records): kernel tag,
+// (grid size << 32 | block), SM, and the block's start, after-pdl_wait, prologue-done and end times
+// (%globaltimer, ns). Without XLSTM_TRACE every call below compiles to nothing.
+#ifdef XLSTM_TRACE
+__device__ u64* xlstm_trace_buf;
+__device__ u32 xlstm_trace_cap;
+__device__ __forceinline__ u64 trace_now() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ void trace_record(u32 tag, u64 t0, u64 t1, u64 t2) {
+    __syncthreads();
+    if (threadIdx.x == 0 && xlstm_trace_buf && xlstm_trace_cap) {
+        u64 t3 = trace_now();
+        u32 sm;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        u64 slot = atomicAdd((unsigned long long*)xlstm_trace_buf, 1ull) % xlstm_trace_cap;
+        u64* r = xlstm_trace_buf + 8 + slot * 8;
+        u64 grid = (u64)gridDim.x * gridDim.y * gridDim.z, blk = blockIdx.x + (u64)blockIdx.y * gridDim.x;
+        r[0] = tag; r[1] = (grid << 32) | blk; r[2] = sm; r[3] = t0; r[4] = t1; r[5] = t2; r[6] = t3; r[7] = 0;
+    }
+}
+#else
+__device__ __forceinline__ u64 trace_now() { return 0; }
+__device__ __forceinline__ void trace_record(u32, u64, u64, u64) {}
+#endif

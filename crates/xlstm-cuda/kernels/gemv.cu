@@ -154,6 +154,7 @@ __device__ __forceinline__ void gemv_finish(const GemvSeg& sg, bool pair, int ac
 
 template <int R>
 __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
+    const u64 tr0 = trace_now();
     extern __shared__ float xs[];
     __shared__ float red[32];
     __shared__ float inv[4];
@@ -191,6 +192,7 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
     if (nrounds > 1) GEMV_LOAD(wb, 1);
     // Weights never change; x (and the outputs) belong to the previous kernel: wait for it here.
     pdl_wait();
+    const u64 tr1 = trace_now();
 
     // Stage x (one read of global memory, 16-byte loads, 4 in flight per thread), then normalise it
     // in place.
@@ -266,6 +268,7 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
         }
     }
     __syncthreads();
+    const u64 tr2 = trace_now();
 
     float acc[R], acc2[R];
 #pragma unroll
@@ -298,6 +301,7 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
         }
     }
 #undef GEMV_LOAD
+    trace_record(1, tr0, tr1, tr2);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) gemv_r1(const GemvArgs a) { gemv_body<1>(a); }

@@ -31,6 +31,7 @@ __device__ __forceinline__ void mlstm_step_body(
     float* C, float* n, float* m, float eps, float* h,
     const float* o, const float* hnw, float neps, float* hn,
     u32* counters) {
+    const u64 tr0 = trace_now();
     extern __shared__ float sm[];
     float* qs = sm;
     float* ks = sm + DK;
@@ -47,6 +48,7 @@ __device__ __forceinline__ void mlstm_step_body(
     // the previous step on it), so it waits first, then loads the C columns ahead of the rest.
     pdl_trigger();
     pdl_wait();
+    const u64 tr1 = trace_now();
     float cv0[PRE][CW];
 #pragma unroll
     for (int j = 0; j < PRE; ++j) {
@@ -76,6 +78,7 @@ __device__ __forceinline__ void mlstm_step_body(
         nn[a] = fa * n[uk + a] + kk;
     }
     __syncthreads();
+    const u64 tr2 = trace_now();
     float part = 0.f;
     for (int a = tid; a < DK; a += blockDim.x) part = fmaf(qs[a], nn[a], part);
     const float qn = block_sum(part, red);
@@ -144,7 +147,10 @@ __device__ __forceinline__ void mlstm_step_body(
         last = (prev == gridDim.x - 1);
     }
     __syncthreads();
-    if (!last) return;
+    if (!last) {
+        trace_record(2, tr0, tr1, tr2);
+        return;
+    }
     __threadfence();
     for (int a = tid; a < DK; a += blockDim.x) n[uk + a] = nn[a];
     if (tid == 0) { m[u] = mn; counters[u] = 0u; }
@@ -162,6 +168,7 @@ __device__ __forceinline__ void mlstm_step_body(
             hn[e] = (ld_cg(hu + j) - mean) * r * hnw[hd * DV + j] * sigmoid_exact(o[e]);
         }
     }
+    trace_record(3, tr0, tr1, tr2);
 }
 
 #define MLSTM_STEP_PARAMS                                                                          \

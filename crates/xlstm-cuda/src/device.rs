@@ -173,8 +173,13 @@ pub(crate) struct Dev {
     pub op_times: Mutex<Option<std::collections::BTreeMap<u64, (u64, f64)>>>,
     /// Bytes of every live allocation made through `alloc` (`Backend::allocated_bytes`).
     live: Mutex<std::collections::HashMap<CUdeviceptr, usize>>,
+    /// The timing trace's buffer when kernels were built with it (`XLSTM_CUDA_TRACE=1`).
+    trace: Option<CUdeviceptr>,
     _modules: Vec<Arc<CudaModule>>,
 }
+
+/// Records the timing trace's ring holds (common.cuh: 8 u64 each, after an 8-word header).
+pub(crate) const TRACE_CAP: usize = 1 << 18;
 
 // SAFETY: the raw handles (stream, functions, cuBLAS handle) are used only with the context bound and
 // behind the device's locks where state is shared; CUDA handles may be used from any thread.
@@ -272,6 +277,24 @@ impl Dev {
             }
             .map_err(|e| drv("gemv attribute", e))?;
         }
+        let trace = if kernels::trace_enabled() {
+            let words = 8 + 8 * TRACE_CAP;
+            // SAFETY: context bound; the buffer lives as long as the Dev (freed in Drop).
+            let buf = unsafe { dres::malloc_sync(words * 8) }.map_err(|e| drv("trace buffer", e))?;
+            unsafe { dres::memset_d8_sync(buf, 0, words * 8) }.map_err(|e| drv("trace buffer", e))?;
+            let s = ctx.default_stream();
+            for m in &modules {
+                for (name, bytes) in [("xlstm_trace_buf", buf.to_le_bytes().to_vec()), ("xlstm_trace_cap", (TRACE_CAP as u32).to_le_bytes().to_vec())] {
+                    let mut g = m.get_global(name, &s).map_err(|e| drv("trace global", e))?;
+                    let (p, _sync) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut g, &s);
+                    // SAFETY: p is the module global of exactly this size.
+                    unsafe { dres::memcpy_htod_sync(p, &bytes) }.map_err(|e| drv("trace global", e))?;
+                }
+            }
+            Some(buf)
+        } else {
+            None
+        };
         let blas = cudarc::cublas::result::create_handle().map_err(|e| Error::Device(format!("cuda cuBLAS init: {e:?}")))?;
         // SAFETY: handle and stream are valid; the workspace lets cuBLAS run inside graph capture
         // without allocating.
@@ -298,6 +321,7 @@ impl Dev {
             chunk_kernels: Mutex::new(ChunkKernels::from_env()),
             op_times: Mutex::new(None),
             live: Mutex::new(std::collections::HashMap::new()),
+            trace,
             _modules: modules,
         })
     }
@@ -339,6 +363,27 @@ impl Dev {
                 let _ = dres::free_sync(ptr);
             }
         }
+    }
+
+    /// The timing trace's records since the last call (oldest first; at most [`TRACE_CAP`]), then
+    /// clears it; None when kernels were built without it.
+    pub fn trace_take(&self) -> Result<Option<Vec<[u64; 8]>>> {
+        let Some(buf) = self.trace else { return Ok(None) };
+        self.sync()?;
+        let mut n = [0u64; 1];
+        // SAFETY: buf holds 8 + 8·TRACE_CAP words; the stream is idle.
+        unsafe { dres::memcpy_dtoh_sync(&mut n, buf) }.map_err(|e| drv("trace read", e))?;
+        let count = (n[0] as usize).min(TRACE_CAP);
+        let mut words = vec![0u64; 8 * TRACE_CAP];
+        unsafe { dres::memcpy_dtoh_sync(&mut words, buf + 64) }.map_err(|e| drv("trace read", e))?;
+        unsafe { dres::memset_d8_sync(buf, 0, 8) }.map_err(|e| drv("trace clear", e))?;
+        let start = if n[0] as usize > TRACE_CAP { n[0] as usize % TRACE_CAP } else { 0 };
+        Ok(Some((0..count).map(|i| {
+            let j = (start + i) % TRACE_CAP;
+            let mut r = [0u64; 8];
+            r.copy_from_slice(&words[8 * j..8 * j + 8]);
+            r
+        }).collect()))
     }
 
     pub fn sync(&self) -> Result<()> {
@@ -528,6 +573,9 @@ impl Drop for Dev {
                         let _ = dres::free_host(s.ids_host_ptr as *mut c_void);
                     }
                 }
+            }
+            if let Some(t) = self.trace {
+                let _ = dres::free_sync(t);
             }
             let _ = dres::stream::destroy(self.stream);
         }

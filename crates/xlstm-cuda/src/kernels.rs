@@ -59,8 +59,17 @@ fn cache_dir() -> Option<PathBuf> {
     std::env::var("HOME").ok().map(|h| PathBuf::from(h).join(".cache").join("xlstm").join("ptx"))
 }
 
+/// Whether kernels are built with the timing trace (`XLSTM_CUDA_TRACE=1`; common.cuh, `CudaBackend::trace_take`).
+pub fn trace_enabled() -> bool {
+    std::env::var("XLSTM_CUDA_TRACE").is_ok_and(|v| v == "1")
+}
+
 fn options(arch: &str) -> Vec<String> {
-    vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()]
+    let mut o = vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()];
+    if trace_enabled() {
+        o.push("-DXLSTM_TRACE".into());
+    }
+    o
 }
 
 /// Compiles one family to PTX for `arch` (e.g. `compute_90`), through the disk cache unless

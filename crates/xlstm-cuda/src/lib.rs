@@ -289,6 +289,13 @@ impl CudaBackend {
         (c.replays, c.records, c.eager)
     }
 
+    /// The kernel timing trace gathered since the last call, when kernels were built with it
+    /// (`XLSTM_CUDA_TRACE=1`; records as common.cuh describes them). Profiling only.
+    pub fn trace_take(&self) -> Result<Option<Vec<[u64; 8]>>> {
+        self.dev.bind()?;
+        self.dev.trace_take()
+    }
+
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
         self.dev.bind()?;

@@ -404,6 +404,41 @@ fn slstm_step_and_sequence() {
     }
 }
 
+/// Decode products whose GEMV warps each stream several rows in many rounds of weights, both
+/// register buffers refilled again and again (as on the 7B shape, ~48 KB per warp): plain and
+/// gated pairs, f32 and 16-bit weights, 1 and 2 rows, against the CPU.
+#[test]
+fn gemv_long_streams_per_warp() {
+    let Some((g, _l)) = gpu("gemv_long") else { return };
+    let c = CpuBackend::new();
+    let mut rng = Rng::fresh("gemv_long");
+    let (n, k) = (12288usize, 1024usize);
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        let mk = |rng: &mut Rng| {
+            let w = rng.vec(n * k, 1.0 / (k as f32).sqrt());
+            (g.matrix(HostTensor::f32(vec![n, k], w.clone()), dt).unwrap(), c.matrix(HostTensor::f32(vec![n, k], w), dt).unwrap())
+        };
+        let (gw, cw) = mk(&mut rng);
+        let (gu, cu) = mk(&mut rng);
+        let nw = rng.vec(k, 1.0);
+        for rows in [1usize, 2] {
+            let x = rng.vec(rows * k, 1.0);
+            let mut go = up(&g, &vec![f32::NAN; rows * n]);
+            let mut co = vec![0f32; rows * n];
+            g.matmul(&up(&g, &x), rows, &gw, &mut go).unwrap();
+            c.matmul(&x, rows, &cw, &mut co).unwrap();
+            assert_close(&format!("matmul {n}x{k} {dt} rows {rows}"), &down(&g, &go), &co, 1e-5);
+            let z = |m: usize| vec![0f32; m];
+            let (mut cxn, mut cg, mut cuo, mut ca) = (z(rows * k), z(rows * n), z(rows * n), z(rows * n));
+            c.norm_gated_up(&x, rows, k, &nw, 1e-6, &mut cxn, &cw, &cu, n, Activation::Silu, &mut cg, &mut cuo, &mut ca).unwrap();
+            let zz = |m: usize| g.zeros(m).unwrap();
+            let (mut gxn, mut gg, mut guo, mut ga) = (zz(rows * k), zz(rows * n), zz(rows * n), zz(rows * n));
+            g.norm_gated_up(&up(&g, &x), rows, k, &up(&g, &nw), 1e-6, &mut gxn, &gw, &gu, n, Activation::Silu, &mut gg, &mut guo, &mut ga).unwrap();
+            assert_close(&format!("norm_gated_up {n}x{k} {dt} rows {rows}"), &down(&g, &ga), &ca, 1e-5);
+        }
+    }
+}
+
 #[test]
 fn fused_compositions_match_primitive_ops() {
     let Some((g, _l)) = gpu("fused") else { return };
