@@ -7,8 +7,9 @@
 //   mode 0: out[r·ld + n] = acc          mode 1: out[r·ld + n] += acc  (residual add)
 //   mode 2: out[r·ld + n] = act(acc) · acc2, acc2 from the segment's partner matrix w2 (gated FFN)
 // Prologue: x is staged in shared memory as f32 ([R, K], R·K·4 bytes of dynamic shared memory); when
-// `norm_w` is set it is RMS-normalised first (x·rsqrt(mean x² + eps)·norm_w, per row) and block 0 also
-// writes the normalised rows to `xn_out` (if set).
+// `norm_w` is set the GEMV is of the RMS-normalised rows, x·rsqrt(mean x² + eps)·norm_w: x·norm_w is
+// staged and the scalar rsqrt(...) applied to each output, and block 0 also writes the normalised rows
+// to `xn_out` (if set).
 // Launch: block = 256 threads = 8 warps; each warp computes `rpw_s` consecutive output rows of its
 // segment s (the host picks them so the grid is about one wave and every warp streams about the same
 // bytes: x is staged once per block and amortised over its rows; a warp that streams twice the
@@ -134,13 +135,14 @@ __device__ __forceinline__ void gemv_consume(const uint4* wv, const GemvSeg& sg,
     }
 }
 
-// Reduces a finished row over the warp and writes it (lane 0), then clears the accumulators.
+// Reduces a finished row over the warp, scales it (the row's 1/rms with a norm, else 1) and writes
+// it (lane 0), then clears the accumulators.
 template <int R>
-__device__ __forceinline__ void gemv_finish(const GemvSeg& sg, bool pair, int act, int row, int lane, float* acc, float* acc2) {
+__device__ __forceinline__ void gemv_finish(const GemvSeg& sg, bool pair, int act, int row, int lane, const float* scale, float* acc, float* acc2) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-        float v = warp_sum(acc[r]);
-        float v2 = pair ? warp_sum(acc2[r]) : 0.f;
+        float v = warp_sum(acc[r]) * scale[r];
+        float v2 = pair ? warp_sum(acc2[r]) * scale[r] : 0.f;
         if (lane == 0) {
             float* o = sg.out + (long long)r * sg.ld + row;
             if (sg.mode == 0) *o = v;
@@ -194,8 +196,10 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
     pdl_wait();
     const u64 tr1 = trace_now();
 
-    // Stage x (one read of global memory, 16-byte loads, 4 in flight per thread), then normalise it
-    // in place.
+    // Stage x (one read of global memory, 16-byte loads, 4 in flight per thread). With a norm, x·w
+    // is staged and each row's 1/rms(x) scales its finished dot products (gemv_finish), so no second
+    // pass over x has to wait for the block-wide sum.
+    const float4* w4 = (const float4*)a.norm_w;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         float ss = 0.f;
@@ -203,11 +207,12 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
             const float4* x4 = (const float4*)(a.x + r * k);
             const int k4 = k >> 2;
             for (int i0 = threadIdx.x; i0 < k4; i0 += 4 * blockDim.x) {
-                float4 v[4];
+                float4 v[4], nw[4];
 #pragma unroll
                 for (int u = 0; u < 4; ++u) {
                     int i = i0 + u * blockDim.x;
                     v[u] = i < k4 ? x4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+                    nw[u] = (w4 && i < k4) ? w4[i] : make_float4(1.f, 1.f, 1.f, 1.f);
                 }
 #pragma unroll
                 for (int u = 0; u < 4; ++u) {
@@ -215,6 +220,7 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
                     if (i < k4) {
                         ss = fmaf(v[u].x, v[u].x, ss); ss = fmaf(v[u].y, v[u].y, ss);
                         ss = fmaf(v[u].z, v[u].z, ss); ss = fmaf(v[u].w, v[u].w, ss);
+                        v[u].x *= nw[u].x; v[u].y *= nw[u].y; v[u].z *= nw[u].z; v[u].w *= nw[u].w;
                         *(float4*)(xs + r * k + (i & 1) * (k >> 1) + (i >> 1) * 4) = v[u];
                     }
                 }
@@ -223,7 +229,7 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
             for (int j = threadIdx.x; j < k; j += blockDim.x) {
                 float v = a.x[r * k + j];
                 ss = fmaf(v, v, ss);
-                xs[r * k + j] = v;
+                xs[r * k + j] = a.norm_w ? v * a.norm_w[j] : v;
             }
         }
         if (a.norm_w) {
@@ -231,43 +237,15 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
             if (threadIdx.x == 0) inv[r] = rsqrtf(tot / (float)k + a.eps);
         }
     }
-    if (a.norm_w) {
-        __syncthreads();
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            const float ir = inv[r];
-            if (split) {
-                const float4* w4 = (const float4*)a.norm_w;
-                const int k4 = k >> 2;
-                for (int i0 = threadIdx.x; i0 < k4; i0 += 4 * blockDim.x) {
-                    float4 nw[4];
-#pragma unroll
-                    for (int u = 0; u < 4; ++u) {
-                        int i = i0 + u * blockDim.x;
-                        nw[u] = i < k4 ? w4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
-                    }
-#pragma unroll
-                    for (int u = 0; u < 4; ++u) {
-                        int i = i0 + u * blockDim.x;
-                        if (i < k4) {
-                            float4* p = (float4*)(xs + r * k + (i & 1) * (k >> 1) + (i >> 1) * 4);
-                            float4 v = *p;
-                            v.x *= ir * nw[u].x; v.y *= ir * nw[u].y; v.z *= ir * nw[u].z; v.w *= ir * nw[u].w;
-                            *p = v;
-                            if (a.xn_out && b == 0) ((float4*)(a.xn_out + r * k))[i] = v;
-                        }
-                    }
-                }
-            } else {
-                for (int j = threadIdx.x; j < k; j += blockDim.x) {
-                    float v = xs[r * k + j] * ir * a.norm_w[j];
-                    xs[r * k + j] = v;
-                    if (a.xn_out && b == 0) a.xn_out[r * k + j] = v;
-                }
-            }
-        }
-    }
     __syncthreads();
+    float scale[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) scale[r] = a.norm_w ? inv[r] : 1.f;
+    if (a.norm_w && a.xn_out && b == 0) {
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+            for (int j = threadIdx.x; j < k; j += blockDim.x) a.xn_out[r * k + j] = xs[r * k + xoff(j, k, split)] * scale[r];
+    }
     const u64 tr2 = trace_now();
 
     float acc[R], acc2[R];
@@ -276,11 +254,11 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
     if (vec) {
         for (int i = 0; i < nrounds; i += 2) {
             gemv_consume<R>(wa, sg, pair, half, (i % rpr) * 32 * step, lane, nch, xs, k, acc, acc2);
-            if (i % rpr == rpr - 1) gemv_finish<R>(sg, pair, a.act, row0 + i / rpr, lane, acc, acc2);
+            if (i % rpr == rpr - 1) gemv_finish<R>(sg, pair, a.act, row0 + i / rpr, lane, scale, acc, acc2);
             if (i + 2 < nrounds) GEMV_LOAD(wa, i + 2);
             if (i + 1 < nrounds) {
                 gemv_consume<R>(wb, sg, pair, half, ((i + 1) % rpr) * 32 * step, lane, nch, xs, k, acc, acc2);
-                if ((i + 1) % rpr == rpr - 1) gemv_finish<R>(sg, pair, a.act, row0 + (i + 1) / rpr, lane, acc, acc2);
+                if ((i + 1) % rpr == rpr - 1) gemv_finish<R>(sg, pair, a.act, row0 + (i + 1) / rpr, lane, scale, acc, acc2);
                 if (i + 3 < nrounds) GEMV_LOAD(wb, i + 3);
             }
         }
@@ -297,7 +275,7 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
                     acc2[r] = fmaf(w_2, xv, acc2[r]);
                 }
             }
-            gemv_finish<R>(sg, pair, a.act, row, lane, acc, acc2);
+            gemv_finish<R>(sg, pair, a.act, row, lane, scale, acc, acc2);
         }
     }
 #undef GEMV_LOAD

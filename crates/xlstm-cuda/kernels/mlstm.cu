@@ -23,7 +23,7 @@ __device__ __forceinline__ float ld_cg(const float* p) {
 
 // One block: NW warps, 32·CW columns of one unit's C (lane l owns columns l·CW .. l·CW + CW − 1),
 // PRE rows per warp loaded up front (more rows, if DK > PRE·NW, in batches of 8).
-template <int CW, int NW, int PRE>
+template <int CW, int NW, int PRE, bool DEFER>
 __device__ __forceinline__ void mlstm_step_body(
     int NH, int DK, int DV,
     const float* q, const float* k, const float* v, const float* ig, const float* fg,
@@ -61,6 +61,16 @@ __device__ __forceinline__ void mlstm_step_body(
             cv0[j][0] = (live && a < DK) ? cu[(long long)a * DV] : 0.f;
         }
     }
+    // Everything else this block reads goes out at once, before any of it is used: this lane's v
+    // columns and, when DK ≤ the block's threads, one element each of q, k and n per thread.
+    float vv[CW];
+#pragma unroll
+    for (int c = 0; c < CW; ++c) vv[c] = live ? v[(long long)u * DV + col + c] : 0.f;
+    const long long uk = (long long)u * DK;
+    const bool one = DK <= (int)blockDim.x;
+    const float qe = (one && tid < DK) ? q[uk + tid] : 0.f;
+    const float ke = (one && tid < DK) ? k[uk + tid] : 0.f;
+    const float ne = (one && tid < DK) ? n[uk + tid] : 0.f;
     float ip = ig[u], fp = fg[u];
     if (ibias) ip += ibias[hd];
     if (fbias) fp += fbias[hd];
@@ -70,12 +80,20 @@ __device__ __forceinline__ void mlstm_step_body(
     const float mn = fmaxf(lf + mo, ip);
     const float fa = expf(lf + mo - mn), ia = expf(ip - mn);
     const float scale = 1.f / sqrtf((float)DK);
-    const long long uk = (long long)u * DK;
-    for (int a = tid; a < DK; a += blockDim.x) {
-        qs[a] = q[uk + a] * scale;
-        float kk = ia * k[uk + a];
-        ks[a] = kk;
-        nn[a] = fa * n[uk + a] + kk;
+    if (one) {
+        if (tid < DK) {
+            qs[tid] = qe * scale;
+            float kk = ia * ke;
+            ks[tid] = kk;
+            nn[tid] = fa * ne + kk;
+        }
+    } else {
+        for (int a = tid; a < DK; a += blockDim.x) {
+            qs[a] = q[uk + a] * scale;
+            float kk = ia * k[uk + a];
+            ks[a] = kk;
+            nn[a] = fa * n[uk + a] + kk;
+        }
     }
     __syncthreads();
     const u64 tr2 = trace_now();
@@ -87,21 +105,21 @@ __device__ __forceinline__ void mlstm_step_body(
 #pragma unroll
     for (int c = 0; c < CW; ++c) acc[c] = 0.f;
     if (live) {
-        float vv[CW];
-#pragma unroll
-        for (int c = 0; c < CW; ++c) vv[c] = v[(long long)u * DV + col + c];
+        // With DEFER the first PRE rows' new values stay in cv0 and are stored after h has been
+        // published (below), so the fence before the unit's counter waits for h alone.
 #pragma unroll
         for (int j = 0; j < PRE; ++j) {
             int a = warp + j * NW;
             if (a < DK) {
-                float cn[CW];
 #pragma unroll
                 for (int c = 0; c < CW; ++c) {
-                    cn[c] = fa * cv0[j][c] + ks[a] * vv[c];
-                    acc[c] = fmaf(qs[a], cn[c], acc[c]);
+                    cv0[j][c] = fa * cv0[j][c] + ks[a] * vv[c];
+                    acc[c] = fmaf(qs[a], cv0[j][c], acc[c]);
                 }
-                if (CW == 2) *(float2*)(cu + (long long)a * DV) = make_float2(cn[0], cn[CW - 1]);
-                else cu[(long long)a * DV] = cn[0];
+                if (!DEFER) {
+                    if (CW == 2) *(float2*)(cu + (long long)a * DV) = make_float2(cv0[j][0], cv0[j][CW - 1]);
+                    else cu[(long long)a * DV] = cv0[j][0];
+                }
             }
         }
         // Rows past the first PRE per warp (DK > PRE·NW): 8 independent loads in flight per thread
@@ -146,6 +164,16 @@ __device__ __forceinline__ void mlstm_step_body(
         u32 prev = atomicAdd(&counters[u], 1u);
         last = (prev == gridDim.x - 1);
     }
+    if (DEFER && live) {
+#pragma unroll
+        for (int j = 0; j < PRE; ++j) {
+            int a = warp + j * NW;
+            if (a < DK) {
+                if (CW == 2) *(float2*)(cu + (long long)a * DV) = make_float2(cv0[j][0], cv0[j][CW - 1]);
+                else cu[(long long)a * DV] = cv0[j][0];
+            }
+        }
+    }
     __syncthreads();
     if (!last) {
         trace_record(2, tr0, tr1, tr2);
@@ -154,7 +182,34 @@ __device__ __forceinline__ void mlstm_step_body(
     __threadfence();
     for (int a = tid; a < DK; a += blockDim.x) n[uk + a] = nn[a];
     if (tid == 0) { m[u] = mn; counters[u] = 0u; }
-    if (hn) {
+    if (hn && DV <= 2 * (int)blockDim.x) {
+        // One read of the unit's h (from L2: other blocks wrote it), o and w, held in registers
+        // through both reductions.
+        const float* hu = h + (long long)u * DV;
+        float hv[2], ov[2], wv[2], s = 0.f;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int j = tid + i * blockDim.x;
+            const bool in = j < DV;
+            hv[i] = in ? ld_cg(hu + j) : 0.f;
+            ov[i] = in ? o[(long long)u * DV + j] : 0.f;
+            wv[i] = in ? hnw[hd * DV + j] : 0.f;
+            s += hv[i];
+        }
+        const float mean = block_sum(s, red) / (float)DV;
+        float vs = 0.f;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const float d = hv[i] - mean;
+            if (tid + i * (int)blockDim.x < DV) vs = fmaf(d, d, vs);
+        }
+        const float r = rsqrtf(block_sum(vs, red) / (float)DV + neps);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int j = tid + i * blockDim.x;
+            if (j < DV) hn[(long long)u * DV + j] = (hv[i] - mean) * r * wv[i] * sigmoid_exact(ov[i]);
+        }
+    } else if (hn) {
         const float* hu = h + (long long)u * DV;
         float s = 0.f;
         for (int j = tid; j < DV; j += blockDim.x) s += ld_cg(hu + j);
@@ -180,12 +235,12 @@ __device__ __forceinline__ void mlstm_step_body(
 
 // Narrow tiles (32 columns, 16 warps): many blocks when there are few units (batch 1..2).
 extern "C" __global__ void __launch_bounds__(512) mlstm_step(MLSTM_STEP_PARAMS) {
-    mlstm_step_body<1, 16, 16>(MLSTM_STEP_ARGS);
+    mlstm_step_body<1, 16, 16, true>(MLSTM_STEP_ARGS);
 }
 // Wide tiles (64 columns as float2, 8 warps, 16 rows each loaded up front, the rest in batches of 8):
 // fewer, fuller blocks for larger batches. Needs DV even. 64 registers, so 4 blocks share an SM;
 // with 32 rows up front (96 registers, 2 blocks per SM) batch 64 took 6% longer per step, and
 // 8 rows, or 4 warps, were in between.
 extern "C" __global__ void __launch_bounds__(256) mlstm_step_wide(MLSTM_STEP_PARAMS) {
-    mlstm_step_body<2, 8, 16>(MLSTM_STEP_ARGS);
+    mlstm_step_body<2, 8, 16, false>(MLSTM_STEP_ARGS);
 }
