@@ -136,14 +136,17 @@ __device__ __forceinline__ void gemv_consume(const uint4* wv, const GemvSeg& sg,
 }
 
 // Reduces a finished row over the warp, scales it (the row's 1/rms with a norm, else 1) and writes
-// it (lane 0), then clears the accumulators.
+// it (lane 0; for one row, a residual add by the lane that holds the row's old value, `pre`, when
+// the warp has at most 32 rows), then clears the accumulators.
 template <int R>
-__device__ __forceinline__ void gemv_finish(const GemvSeg& sg, bool pair, int act, int row, int lane, const float* scale, float* acc, float* acc2) {
+__device__ __forceinline__ void gemv_finish(const GemvSeg& sg, bool pair, int act, int row, int rr, int lane, const float* scale, const float* pre, float* acc, float* acc2) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         float v = warp_sum(acc[r]) * scale[r];
         float v2 = pair ? warp_sum(acc2[r]) * scale[r] : 0.f;
-        if (lane == 0) {
+        if (R == 1 && sg.mode == 1 && sg.rpw <= 32) {
+            if (lane == rr) sg.out[(long long)r * sg.ld + row] = pre[r] + v;
+        } else if (lane == 0) {
             float* o = sg.out + (long long)r * sg.ld + row;
             if (sg.mode == 0) *o = v;
             else if (sg.mode == 1) *o += v;
@@ -195,6 +198,12 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
     // Weights never change; x (and the outputs) belong to the previous kernel: wait for it here.
     pdl_wait();
     const u64 tr1 = trace_now();
+    // A residual add's old values (lane j: row row0 + j) go out now, so the last row's write does not
+    // wait for a read at the kernel's end (one row only: with more, the registers cost more than this
+    // saves: batch 2 took 2.5% longer).
+    float pre[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) pre[r] = (R == 1 && sg.mode == 1 && sg.rpw <= 32 && lane < nrows) ? sg.out[(long long)r * sg.ld + row0 + lane] : 0.f;
 
     // Stage x (one read of global memory, 16-byte loads, 4 in flight per thread). With a norm, x·w
     // is staged and each row's 1/rms(x) scales its finished dot products (gemv_finish), so no second
@@ -254,11 +263,11 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
     if (vec) {
         for (int i = 0; i < nrounds; i += 2) {
             gemv_consume<R>(wa, sg, pair, half, (i % rpr) * 32 * step, lane, nch, xs, k, acc, acc2);
-            if (i % rpr == rpr - 1) gemv_finish<R>(sg, pair, a.act, row0 + i / rpr, lane, scale, acc, acc2);
+            if (i % rpr == rpr - 1) gemv_finish<R>(sg, pair, a.act, row0 + i / rpr, i / rpr, lane, scale, pre, acc, acc2);
             if (i + 2 < nrounds) GEMV_LOAD(wa, i + 2);
             if (i + 1 < nrounds) {
                 gemv_consume<R>(wb, sg, pair, half, ((i + 1) % rpr) * 32 * step, lane, nch, xs, k, acc, acc2);
-                if ((i + 1) % rpr == rpr - 1) gemv_finish<R>(sg, pair, a.act, row0 + (i + 1) / rpr, lane, scale, acc, acc2);
+                if ((i + 1) % rpr == rpr - 1) gemv_finish<R>(sg, pair, a.act, row0 + (i + 1) / rpr, (i + 1) / rpr, lane, scale, pre, acc, acc2);
                 if (i + 3 < nrounds) GEMV_LOAD(wb, i + 3);
             }
         }
@@ -275,7 +284,7 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
                     acc2[r] = fmaf(w_2, xv, acc2[r]);
                 }
             }
-            gemv_finish<R>(sg, pair, a.act, row, lane, scale, acc, acc2);
+            gemv_finish<R>(sg, pair, a.act, row, rr, lane, scale, pre, acc, acc2);
         }
     }
 #undef GEMV_LOAD
