@@ -7,7 +7,8 @@
 //!
 //! With `--trace FILE` (kernels built with `XLSTM_CUDA_TRACE=1`) it only replays three batch-1
 //! decode steps of the 7B model from their graph and writes every traced block's record (kernel
-//! tag, grid size and block, SM, start / after-wait / prologue-done / end in ns) to FILE as CSV.
+//! tag, grid size and block, SM, start / after-wait / prologue-done / end in ns) to FILE as CSV;
+//! `examples/trace_summary.py FILE` sums it up per kernel of a layer.
 use std::time::Instant;
 
 use xlstm_core::backend::{Activation, Backend, MlstmDims, MlstmKernel, MlstmState};
