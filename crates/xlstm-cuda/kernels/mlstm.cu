@@ -233,7 +233,9 @@ __device__ __forceinline__ void mlstm_step_body(
         u32 *counters
 #define MLSTM_STEP_ARGS NH, DK, DV, q, k, v, ig, fg, ibias, fbias, cap, C, n, m, eps, h, o, hnw, neps, hn, counters
 
-// Narrow tiles (32 columns, 16 warps): many blocks when there are few units (batch 1..2).
+// Narrow tiles (32 columns, 16 warps): many blocks when there are few units (batch 1..2). Their C
+// stores wait until h is published (DEFER); the wide tile keeps storing as it goes (holding its 32
+// values per thread would cost it occupancy).
 extern "C" __global__ void __launch_bounds__(512) mlstm_step(MLSTM_STEP_PARAMS) {
     mlstm_step_body<1, 16, 16, true>(MLSTM_STEP_ARGS);
 }

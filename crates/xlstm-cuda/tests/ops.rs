@@ -286,9 +286,10 @@ fn mlstm_step_batched() {
     let Some((g, _l)) = gpu("mlstm_step_batched") else { return };
     let c = CpuBackend::new();
     let mut rng = Rng::fresh("mlstm_step");
-    // the last two cases are large enough for the wide-tile kernel (DK 256: more rows than it loads
-    // up front)
-    for &(nh, dk, dv, batch) in &[(2usize, 32usize, 64usize, 1usize), (3, 16, 40, 3), (8, 256, 512, 2), (8, 64, 128, 40), (4, 256, 128, 36)] {
+    // the last four cases are large enough for the wide-tile kernel (DK 256 and 320: more rows than it
+    // loads up front; DK 320: more than its threads; DV 640: the head norm's loop past the register
+    // path)
+    for &(nh, dk, dv, batch) in &[(2usize, 32usize, 64usize, 1usize), (3, 16, 40, 3), (8, 256, 512, 2), (8, 64, 128, 40), (4, 256, 128, 36), (4, 320, 128, 36), (4, 32, 640, 8)] {
         let d = MlstmDims { heads: nh, dk, dv };
         // h sums DK products and divides by max(|q·n|, e^-m), which can nearly cancel: its f32
         // rounding grows with DK (1.3e-5 relative seen at DK 256); the state is elementwise.
