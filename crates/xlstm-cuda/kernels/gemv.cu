@@ -102,14 +102,7 @@ __device__ __forceinline__ int xoff(int j, int k, bool split) {
     return split ? ((j >> 2) & 1) * (k >> 1) + (j >> 3) * 4 + (j & 3) : j;
 }
 
-// Chunks per lane per round, and rounds in flight (register buffers); the host may override both
-// (XLSTM_CUDA_DEFINES, for experiments).
-#ifndef GEMV_U
 #define GEMV_U 8
-#endif
-#ifndef GEMV_NB
-#define GEMV_NB 2
-#endif
 
 // Loads round `base` of a row's chunks into wv (pair: chunks of w1 and w2 interleaved).
 __device__ __forceinline__ void gemv_load(uint4* wv, const char* w1, const char* w2, bool pair, int base, int lane, int nch) {
@@ -196,14 +189,12 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
         gemv_load(buf, w1b + rw_ * rbytes, pair ? w2b + rw_ * rbytes : 0, pair, bs_, lane, nch);   \
     }
 
-    // GEMV_NB rounds of weight loads are issued before x is staged, and the loop below keeps them in
-    // flight (a ring of register buffers, each refilled as soon as it is consumed), so each warp
-    // streams its rows without waiting between rounds.
+    // Two rounds of weight loads are issued before x is staged, and the loop below keeps two rounds
+    // in flight (double buffering), so each warp streams its rows without waiting between rounds.
     pdl_trigger();
-    uint4 wv[GEMV_NB][GEMV_U];
-#pragma unroll
-    for (int j = 0; j < GEMV_NB; ++j)
-        if (nrounds > j) GEMV_LOAD(wv[j], j);
+    uint4 wa[GEMV_U], wb[GEMV_U];
+    if (nrounds > 0) GEMV_LOAD(wa, 0);
+    if (nrounds > 1) GEMV_LOAD(wb, 1);
     // Weights never change; x (and the outputs) belong to the previous kernel: wait for it here.
     pdl_wait();
     const u64 tr1 = trace_now();
@@ -270,15 +261,14 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
 #pragma unroll
     for (int r = 0; r < R; ++r) { acc[r] = 0.f; acc2[r] = 0.f; }
     if (vec) {
-        for (int i = 0; i < nrounds; i += GEMV_NB) {
-#pragma unroll
-            for (int j = 0; j < GEMV_NB; ++j) {
-                const int ij = i + j;
-                if (ij < nrounds) {
-                    gemv_consume<R>(wv[j], sg, pair, half, (ij % rpr) * 32 * step, lane, nch, xs, k, acc, acc2);
-                    if (ij % rpr == rpr - 1) gemv_finish<R>(sg, pair, a.act, row0 + ij / rpr, ij / rpr, lane, scale, pre, acc, acc2);
-                    if (ij + GEMV_NB < nrounds) GEMV_LOAD(wv[j], ij + GEMV_NB);
-                }
+        for (int i = 0; i < nrounds; i += 2) {
+            gemv_consume<R>(wa, sg, pair, half, (i % rpr) * 32 * step, lane, nch, xs, k, acc, acc2);
+            if (i % rpr == rpr - 1) gemv_finish<R>(sg, pair, a.act, row0 + i / rpr, i / rpr, lane, scale, pre, acc, acc2);
+            if (i + 2 < nrounds) GEMV_LOAD(wa, i + 2);
+            if (i + 1 < nrounds) {
+                gemv_consume<R>(wb, sg, pair, half, ((i + 1) % rpr) * 32 * step, lane, nch, xs, k, acc, acc2);
+                if ((i + 1) % rpr == rpr - 1) gemv_finish<R>(sg, pair, a.act, row0 + (i + 1) / rpr, (i + 1) / rpr, lane, scale, pre, acc, acc2);
+                if (i + 3 < nrounds) GEMV_LOAD(wb, i + 3);
             }
         }
     } else {

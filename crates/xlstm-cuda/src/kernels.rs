@@ -69,10 +69,6 @@ fn options(arch: &str) -> Vec<String> {
     if trace_enabled() {
         o.push("-DXLSTM_TRACE".into());
     }
-    // Extra preprocessor definitions for kernel experiments (e.g. "-DGEMV_NB=4 -DGEMV_U=4").
-    if let Ok(d) = std::env::var("XLSTM_CUDA_DEFINES") {
-        o.extend(d.split_whitespace().filter(|w| w.starts_with("-D")).map(String::from));
-    }
     o
 }
 
