@@ -373,17 +373,16 @@ impl Dev {
         let mut n = [0u64; 1];
         // SAFETY: buf holds 8 + 8·TRACE_CAP words; the stream is idle.
         unsafe { dres::memcpy_dtoh_sync(&mut n, buf) }.map_err(|e| drv("trace read", e))?;
+        // The ring holds the last TRACE_CAP records; once it has wrapped, the oldest is at n % cap.
         let count = (n[0] as usize).min(TRACE_CAP);
-        let mut words = vec![0u64; 8 * TRACE_CAP];
-        unsafe { dres::memcpy_dtoh_sync(&mut words, buf + 64) }.map_err(|e| drv("trace read", e))?;
+        let mut words = vec![0u64; 8 * count];
+        if count > 0 {
+            // SAFETY: as above; count ≤ TRACE_CAP records are read.
+            unsafe { dres::memcpy_dtoh_sync(&mut words, buf + 64) }.map_err(|e| drv("trace read", e))?;
+        }
         unsafe { dres::memset_d8_sync(buf, 0, 8) }.map_err(|e| drv("trace clear", e))?;
         let start = if n[0] as usize > TRACE_CAP { n[0] as usize % TRACE_CAP } else { 0 };
-        Ok(Some((0..count).map(|i| {
-            let j = (start + i) % TRACE_CAP;
-            let mut r = [0u64; 8];
-            r.copy_from_slice(&words[8 * j..8 * j + 8]);
-            r
-        }).collect()))
+        Ok(Some((0..count).map(|i| std::array::from_fn(|w| words[8 * ((start + i) % TRACE_CAP) + w])).collect()))
     }
 
     pub fn sync(&self) -> Result<()> {
