@@ -89,6 +89,54 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// Tensor cores, TF32 mma.sync (sm_80+).
+// m16n8k8 fragments (g = lane / 4, q = lane % 4): A (16×8, row-major) a0 (g, q), a1 (g+8, q),
+// a2 (g, q+4), a3 (g+8, q+4); B (8×8) b0 (q, g), b1 (q+4, g); C (16×8) c0, c1 (g, 2q, 2q+1),
+// c2, c3 (g+8, 2q, 2q+1).
+
+__device__ __forceinline__ u32 to_tf32(float x) {
+    u32 r;
+#if __CUDA_ARCH__ >= 800
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+#else
+    r = __float_as_uint(x);
+#endif
+    return r;
+}
+
+// An operand fragment as TF32: hi = tf32(x), lo = tf32(x − hi) (lo is only used by exact products,
+// and the compiler drops it otherwise).
+template <int N>
+struct Tf {
+    u32 hi[N], lo[N];
+    __device__ __forceinline__ explicit Tf(const float (&x)[N]) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            hi[i] = to_tf32(x[i]);
+            lo[i] = to_tf32(x[i] - __uint_as_float(hi[i]));
+        }
+    }
+};
+
+__device__ __forceinline__ void mma_tf32(float* d, const u32* a, const u32* b) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// d += A·B; EXACT adds the two cross terms of the split (small terms first).
+template <bool EXACT>
+__device__ __forceinline__ void mma_f32(float* d, const Tf<4>& a, const Tf<2>& b) {
+    if (EXACT) {
+        mma_tf32(d, a.lo, b.hi);
+        mma_tf32(d, a.hi, b.lo);
+    }
+    mma_tf32(d, a.hi, b.hi);
+}
+
 // Activations, numbered as in the Rust enum `Activation`: 0 GELU (exact), 1 SiLU, 2 ReLU,
 // 3 ReLU², 4 sigmoid, 5 SELU.
 __device__ __forceinline__ float act_apply(int act, float x) {

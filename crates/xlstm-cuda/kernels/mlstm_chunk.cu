@@ -12,7 +12,8 @@
 //   mlstm_chunk_out_tc*, which read them. The `_exact` variants split every operand into two
 //   TF32 parts (x = hi + lo, product ≈ hi·hi + hi·lo + lo·hi), which keeps f32 accuracy at three
 //   times the tensor-core work; the plain ones round operands to TF32 (10-bit mantissa), which is
-//   what a model with 16-bit weights already carries.
+//   what a model with 16-bit weights already carries. Their q, k, v rows lie ldq, ldk, ldv values
+//   apart (column blocks of one merged product's output, or NH·DK, NH·DV); h rows NH·DV.
 //
 // mlstm_chunk_states*: grid = (DV/64, DK/64, NH), block = 256. Runs the chunks in order for a 64×64
 //   tile of C (registers), saving the state entering each chunk (Cs [nc, NH, DK, DV], ns [nc, NH, DK];
@@ -438,52 +439,8 @@ extern "C" __global__ void __launch_bounds__(1024) mlstm_chunk_gates(int NH, int
 }
 
 // ---- tensor cores (TF32 mma.sync, sm_80+) --------------------------------------------------------
-// m16n8k8 fragments (g = lane / 4, q = lane % 4): A (16×8, row-major) a0 (g, q), a1 (g+8, q),
-// a2 (g, q+4), a3 (g+8, q+4); B (8×8) b0 (q, g), b1 (q+4, g); C (16×8) c0, c1 (g, 2q, 2q+1),
-// c2, c3 (g+8, 2q, 2q+1). Shared-memory row strides are chosen so each fragment read hits 32 banks.
-
-__device__ __forceinline__ u32 to_tf32(float x) {
-    u32 r;
-#if __CUDA_ARCH__ >= 800
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-#else
-    r = __float_as_uint(x);
-#endif
-    return r;
-}
-
-// An operand fragment as TF32: hi = tf32(x), lo = tf32(x − hi) (lo is only used by exact products,
-// and the compiler drops it otherwise).
-template <int N>
-struct Tf {
-    u32 hi[N], lo[N];
-    __device__ __forceinline__ explicit Tf(const float (&x)[N]) {
-#pragma unroll
-        for (int i = 0; i < N; ++i) {
-            hi[i] = to_tf32(x[i]);
-            lo[i] = to_tf32(x[i] - __uint_as_float(hi[i]));
-        }
-    }
-};
-
-__device__ __forceinline__ void mma_tf32(float* d, const u32* a, const u32* b) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-}
-
-// d += A·B; EXACT adds the two cross terms of the split (small terms first).
-template <bool EXACT>
-__device__ __forceinline__ void mma_f32(float* d, const Tf<4>& a, const Tf<2>& b) {
-    if (EXACT) {
-        mma_tf32(d, a.lo, b.hi);
-        mma_tf32(d, a.hi, b.lo);
-    }
-    mma_tf32(d, a.hi, b.hi);
-}
+// Fragment layouts and the TF32 helpers: common.cuh. Shared-memory row strides are chosen so each
+// fragment read hits 32 banks.
 
 // 16-byte asynchronous copy global → shared; when !ok the destination is zero-filled (src must still
 // be a valid address).
@@ -506,9 +463,9 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 #define CHUNK_STATES_PARAMS                                                                          \
-    int NH, int DK, int DV, int seq, int L, const float *k, const float *v, const float *G, float *C, \
-        float *n, float *Cs, float *ns
-#define CHUNK_STATES_ARGS NH, DK, DV, seq, L, k, v, G, C, n, Cs, ns
+    int NH, int DK, int DV, int seq, int L, const float *k, int ldk, const float *v, int ldv,         \
+        const float *G, float *C, float *n, float *Cs, float *ns
+#define CHUNK_STATES_ARGS NH, DK, DV, seq, L, k, ldk, v, ldv, G, C, n, Cs, ns
 
 // 8 warps over the 64×64 tile: warp w owns rows (of DK) 16·(w % 4) .. +16 and columns (of DV)
 // 32·(w / 4) .. +32, i.e. four m16n8 accumulators. The next chunk's keys, values and key weights
@@ -524,7 +481,7 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
     const int rm = (warp & 3) * 16, cw = (warp >> 2) * 32;
     const int nc = (seq + L - 1) / L;
-    const long long qrow = (long long)NH * DK, vrow = (long long)NH * DV;
+    const long long qrow = ldk, vrow = ldv;
     float* Ch = C + (long long)h * DK * DV;
     float acc[4][4];
 #pragma unroll
@@ -622,9 +579,9 @@ extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_states_tc_exact(CH
 }
 
 #define CHUNK_OUT_PARAMS                                                                             \
-    int NH, int DK, int DV, int seq, int L, const float *q, const float *k, const float *v,           \
-        const float *G, const float *Cs, const float *ns, float eps, float *hout
-#define CHUNK_OUT_ARGS NH, DK, DV, seq, L, q, k, v, G, Cs, ns, eps, hout
+    int NH, int DK, int DV, int seq, int L, const float *q, int ldq, const float *k, int ldk,         \
+        const float *v, int ldv, const float *G, const float *Cs, const float *ns, float eps, float *hout
+#define CHUNK_OUT_ARGS NH, DK, DV, seq, L, q, ldq, k, ldk, v, ldv, G, Cs, ns, eps, hout
 
 // 8 warps over 64 rows (tokens) × 128 columns: warp w owns rows 16·(w % 4) .. +16, columns
 // 32·(w / 4) .. +32 of S (4 accumulators) and 64·(w / 4) .. +64 of H (8 accumulators). Phase 1
@@ -640,7 +597,7 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
     const int rm = (warp & 3) * 16, sc = (warp >> 2) * 32, hc = (warp >> 2) * 64;
     const int kc = blockIdx.y, t0 = kc * L, Lk = min(L, seq - t0);
-    const long long qrow = (long long)NH * DK, vrow = (long long)NH * DV;
+    const long long hrow = (long long)NH * DV;
     const float* Cp = Cs + ((long long)kc * NH + h) * DK * DV;
     const float* np = ns + ((long long)kc * NH + h) * DK;
     const float scale = 1.f / sqrtf((float)DK);
@@ -667,9 +624,9 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
         float* Ct = Ks + 64 * QS;
         const int t = tid >> 2, p = (tid & 3) * 4;
         const bool ok = t < Lk;
-        const long long off = (long long)(t0 + (ok ? t : 0)) * qrow + (long long)h * DK + a0 + p;
-        cp_async16(Qs + t * QS + p, q + off, ok);
-        cp_async16(Ks + t * QS + p, k + off, ok);
+        const long long r = t0 + (ok ? t : 0), off = (long long)h * DK + a0 + p;
+        cp_async16(Qs + t * QS + p, q + r * ldq + off, ok);
+        cp_async16(Ks + t * QS + p, k + r * ldk + off, ok);
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const int e = tid + 256 * i, r = e >> 5, c = (e & 31) * 4;
@@ -747,7 +704,7 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
         for (int i = 0; i < 4; ++i) {
             const int e = tid + 256 * i, r = e >> 5, c = (e & 31) * 4, s = half * 32 + r;
             const bool ok = s < Lk;
-            cp_async16(Vs + r * CS + c, v + (long long)(t0 + (ok ? s : 0)) * vrow + (long long)h * DV + c0 + c, ok);
+            cp_async16(Vs + r * CS + c, v + (long long)(t0 + (ok ? s : 0)) * ldv + (long long)h * DV + c0 + c, ok);
         }
         cp_async_commit();
         cp_async_wait<0>();
@@ -771,7 +728,7 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
         const int t = rm + g + 4 * r;
         if (t >= Lk) continue;
         const float den = sden[t];
-        float* o = hout + (long long)(t0 + t) * vrow + (long long)h * DV + c0 + hc + 2 * qd;
+        float* o = hout + (long long)(t0 + t) * hrow + (long long)h * DV + c0 + hc + 2 * qd;
 #pragma unroll
         for (int j = 0; j < 8; ++j) *(float2*)(o + 8 * j) = make_float2(hacc[j][r] / den, hacc[j][r + 1] / den);
     }

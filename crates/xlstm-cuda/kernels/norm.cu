@@ -7,12 +7,22 @@
 //            Launch: grid = rows, block = 256 (any multiple of 32 up to 1024).
 // group_norm: per row r and group g of `group` values: (x − mean)·rsqrt(var + eps)·w[j] (+ bias[j]),
 //            biased variance, two passes over the group (mean, then centred squares), f32 throughout;
-//            optional `gate`: the result is multiplied by sigmoid(gate[r, j]) (the mLSTM output gate);
-//            optional 16-bit copy `out_h` as for rms_norm.
+//            optional `gate` (rows `gate_ld` values apart): the result is multiplied by
+//            sigmoid(gate[r, j]) (the mLSTM output gate); optional 16-bit copy `out_h` as for rms_norm
+//            (with `out` null, only that copy is written).
 //            Launch: grid = (width / group, rows), block = 256.
 // group_norm_warp: the same, one warp per group held in registers (one read of x, shuffles only),
 //            for group % 128 == 0 and group ≤ 1024 with x, w, bias, gate, out 16-byte and out_h
 //            8-byte aligned; `groups` = rows · width / group. Launch: grid = ceil(groups / 8), block = 256.
+// rms_gate_dots: an xlstm-large layer's gate pre-activations straight from its un-normalised rows (a
+//            prompt's; decode computes them in its GEMV): with y = x[r]·rsqrt(mean x[r]² + eps)·w,
+//            out_i[r, j] = cap(y·gi[j] + bi[j]) and out_f[r, j] = cap(y·gf[j] + bf[j]) for j < nh ≤ 8
+//            (gi, gf: f32 [nh, width]; biases may be null; cap(v) = c·tanh(v/c), none for c ≤ 0).
+//            The products run on tensor cores with every operand split in two TF32 parts (f32
+//            accuracy, see mma_f32): warp w multiplies 16 rows by columns [w, w + 1)·width/8 in steps
+//            of 16, each lane reading 16-byte words; within a step both operands take the columns in
+//            the same permuted order, which the sum does not see. Needs width % 128 == 0 and x, w,
+//            gi, gf 16-byte aligned. Launch: grid = ceil(rows / 16), block = 256.
 // Limits: width, group < 2^31; `red` scratch is 32 floats of shared memory.
 
 extern "C" __global__ void rms_norm(const float* x, int width, const float* w, float eps, float* out, u16* out_h, int hdt) {
@@ -57,9 +67,10 @@ extern "C" __global__ void rms_norm(const float* x, int width, const float* w, f
 }
 
 extern "C" __global__ void group_norm(const float* x, int width, int group, const float* w, const float* bias, float eps,
-                                      const float* gate, float* out, u16* out_h, int hdt) {
+                                      const float* gate, int gate_ld, float* out, u16* out_h, int hdt) {
     __shared__ float red[32];
     long long base = (long long)blockIdx.y * width + (long long)blockIdx.x * group;
+    long long gbase = (long long)blockIdx.y * gate_ld + (long long)blockIdx.x * group;
     int j0 = blockIdx.x * group;
     float s = 0.f;
     for (int j = threadIdx.x; j < group; j += blockDim.x) s += x[base + j];
@@ -70,20 +81,20 @@ extern "C" __global__ void group_norm(const float* x, int width, int group, cons
     float r = rsqrtf(var + eps);
     for (int j = threadIdx.x; j < group; j += blockDim.x) {
         float y = (x[base + j] - mean) * r * w[j0 + j] + (bias ? bias[j0 + j] : 0.f);
-        if (gate) y *= sigmoid_exact(gate[base + j]);
-        out[base + j] = y;
+        if (gate) y *= sigmoid_exact(gate[gbase + j]);
+        if (out) out[base + j] = y;
         if (out_h) store_half(out_h, base + j, y, hdt);
     }
 }
 
 extern "C" __global__ void group_norm_warp(const float* x, int width, int group, const float* w, const float* bias, float eps,
-                                           const float* gate, float* out, u16* out_h, int hdt, int groups) {
+                                           const float* gate, int gate_ld, float* out, u16* out_h, int hdt, int groups) {
     const int lane = threadIdx.x & 31;
     const long long gi = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (gi >= groups) return;
     const int per_row = width / group;
     const int j0 = (int)(gi % per_row) * group;
-    const long long base = (gi / per_row) * width + j0;
+    const long long base = (gi / per_row) * width + j0, gbase = (gi / per_row) * gate_ld + j0;
     const int nv = group >> 7;  // float4s per lane
     float4 v[8];
     float s = 0.f;
@@ -113,14 +124,70 @@ extern "C" __global__ void group_norm_warp(const float* x, int width, int group,
             float y[4] = {(v[u].x - mean) * r * wv.x + bv.x, (v[u].y - mean) * r * wv.y + bv.y,
                           (v[u].z - mean) * r * wv.z + bv.z, (v[u].w - mean) * r * wv.w + bv.w};
             if (gate) {
-                const float4 g = *(const float4*)(gate + base + j);
+                const float4 g = *(const float4*)(gate + gbase + j);
                 y[0] *= sigmoid_exact(g.x); y[1] *= sigmoid_exact(g.y); y[2] *= sigmoid_exact(g.z); y[3] *= sigmoid_exact(g.w);
             }
-            *(float4*)(out + base + j) = make_float4(y[0], y[1], y[2], y[3]);
+            if (out) *(float4*)(out + base + j) = make_float4(y[0], y[1], y[2], y[3]);
             if (out_h) {
                 *(uint2*)(out_h + base + j) = make_uint2((u32)half_bits(y[0], hdt) | ((u32)half_bits(y[1], hdt) << 16),
                                                          (u32)half_bits(y[2], hdt) | ((u32)half_bits(y[3], hdt) << 16));
             }
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256) rms_gate_dots(const float* x, int rows, int width, const float* w, float eps,
+                                                              const float* gi, const float* gf, int nh, const float* bi,
+                                                              const float* bf, float cap, float* out_i, float* out_f) {
+    __shared__ float part[8][16][17];
+    __shared__ float sspart[8][16];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
+    const int r0 = blockIdx.x * 16, slice = width >> 3, k0 = warp * slice + 4 * q;
+    // rows past the end read the last row; their results are dropped
+    const float* xa = x + (long long)min(r0 + g, rows - 1) * width + k0;
+    const float* xb = x + (long long)min(r0 + g + 8, rows - 1) * width + k0;
+    const bool has = g < nh;  // lanes of gate rows past nh multiply zeros
+    const float* pi = gi + (long long)(has ? g : 0) * width + k0;
+    const float* pf = gf + (long long)(has ? g : 0) * width + k0;
+    const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+    float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    float ssa = 0.f, ssb = 0.f;
+#pragma unroll 4
+    for (int k = 0; k < slice; k += 16) {
+        const float4 va = *(const float4*)(xa + k), vb = *(const float4*)(xb + k), wv = *(const float4*)(w + k0 + k);
+        const float4 ii = has ? *(const float4*)(pi + k) : zero, ff = has ? *(const float4*)(pf + k) : zero;
+        ssa = fmaf(va.x, va.x, fmaf(va.y, va.y, fmaf(va.z, va.z, fmaf(va.w, va.w, ssa))));
+        ssb = fmaf(vb.x, vb.x, fmaf(vb.y, vb.y, fmaf(vb.z, vb.z, fmaf(vb.w, vb.w, ssb))));
+        // this lane's logical k = q, q + 4 are its columns 4q, 4q + 1 (first product), 4q + 2, 4q + 3 (second)
+        const float a0[4] = {va.x * wv.x, vb.x * wv.x, va.y * wv.y, vb.y * wv.y};
+        const float a1[4] = {va.z * wv.z, vb.z * wv.z, va.w * wv.w, vb.w * wv.w};
+        const Tf<4> A0(a0), A1(a1);
+        const float i0[2] = {ii.x, ii.y}, i1[2] = {ii.z, ii.w}, f0[2] = {ff.x, ff.y}, f1[2] = {ff.z, ff.w};
+        mma_f32<true>(acc[0], A0, Tf<2>(i0));
+        mma_f32<true>(acc[0], A1, Tf<2>(i1));
+        mma_f32<true>(acc[1], A0, Tf<2>(f0));
+        mma_f32<true>(acc[1], A1, Tf<2>(f1));
+    }
+    ssa += __shfl_xor_sync(0xffffffffu, ssa, 1);
+    ssa += __shfl_xor_sync(0xffffffffu, ssa, 2);
+    ssb += __shfl_xor_sync(0xffffffffu, ssb, 1);
+    ssb += __shfl_xor_sync(0xffffffffu, ssb, 2);
+    if (q == 0) { sspart[warp][g] = ssa; sspart[warp][g + 8] = ssb; }
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+        part[warp][g][nt * 8 + 2 * q] = acc[nt][0];
+        part[warp][g][nt * 8 + 2 * q + 1] = acc[nt][1];
+        part[warp][g + 8][nt * 8 + 2 * q] = acc[nt][2];
+        part[warp][g + 8][nt * 8 + 2 * q + 1] = acc[nt][3];
+    }
+    __syncthreads();
+    const int r = threadIdx.x >> 4, n = threadIdx.x & 15, j = n & 7;  // 16 rows × (8 ĩ, 8 f̃)
+    if (r0 + r >= rows || j >= nh) return;
+    float s = 0.f, ss = 0.f;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) { s += part[u][r][n]; ss += sspart[u][r]; }
+    const float* b = n < 8 ? bi : bf;
+    float v = s * rsqrtf(ss / (float)width + eps) + (b ? b[j] : 0.f);
+    if (cap > 0.f) v = cap * tanhf(v / cap);
+    (n < 8 ? out_i : out_f)[(long long)(r0 + r) * nh + j] = v;
 }

@@ -24,7 +24,8 @@ use cudarc::cublas::sys as cb;
 use cudarc::driver::result as dres;
 use cudarc::driver::sys::CUdeviceptr;
 use xlstm_core::backend::{
-    norm_gated_ffn_add_composed, shapes, Activation, Backend, ConvDims, FfnScratch, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState, CHOSEN_ID,
+    norm_gated_ffn_add_composed, norm_mlstm_add_composed, shapes, Activation, Backend, ConvDims, FfnScratch, HeadwiseDims, MlstmDims, MlstmHalf, MlstmKernel, MlstmScratch, MlstmState, SlstmGates,
+    SlstmState, CHOSEN_ID,
 };
 use xlstm_core::bench::Bandwidth;
 use xlstm_core::tensor::{DType, HostData, HostTensor};
@@ -162,13 +163,14 @@ mod opc {
     pub const MCELL: u64 = 21;
     pub const TOPK: u64 = 22;
     pub const FFN: u64 = 23;
+    pub const MLSTM_ADD: u64 = 24;
 
     /// The op's name, for `CudaBackend::op_times`.
     pub fn name(code: u64) -> &'static str {
-        const NAMES: [&str; 24] = [
+        const NAMES: [&str; 25] = [
             "?", "copy", "embed", "matmul", "rms_norm", "group_norm", "bias_soft_cap", "add", "gated_act", "sigmoid_gate", "scaled_add",
             "copy_cols", "headwise", "conv1d_prefill", "conv1d_step", "mlstm_step", "mlstm_prefill", "slstm", "norm_matmuls", "matmul_add",
-            "norm_gated_up", "mlstm_gated_cell", "head_top_k", "norm_gated_ffn_add",
+            "norm_gated_up", "mlstm_gated_cell", "head_top_k", "norm_gated_ffn_add", "norm_mlstm_add",
         ];
         NAMES.get(code as usize).copied().unwrap_or("?")
     }
@@ -534,13 +536,14 @@ impl CudaBackend {
         dev.launch(dev.f.rms_norm, (rows as u32, 1, 1), 256, 0, &mut a)
     }
 
-    /// LayerNorm per group of `group` values of each row, optional output gate and 16-bit copy (see
-    /// norm.cu): one warp per group where the group fits a warp's registers, else one block.
+    /// LayerNorm per group of `group` values of each row, optional output gate (pointer, row stride)
+    /// and 16-bit copy (see norm.cu): one warp per group where the group fits a warp's registers,
+    /// else one block.
     #[allow(clippy::too_many_arguments)]
-    fn group_norm_rows(&self, dev: &Dev, x: CUdeviceptr, rows: usize, width: usize, group: usize, w: CUdeviceptr, bias: CUdeviceptr, eps: f32, gate: CUdeviceptr, out: CUdeviceptr, out_h: CUdeviceptr, hdt: DType) -> Result<()> {
+    fn group_norm_rows(&self, dev: &Dev, x: CUdeviceptr, rows: usize, width: usize, group: usize, w: CUdeviceptr, bias: CUdeviceptr, eps: f32, gate: (CUdeviceptr, usize), out: CUdeviceptr, out_h: CUdeviceptr, hdt: DType) -> Result<()> {
         let mut a = KArgs::new();
-        a.p(x).i(width).i(group).p(w).p(bias).f(eps).p(gate).p(out).p(out_h).i(dt_code(hdt));
-        let aligned = [x, w, bias, gate, out].iter().all(|&p| p % 16 == 0) && out_h % 8 == 0;
+        a.p(x).i(width).i(group).p(w).p(bias).f(eps).p(gate.0).i(gate.1).p(out).p(out_h).i(dt_code(hdt));
+        let aligned = [x, w, bias, gate.0, out].iter().all(|&p| p % 16 == 0) && out_h % 8 == 0 && gate.1 % 4 == 0;
         if group % 128 == 0 && group <= 1024 && aligned {
             let groups = rows * (width / group);
             a.i(groups);
@@ -596,7 +599,10 @@ impl CudaBackend {
 
     /// Chunkwise prefill of `seq` tokens (state batch 1) on gate pre-activations already capped.
     #[allow(clippy::too_many_arguments)]
-    fn mchunk(&self, dev: &Dev, d: MlstmDims, seq: usize, chunk: usize, q: CUdeviceptr, k: CUdeviceptr, v: CUdeviceptr, i: CUdeviceptr, f: CUdeviceptr, s: &MlstmState<CudaBuf>, eps: f32, h: CUdeviceptr) -> Result<()> {
+    /// `qkv`: q, k, v as (pointer, row stride); strides other than NH·DK, NH·DK, NH·DV only for the
+    /// tensor-core kernels (`chunk_tc`).
+    fn mchunk(&self, dev: &Dev, d: MlstmDims, seq: usize, chunk: usize, qkv: [(CUdeviceptr, usize); 3], i: CUdeviceptr, f: CUdeviceptr, s: &MlstmState<CudaBuf>, eps: f32, h: CUdeviceptr) -> Result<()> {
+        let [(q, ldq), (k, ldk), (v, ldv)] = qkv;
         let l = chunk.clamp(1, 64);
         let nc = seq.div_ceil(l);
         let cs = dev.scratch(|s| &mut s.cs, nc * d.heads * d.dk * d.dv * 4, false)?;
@@ -604,8 +610,10 @@ impl CudaBackend {
         // Tensor cores where the shape and alignment allow (see kernels/mlstm_chunk.cu) and the
         // setting does not keep the CUDA-core kernels.
         let choice = *dev.chunk_kernels.lock().expect("chunk kernels lock");
-        let aligned = [q, k, v, h].iter().all(|&p| p % 16 == 0);
-        let tc = dev.cc.0 >= 8 && d.dk % 64 == 0 && d.dv % 128 == 0 && aligned && choice.tensor_cores;
+        let tc = Self::chunk_tc(dev, d, [q, k, v, h], [ldq, ldk, ldv]);
+        if !tc && (ldq, ldk, ldv) != (d.heads * d.dk, d.heads * d.dk, d.heads * d.dv) {
+            return Err(Error::Device("cuda mlstm prefill: strided q, k, v need the tensor-core chunk kernels".into()));
+        }
         let exact = (*dev.weight_dtype.lock().expect("dtype lock") == DType::F32) as usize;
         let states_grid = (d.dv.div_ceil(64) as u32, d.dk.div_ceil(64) as u32, d.heads as u32);
         let (mut sa, mut oa) = (KArgs::new(), KArgs::new());
@@ -615,8 +623,8 @@ impl CudaBackend {
             let mut a = KArgs::new();
             a.i(d.heads).i(seq).i(l).p(i).p(f).p(s.m.ptr).p(gates);
             dev.launch(dev.f.chunk_gates, (d.heads as u32, 1, 1), 1024, 0, &mut a)?;
-            sa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).p(v).p(gates).p(s.c.ptr).p(s.n.ptr).p(cs).p(ns);
-            oa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(q).p(k).p(v).p(gates).p(cs).p(ns).f(eps).p(h);
+            sa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).i(ldk).p(v).i(ldv).p(gates).p(s.c.ptr).p(s.n.ptr).p(cs).p(ns);
+            oa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(q).i(ldq).p(k).i(ldk).p(v).i(ldv).p(gates).p(cs).p(ns).f(eps).p(h);
             (dev.f.chunk_states_tc[exact], dev.f.chunk_out_tc[exact], (d.dv.div_ceil(128) as u32, nc as u32, d.heads as u32))
         } else {
             let ms = dev.scratch(|s| &mut s.ms, (nc + 1) * d.heads * 4, false)?;
@@ -631,6 +639,30 @@ impl CudaBackend {
             return Ok(());
         }
         dev.launch(out, out_grid, 256, 0, &mut oa)
+    }
+
+    /// The chunk length when `norm_mlstm_add` can run as the merged prompt path: a chunkwise prefill
+    /// past the GEMV's rows, q, k, v, o adjacent in one 16-bit dtype (one product), ĩ, f̃ one f32
+    /// row per head (at most 8 heads), out_proj in that dtype, and the tensor-core chunk kernels.
+    #[allow(clippy::too_many_arguments)]
+    fn merged_mlstm_prefill(&self, x: CUdeviceptr, rows: usize, width: usize, d: MlstmDims, kernel: Option<MlstmKernel>, w: &MlstmHalf<'_, Self>, s: &MlstmScratch<'_, CudaBuf>) -> Option<usize> {
+        let Some(MlstmKernel::Chunkwise { chunk }) = kernel else { return None };
+        let [q, k, v, o, ig, fg] = w.proj;
+        let (qk, vw) = (d.heads * d.dk, d.heads * d.dv);
+        let projections = q.dtype != DType::F32 && q.adjacent(k) && k.adjacent(v) && v.adjacent(o) && q.cols == width && (q.rows, k.rows, v.rows, o.rows) == (qk, qk, vw, vw);
+        let gates = [ig, fg].iter().all(|m| m.dtype == DType::F32 && m.rows == d.heads && m.cols == width) && d.heads <= 8 && width % 128 == 0;
+        let aligned = [x, w.norm.ptr, ig.ptr, fg.ptr].iter().all(|&p| p % 16 == 0);
+        let out = w.out_proj.dtype == q.dtype && w.out_proj.rows == width && w.out_proj.cols == vw;
+        let tc = Self::chunk_tc(&self.dev, d, [0, 0, 0, s.h.ptr], [qk, qk, vw]);
+        (chunk > 0 && rows > 0 && !Self::gemv_fits(rows, q) && projections && gates && aligned && out && tc).then_some(chunk)
+    }
+
+    /// Whether the tensor-core chunk kernels take these operands (see kernels/mlstm_chunk.cu) and the
+    /// setting does not keep the CUDA-core ones.
+    fn chunk_tc(dev: &Dev, d: MlstmDims, ptrs: [CUdeviceptr; 4], lds: [usize; 3]) -> bool {
+        let choice = *dev.chunk_kernels.lock().expect("chunk kernels lock");
+        let aligned = ptrs.iter().all(|&p| p % 16 == 0) && lds.iter().all(|&l| l % 4 == 0);
+        dev.cc.0 >= 8 && d.dk % 64 == 0 && d.dv % 128 == 0 && aligned && choice.tensor_cores
     }
 
     fn check_mlstm(op: &str, d: MlstmDims, rows: usize, batch: usize, bufs: [&CudaBuf; 6], s: &MlstmState<CudaBuf>) -> Result<()> {
@@ -942,7 +974,7 @@ impl Backend for CudaBackend {
             if rows == 0 {
                 return Ok(());
             }
-            self.group_norm_rows(dev, xp, rows, width, group, wp, bp, eps, 0, op, 0, DType::BF16)
+            self.group_norm_rows(dev, xp, rows, width, group, wp, bp, eps, (0, width), op, 0, DType::BF16)
         })
     }
 
@@ -1101,7 +1133,8 @@ impl Backend for CudaBackend {
                 }
                 Ok(())
             } else {
-                self.mchunk(dev, d, seq, chunk, q.ptr, k.ptr, v.ptr, i.ptr, f.ptr, s, eps, hp)
+                let (qk, vw) = (d.heads * d.dk, d.heads * d.dv);
+                self.mchunk(dev, d, seq, chunk, [(q.ptr, qk), (k.ptr, qk), (v.ptr, vw)], i.ptr, f.ptr, s, eps, hp)
             }
         })
     }
@@ -1269,7 +1302,49 @@ impl Backend for CudaBackend {
                 DType::F32 => 0,
                 dt => dev.half_scratch(rows * width, Some((hnp, rows * width, dt)))?,
             };
-            self.group_norm_rows(dev, hp, rows, width, d.dv, nwp, 0, norm_eps, op, hnp, hh, hdt)
+            self.group_norm_rows(dev, hp, rows, width, d.dv, nwp, 0, norm_eps, (op, width), hnp, hh, hdt)
+        })
+    }
+
+    fn norm_mlstm_add(&self, x: &mut CudaBuf, rows: usize, width: usize, d: MlstmDims, kernel: Option<MlstmKernel>, w: &MlstmHalf<'_, Self>, state: &mut MlstmState<CudaBuf>, s: MlstmScratch<'_, CudaBuf>) -> Result<()> {
+        // A prompt with 16-bit weights: the gate rows' products come from the RMSNorm's own pass
+        // over x (f32, no normalised f32 copy), q, k, v, o stay in the merged product's output,
+        // where the chunk kernels and the head LayerNorm read them (no column split), and the
+        // head norm writes only the 16-bit operand of out_proj. Anything else: the compositions.
+        let Some(chunk) = self.merged_mlstm_prefill(x.ptr, rows, width, d, kernel, w, &s) else {
+            return norm_mlstm_add_composed(self, x, rows, width, d, kernel, w, state, s);
+        };
+        check("norm_mlstm_add", "x", x.len, rows * width)?;
+        check("norm_mlstm_add", "norm", w.norm.len, width)?;
+        check("norm_mlstm_add", "ibias", w.ibias.len, d.heads)?;
+        check("norm_mlstm_add", "fbias", w.fbias.len, d.heads)?;
+        check("norm_mlstm_add", "head_norm", w.head_norm.len, d.heads * d.dv)?;
+        Self::check_mlstm("norm_mlstm_add", d, rows, 1, [&*s.q, &*s.k, &*s.v, &*s.i, &*s.f, &*s.h], state)?;
+        let [q, k, v, o, ig, fg] = w.proj;
+        let (total, vw, dt) = (q.rows + k.rows + v.rows + o.rows, d.heads * d.dv, q.dtype);
+        let (xp, hp, ip, fp) = (x.ptr, s.h.ptr, s.i.ptr, s.f.ptr);
+        let words = [
+            opc::MLSTM_ADD, xp, rows as u64, width as u64, w.norm.ptr, w.eps.to_bits() as u64, q.ptr, ig.ptr, fg.ptr, w.ibias.ptr, w.fbias.ptr,
+            w.gate_cap.to_bits() as u64, state.c.ptr, state.n.ptr, state.m.ptr, w.cell_eps.to_bits() as u64, w.head_norm.ptr, w.out_proj.ptr, hp, chunk as u64,
+        ];
+        let st: &MlstmState<CudaBuf> = state;
+        self.op(&words, |dev| {
+            let xh = dev.half_scratch(rows * width, None)?;
+            self.rms(dev, xp, rows, width, w.norm.ptr, w.eps, 0, xh, dt)?;
+            let mut a = KArgs::new();
+            a.p(xp).i(rows).i(width).p(w.norm.ptr).f(w.eps).p(ig.ptr).p(fg.ptr).i(d.heads).p(w.ibias.ptr).p(w.fbias.ptr).f(w.gate_cap).p(ip).p(fp);
+            dev.launch(dev.f.rms_gate_dots, (rows.div_ceil(16) as u32, 1, 1), 256, 0, &mut a)?;
+            let wide = dev.scratch(|s| &mut s.wide, rows * total * 4, false)?;
+            self.gemm_view(dev, rows, MatView { ptr: q.ptr, rows: total, cols: width, dtype: dt }, 0, Some(xh), wide, 0.0, false)?;
+            let col = |n: usize| (wide + 4 * n as u64, total);
+            let qkv = [col(0), col(q.rows), col(q.rows + k.rows)];
+            if !Self::chunk_tc(dev, d, [qkv[0].0, qkv[1].0, qkv[2].0, hp], [total; 3]) {
+                return Err(Error::Device("cuda norm_mlstm_add: the tensor-core chunk kernels cannot take these operands".into()));
+            }
+            self.mchunk(dev, d, rows, chunk, qkv, ip, fp, st, w.cell_eps, hp)?;
+            let hh = dev.half_scratch(rows * vw, None)?;
+            self.group_norm_rows(dev, hp, rows, vw, d.dv, w.head_norm.ptr, 0, w.eps, col(q.rows + k.rows + v.rows), 0, hh, dt)?;
+            self.gemm(dev, rows, w.out_proj, 0, Some(hh), xp, 1.0)
         })
     }
 

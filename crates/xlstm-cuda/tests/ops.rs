@@ -11,7 +11,7 @@
 mod common;
 
 use common::*;
-use xlstm_core::backend::{Activation, Backend, ConvDims, FfnScratch, HeadwiseDims, MlstmDims, MlstmKernel, MlstmState, SlstmGates, SlstmState};
+use xlstm_core::backend::{Activation, Backend, ConvDims, FfnScratch, HeadwiseDims, MlstmDims, MlstmHalf, MlstmKernel, MlstmScratch, MlstmState, SlstmGates, SlstmState};
 use xlstm_core::tensor::{DType, HostTensor};
 use xlstm_core::CpuBackend;
 use xlstm_cuda::{CudaBackend, CudaBuf};
@@ -486,6 +486,7 @@ fn fused_compositions_match_primitive_ops() {
             let x = rng.vec(rows * d, 1.0);
             let mut cstate = cpu_state(&c, &mut rng, dims, batch, true);
             let mut gstate = gpu_state(&g, &cstate);
+            let mut gstate_half = gpu_state(&g, &cstate);
             // CPU: the trait's default compositions (= primitive ops)
             let mut cx = x.clone();
             let z = |n: usize| vec![0f32; n];
@@ -516,6 +517,19 @@ fn fused_compositions_match_primitive_ops() {
             assert_state(&format!("mlstm_gated_cell {what}"), &g, &gstate, &cstate, tol);
             let mut gy = zz(rows * d);
             g.matmul_add(&ghn, rows, &gout, d, &mut gy, &mut gx).unwrap();
+            // the whole mLSTM half as one composition (a bf16 prompt past the GEMV's rows: the
+            // merged path, whose op the timing table names), from the same start
+            let mut gx_half = up(&g, &x);
+            let half = MlstmHalf { norm: &gnw, eps: 1e-6, proj: [&gq, &gk, &gv, &go, &gi, &gf], ibias: &gib, fbias: &gfb, gate_cap: 15.0, cell_eps: 1e-6, head_norm: &ghw, out_proj: &gout };
+            let (mut sq, mut sk, mut sv, mut so, mut si, mut sf, mut sh, mut shn) = (zz(rows * qk), zz(rows * qk), zz(rows * vd), zz(rows * vd), zz(rows * nh), zz(rows * nh), zz(rows * vd), zz(rows * vd));
+            let scratch = MlstmScratch { xn: &mut gxn, q: &mut sq, k: &mut sk, v: &mut sv, o: &mut so, i: &mut si, f: &mut sf, h: &mut sh, hn: &mut shn, y: &mut gy };
+            g.set_op_timing(true);
+            g.norm_mlstm_add(&mut gx_half, rows, d, dims, kernel, &half, &mut gstate_half, scratch).unwrap();
+            let merged = g.op_times().iter().any(|t| t.0 == "norm_mlstm_add");
+            g.set_op_timing(false);
+            assert_eq!(merged, dt == DType::BF16 && prefill && rows > 4, "merged mLSTM prompt path taken {what}");
+            assert_close(&format!("norm_mlstm_add {what}"), &down(&g, &gx_half), &cx_mid, tol);
+            assert_state(&format!("norm_mlstm_add {what}"), &g, &gstate_half, &cstate, tol);
             // the whole FFN as one composition (16-bit intermediates only in a bf16 prefill), from
             // the CPU's residual stream before the FFN
             let mut gx_ffn = up(&g, &cx_mid);

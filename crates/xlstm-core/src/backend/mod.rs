@@ -72,6 +72,36 @@ pub struct FfnScratch<'a, Buf> {
     pub y: &'a mut Buf,
 }
 
+/// The weights of an xlstm-large layer's mLSTM half ([`Backend::norm_mlstm_add`]): the RMSNorm
+/// before it (`eps` also serves the per-head LayerNorm), the projections q, k, v, o, ĩ, f̃ of the
+/// normalised rows, the gate biases and soft cap, the cell's eps, the head norm's weight, out_proj.
+pub struct MlstmHalf<'a, B: Backend> {
+    pub norm: &'a B::Buf,
+    pub eps: f32,
+    pub proj: [&'a B::Mat; 6],
+    pub ibias: &'a B::Buf,
+    pub fbias: &'a B::Buf,
+    pub gate_cap: f32,
+    pub cell_eps: f32,
+    pub head_norm: &'a B::Buf,
+    pub out_proj: &'a B::Mat,
+}
+
+/// Scratch of [`Backend::norm_mlstm_add`]: `xn`, `y` [rows, width]; `q`, `k` [rows, NH·DK];
+/// `v`, `o`, `h`, `hn` [rows, NH·DV]; `i`, `f` [rows, NH].
+pub struct MlstmScratch<'a, Buf> {
+    pub xn: &'a mut Buf,
+    pub q: &'a mut Buf,
+    pub k: &'a mut Buf,
+    pub v: &'a mut Buf,
+    pub o: &'a mut Buf,
+    pub i: &'a mut Buf,
+    pub f: &'a mut Buf,
+    pub h: &'a mut Buf,
+    pub hn: &'a mut Buf,
+    pub y: &'a mut Buf,
+}
+
 /// Sizes of a block-diagonal ("headwise") projection: `blocks` independent `[dout, din]` matrices;
 /// the input row is `blocks·din` wide, the output row `blocks·dout`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -333,6 +363,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
         self.group_norm(h, rows, width, dims.dv, norm, None, norm_eps, hn)?;
         self.sigmoid_gate(o, hn, rows * width)
     }
+    /// The mLSTM half of an xlstm-large layer added to the residual stream (`norm_matmuls` of the
+    /// six projections, `mlstm_gated_cell`, then `matmul_add` of out_proj): `x += out_proj(σ(o) ⊙
+    /// LN_head(mLSTM(q, k, v, ĩ, f̃)))` on `rms_norm(x)`; `kernel` as for `mlstm_gated_cell`. Every
+    /// buffer of `s` is scratch whose contents are unspecified afterwards, so a backend may keep the
+    /// intermediates in the form its kernels take (the CUDA prefill: q, k, v, o left in one merged
+    /// product's output, 16-bit operands only).
+    #[allow(clippy::too_many_arguments)]
+    fn norm_mlstm_add(&self, x: &mut Self::Buf, rows: usize, width: usize, dims: MlstmDims, kernel: Option<MlstmKernel>, w: &MlstmHalf<'_, Self>, state: &mut MlstmState<Self::Buf>, s: MlstmScratch<'_, Self::Buf>) -> Result<()> {
+        norm_mlstm_add_composed(self, x, rows, width, dims, kernel, w, state, s)
+    }
     // ---- decode-step capture (optional) --------------------------------------------------------
     /// Brackets one decode step (`Model::step` calls it before running the layers): a backend may
     /// record the device work of a step once and replay it on later steps (the CUDA backend captures
@@ -360,6 +400,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
 pub fn norm_gated_ffn_add_composed<B: Backend + ?Sized>(b: &B, x: &mut B::Buf, rows: usize, width: usize, weight: &B::Buf, eps: f32, gate: &B::Mat, up: &B::Mat, down: &B::Mat, ff: usize, act: Activation, s: FfnScratch<'_, B::Buf>) -> Result<()> {
     b.norm_gated_up(x, rows, width, weight, eps, s.xn, gate, up, ff, act, s.g, s.u, s.a)?;
     b.matmul_add(s.a, rows, down, width, s.y, x)
+}
+
+/// [`Backend::norm_mlstm_add`] as its three compositions (the default, and an override's fallback).
+#[allow(clippy::too_many_arguments)]
+pub fn norm_mlstm_add_composed<B: Backend>(b: &B, x: &mut B::Buf, rows: usize, width: usize, dims: MlstmDims, kernel: Option<MlstmKernel>, w: &MlstmHalf<'_, B>, state: &mut MlstmState<B::Buf>, s: MlstmScratch<'_, B::Buf>) -> Result<()> {
+    let [q, k, v, o, ig, fg] = w.proj;
+    b.norm_matmuls(x, rows, width, w.norm, w.eps, s.xn, &[q, k, v, o, ig, fg], &mut [&mut *s.q, &mut *s.k, &mut *s.v, &mut *s.o, &mut *s.i, &mut *s.f])?;
+    b.mlstm_gated_cell(kernel, dims, rows, s.q, s.k, s.v, s.o, s.i, s.f, w.ibias, w.fbias, w.gate_cap, state, w.cell_eps, w.head_norm, w.eps, s.h, s.hn)?;
+    b.matmul_add(s.hn, rows, w.out_proj, width, s.y, x)
 }
 
 /// The `k` largest values of `x` as (index, value), best first (ties: lower index first).

@@ -3,7 +3,7 @@
 //! x = Embedding(ids); per block: x += mLSTMLayer(RMSNorm(x)); x += SwiGLU-FFN(RMSNorm(x));
 //! logits = 30·tanh(lm_head(RMSNorm(x)) / 30). The mLSTM layer: q, k, v, o, ĩ, f̃ projections,
 //! gates soft-capped at 15, the mLSTM cell per head, per-head LayerNorm, sigmoid(o) gate, out_proj.
-use crate::backend::{Activation, Backend, FfnScratch, MlstmDims, MlstmKernel};
+use crate::backend::{Activation, Backend, FfnScratch, MlstmDims, MlstmHalf, MlstmKernel, MlstmScratch};
 use crate::config::LargeConfig;
 use crate::error::Result;
 use crate::model::{ActivationCache, GrowBuf, LogitRows, Network, Rows};
@@ -204,20 +204,23 @@ impl<B: Backend> Network<B> for LargeNet<B> {
             // mLSTM sub-block: x += out_proj(σ(o) ⊙ LN_head(mLSTM(q, k, v, ĩ, f̃))) on RMSNorm(x).
             // The compositions below are the primitive ops in order (Backend defaults); a backend
             // may fuse each (see backend/mod.rs, "fusable compositions").
-            b.norm_matmuls(
-                &s.x, n, d, &blk.norm_mlstm, eps, &mut s.xn,
-                &[&blk.q, &blk.k, &blk.v, &blk.o, &blk.igate, &blk.fgate],
-                &mut [&mut s.q, &mut s.k, &mut s.v, &mut s.o, &mut s.i, &mut s.f],
-            )?; //                                                               q, k [n, qk]; v, o [n, v]; ĩ, f̃ [n, NH]
             let kernel = match rows {
                 Rows::Sequence(kernel) => Some(kernel),
                 Rows::Step => None,
             };
-            b.mlstm_gated_cell(
-                kernel, self.dims, n, &s.q, &s.k, &s.v, &s.o, &mut s.i, &mut s.f, &blk.igate_bias, &blk.fgate_bias,
-                c.gate_soft_cap, cell, c.eps, &blk.head_norm, eps, &mut s.h, &mut s.hn,
-            )?; //                                                               hn [n, v]
-            b.matmul_add(&s.hn, n, &blk.out_proj, d, &mut s.y, &mut s.x)?; //    x += [n, D]
+            let half = MlstmHalf {
+                norm: &blk.norm_mlstm,
+                eps,
+                proj: [&blk.q, &blk.k, &blk.v, &blk.o, &blk.igate, &blk.fgate], // q, k [n, qk]; v, o [n, v]; ĩ, f̃ [n, NH]
+                ibias: &blk.igate_bias,
+                fbias: &blk.fgate_bias,
+                gate_cap: c.gate_soft_cap,
+                cell_eps: c.eps,
+                head_norm: &blk.head_norm,
+                out_proj: &blk.out_proj,
+            };
+            let mlstm_scratch = MlstmScratch { xn: &mut s.xn, q: &mut s.q, k: &mut s.k, v: &mut s.v, o: &mut s.o, i: &mut s.i, f: &mut s.f, h: &mut s.h, hn: &mut s.hn, y: &mut s.y };
+            b.norm_mlstm_add(&mut s.x, n, d, self.dims, kernel, &half, cell, mlstm_scratch)?; // x += [n, D]
             // FFN sub-block (SwiGLU): x += down(silu(up_gate(RMSNorm(x))) ⊙ up(RMSNorm(x)))
             let ffn_scratch = FfnScratch { xn: &mut s.xn, g: &mut s.g, u: &mut s.u, a: &mut s.a, y: &mut s.y };
             b.norm_gated_ffn_add(&mut s.x, n, d, &blk.norm_ffn, eps, &blk.up_gate, &blk.up, &blk.down, ff, Activation::Silu, ffn_scratch)?; // x += [n, D]
