@@ -11,7 +11,8 @@
 //            sigmoid(gate[r, j]) (the mLSTM output gate); optional 16-bit copy `out_h` as for rms_norm
 //            (with `out` null, only that copy is written).
 //            Launch: grid = (width / group, rows), block = 256.
-// group_norm_warp: the same, one warp per group held in registers (one read of x, shuffles only),
+// group_norm_warp (group_norm_warp4 for group ≤ 512: half the registers): the same, one warp per
+//            group held in registers (one read of x and the gate, shuffles only),
 //            for group % 128 == 0 and group ≤ 1024 with x, w, bias, gate, out 16-byte and out_h
 //            8-byte aligned; `groups` = rows · width / group. Launch: grid = ceil(groups / 8), block = 256.
 // rms_gate_dots: an xlstm-large layer's gate pre-activations straight from its un-normalised rows (a
@@ -19,10 +20,11 @@
 //            out_i[r, j] = cap(y·gi[j] + bi[j]) and out_f[r, j] = cap(y·gf[j] + bf[j]) for j < nh ≤ 8
 //            (gi, gf: f32 [nh, width]; biases may be null; cap(v) = c·tanh(v/c), none for c ≤ 0).
 //            The products run on tensor cores with every operand split in two TF32 parts (f32
-//            accuracy, see mma_f32): warp w multiplies 16 rows by columns [w, w + 1)·width/8 in steps
-//            of 16, each lane reading 16-byte words; within a step both operands take the columns in
-//            the same permuted order, which the sum does not see. Needs width % 128 == 0 and x, w,
-//            gi, gf 16-byte aligned. Launch: grid = ceil(rows / 16), block = 256.
+//            accuracy, see mma_f32): warp w of NW multiplies 16 rows by columns [w, w + 1)·width/NW
+//            in steps of 16, four steps' loads at once, each lane reading 16-byte words; within a
+//            step both operands take the columns in the same permuted order, which the sum does not
+//            see. Needs width % (16·NW) == 0 and x, w, gi, gf 16-byte aligned.
+//            Launch: grid = ceil(rows / 16), block = 32·NW (256 to 1024).
 // Limits: width, group < 2^31; `red` scratch is 32 floats of shared memory.
 
 extern "C" __global__ void rms_norm(const float* x, int width, const float* w, float eps, float* out, u16* out_h, int hdt) {
@@ -87,8 +89,10 @@ extern "C" __global__ void group_norm(const float* x, int width, int group, cons
     }
 }
 
-extern "C" __global__ void group_norm_warp(const float* x, int width, int group, const float* w, const float* bias, float eps,
-                                           const float* gate, int gate_ld, float* out, u16* out_h, int hdt, int groups) {
+// NV: float4s per lane at most (group ≤ 128·NV); the registers are sized by it.
+template <int NV>
+__device__ __forceinline__ void group_norm_warp_nv(const float* x, int width, int group, const float* w, const float* bias, float eps,
+                                                   const float* gate, int gate_ld, float* out, u16* out_h, int hdt, int groups) {
     const int lane = threadIdx.x & 31;
     const long long gi = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (gi >= groups) return;
@@ -96,19 +100,22 @@ extern "C" __global__ void group_norm_warp(const float* x, int width, int group,
     const int j0 = (int)(gi % per_row) * group;
     const long long base = (gi / per_row) * width + j0, gbase = (gi / per_row) * gate_ld + j0;
     const int nv = group >> 7;  // float4s per lane
-    float4 v[8];
+    float4 v[NV], gv[NV];
     float s = 0.f;
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {
+    for (int u = 0; u < NV; ++u) {
         if (u < nv) {
             v[u] = *(const float4*)(x + base + (u * 32 + lane) * 4);
-            s += (v[u].x + v[u].y) + (v[u].z + v[u].w);
+            if (gate) gv[u] = *(const float4*)(gate + gbase + (u * 32 + lane) * 4);  // issued with x's: more in flight
         }
     }
+#pragma unroll
+    for (int u = 0; u < NV; ++u)
+        if (u < nv) s += (v[u].x + v[u].y) + (v[u].z + v[u].w);
     const float mean = warp_sum(s) / (float)group;
     float q = 0.f;
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {
+    for (int u = 0; u < NV; ++u) {
         if (u < nv) {
             float a = v[u].x - mean, b = v[u].y - mean, c = v[u].z - mean, d = v[u].w - mean;
             q = fmaf(a, a, q); q = fmaf(b, b, q); q = fmaf(c, c, q); q = fmaf(d, d, q);
@@ -116,7 +123,7 @@ extern "C" __global__ void group_norm_warp(const float* x, int width, int group,
     }
     const float r = rsqrtf(warp_sum(q) / (float)group + eps);
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {
+    for (int u = 0; u < NV; ++u) {
         if (u < nv) {
             const int j = (u * 32 + lane) * 4;
             const float4 wv = *(const float4*)(w + j0 + j);
@@ -124,7 +131,7 @@ extern "C" __global__ void group_norm_warp(const float* x, int width, int group,
             float y[4] = {(v[u].x - mean) * r * wv.x + bv.x, (v[u].y - mean) * r * wv.y + bv.y,
                           (v[u].z - mean) * r * wv.z + bv.z, (v[u].w - mean) * r * wv.w + bv.w};
             if (gate) {
-                const float4 g = *(const float4*)(gate + gbase + j);
+                const float4 g = gv[u];
                 y[0] *= sigmoid_exact(g.x); y[1] *= sigmoid_exact(g.y); y[2] *= sigmoid_exact(g.z); y[3] *= sigmoid_exact(g.w);
             }
             if (out) *(float4*)(out + base + j) = make_float4(y[0], y[1], y[2], y[3]);
@@ -135,14 +142,22 @@ extern "C" __global__ void group_norm_warp(const float* x, int width, int group,
         }
     }
 }
+#define GROUP_NORM_WARP_PARAMS                                                                            \
+    const float *x, int width, int group, const float *w, const float *bias, float eps, const float *gate, \
+        int gate_ld, float *out, u16 *out_h, int hdt, int groups
+#define GROUP_NORM_WARP_ARGS x, width, group, w, bias, eps, gate, gate_ld, out, out_h, hdt, groups
+extern "C" __global__ void group_norm_warp(GROUP_NORM_WARP_PARAMS) { group_norm_warp_nv<8>(GROUP_NORM_WARP_ARGS); }
+extern "C" __global__ void group_norm_warp4(GROUP_NORM_WARP_PARAMS) { group_norm_warp_nv<4>(GROUP_NORM_WARP_ARGS); }
 
-extern "C" __global__ void __launch_bounds__(256) rms_gate_dots(const float* x, int rows, int width, const float* w, float eps,
+extern "C" __global__ void __launch_bounds__(1024) rms_gate_dots(const float* x, int rows, int width, const float* w, float eps,
                                                               const float* gi, const float* gf, int nh, const float* bi,
                                                               const float* bf, float cap, float* out_i, float* out_f) {
-    __shared__ float part[8][16][17];
-    __shared__ float sspart[8][16];
+    constexpr int MAXW = 32, BATCH = 4;  // warps at most; 16-column steps whose loads are issued together
+    __shared__ float part[MAXW][16][17];
+    __shared__ float sspart[MAXW][16];
+    const int NW = blockDim.x >> 5;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, q = lane & 3;
-    const int r0 = blockIdx.x * 16, slice = width >> 3, k0 = warp * slice + 4 * q;
+    const int r0 = blockIdx.x * 16, slice = width / NW, k0 = warp * slice + 4 * q, steps = slice >> 4;
     // rows past the end read the last row; their results are dropped
     const float* xa = x + (long long)min(r0 + g, rows - 1) * width + k0;
     const float* xb = x + (long long)min(r0 + g + 8, rows - 1) * width + k0;
@@ -152,21 +167,40 @@ extern "C" __global__ void __launch_bounds__(256) rms_gate_dots(const float* x, 
     const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
     float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
     float ssa = 0.f, ssb = 0.f;
-#pragma unroll 4
-    for (int k = 0; k < slice; k += 16) {
-        const float4 va = *(const float4*)(xa + k), vb = *(const float4*)(xb + k), wv = *(const float4*)(w + k0 + k);
-        const float4 ii = has ? *(const float4*)(pi + k) : zero, ff = has ? *(const float4*)(pf + k) : zero;
-        ssa = fmaf(va.x, va.x, fmaf(va.y, va.y, fmaf(va.z, va.z, fmaf(va.w, va.w, ssa))));
-        ssb = fmaf(vb.x, vb.x, fmaf(vb.y, vb.y, fmaf(vb.z, vb.z, fmaf(vb.w, vb.w, ssb))));
+    auto step = [&](float4 a, float4 b, float4 c, float4 ii, float4 ff) {
+        if (!has) { ii = zero; ff = zero; }
+        ssa = fmaf(a.x, a.x, fmaf(a.y, a.y, fmaf(a.z, a.z, fmaf(a.w, a.w, ssa))));
+        ssb = fmaf(b.x, b.x, fmaf(b.y, b.y, fmaf(b.z, b.z, fmaf(b.w, b.w, ssb))));
         // this lane's logical k = q, q + 4 are its columns 4q, 4q + 1 (first product), 4q + 2, 4q + 3 (second)
-        const float a0[4] = {va.x * wv.x, vb.x * wv.x, va.y * wv.y, vb.y * wv.y};
-        const float a1[4] = {va.z * wv.z, vb.z * wv.z, va.w * wv.w, vb.w * wv.w};
+        const float a0[4] = {a.x * c.x, b.x * c.x, a.y * c.y, b.y * c.y};
+        const float a1[4] = {a.z * c.z, b.z * c.z, a.w * c.w, b.w * c.w};
         const Tf<4> A0(a0), A1(a1);
         const float i0[2] = {ii.x, ii.y}, i1[2] = {ii.z, ii.w}, f0[2] = {ff.x, ff.y}, f1[2] = {ff.z, ff.w};
         mma_f32<true>(acc[0], A0, Tf<2>(i0));
         mma_f32<true>(acc[0], A1, Tf<2>(i1));
         mma_f32<true>(acc[1], A0, Tf<2>(f0));
         mma_f32<true>(acc[1], A1, Tf<2>(f1));
+    };
+    // (loaded unconditionally, from row 0 for lanes past nh, and zeroed after: no branch between the loads)
+    auto gate = [&](const float* p, int k) { return *(const float4*)(p + k); };
+    int s0 = 0;
+    for (; s0 + BATCH <= steps; s0 += BATCH) {
+        float4 va[BATCH], vb[BATCH], wv[BATCH], ii[BATCH], ff[BATCH];
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) {
+            const int k = (s0 + u) * 16;
+            va[u] = *(const float4*)(xa + k);
+            vb[u] = *(const float4*)(xb + k);
+            wv[u] = *(const float4*)(w + k0 + k);
+            ii[u] = gate(pi, k);
+            ff[u] = gate(pf, k);
+        }
+#pragma unroll
+        for (int u = 0; u < BATCH; ++u) step(va[u], vb[u], wv[u], ii[u], ff[u]);
+    }
+    for (; s0 < steps; ++s0) {
+        const int k = s0 * 16;
+        step(*(const float4*)(xa + k), *(const float4*)(xb + k), *(const float4*)(w + k0 + k), gate(pi, k), gate(pf, k));
     }
     ssa += __shfl_xor_sync(0xffffffffu, ssa, 1);
     ssa += __shfl_xor_sync(0xffffffffu, ssa, 2);
@@ -181,11 +215,13 @@ extern "C" __global__ void __launch_bounds__(256) rms_gate_dots(const float* x, 
         part[warp][g + 8][nt * 8 + 2 * q + 1] = acc[nt][3];
     }
     __syncthreads();
+    if (threadIdx.x >= 256) return;  // (blockDim ≥ 256)
     const int r = threadIdx.x >> 4, n = threadIdx.x & 15, j = n & 7;  // 16 rows × (8 ĩ, 8 f̃)
     if (r0 + r >= rows || j >= nh) return;
     float s = 0.f, ss = 0.f;
 #pragma unroll
-    for (int u = 0; u < 8; ++u) { s += part[u][r][n]; ss += sspart[u][r]; }
+    for (int u = 0; u < MAXW; ++u)
+        if (u < NW) { s += part[u][r][n]; ss += sspart[u][r]; }
     const float* b = n < 8 ? bi : bf;
     float v = s * rsqrtf(ss / (float)width + eps) + (b ? b[j] : 0.f);
     if (cap > 0.f) v = cap * tanhf(v / cap);

@@ -79,6 +79,7 @@ pub(crate) struct Funcs {
     pub rms_norm: CUfunction,
     pub group_norm: CUfunction,
     pub group_norm_warp: CUfunction,
+    pub group_norm_warp4: CUfunction,
     pub rms_gate_dots: CUfunction,
     pub gemv: [CUfunction; 4],
     pub mlstm_step: CUfunction,
@@ -219,7 +220,7 @@ impl Dev {
             Ok(fs)
         };
         let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum", "gated_act_split", "split_cols"])?;
-        let n = get("norm", &["rms_norm", "group_norm", "group_norm_warp", "rms_gate_dots"])?;
+        let n = get("norm", &["rms_norm", "group_norm", "group_norm_warp", "rms_gate_dots", "group_norm_warp4"])?;
         let g = get("gemv", &["gemv_r1", "gemv_r2", "gemv_r3", "gemv_r4"])?;
         let m = get("mlstm", &["mlstm_step", "mlstm_step_wide"])?;
         let mc = get(
@@ -253,6 +254,7 @@ impl Dev {
             group_norm: n[1],
             group_norm_warp: n[2],
             rms_gate_dots: n[3],
+            group_norm_warp4: n[4],
             gemv: [g[0], g[1], g[2], g[3]],
             mlstm_step: m[0],
             mlstm_step_wide: m[1],
@@ -311,7 +313,7 @@ impl Dev {
             f,
             blas,
             blas_ws,
-            lt: crate::lt::Lt::new(blas_ws, BLAS_WS),
+            lt: crate::lt::Lt::new(blas, blas_ws, BLAS_WS),
             scratch: Mutex::new(Default::default()),
             cap: Mutex::new(Capture::new()),
             name,

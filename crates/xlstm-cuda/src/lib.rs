@@ -507,24 +507,15 @@ impl CudaBackend {
                         Some(p) => p,
                         None => self.half_copy(dev, x, rows * w.cols, dt)?,
                     };
+                    let p = lt::Product { m: rows, n: w.rows, k: w.cols, dtype: dt, out16: half_out, w: w.ptr, x: xh, out, beta };
                     if let Some(lt) = &dev.lt {
-                        let p = lt::Product { m: rows, n: w.rows, k: w.cols, dtype: dt, out16: half_out, w: w.ptr, x: xh, out, beta };
                         if !lt.knows(&p) {
                             // choosing the algorithm runs the stream: not while recording
                             dev.cap.lock().expect("capture lock").unrecordable()?;
                         }
                         return lt.run(dev.stream, &p);
                     }
-                    let ty = if dt == DType::BF16 { cb::cudaDataType::CUDA_R_16BF } else { cb::cudaDataType::CUDA_R_16F };
-                    device::blas_ok(
-                        "gemm",
-                        cb::cublasGemmEx(
-                            dev.blas, cb::cublasOperation_t::CUBLAS_OP_T, cb::cublasOperation_t::CUBLAS_OP_N, n, m, k,
-                            &alpha as *const f32 as *const c_void, w.ptr as *const c_void, ty, k, xh as *const c_void, ty, k,
-                            &beta as *const f32 as *const c_void, out as *mut c_void, if half_out { ty } else { cb::cudaDataType::CUDA_R_32F }, n,
-                            cb::cublasComputeType_t::CUBLAS_COMPUTE_32F, cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                        ),
-                    )
+                    lt::gemm_ex(dev.blas, &p, out)
                 }
             }
         }
@@ -547,7 +538,8 @@ impl CudaBackend {
         if group % 128 == 0 && group <= 1024 && aligned {
             let groups = rows * (width / group);
             a.i(groups);
-            return dev.launch(dev.f.group_norm_warp, (groups.div_ceil(8) as u32, 1, 1), 256, 0, &mut a);
+            let f = if group <= 512 { dev.f.group_norm_warp4 } else { dev.f.group_norm_warp };
+            return dev.launch(f, (groups.div_ceil(8) as u32, 1, 1), 256, 0, &mut a);
         }
         dev.launch(dev.f.group_norm, ((width / group) as u32, rows as u32, 1), 256, 0, &mut a)
     }
@@ -650,7 +642,7 @@ impl CudaBackend {
         let [q, k, v, o, ig, fg] = w.proj;
         let (qk, vw) = (d.heads * d.dk, d.heads * d.dv);
         let projections = q.dtype != DType::F32 && q.adjacent(k) && k.adjacent(v) && v.adjacent(o) && q.cols == width && (q.rows, k.rows, v.rows, o.rows) == (qk, qk, vw, vw);
-        let gates = [ig, fg].iter().all(|m| m.dtype == DType::F32 && m.rows == d.heads && m.cols == width) && d.heads <= 8 && width % 128 == 0;
+        let gates = [ig, fg].iter().all(|m| m.dtype == DType::F32 && m.rows == d.heads && m.cols == width) && d.heads <= 8 && width % 256 == 0;
         let aligned = [x, w.norm.ptr, ig.ptr, fg.ptr].iter().all(|&p| p % 16 == 0);
         let out = w.out_proj.dtype == q.dtype && w.out_proj.rows == width && w.out_proj.cols == vw;
         let tc = Self::chunk_tc(&self.dev, d, [0, 0, 0, s.h.ptr], [qk, qk, vw]);
@@ -1333,7 +1325,8 @@ impl Backend for CudaBackend {
             self.rms(dev, xp, rows, width, w.norm.ptr, w.eps, 0, xh, dt)?;
             let mut a = KArgs::new();
             a.p(xp).i(rows).i(width).p(w.norm.ptr).f(w.eps).p(ig.ptr).p(fg.ptr).i(d.heads).p(w.ibias.ptr).p(w.fbias.ptr).f(w.gate_cap).p(ip).p(fp);
-            dev.launch(dev.f.rms_gate_dots, (rows.div_ceil(16) as u32, 1, 1), 256, 0, &mut a)?;
+                        let warps = if width % 512 == 0 { 32 } else { 16 }; // width / warps: whole 16-column steps
+            dev.launch(dev.f.rms_gate_dots, (rows.div_ceil(16) as u32, 1, 1), 32 * warps, 0, &mut a)?;
             let wide = dev.scratch(|s| &mut s.wide, rows * total * 4, false)?;
             self.gemm_view(dev, rows, MatView { ptr: q.ptr, rows: total, cols: width, dtype: dt }, 0, Some(xh), wide, 0.0, false)?;
             let col = |n: usize| (wide + 4 * n as u64, total);
