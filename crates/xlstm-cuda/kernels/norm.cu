@@ -18,7 +18,9 @@
 // rms_gate_dots: an xlstm-large layer's gate pre-activations straight from its un-normalised rows (a
 //            prompt's; decode computes them in its GEMV): with y = x[r]·rsqrt(mean x[r]² + eps)·w,
 //            out_i[r, j] = cap(y·gi[j] + bi[j]) and out_f[r, j] = cap(y·gf[j] + bf[j]) for j < nh ≤ 8
-//            (gi, gf: f32 [nh, width]; biases may be null; cap(v) = c·tanh(v/c), none for c ≤ 0).
+//            (gi, gf: f32 [nh, width]; biases may be null; cap(v) = c·tanh(v/c), none for c ≤ 0),
+//            and (`out_h` not null) y's 16-bit copy as rms_norm writes it, in a second pass over
+//            the block's rows (read from L2).
 //            The products run on tensor cores with every operand split in two TF32 parts (f32
 //            accuracy, see mma_f32): warp w of NW multiplies 16 rows by columns [w, w + 1)·width/NW
 //            in steps of 16, four steps' loads at once, each lane reading 16-byte words; within a
@@ -151,7 +153,8 @@ extern "C" __global__ void group_norm_warp4(GROUP_NORM_WARP_PARAMS) { group_norm
 
 extern "C" __global__ void __launch_bounds__(1024) rms_gate_dots(const float* x, int rows, int width, const float* w, float eps,
                                                               const float* gi, const float* gf, int nh, const float* bi,
-                                                              const float* bf, float cap, float* out_i, float* out_f) {
+                                                              const float* bf, float cap, float* out_i, float* out_f,
+                                                              u16* out_h, int hdt) {
     constexpr int MAXW = 32, BATCH = 4;  // warps at most; 16-column steps whose loads are issued together
     __shared__ float part[MAXW][16][17];
     __shared__ float sspart[MAXW][16];
@@ -215,15 +218,36 @@ extern "C" __global__ void __launch_bounds__(1024) rms_gate_dots(const float* x,
         part[warp][g + 8][nt * 8 + 2 * q + 1] = acc[nt][3];
     }
     __syncthreads();
-    if (threadIdx.x >= 256) return;  // (blockDim ≥ 256)
-    const int r = threadIdx.x >> 4, n = threadIdx.x & 15, j = n & 7;  // 16 rows × (8 ĩ, 8 f̃)
-    if (r0 + r >= rows || j >= nh) return;
-    float s = 0.f, ss = 0.f;
+    __shared__ float rs[16];
+    if (threadIdx.x < 16) {
+        float ss = 0.f;
+        for (int u = 0; u < NW; ++u) ss += sspart[u][threadIdx.x];
+        rs[threadIdx.x] = rsqrtf(ss / (float)width + eps);
+    }
+    __syncthreads();
+    if (threadIdx.x < 256) {  // (blockDim ≥ 256)
+        const int r = threadIdx.x >> 4, n = threadIdx.x & 15, j = n & 7;  // 16 rows × (8 ĩ, 8 f̃)
+        if (r0 + r < rows && j < nh) {
+            float s = 0.f;
 #pragma unroll
-    for (int u = 0; u < MAXW; ++u)
-        if (u < NW) { s += part[u][r][n]; ss += sspart[u][r]; }
-    const float* b = n < 8 ? bi : bf;
-    float v = s * rsqrtf(ss / (float)width + eps) + (b ? b[j] : 0.f);
-    if (cap > 0.f) v = cap * tanhf(v / cap);
-    (n < 8 ? out_i : out_f)[(long long)(r0 + r) * nh + j] = v;
+            for (int u = 0; u < MAXW; ++u)
+                if (u < NW) s += part[u][r][n];
+            const float* b = n < 8 ? bi : bf;
+            float v = s * rs[r] + (b ? b[j] : 0.f);
+            if (cap > 0.f) v = cap * tanhf(v / cap);
+            (n < 8 ? out_i : out_f)[(long long)(r0 + r) * nh + j] = v;
+        }
+    }
+    // The normalised rows' 16-bit copy (the operand of the q, k, v, o product): the block's rows
+    // again, from L2 where the first pass left them.
+    if (!out_h) return;
+    const int n4 = width >> 2, nrow = min(16, rows - r0);
+    for (int e = threadIdx.x; e < nrow * n4; e += blockDim.x) {
+        const int r = e / n4, i = e - r * n4;
+        const long long base = (long long)(r0 + r) * width;
+        const float4 a = ((const float4*)(x + base))[i], c = ((const float4*)w)[i];
+        const float k = rs[r];
+        ((uint2*)(out_h + base))[i] = make_uint2((u32)half_bits(a.x * k * c.x, hdt) | ((u32)half_bits(a.y * k * c.y, hdt) << 16),
+                                                 (u32)half_bits(a.z * k * c.z, hdt) | ((u32)half_bits(a.w * k * c.w, hdt) << 16));
+    }
 }

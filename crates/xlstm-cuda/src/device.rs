@@ -313,7 +313,7 @@ impl Dev {
             f,
             blas,
             blas_ws,
-            lt: crate::lt::Lt::new(blas, blas_ws, BLAS_WS),
+            lt: crate::lt::Lt::new(blas_ws, BLAS_WS),
             scratch: Mutex::new(Default::default()),
             cap: Mutex::new(Capture::new()),
             name,

@@ -507,15 +507,24 @@ impl CudaBackend {
                         Some(p) => p,
                         None => self.half_copy(dev, x, rows * w.cols, dt)?,
                     };
-                    let p = lt::Product { m: rows, n: w.rows, k: w.cols, dtype: dt, out16: half_out, w: w.ptr, x: xh, out, beta };
                     if let Some(lt) = &dev.lt {
+                        let p = lt::Product { m: rows, n: w.rows, k: w.cols, dtype: dt, out16: half_out, w: w.ptr, x: xh, out, beta };
                         if !lt.knows(&p) {
                             // choosing the algorithm runs the stream: not while recording
                             dev.cap.lock().expect("capture lock").unrecordable()?;
                         }
                         return lt.run(dev.stream, &p);
                     }
-                    lt::gemm_ex(dev.blas, &p, out)
+                    let ty = if dt == DType::BF16 { cb::cudaDataType::CUDA_R_16BF } else { cb::cudaDataType::CUDA_R_16F };
+                    device::blas_ok(
+                        "gemm",
+                        cb::cublasGemmEx(
+                            dev.blas, cb::cublasOperation_t::CUBLAS_OP_T, cb::cublasOperation_t::CUBLAS_OP_N, n, m, k,
+                            &alpha as *const f32 as *const c_void, w.ptr as *const c_void, ty, k, xh as *const c_void, ty, k,
+                            &beta as *const f32 as *const c_void, out as *mut c_void, if half_out { ty } else { cb::cudaDataType::CUDA_R_32F }, n,
+                            cb::cublasComputeType_t::CUBLAS_COMPUTE_32F, cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                        ),
+                    )
                 }
             }
         }
@@ -1299,10 +1308,11 @@ impl Backend for CudaBackend {
     }
 
     fn norm_mlstm_add(&self, x: &mut CudaBuf, rows: usize, width: usize, d: MlstmDims, kernel: Option<MlstmKernel>, w: &MlstmHalf<'_, Self>, state: &mut MlstmState<CudaBuf>, s: MlstmScratch<'_, CudaBuf>) -> Result<()> {
-        // A prompt with 16-bit weights: the gate rows' products come from the RMSNorm's own pass
-        // over x (f32, no normalised f32 copy), q, k, v, o stay in the merged product's output,
-        // where the chunk kernels and the head LayerNorm read them (no column split), and the
-        // head norm writes only the 16-bit operand of out_proj. Anything else: the compositions.
+        // A prompt with 16-bit weights: one kernel normalises x into the 16-bit operand of the
+        // products and computes the gate rows' products in f32 on the way (no normalised f32
+        // copy, no SGEMM); q, k, v, o stay in the merged product's output, where the chunk kernels
+        // and the head LayerNorm read them (no column split); the head norm writes only the 16-bit
+        // operand of out_proj. Anything else: the compositions.
         let Some(chunk) = self.merged_mlstm_prefill(x.ptr, rows, width, d, kernel, w, &s) else {
             return norm_mlstm_add_composed(self, x, rows, width, d, kernel, w, state, s);
         };
@@ -1322,10 +1332,9 @@ impl Backend for CudaBackend {
         let st: &MlstmState<CudaBuf> = state;
         self.op(&words, |dev| {
             let xh = dev.half_scratch(rows * width, None)?;
-            self.rms(dev, xp, rows, width, w.norm.ptr, w.eps, 0, xh, dt)?;
             let mut a = KArgs::new();
-            a.p(xp).i(rows).i(width).p(w.norm.ptr).f(w.eps).p(ig.ptr).p(fg.ptr).i(d.heads).p(w.ibias.ptr).p(w.fbias.ptr).f(w.gate_cap).p(ip).p(fp);
-                        let warps = if width % 512 == 0 { 32 } else { 16 }; // width / warps: whole 16-column steps
+            a.p(xp).i(rows).i(width).p(w.norm.ptr).f(w.eps).p(ig.ptr).p(fg.ptr).i(d.heads).p(w.ibias.ptr).p(w.fbias.ptr).f(w.gate_cap).p(ip).p(fp).p(xh).i(dt_code(dt));
+            let warps = if width % 512 == 0 { 32 } else { 16 }; // width / warps: whole 16-column steps
             dev.launch(dev.f.rms_gate_dots, (rows.div_ceil(16) as u32, 1, 1), 32 * warps, 0, &mut a)?;
             let wide = dev.scratch(|s| &mut s.wide, rows * total * 4, false)?;
             self.gemm_view(dev, rows, MatView { ptr: q.ptr, rows: total, cols: width, dtype: dt }, 0, Some(xh), wide, 0.0, false)?;

@@ -3,9 +3,8 @@
 //! `cublasGemmEx` picks its algorithm from heuristics alone, and for the skinny products of batched
 //! decode (5 to 256 rows against a 7B model's matrices) it picks ones that stream the weights at
 //! 1–2.5 TB/s. Here the first product of each shape asks cuBLASLt for its candidates, times each
-//! on the real operands (into a throw-away output), together with `cublasGemmEx`'s own choice
-//! (which may pick kernels the cuBLASLt heuristics do not offer for this layout: 123 against 169 µs
-//! for a 2,048-row out_proj of the 7B), and keeps the fastest for every later call of that shape. Only shapes that recur are timed (up to 256 rows, or a power of
+//! on the real operands (into a throw-away output), and keeps the fastest with its descriptors for
+//! every later call of that shape. Only shapes that recur are timed (up to 256 rows, or a power of
 //! two: decode batches, full prefill segments); others take the heuristics' first candidate. Choosing needs the stream to run, so inside a decode step being
 //! recorded an unknown shape breaks the step (it runs again eagerly, chooses, then records).
 //! `XLSTM_CUDA_LT=0` keeps `cublasGemmEx` (for comparisons).
@@ -13,7 +12,6 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::Mutex;
 
-use cudarc::cublas::sys as cb;
 use cudarc::cublaslt::sys as lt;
 use cudarc::driver::result as dres;
 use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
@@ -54,8 +52,6 @@ struct Plan {
     b: lt::cublasLtMatrixLayout_t,
     c: lt::cublasLtMatrixLayout_t,
     algo: lt::cublasLtMatmulAlgo_t,
-    /// `cublasGemmEx` was the fastest: the descriptors go unused.
-    gemm_ex: bool,
 }
 
 // SAFETY: the descriptors are plain host objects, used under the cache's lock only.
@@ -75,7 +71,6 @@ impl Drop for Plan {
 
 pub(crate) struct Lt {
     handle: lt::cublasLtHandle_t,
-    blas: cb::cublasHandle_t,
     ws: CUdeviceptr,
     ws_bytes: usize,
     plans: Mutex<HashMap<Key, Plan>>,
@@ -115,8 +110,8 @@ const REPS: usize = 5;
 
 impl Lt {
     /// None when cuBLASLt cannot be loaded or `XLSTM_CUDA_LT=0`; `ws`: the workspace it may use
-    /// (shared with cuBLAS, `blas`, whose `cublasGemmEx` competes: both run on the one stream).
-    pub fn new(blas: cb::cublasHandle_t, ws: CUdeviceptr, ws_bytes: usize) -> Option<Lt> {
+    /// (shared with cuBLAS: both run on the one stream).
+    pub fn new(ws: CUdeviceptr, ws_bytes: usize) -> Option<Lt> {
         if std::env::var("XLSTM_CUDA_LT").is_ok_and(|v| v == "0") {
             return None;
         }
@@ -125,7 +120,7 @@ impl Lt {
             return None;
         }
         let handle = cudarc::cublaslt::result::create_handle().ok()?;
-        Some(Lt { handle, blas, ws, ws_bytes, plans: Mutex::new(HashMap::new()) })
+        Some(Lt { handle, ws, ws_bytes, plans: Mutex::new(HashMap::new()) })
     }
 
     /// Whether a plan for `p`'s shape is there (else the next `run` chooses one, which needs the
@@ -143,9 +138,6 @@ impl Lt {
             plans.insert(k, plan);
         }
         let plan = &plans[&k];
-        if plan.gemm_ex {
-            return gemm_ex(self.blas, p, p.out);
-        }
         self.launch(stream, plan, &plan.algo, p, p.out)
     }
 
@@ -189,7 +181,6 @@ impl Lt {
             b: res::create_matrix_layout(ty, k, m, k as i64).map_err(r)?,
             c: res::create_matrix_layout(out_ty, n, m, n as i64).map_err(r)?,
             algo: lt::cublasLtMatmulAlgo_t { data: [0; 8] },
-            gemm_ex: false,
         };
         let trans = cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T as i32;
         // SAFETY: the attribute buffer is a live value of the attribute's type.
@@ -241,7 +232,7 @@ impl Lt {
         }
         // Timing costs a few ms per shape: spent on the shapes that recur (decode batches, full
         // prefill segments), not on every prompt's odd-length tail, which takes the heuristics' first.
-        if !(p.m <= 256 || p.m.is_power_of_two()) {
+        if found.len() == 1 || !(p.m <= 256 || p.m.is_power_of_two()) {
             plan.algo = found[0];
             return Ok(plan);
         }
@@ -249,32 +240,27 @@ impl Lt {
         let bytes = p.m * p.n * if p.out16 { 2 } else { 4 };
         // SAFETY: plain allocation, freed below; events created and destroyed here.
         let scratch = unsafe { dres::malloc_sync(bytes.max(16)) }.map_err(|e| Error::Device(format!("cuda: allocating the tuning output: {e}")))?;
-        let timed = (|| -> Result<usize> {
+        let timed = (|| -> Result<lt::cublasLtMatmulAlgo_t> {
             let ev = |_| dres::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| Error::Device(format!("cuda event: {e}")));
             let (start, end) = (ev(0)?, ev(1)?);
-            // candidates 0..found.len(): cuBLASLt's; the last: cublasGemmEx
-            let mut best = (f32::MAX, 0);
-            for c in 0..=found.len() {
-                let call = || match found.get(c) {
-                    Some(algo) => self.launch(stream, &plan, algo, p, scratch),
-                    None => gemm_ex(self.blas, p, scratch),
-                };
+            let mut best = (f32::MAX, found[0]);
+            for algo in &found {
                 // An algorithm that refuses these operands is skipped.
-                if call().is_err() {
+                if self.launch(stream, &plan, algo, p, scratch).is_err() {
                     continue;
                 }
                 // SAFETY: events and stream are valid; the elapsed time is read after the end event.
                 let ms = unsafe {
                     dres::event::record(start, stream).ok();
                     for _ in 0..REPS {
-                        call()?;
+                        self.launch(stream, &plan, algo, p, scratch)?;
                     }
                     dres::event::record(end, stream).ok();
                     dres::event::synchronize(end).ok();
                     dres::event::elapsed(start, end).unwrap_or(f32::MAX)
                 };
                 if ms < best.0 {
-                    best = (ms, c);
+                    best = (ms, *algo);
                 }
             }
             // SAFETY: created above; nothing queued uses them after the synchronisations.
@@ -289,33 +275,9 @@ impl Lt {
             dres::stream::synchronize(stream).ok();
             dres::free_sync(scratch).ok();
         }
-        let best = timed?;
-        match found.get(best) {
-            Some(algo) => plan.algo = *algo,
-            None => plan.gemm_ex = true,
-        }
+        plan.algo = timed?;
         Ok(plan)
     }
-}
-
-/// `p` through `cublasGemmEx` (its heuristics choose the kernel), into `out`; `blas` is bound to
-/// the stream.
-pub(crate) fn gemm_ex(blas: cb::cublasHandle_t, p: &Product, out: CUdeviceptr) -> Result<()> {
-    let (n, m, k) = (p.n as i32, p.m as i32, p.k as i32);
-    let alpha = 1f32;
-    let ty = if p.dtype == DType::BF16 { cb::cudaDataType::CUDA_R_16BF } else { cb::cudaDataType::CUDA_R_16F };
-    let out_ty = if p.out16 { ty } else { cb::cudaDataType::CUDA_R_32F };
-    // SAFETY: pointers are live device buffers of the shapes given (checked by the callers);
-    // alpha/beta are host scalars (the default pointer mode).
-    let s = unsafe {
-        cb::cublasGemmEx(
-            blas, cb::cublasOperation_t::CUBLAS_OP_T, cb::cublasOperation_t::CUBLAS_OP_N, n, m, k,
-            &alpha as *const f32 as *const c_void, p.w as *const c_void, ty, k, p.x as *const c_void, ty, k,
-            &p.beta as *const f32 as *const c_void, out as *mut c_void, out_ty, n,
-            cb::cublasComputeType_t::CUBLAS_COMPUTE_32F, cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-    };
-    crate::device::blas_ok("gemm", s)
 }
 
 fn key(p: &Product) -> Key {
