@@ -547,46 +547,52 @@ fn fused_compositions_match_primitive_ops() {
 }
 
 /// The merged mLSTM prompt path (`norm_mlstm_add`) at a width that takes the gate kernel's 32-warp
-/// launch, with 8 heads (every gate lane of its products in use) and a last block of 12 rows,
-/// against the CPU's primitive ops; bf16 weights, f32 gate rows.
+/// launch, with 8 heads (every gate lane of its products in use), against the CPU's primitive ops:
+/// 300 rows (a last block of 12) with bf16 and f16 weights (as a model of them runs: TF32 chunk
+/// products), f32 gate rows; and a batched step of 16 sequences, which takes the compositions.
 #[test]
 fn norm_mlstm_add_eight_heads() {
     let Some((g, _l)) = gpu("norm_mlstm_add_wide") else { return };
     let c = CpuBackend::new();
     let mut rng = Rng::fresh("norm_mlstm_add_wide");
-    let (rows, d, nh, dk, dv) = (300usize, 1024usize, 8usize, 64usize, 128usize);
+    let (d, nh, dk, dv) = (1024usize, 8usize, 64usize, 128usize);
     let dims = MlstmDims { heads: nh, dk, dv };
     let (qk, vd) = (nh * dk, nh * dv);
-    let mut mats = Vec::new();
-    for (r, k, dt) in [(qk, d, DType::BF16), (qk, d, DType::BF16), (vd, d, DType::BF16), (vd, d, DType::BF16), (nh, d, DType::F32), (nh, d, DType::F32), (d, vd, DType::BF16)] {
-        let w = rng.vec(r * k, 1.0 / (k as f32).sqrt());
-        mats.push((g.matrix(HostTensor::f32(vec![r, k], w.clone()), dt).unwrap(), c.matrix(HostTensor::f32(vec![r, k], w), dt).unwrap()));
+    let prompt = Some(MlstmKernel::Chunkwise { chunk: 64 });
+    for (wdt, rows, kernel) in [(DType::BF16, 300usize, prompt), (DType::F16, 300, prompt), (DType::BF16, 16, None)] {
+        let mut mats = Vec::new();
+        for (r, k, dt) in [(qk, d, wdt), (qk, d, wdt), (vd, d, wdt), (vd, d, wdt), (nh, d, DType::F32), (nh, d, DType::F32), (d, vd, wdt)] {
+            let w = rng.vec(r * k, 1.0 / (k as f32).sqrt());
+            mats.push((g.matrix(HostTensor::f32(vec![r, k], w.clone()), dt).unwrap(), c.matrix(HostTensor::f32(vec![r, k], w), dt).unwrap()));
+        }
+        g.set_weight_dtype(wdt);
+        let (nw, hw, ib) = (rng.vec(d, 1.0), rng.vec(vd, 1.0), rng.vec(nh, 1.0));
+        let fb: Vec<f32> = rng.vec(nh, 1.0).iter().map(|v| v + 3.0).collect();
+        let x = rng.vec(rows * d, 1.0);
+        let mut cstate = cpu_state(&c, &mut rng, dims, if kernel.is_some() { 1 } else { rows }, true);
+        let mut gstate = gpu_state(&g, &cstate);
+        let z = |n: usize| vec![0f32; n];
+        let mut cx = x.clone();
+        let cw = MlstmHalf { norm: &nw, eps: 1e-6, proj: [&mats[0].1, &mats[1].1, &mats[2].1, &mats[3].1, &mats[4].1, &mats[5].1], ibias: &ib, fbias: &fb, gate_cap: 15.0, cell_eps: 1e-6, head_norm: &hw, out_proj: &mats[6].1 };
+        let (mut a, mut b, mut q, mut k, mut v, mut o, mut i, mut f, mut h, mut hn) = (z(rows * d), z(rows * d), z(rows * qk), z(rows * qk), z(rows * vd), z(rows * vd), z(rows * nh), z(rows * nh), z(rows * vd), z(rows * vd));
+        let cs = MlstmScratch { xn: &mut a, q: &mut q, k: &mut k, v: &mut v, o: &mut o, i: &mut i, f: &mut f, h: &mut h, hn: &mut hn, y: &mut b };
+        xlstm_core::backend::norm_mlstm_add_composed(&c, &mut cx, rows, d, dims, kernel, &cw, &mut cstate, cs).unwrap();
+        let (gnw, ghw, gib, gfb) = (up(&g, &nw), up(&g, &hw), up(&g, &ib), up(&g, &fb));
+        let gw = MlstmHalf { norm: &gnw, eps: 1e-6, proj: [&mats[0].0, &mats[1].0, &mats[2].0, &mats[3].0, &mats[4].0, &mats[5].0], ibias: &gib, fbias: &gfb, gate_cap: 15.0, cell_eps: 1e-6, head_norm: &ghw, out_proj: &mats[6].0 };
+        let zz = |n: usize| g.zeros(n).unwrap();
+        let (mut a, mut b, mut q, mut k, mut v, mut o, mut i, mut f, mut h, mut hn) = (zz(rows * d), zz(rows * d), zz(rows * qk), zz(rows * qk), zz(rows * vd), zz(rows * vd), zz(rows * nh), zz(rows * nh), zz(rows * vd), zz(rows * vd));
+        let gs = MlstmScratch { xn: &mut a, q: &mut q, k: &mut k, v: &mut v, o: &mut o, i: &mut i, f: &mut f, h: &mut h, hn: &mut hn, y: &mut b };
+        let mut gx = up(&g, &x);
+        g.set_op_timing(true);
+        g.norm_mlstm_add(&mut gx, rows, d, dims, kernel, &gw, &mut gstate, gs).unwrap();
+        assert_eq!(g.op_times().iter().any(|t| t.0 == "norm_mlstm_add"), kernel.is_some(), "merged path taken ({wdt}, {kernel:?})");
+        g.set_op_timing(false);
+        // 16-bit products through cuBLAS and TF32 chunk products: 2e-2 (as the fused compositions)
+        let what = format!("norm_mlstm_add, 8 heads, width 1024, {wdt}, {rows} rows, {kernel:?}");
+        assert_close(&what, &down(&g, &gx), &cx, 2e-2);
+        assert_state(&what, &g, &gstate, &cstate, 2e-2);
     }
-    let (nw, hw, ib) = (rng.vec(d, 1.0), rng.vec(vd, 1.0), rng.vec(nh, 1.0));
-    let fb: Vec<f32> = rng.vec(nh, 1.0).iter().map(|v| v + 3.0).collect();
-    let x = rng.vec(rows * d, 1.0);
-    let mut cstate = cpu_state(&c, &mut rng, dims, 1, true);
-    let mut gstate = gpu_state(&g, &cstate);
-    let kernel = Some(MlstmKernel::Chunkwise { chunk: 64 });
-    let z = |n: usize| vec![0f32; n];
-    let mut cx = x.clone();
-    let cw = MlstmHalf { norm: &nw, eps: 1e-6, proj: [&mats[0].1, &mats[1].1, &mats[2].1, &mats[3].1, &mats[4].1, &mats[5].1], ibias: &ib, fbias: &fb, gate_cap: 15.0, cell_eps: 1e-6, head_norm: &hw, out_proj: &mats[6].1 };
-    let (mut a, mut b, mut q, mut k, mut v, mut o, mut i, mut f, mut h, mut hn) = (z(rows * d), z(rows * d), z(rows * qk), z(rows * qk), z(rows * vd), z(rows * vd), z(rows * nh), z(rows * nh), z(rows * vd), z(rows * vd));
-    let cs = MlstmScratch { xn: &mut a, q: &mut q, k: &mut k, v: &mut v, o: &mut o, i: &mut i, f: &mut f, h: &mut h, hn: &mut hn, y: &mut b };
-    xlstm_core::backend::norm_mlstm_add_composed(&c, &mut cx, rows, d, dims, kernel, &cw, &mut cstate, cs).unwrap();
-    let (gnw, ghw, gib, gfb) = (up(&g, &nw), up(&g, &hw), up(&g, &ib), up(&g, &fb));
-    let gw = MlstmHalf { norm: &gnw, eps: 1e-6, proj: [&mats[0].0, &mats[1].0, &mats[2].0, &mats[3].0, &mats[4].0, &mats[5].0], ibias: &gib, fbias: &gfb, gate_cap: 15.0, cell_eps: 1e-6, head_norm: &ghw, out_proj: &mats[6].0 };
-    let zz = |n: usize| g.zeros(n).unwrap();
-    let (mut a, mut b, mut q, mut k, mut v, mut o, mut i, mut f, mut h, mut hn) = (zz(rows * d), zz(rows * d), zz(rows * qk), zz(rows * qk), zz(rows * vd), zz(rows * vd), zz(rows * nh), zz(rows * nh), zz(rows * vd), zz(rows * vd));
-    let gs = MlstmScratch { xn: &mut a, q: &mut q, k: &mut k, v: &mut v, o: &mut o, i: &mut i, f: &mut f, h: &mut h, hn: &mut hn, y: &mut b };
-    let mut gx = up(&g, &x);
-    g.set_op_timing(true);
-    g.norm_mlstm_add(&mut gx, rows, d, dims, kernel, &gw, &mut gstate, gs).unwrap();
-    assert!(g.op_times().iter().any(|t| t.0 == "norm_mlstm_add"), "the merged path was not taken");
-    g.set_op_timing(false);
-    // bf16 products through cuBLAS and TF32 chunk products: 2e-2 (as the fused compositions)
-    assert_close("norm_mlstm_add, 8 heads, width 1024", &down(&g, &gx), &cx, 2e-2);
-    assert_state("norm_mlstm_add, 8 heads, width 1024", &g, &gstate, &cstate, 2e-2);
+    g.set_weight_dtype(DType::F32);
 }
 
 /// A prompt's gated feed-forward half with ff over several thread blocks of the act·up kernel (the
