@@ -116,7 +116,18 @@ struct Tf {
             lo[i] = to_tf32(x[i] - __uint_as_float(hi[i]));
         }
     }
+    // Operands stored already rounded to TF32 (tf32_round): their bits as they are (plain products only).
+    __device__ __forceinline__ static Tf rounded(const float (&x)[N]) {
+        Tf t;
+#pragma unroll
+        for (int i = 0; i < N; ++i) { t.hi[i] = __float_as_uint(x[i]); t.lo[i] = 0u; }
+        return t;
+    }
+  private:
+    __device__ __forceinline__ Tf() {}
 };
+// x rounded to TF32 as mma_f32's plain products would round it, kept as a float.
+__device__ __forceinline__ float tf32_round(float x) { return __uint_as_float(to_tf32(x)); }
 
 __device__ __forceinline__ void mma_tf32(float* d, const u32* a, const u32* b) {
 #if __CUDA_ARCH__ >= 800

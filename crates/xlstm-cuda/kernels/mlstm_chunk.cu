@@ -532,7 +532,8 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
             const int e = tid + 256 * i, t = e >> 4, p = (e & 15) * 4;
             const float w = sw[t];
             *(float4*)(kw + t * ST + p) = make_float4(kr[i].x * w, kr[i].y * w, kr[i].z * w, kr[i].w * w);
-            *(float4*)(vs + t * ST + p) = vr[i];
+            // plain products: the values rounded once here, not in every fragment that reads them
+            *(float4*)(vs + t * ST + p) = EXACT ? vr[i] : make_float4(tf32_round(vr[i].x), tf32_round(vr[i].y), tf32_round(vr[i].z), tf32_round(vr[i].w));
         }
         __syncthreads();
         if (kc + 1 < nc) load_chunk(kc + 1, t0 + L, min(L, seq - t0 - L));
@@ -549,7 +550,7 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
             for (int j = 0; j < 4; ++j) {
                 const float* v0 = vs + (ks + qd) * ST + cw + 8 * j + g;
                 const float vb[2] = {v0[0], v0[4 * ST]};
-                mma_f32<EXACT>(acc[j], A, Tf<2>(vb));
+                mma_f32<EXACT>(acc[j], A, EXACT ? Tf<2>(vb) : Tf<2>::rounded(vb));
             }
         }
         if (own_n) {  // block-uniform: n' = decay·n + Σ_t kw[t], four partial sums per column
