@@ -116,8 +116,10 @@ struct Tf {
             lo[i] = to_tf32(x[i] - __uint_as_float(hi[i]));
         }
     }
-    // Operands stored already rounded to TF32 (tf32_round): their bits as they are (plain products only).
-    __device__ __forceinline__ static Tf rounded(const float (&x)[N]) {
+    // An operand's f32 bits as they are (plain products only): exact for values stored already
+    // rounded (tf32_round); for others the tensor core reads the top 19 bits, i.e. rounds toward zero
+    // (relative error below 2^-10, against 2^-11 for rounding to nearest) without a conversion.
+    __device__ __forceinline__ static Tf raw(const float (&x)[N]) {
         Tf t;
 #pragma unroll
         for (int i = 0; i < N; ++i) { t.hi[i] = __float_as_uint(x[i]); t.lo[i] = 0u; }
@@ -126,7 +128,14 @@ struct Tf {
   private:
     __device__ __forceinline__ Tf() {}
 };
-// x rounded to TF32 as mma_f32's plain products would round it, kept as a float.
+// An operand fragment for mma_f32<EXACT>: split in two TF32 parts for exact products, the bits as
+// they are for plain ones (no conversions: the kernels' plain products are issue-bound).
+template <bool EXACT, int N>
+__device__ __forceinline__ Tf<N> frag(const float (&x)[N]) {
+    if constexpr (EXACT) return Tf<N>(x);
+    else return Tf<N>::raw(x);
+}
+// x rounded to TF32 to nearest, kept as a float (what the tensor core then reads exactly).
 __device__ __forceinline__ float tf32_round(float x) { return __uint_as_float(to_tf32(x)); }
 
 __device__ __forceinline__ void mma_tf32(float* d, const u32* a, const u32* b) {

@@ -11,8 +11,9 @@
 //   mlstm_chunk_gates (every chunk's gate terms, once), then mlstm_chunk_states_tc*,
 //   mlstm_chunk_out_tc*, which read them. The `_exact` variants split every operand into two
 //   TF32 parts (x = hi + lo, product ≈ hi·hi + hi·lo + lo·hi), which keeps f32 accuracy at three
-//   times the tensor-core work; the plain ones round operands to TF32 (10-bit mantissa), which is
-//   what a model with 16-bit weights already carries. Their q, k, v rows lie ldq, ldk, ldv values
+//   times the tensor-core work; the plain ones hand the tensor cores the f32 bits, which they read as
+//   TF32 (10-bit mantissa, rounded toward zero; the chunk-states kernel's values rounded to nearest
+//   once as stored), what a model with 16-bit weights already carries. Their q, k, v rows lie ldq, ldk, ldv values
 //   apart (column blocks of one merged product's output, or NH·DK, NH·DV); h rows NH·DV.
 //
 // mlstm_chunk_states*: grid = (DV/64, DK/64, NH), block = 256. Runs the chunks in order for a 64×64
@@ -545,12 +546,12 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
         for (int ks = 0; ks < Lk; ks += 8) {
             const float* k0 = kw + (ks + qd) * ST + rm + g;
             const float ka[4] = {k0[0], k0[8], k0[4 * ST], k0[4 * ST + 8]};
-            const Tf<4> A(ka);
+            const Tf<4> A = frag<EXACT>(ka);
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const float* v0 = vs + (ks + qd) * ST + cw + 8 * j + g;
                 const float vb[2] = {v0[0], v0[4 * ST]};
-                mma_f32<EXACT>(acc[j], A, EXACT ? Tf<2>(vb) : Tf<2>::rounded(vb));
+                mma_f32<EXACT>(acc[j], A, frag<EXACT>(vb));
             }
         }
         if (own_n) {  // block-uniform: n' = decay·n + Σ_t kw[t], four partial sums per column
@@ -649,18 +650,18 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
         for (int ks = 0; ks < KT; ks += 8) {
             const float* q0 = Qs + (rm + g) * QS + ks + qd;
             const float qa[4] = {q0[0], q0[8 * QS], q0[4], q0[8 * QS + 4]};
-            const Tf<4> A(qa);
+            const Tf<4> A = frag<EXACT>(qa);
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const float* k0 = Ks + (sc + 8 * j + g) * QS + ks + qd;
                 const float kb[2] = {k0[0], k0[4]};
-                mma_f32<EXACT>(sacc[j], A, Tf<2>(kb));
+                mma_f32<EXACT>(sacc[j], A, frag<EXACT>(kb));
             }
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 const float* c0p = Ct + (ks + qd) * CS + hc + 8 * j + g;
                 const float cb[2] = {c0p[0], c0p[4 * CS]};
-                mma_f32<EXACT>(hacc[j], A, Tf<2>(cb));
+                mma_f32<EXACT>(hacc[j], A, frag<EXACT>(cb));
             }
         }
         if (tid < 64) {
@@ -715,12 +716,12 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
             if (half * 32 + ks > rm + 15) break;  // causal: S̃ is zero there for this warp's rows
             const float* s0 = Ss + (rm + g) * SS + half * 32 + ks + qd;
             const float sa[4] = {s0[0], s0[8 * SS], s0[4], s0[8 * SS + 4]};
-            const Tf<4> A(sa);
+            const Tf<4> A = frag<EXACT>(sa);
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 const float* v0 = Vs + (ks + qd) * CS + hc + 8 * j + g;
                 const float vb[2] = {v0[0], v0[4 * CS]};
-                mma_f32<EXACT>(hacc[j], A, Tf<2>(vb));
+                mma_f32<EXACT>(hacc[j], A, frag<EXACT>(vb));
             }
         }
     }
