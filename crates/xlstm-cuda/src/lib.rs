@@ -599,9 +599,9 @@ impl CudaBackend {
     }
 
     /// Chunkwise prefill of `seq` tokens (state batch 1) on gate pre-activations already capped.
-    #[allow(clippy::too_many_arguments)]
     /// `qkv`: q, k, v as (pointer, row stride); strides other than NH·DK, NH·DK, NH·DV only for the
     /// tensor-core kernels (`chunk_tc`).
+    #[allow(clippy::too_many_arguments)]
     fn mchunk(&self, dev: &Dev, d: MlstmDims, seq: usize, chunk: usize, qkv: [(CUdeviceptr, usize); 3], i: CUdeviceptr, f: CUdeviceptr, s: &MlstmState<CudaBuf>, eps: f32, h: CUdeviceptr) -> Result<()> {
         let [(q, ldq), (k, ldk), (v, ldv)] = qkv;
         let l = chunk.clamp(1, 64);
@@ -654,6 +654,7 @@ impl CudaBackend {
         let gates = [ig, fg].iter().all(|m| m.dtype == DType::F32 && m.rows == d.heads && m.cols == width) && d.heads <= 8 && width % 256 == 0;
         let aligned = [x, w.norm.ptr, ig.ptr, fg.ptr].iter().all(|&p| p % 16 == 0);
         let out = w.out_proj.dtype == q.dtype && w.out_proj.rows == width && w.out_proj.cols == vw;
+        // (q, k, v's pointers into the merged output are checked where they are known)
         let tc = Self::chunk_tc(&self.dev, d, [0, 0, 0, s.h.ptr], [qk, qk, vw]);
         (chunk > 0 && rows > 0 && !Self::gemv_fits(rows, q) && projections && gates && aligned && out && tc).then_some(chunk)
     }
