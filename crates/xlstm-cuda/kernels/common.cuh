@@ -31,6 +31,10 @@ __device__ __forceinline__ u16 half_bits(float v, int dt) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
     return h;
 }
+// Four values as 16-bit bits of dtype dt, packed for one 8-byte store (first value lowest).
+__device__ __forceinline__ uint2 half4_bits(float a, float b, float c, float d, int dt) {
+    return make_uint2((u32)half_bits(a, dt) | ((u32)half_bits(b, dt) << 16), (u32)half_bits(c, dt) | ((u32)half_bits(d, dt) << 16));
+}
 // out[i] = v as 16-bit bits of dtype dt (DT_BF16 or DT_F16).
 __device__ __forceinline__ void store_half(u16* out, long long i, float v, int dt) { out[i] = half_bits(v, dt); }
 // 16-bit bits h of dtype dt (DT_BF16 or DT_F16) as f32.

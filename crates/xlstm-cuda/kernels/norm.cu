@@ -53,8 +53,7 @@ extern "C" __global__ void rms_norm(const float* x, int width, const float* w, f
                 const float4 wv = ((const float4*)w)[i];
                 const float4 y = make_float4(v[u].x * r * wv.x, v[u].y * r * wv.y, v[u].z * r * wv.z, v[u].w * r * wv.w);
                 if (out) ((float4*)(out + base))[i] = y;
-                if (out_h) ((uint2*)(out_h + base))[i] = make_uint2((u32)half_bits(y.x, hdt) | ((u32)half_bits(y.y, hdt) << 16),
-                                                                    (u32)half_bits(y.z, hdt) | ((u32)half_bits(y.w, hdt) << 16));
+                if (out_h) ((uint2*)(out_h + base))[i] = half4_bits(y.x, y.y, y.z, y.w, hdt);
             }
         }
         return;
@@ -137,10 +136,7 @@ __device__ __forceinline__ void group_norm_warp_nv(const float* x, int width, in
                 y[0] *= sigmoid_exact(g.x); y[1] *= sigmoid_exact(g.y); y[2] *= sigmoid_exact(g.z); y[3] *= sigmoid_exact(g.w);
             }
             if (out) *(float4*)(out + base + j) = make_float4(y[0], y[1], y[2], y[3]);
-            if (out_h) {
-                *(uint2*)(out_h + base + j) = make_uint2((u32)half_bits(y[0], hdt) | ((u32)half_bits(y[1], hdt) << 16),
-                                                         (u32)half_bits(y[2], hdt) | ((u32)half_bits(y[3], hdt) << 16));
-            }
+            if (out_h) *(uint2*)(out_h + base + j) = half4_bits(y[0], y[1], y[2], y[3], hdt);
         }
     }
 }
@@ -247,7 +243,6 @@ extern "C" __global__ void __launch_bounds__(1024) rms_gate_dots(const float* x,
         const long long base = (long long)(r0 + r) * width;
         const float4 a = ((const float4*)(x + base))[i], c = ((const float4*)w)[i];
         const float k = rs[r];
-        ((uint2*)(out_h + base))[i] = make_uint2((u32)half_bits(a.x * k * c.x, hdt) | ((u32)half_bits(a.y * k * c.y, hdt) << 16),
-                                                 (u32)half_bits(a.z * k * c.z, hdt) | ((u32)half_bits(a.w * k * c.w, hdt) << 16));
+        ((uint2*)(out_h + base))[i] = half4_bits(a.x * k * c.x, a.y * k * c.y, a.z * k * c.z, a.w * k * c.w, hdt);
     }
 }
