@@ -12,8 +12,7 @@
 //   mlstm_chunk_out_tc*, which read them. The `_exact` variants split every operand into two
 //   TF32 parts (x = hi + lo, product ≈ hi·hi + hi·lo + lo·hi), which keeps f32 accuracy at three
 //   times the tensor-core work; the plain ones hand the tensor cores the f32 bits, which they read as
-//   TF32 (10-bit mantissa, rounded toward zero; the chunk-states kernel's values rounded to nearest
-//   once as stored), what a model with 16-bit weights already carries. Their q, k, v rows lie ldq, ldk, ldv values
+//   TF32 (10-bit mantissa, rounded toward zero), what a model with 16-bit weights already carries. Their q, k, v rows lie ldq, ldk, ldv values
 //   apart (column blocks of one merged product's output, or NH·DK, NH·DV); h rows NH·DV.
 //
 // mlstm_chunk_states*: grid = (DV/64, DK/64, NH), block = 256. Runs the chunks in order for a 64×64
@@ -469,20 +468,23 @@ __device__ __forceinline__ void cp_async_wait() {
 #define CHUNK_STATES_ARGS NH, DK, DV, seq, L, k, ldk, v, ldv, G, C, n, Cs, ns
 
 // 8 warps over the 64×64 tile: warp w owns rows (of DK) 16·(w % 4) .. +16 and columns (of DV)
-// 32·(w / 4) .. +32, i.e. four m16n8 accumulators. The next chunk's keys, values and key weights
-// (from mlstm_chunk_gates) are loaded into registers while the current chunk is multiplied.
+// 32·(w / 4) .. +32, i.e. four m16n8 accumulators. The chunks' keys, values and gate terms stream
+// through a ring of CHUNK_STAGES shared-memory stages filled by cp.async, CHUNK_STAGES − 1 chunks
+// ahead of the one multiplied: a chunk's products are short, so the loop is bound by load latency,
+// and deeper prefetch (not more blocks: two fill every SM) is what hides it. Dynamic shared memory:
+// CHUNK_STATES_SMEM bytes. The key weights w_t multiply the keys as their fragments are read; the
+// normaliser's sums Σ_t w_t k_t come from the same fragments (warps 0–3 cover the tile's 64 rows).
+#define CHUNK_STAGES 3
+#define CS_ST 72                                  // row stride (floats): fragment reads hit 32 banks
+#define CS_STAGE (2 * 64 * CS_ST + 68)           // keys [t][a], values [t][c], w_t and 4 gate terms
+#define CHUNK_STATES_SMEM (CHUNK_STAGES * CS_STAGE * 4)
 template <bool EXACT>
 __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
-    constexpr int ST = 72;
-    __shared__ __align__(16) float kw[64 * ST];  // [t][a]: keys × w_t
-    __shared__ __align__(16) float vs[64 * ST];  // [t][c]
-    __shared__ float sw[64], npart[4][64];
-    __shared__ float s_decay;
+    extern __shared__ __align__(16) float ring[];
     const int h = blockIdx.z, a0 = blockIdx.y * 64, c0 = blockIdx.x * 64;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
     const int rm = (warp & 3) * 16, cw = (warp >> 2) * 32;
     const int nc = (seq + L - 1) / L;
-    const long long qrow = ldk, vrow = ldv;
     float* Ch = C + (long long)h * DK * DV;
     float acc[4][4];
 #pragma unroll
@@ -491,29 +493,36 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
         float2 x = *(const float2*)(Ch + e), y = *(const float2*)(Ch + e + 8LL * DV);
         acc[j][0] = x.x; acc[j][1] = x.y; acc[j][2] = y.x; acc[j][3] = y.y;
     }
-    const bool own_n = blockIdx.x == 0;
-    float nr = (own_n && tid < 64) ? n[(long long)h * DK + a0 + tid] : 0.f;
-    float4 kr[4], vr[4];
-    float gw0, gw1, gdec;  // warp 0: the chunk's key weights (lanes t, t + 32) and the state's decay
-    auto load_chunk = [&](int kc, int t0, int Lk) {
+    // the normaliser's rows rm + g and rm + g + 8 (warps 0–3 of the column-0 blocks, lanes qd == 0 store)
+    const bool own_n = blockIdx.x == 0 && warp < 4;
+    float n0 = own_n ? n[(long long)h * DK + a0 + rm + g] : 0.f, n1 = own_n ? n[(long long)h * DK + a0 + rm + g + 8] : 0.f;
+    auto fill = [&](int kc) {  // chunk kc into its stage; rows past the chunk's end zero-filled
+        float* st = ring + (kc % CHUNK_STAGES) * CS_STAGE;
+        const int t0 = kc * L, Lk = min(L, seq - t0);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int e = tid + 256 * i, t = e >> 4, p = (e & 15) * 4;
-            const bool ok = t < Lk;
-            const long long r = t0 + (ok ? t : 0);
-            kr[i] = ok ? *(const float4*)(k + r * qrow + (long long)h * DK + a0 + p) : make_float4(0.f, 0.f, 0.f, 0.f);
-            vr[i] = ok ? *(const float4*)(v + r * vrow + (long long)h * DV + c0 + p) : make_float4(0.f, 0.f, 0.f, 0.f);
+            const long long r = t0 + (t < Lk ? t : 0);
+            cp_async16(st + t * CS_ST + p, k + r * ldk + (long long)h * DK + a0 + p, t < Lk);
+            cp_async16(st + 64 * CS_ST + t * CS_ST + p, v + r * ldv + (long long)h * DV + c0 + p, t < Lk);
         }
-        if (warp == 0) {
-            const float* gk = G + ((long long)kc * NH + h) * CG_STRIDE;
-            gw0 = gk[CG_SW + lane];
-            gw1 = gk[CG_SW + lane + 32];
-            gdec = gk[CG_DECAY];
-        }
+        if (tid < 17) cp_async16(st + 128 * CS_ST + 4 * tid, G + ((long long)kc * NH + h) * CG_STRIDE + CG_SW + 4 * tid, true);
     };
-    load_chunk(0, 0, min(L, seq));
+#pragma unroll
+    for (int s = 0; s < CHUNK_STAGES - 1; ++s) {
+        if (s < nc) fill(s);
+        cp_async_commit();
+    }
     for (int kc = 0; kc < nc; ++kc) {
-        const int t0 = kc * L, Lk = min(L, seq - t0);
+        const int Lk = min(L, seq - kc * L);
+        cp_async_wait<CHUNK_STAGES - 2>();
+        __syncthreads();  // chunk kc landed for every thread; every thread is done with chunk kc − 1's stage
+        if (kc + CHUNK_STAGES - 1 < nc) fill(kc + CHUNK_STAGES - 1);
+        cp_async_commit();
+        const float* st = ring + (kc % CHUNK_STAGES) * CS_STAGE;
+        const float* ks_ = st;
+        const float* vs = st + 64 * CS_ST;
+        const float* sw = st + 128 * CS_ST;
         float* Csk = Cs + ((long long)kc * NH + h) * DK * DV;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -521,56 +530,50 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
             *(float2*)(Csk + e) = make_float2(acc[j][0], acc[j][1]);
             *(float2*)(Csk + e + 8LL * DV) = make_float2(acc[j][2], acc[j][3]);
         }
-        if (own_n && tid < 64) ns[((long long)kc * NH + h) * DK + a0 + tid] = nr;
-        if (warp == 0) {
-            sw[lane] = gw0;
-            sw[lane + 32] = gw1;
-            if (lane == 0) s_decay = gdec;
+        if (own_n && qd == 0) {
+            ns[((long long)kc * NH + h) * DK + a0 + rm + g] = n0;
+            ns[((long long)kc * NH + h) * DK + a0 + rm + g + 8] = n1;
         }
-        __syncthreads();
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int e = tid + 256 * i, t = e >> 4, p = (e & 15) * 4;
-            const float w = sw[t];
-            *(float4*)(kw + t * ST + p) = make_float4(kr[i].x * w, kr[i].y * w, kr[i].z * w, kr[i].w * w);
-            // plain products: the values rounded once here, not in every fragment that reads them
-            *(float4*)(vs + t * ST + p) = EXACT ? vr[i] : make_float4(tf32_round(vr[i].x), tf32_round(vr[i].y), tf32_round(vr[i].z), tf32_round(vr[i].w));
-        }
-        __syncthreads();
-        if (kc + 1 < nc) load_chunk(kc + 1, t0 + L, min(L, seq - t0 - L));
-        const float dec = s_decay;
+        const float dec = sw[64];
 #pragma unroll
         for (int j = 0; j < 4; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[j][r] *= dec;
+        float p0 = 0.f, p1 = 0.f;
         for (int ks = 0; ks < Lk; ks += 8) {
-            const float* k0 = kw + (ks + qd) * ST + rm + g;
-            const float ka[4] = {k0[0], k0[8], k0[4 * ST], k0[4 * ST + 8]};
+            const float* k0 = ks_ + (ks + qd) * CS_ST + rm + g;
+            const float w0 = sw[ks + qd], w1 = sw[ks + qd + 4];
+            const float ka[4] = {k0[0] * w0, k0[8] * w0, k0[4 * CS_ST] * w1, k0[4 * CS_ST + 8] * w1};
+            p0 += ka[0] + ka[2];
+            p1 += ka[1] + ka[3];
             const Tf<4> A = frag<EXACT>(ka);
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const float* v0 = vs + (ks + qd) * ST + cw + 8 * j + g;
-                const float vb[2] = {v0[0], v0[4 * ST]};
+                const float* v0 = vs + (ks + qd) * CS_ST + cw + 8 * j + g;
+                const float vb[2] = {v0[0], v0[4 * CS_ST]};
                 mma_f32<EXACT>(acc[j], A, frag<EXACT>(vb));
             }
         }
-        if (own_n) {  // block-uniform: n' = decay·n + Σ_t kw[t], four partial sums per column
-            const int col = tid & 63, part = tid >> 6;
-            float s = 0.f;
-            for (int t = part * 16; t < min(part * 16 + 16, Lk); ++t) s += kw[t * ST + col];
-            npart[part][col] = s;
-            __syncthreads();
-            if (tid < 64) nr = nr * dec + ((npart[0][tid] + npart[1][tid]) + (npart[2][tid] + npart[3][tid]));
+        if (own_n) {  // n' = decay·n + Σ_t w_t k_t: the four lanes of a row (qd) hold its partial sums
+            p0 += __shfl_xor_sync(0xffffffffu, p0, 1);
+            p1 += __shfl_xor_sync(0xffffffffu, p1, 1);
+            p0 += __shfl_xor_sync(0xffffffffu, p0, 2);
+            p1 += __shfl_xor_sync(0xffffffffu, p1, 2);
+            n0 = n0 * dec + p0;
+            n1 = n1 * dec + p1;
         }
-        __syncthreads();
     }
+    cp_async_wait<0>();
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         const long long e = (long long)(a0 + rm + g) * DV + c0 + cw + 8 * j + 2 * qd;
         *(float2*)(Ch + e) = make_float2(acc[j][0], acc[j][1]);
         *(float2*)(Ch + e + 8LL * DV) = make_float2(acc[j][2], acc[j][3]);
     }
-    if (own_n && tid < 64) n[(long long)h * DK + a0 + tid] = nr;
+    if (own_n && qd == 0) {
+        n[(long long)h * DK + a0 + rm + g] = n0;
+        n[(long long)h * DK + a0 + rm + g + 8] = n1;
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_states_tc(CHUNK_STATES_PARAMS) {

@@ -190,6 +190,9 @@ unsafe impl Sync for Dev {}
 
 /// Largest dynamic shared memory the GEMV kernels are allowed (x staged as f32: rows·K·4 bytes).
 pub(crate) const GEMV_SMEM: usize = 96 * 1024;
+/// The tensor-core chunk-states kernels' ring of shared-memory stages: kernels/mlstm_chunk.cu's
+/// CHUNK_STATES_SMEM (3 stages of 64 × 72 keys, as many values, 68 gate terms; f32).
+pub(crate) const CHUNK_STATES_SMEM: usize = 3 * (2 * 64 * 72 + 68) * 4;
 const BLAS_WS: usize = 64 << 20;
 
 impl Dev {
@@ -270,16 +273,17 @@ impl Dev {
             slstm_run: s[0],
             topk_rows: tk[0],
         };
-        for &gf in &f.gemv {
+        let big_smem = f.gemv.iter().map(|&gf| (gf, GEMV_SMEM)).chain(f.chunk_states_tc.iter().map(|&cf| (cf, CHUNK_STATES_SMEM)));
+        for (func, bytes) in big_smem {
             // SAFETY: valid function handle; raises the dynamic shared-memory limit.
             unsafe {
                 dres::function::set_function_attribute(
-                    gf,
+                    func,
                     sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    GEMV_SMEM as i32,
+                    bytes as i32,
                 )
             }
-            .map_err(|e| drv("gemv attribute", e))?;
+            .map_err(|e| drv("shared-memory attribute", e))?;
         }
         let trace = if kernels::trace_enabled() {
             let words = 8 + 8 * TRACE_CAP;

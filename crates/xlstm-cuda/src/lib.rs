@@ -31,7 +31,7 @@ use xlstm_core::bench::Bandwidth;
 use xlstm_core::tensor::{DType, HostData, HostTensor};
 use xlstm_core::{Error, Result};
 
-use device::{drv, Dev, KArgs, GEMV_SMEM};
+use device::{drv, Dev, KArgs, CHUNK_STATES_SMEM, GEMV_SMEM};
 pub use device::{ChunkKernels, ChunkPhase};
 
 /// Checks that a CUDA device can be used here: driver library, driver initialisation and version,
@@ -618,7 +618,7 @@ impl CudaBackend {
         let exact = (*dev.weight_dtype.lock().expect("dtype lock") == DType::F32) as usize;
         let states_grid = (d.dv.div_ceil(64) as u32, d.dk.div_ceil(64) as u32, d.heads as u32);
         let (mut sa, mut oa) = (KArgs::new(), KArgs::new());
-        let (states, out, out_grid) = if tc {
+        let (states, states_smem, out, out_grid) = if tc {
             // every chunk's gate terms first, which both kernels then read
             let gates = dev.scratch(|s| &mut s.gates, nc * d.heads * CHUNK_GATE_STRIDE * 4, false)?;
             let mut a = KArgs::new();
@@ -626,15 +626,15 @@ impl CudaBackend {
             dev.launch(dev.f.chunk_gates, (d.heads as u32, 1, 1), 1024, 0, &mut a)?;
             sa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).i(ldk).p(v).i(ldv).p(gates).p(s.c.ptr).p(s.n.ptr).p(cs).p(ns);
             oa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(q).i(ldq).p(k).i(ldk).p(v).i(ldv).p(gates).p(cs).p(ns).f(eps).p(h);
-            (dev.f.chunk_states_tc[exact], dev.f.chunk_out_tc[exact], (d.dv.div_ceil(128) as u32, nc as u32, d.heads as u32))
+            (dev.f.chunk_states_tc[exact], CHUNK_STATES_SMEM as u32, dev.f.chunk_out_tc[exact], (d.dv.div_ceil(128) as u32, nc as u32, d.heads as u32))
         } else {
             let ms = dev.scratch(|s| &mut s.ms, (nc + 1) * d.heads * 4, false)?;
             sa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).p(v).p(i).p(f).p(s.c.ptr).p(s.n.ptr).p(s.m.ptr).p(cs).p(ns).p(ms);
             oa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(q).p(k).p(v).p(i).p(f).p(cs).p(ns).p(ms).p(s.m.ptr).f(eps).p(h);
-            (dev.f.chunk_states, dev.f.chunk_out, (d.dv.div_ceil(64) as u32, nc as u32, d.heads as u32))
+            (dev.f.chunk_states, 0, dev.f.chunk_out, (d.dv.div_ceil(64) as u32, nc as u32, d.heads as u32))
         };
         if choice.only != Some(ChunkPhase::Out) {
-            dev.launch(states, states_grid, 256, 0, &mut sa)?;
+            dev.launch(states, states_grid, 256, states_smem, &mut sa)?;
         }
         if choice.only == Some(ChunkPhase::States) {
             return Ok(());
