@@ -464,20 +464,19 @@ __device__ __forceinline__ void cp_async_wait() {
 
 #define CHUNK_STATES_PARAMS                                                                          \
     int NH, int DK, int DV, int seq, int L, const float *k, int ldk, const float *v, int ldv,         \
-        const float *G, float *C, float *n, float *Cs, float *ns
-#define CHUNK_STATES_ARGS NH, DK, DV, seq, L, k, ldk, v, ldv, G, C, n, Cs, ns
+        const float *G, float *C, float *n, float *Cs, float *ns, int stages
+#define CHUNK_STATES_ARGS NH, DK, DV, seq, L, k, ldk, v, ldv, G, C, n, Cs, ns, stages
 
 // 8 warps over the 64×64 tile: warp w owns rows (of DK) 16·(w % 4) .. +16 and columns (of DV)
 // 32·(w / 4) .. +32, i.e. four m16n8 accumulators. The chunks' keys, values and gate terms stream
-// through a ring of CHUNK_STAGES shared-memory stages filled by cp.async, CHUNK_STAGES − 1 chunks
-// ahead of the one multiplied: a chunk's products are short, so the loop is bound by load latency,
-// and deeper prefetch (not more blocks: two fill every SM) is what hides it. Dynamic shared memory:
-// CHUNK_STATES_SMEM bytes. The key weights w_t multiply the keys as their fragments are read; the
-// normaliser's sums Σ_t w_t k_t come from the same fragments (warps 0–3 cover the tile's 64 rows).
-#define CHUNK_STAGES 3
-#define CS_ST 72                                  // row stride (floats): fragment reads hit 32 banks
-#define CS_STAGE (2 * 64 * CS_ST + 68)           // keys [t][a], values [t][c], w_t and 4 gate terms
-#define CHUNK_STATES_SMEM (CHUNK_STAGES * CS_STAGE * 4)
+// through a ring of `stages` (2 or 3) shared-memory stages filled by cp.async, stages − 1 chunks
+// ahead of the one multiplied: a chunk's products are short, so the loop waits on loads, and a
+// deeper ring (not more blocks: two fill every SM) hides them. Dynamic shared memory:
+// stages · CS_STAGE floats (3 stages where a block may have 111 KB, as on sm_80 and sm_90). The key
+// weights w_t multiply the keys as their fragments are read; the normaliser's sums Σ_t w_t k_t come
+// from the same fragments (warps 0–3 cover the tile's 64 rows).
+#define CS_ST 72                         // row stride (floats): fragment reads hit 32 banks
+#define CS_STAGE (2 * 64 * CS_ST + 68)  // keys [t][a], values [t][c], w_t and 4 gate terms
 template <bool EXACT>
 __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
     extern __shared__ __align__(16) float ring[];
@@ -496,8 +495,8 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
     // the normaliser's rows rm + g and rm + g + 8 (warps 0–3 of the column-0 blocks, lanes qd == 0 store)
     const bool own_n = blockIdx.x == 0 && warp < 4;
     float n0 = own_n ? n[(long long)h * DK + a0 + rm + g] : 0.f, n1 = own_n ? n[(long long)h * DK + a0 + rm + g + 8] : 0.f;
-    auto fill = [&](int kc) {  // chunk kc into its stage; rows past the chunk's end zero-filled
-        float* st = ring + (kc % CHUNK_STAGES) * CS_STAGE;
+    auto fill = [&](int kc, int stage) {  // chunk kc into a stage; rows past the chunk's end zero-filled
+        float* st = ring + stage * CS_STAGE;
         const int t0 = kc * L, Lk = min(L, seq - t0);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -508,18 +507,21 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
         }
         if (tid < 17) cp_async16(st + 128 * CS_ST + 4 * tid, G + ((long long)kc * NH + h) * CG_STRIDE + CG_SW + 4 * tid, true);
     };
-#pragma unroll
-    for (int s = 0; s < CHUNK_STAGES - 1; ++s) {
-        if (s < nc) fill(s);
+    for (int s = 0; s < stages - 1; ++s) {
+        if (s < nc) fill(s, s);
         cp_async_commit();
     }
+    int rd = 0, wr = stages - 1;  // the stage read this chunk, and the one filled
     for (int kc = 0; kc < nc; ++kc) {
         const int Lk = min(L, seq - kc * L);
-        cp_async_wait<CHUNK_STAGES - 2>();
+        if (stages == 3) cp_async_wait<1>();
+        else cp_async_wait<0>();
         __syncthreads();  // chunk kc landed for every thread; every thread is done with chunk kc − 1's stage
-        if (kc + CHUNK_STAGES - 1 < nc) fill(kc + CHUNK_STAGES - 1);
+        if (kc + stages - 1 < nc) fill(kc + stages - 1, wr);
         cp_async_commit();
-        const float* st = ring + (kc % CHUNK_STAGES) * CS_STAGE;
+        wr = wr + 1 == stages ? 0 : wr + 1;
+        const float* st = ring + rd * CS_STAGE;
+        rd = rd + 1 == stages ? 0 : rd + 1;
         const float* ks_ = st;
         const float* vs = st + 64 * CS_ST;
         const float* sw = st + 128 * CS_ST;

@@ -162,6 +162,10 @@ pub(crate) struct Dev {
     pub name: String,
     pub cc: (i32, i32),
     pub sms: i32,
+    /// Stages of the chunk-states kernels' ring: the most (up to 3) a block's shared memory takes
+    /// here, and the number in use (`CudaBackend::set_chunk_states_stages`).
+    pub max_chunk_stages: usize,
+    pub chunk_stages: Mutex<usize>,
     /// Programmatic dependent launch for the decode kernels (sm_90+, `XLSTM_CUDA_PDL=0` turns it off).
     pub pdl: bool,
     /// The model's weight dtype (`Backend::set_weight_dtype`). For 16-bit weights the chunkwise
@@ -190,9 +194,9 @@ unsafe impl Sync for Dev {}
 
 /// Largest dynamic shared memory the GEMV kernels are allowed (x staged as f32: rows·K·4 bytes).
 pub(crate) const GEMV_SMEM: usize = 96 * 1024;
-/// The tensor-core chunk-states kernels' ring of shared-memory stages: kernels/mlstm_chunk.cu's
-/// CHUNK_STATES_SMEM (3 stages of 64 × 72 keys, as many values, 68 gate terms; f32).
-pub(crate) const CHUNK_STATES_SMEM: usize = 3 * (2 * 64 * 72 + 68) * 4;
+/// One stage of the tensor-core chunk-states kernels' shared-memory ring (kernels/mlstm_chunk.cu's
+/// CS_STAGE: 64 × 72 keys, as many values, 68 gate terms; f32).
+pub(crate) const CHUNK_STATE_STAGE: usize = (2 * 64 * 72 + 68) * 4;
 const BLAS_WS: usize = 64 << 20;
 
 impl Dev {
@@ -208,6 +212,8 @@ impl Dev {
         let sms = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| drv("device", e))?;
+        let smem_optin = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).map_err(|e| drv("device", e))?;
+        let chunk_stages = if smem_optin as usize >= 3 * CHUNK_STATE_STAGE { 3 } else { 2 };
         let stream = dres::stream::create(dres::stream::StreamKind::NonBlocking).map_err(|e| drv("stream", e))?;
         let arch = format!("compute_{}{}", cc.0, cc.1);
         let mut modules = Vec::new();
@@ -273,7 +279,7 @@ impl Dev {
             slstm_run: s[0],
             topk_rows: tk[0],
         };
-        let big_smem = f.gemv.iter().map(|&gf| (gf, GEMV_SMEM)).chain(f.chunk_states_tc.iter().map(|&cf| (cf, CHUNK_STATES_SMEM)));
+        let big_smem = f.gemv.iter().map(|&gf| (gf, GEMV_SMEM)).chain(f.chunk_states_tc.iter().map(|&cf| (cf, chunk_stages * CHUNK_STATE_STAGE)));
         for (func, bytes) in big_smem {
             // SAFETY: valid function handle; raises the dynamic shared-memory limit.
             unsafe {
@@ -323,6 +329,8 @@ impl Dev {
             name,
             cc,
             sms,
+            max_chunk_stages: chunk_stages,
+            chunk_stages: Mutex::new(chunk_stages),
             pdl: cc.0 >= 9 && std::env::var("XLSTM_CUDA_PDL").map_or(true, |v| v != "0"),
             weight_dtype: Mutex::new(DType::F32),
             half_tag: Mutex::new(HalfTag::default()),

@@ -31,7 +31,7 @@ use xlstm_core::bench::Bandwidth;
 use xlstm_core::tensor::{DType, HostData, HostTensor};
 use xlstm_core::{Error, Result};
 
-use device::{drv, Dev, KArgs, CHUNK_STATES_SMEM, GEMV_SMEM};
+use device::{drv, Dev, KArgs, CHUNK_STATE_STAGE, GEMV_SMEM};
 pub use device::{ChunkKernels, ChunkPhase};
 
 /// Checks that a CUDA device can be used here: driver library, driver initialisation and version,
@@ -321,6 +321,15 @@ impl CudaBackend {
     /// from `XLSTM_CUDA_CHUNK_TC` / `XLSTM_CUDA_CHUNK_ONLY`, see [`ChunkKernels`]).
     pub fn set_chunk_kernels(&self, choice: ChunkKernels) {
         *self.dev.chunk_kernels.lock().expect("chunk kernels lock") = choice;
+    }
+
+    /// Sets the stages of the tensor-core chunk-states kernels' shared-memory ring (tests: the
+    /// default is the most the device takes, 3 on sm_80 / sm_90); returns the number now in use
+    /// (clamped to 2 ..= that).
+    pub fn set_chunk_states_stages(&self, stages: usize) -> usize {
+        let n = stages.clamp(2, self.dev.max_chunk_stages);
+        *self.dev.chunk_stages.lock().expect("chunk stages lock") = n;
+        n
     }
 
     /// (op, calls, seconds) for every op timed since `set_op_timing(true)`, longest first.
@@ -617,6 +626,7 @@ impl CudaBackend {
         }
         let exact = (*dev.weight_dtype.lock().expect("dtype lock") == DType::F32) as usize;
         let states_grid = (d.dv.div_ceil(64) as u32, d.dk.div_ceil(64) as u32, d.heads as u32);
+        let stages = *dev.chunk_stages.lock().expect("chunk stages lock");
         let (mut sa, mut oa) = (KArgs::new(), KArgs::new());
         let (states, states_smem, out, out_grid) = if tc {
             // every chunk's gate terms first, which both kernels then read
@@ -624,9 +634,9 @@ impl CudaBackend {
             let mut a = KArgs::new();
             a.i(d.heads).i(seq).i(l).p(i).p(f).p(s.m.ptr).p(gates);
             dev.launch(dev.f.chunk_gates, (d.heads as u32, 1, 1), 1024, 0, &mut a)?;
-            sa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).i(ldk).p(v).i(ldv).p(gates).p(s.c.ptr).p(s.n.ptr).p(cs).p(ns);
+            sa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).i(ldk).p(v).i(ldv).p(gates).p(s.c.ptr).p(s.n.ptr).p(cs).p(ns).i(stages);
             oa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(q).i(ldq).p(k).i(ldk).p(v).i(ldv).p(gates).p(cs).p(ns).f(eps).p(h);
-            (dev.f.chunk_states_tc[exact], CHUNK_STATES_SMEM as u32, dev.f.chunk_out_tc[exact], (d.dv.div_ceil(128) as u32, nc as u32, d.heads as u32))
+            (dev.f.chunk_states_tc[exact], (stages * CHUNK_STATE_STAGE) as u32, dev.f.chunk_out_tc[exact], (d.dv.div_ceil(128) as u32, nc as u32, d.heads as u32))
         } else {
             let ms = dev.scratch(|s| &mut s.ms, (nc + 1) * d.heads * 4, false)?;
             sa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).p(v).p(i).p(f).p(s.c.ptr).p(s.n.ptr).p(s.m.ptr).p(cs).p(ns).p(ms);
