@@ -295,3 +295,25 @@ extern "C" __global__ void __launch_bounds__(256, 2) gemv_r1(const GemvArgs a) {
 extern "C" __global__ void __launch_bounds__(256, 2) gemv_r2(const GemvArgs a) { gemv_body<2>(a); }
 extern "C" __global__ void __launch_bounds__(256, 2) gemv_r3(const GemvArgs a) { gemv_body<3>(a); }
 extern "C" __global__ void __launch_bounds__(256, 2) gemv_r4(const GemvArgs a) { gemv_body<4>(a); }
+
+// dots_f32: out[m, n] = Σ_k x[m, k] · W[n, k] (+ beta · out[m, n]) for a few f32 weight rows and a
+// few x rows (a decode batch's mLSTM gate rows: cuBLAS takes a split-K SGEMM and its reduction for
+// these 2 MFLOP). grid = (N, M), block = 128: one dot product per block, 16-byte loads, all of them
+// in flight at once for K ≤ 4096. Needs K % 4 == 0 and 16-byte aligned rows.
+extern "C" __global__ void __launch_bounds__(128) dots_f32(const float* W, const float* x, float* out, int M, int N, int K, float beta) {
+    __shared__ float red[32];
+    const int n = blockIdx.x, m = blockIdx.y, k4 = K >> 2;
+    const float4* xr = (const float4*)(x + (long long)m * K);
+    const float4* wr = (const float4*)(W + (long long)n * K);
+    float s = 0.f;
+#pragma unroll 8
+    for (int i = threadIdx.x; i < k4; i += 128) {
+        const float4 a = __ldg(xr + i), b = __ldg(wr + i);
+        s = fmaf(a.x, b.x, fmaf(a.y, b.y, fmaf(a.z, b.z, fmaf(a.w, b.w, s))));
+    }
+    s = block_sum(s, red);
+    if (threadIdx.x == 0) {
+        float* o = out + (long long)m * N + n;
+        *o = beta != 0.f ? fmaf(beta, *o, s) : s;
+    }
+}

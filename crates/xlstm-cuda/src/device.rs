@@ -82,6 +82,7 @@ pub(crate) struct Funcs {
     pub group_norm_warp4: CUfunction,
     pub rms_gate_dots: CUfunction,
     pub gemv: [CUfunction; 4],
+    pub dots_f32: CUfunction,
     pub mlstm_step: CUfunction,
     pub mlstm_step_wide: CUfunction,
     pub chunk_states: CUfunction,
@@ -230,7 +231,7 @@ impl Dev {
         };
         let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum", "gated_act_split", "split_cols"])?;
         let n = get("norm", &["rms_norm", "group_norm", "group_norm_warp", "rms_gate_dots", "group_norm_warp4"])?;
-        let g = get("gemv", &["gemv_r1", "gemv_r2", "gemv_r3", "gemv_r4"])?;
+        let g = get("gemv", &["gemv_r1", "gemv_r2", "gemv_r3", "gemv_r4", "dots_f32"])?;
         let m = get("mlstm", &["mlstm_step", "mlstm_step_wide"])?;
         let mc = get(
             "mlstm_chunk",
@@ -265,6 +266,7 @@ impl Dev {
             rms_gate_dots: n[3],
             group_norm_warp4: n[4],
             gemv: [g[0], g[1], g[2], g[3]],
+            dots_f32: g[4],
             mlstm_step: m[0],
             mlstm_step_wide: m[1],
             chunk_states: mc[0],

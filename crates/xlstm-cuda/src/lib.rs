@@ -504,6 +504,12 @@ impl CudaBackend {
         // stream; alpha/beta are host scalars (the default pointer mode).
         unsafe {
             match w.dtype {
+                // a few f32 rows (the gate rows of a decode batch): not cuBLAS's split-K SGEMM
+                DType::F32 if rows <= 64 && w.rows <= 64 && w.cols % 4 == 0 && (w.ptr | x) % 16 == 0 && !half_out => {
+                    let mut a = KArgs::new();
+                    a.p(w.ptr).p(x).p(out).i(rows).i(w.rows).i(w.cols).f(beta);
+                    dev.launch(dev.f.dots_f32, (w.rows as u32, rows as u32, 1), 128, 0, &mut a)
+                }
                 DType::F32 => device::blas_ok(
                     "sgemm",
                     cb::cublasSgemm_v2(

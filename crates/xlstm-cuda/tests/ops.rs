@@ -81,7 +81,9 @@ fn matmul_all_dtypes_paths_and_shapes() {
     let Some((g, _l)) = gpu("matmul") else { return };
     let c = CpuBackend::new();
     let mut rng = Rng::fresh("matmul");
-    for &(n, k) in &[(40usize, 64usize), (24, 72), (33, 50), (520, 256), (8, 4096)] {
+    // f32 weights past the GEMV's rows: up to 64 rows of weights and of x with K % 4 == 0 (40×64,
+    // 8×4096, 64×1024) take dots_f32, the others cuBLAS's SGEMM; 16-bit weights cuBLAS(Lt)
+    for &(n, k) in &[(40usize, 64usize), (24, 72), (33, 50), (520, 256), (8, 4096), (96, 160), (64, 1024)] {
         let w = rng.vec(n * k, 1.0 / (k as f32).sqrt());
         for dt in [DType::F32, DType::BF16, DType::F16] {
             let gw = g.matrix(HostTensor::f32(vec![n, k], w.clone()), dt).unwrap();
@@ -100,6 +102,13 @@ fn matmul_all_dtypes_paths_and_shapes() {
                     (false, DType::F16) => 2e-3,
                 };
                 assert_close(&format!("matmul {n}x{k} {dt} rows {rows}"), &down(&g, &go), &co, tol);
+                // and accumulating into an output (beta = 1 in the products)
+                let acc0 = rng.vec(rows * n, 1.0);
+                let (mut gacc, mut cacc) = (up(&g, &acc0), acc0.clone());
+                let (mut gtmp, mut ctmp) = (up(&g, &vec![f32::NAN; rows * n]), vec![0f32; rows * n]);
+                g.matmul_add(&gx, rows, &gw, n, &mut gtmp, &mut gacc).unwrap();
+                c.matmul_add(&x, rows, &cw, n, &mut ctmp, &mut cacc).unwrap();
+                assert_close(&format!("matmul_add {n}x{k} {dt} rows {rows}"), &down(&g, &gacc), &cacc, tol);
             }
         }
     }
