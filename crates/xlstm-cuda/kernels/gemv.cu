@@ -299,8 +299,10 @@ extern "C" __global__ void __launch_bounds__(256, 2) gemv_r4(const GemvArgs a) {
 // dots_f32: out[m, n] = Σ_k x[m, k] · W[n, k] (+ beta · out[m, n]) for a few f32 weight rows and a
 // few x rows (a decode batch's mLSTM gate rows: cuBLAS takes a split-K SGEMM and its reduction for
 // these 2 MFLOP). grid = (N, M), block = 128: one dot product per block, 16-byte loads, all of them
-// in flight at once for K ≤ 4096. Needs K % 4 == 0 and 16-byte aligned rows.
-extern "C" __global__ void __launch_bounds__(128) dots_f32(const float* W, const float* x, float* out, int M, int N, int K, float beta) {
+// in flight at once for K ≤ 4096. Rows n < n0 go to out [M, n0], the others to out2 [M, N − n0]
+// (two adjacent matrices' products, e.g. ĩ and f̃, straight into their buffers). Needs K % 4 == 0
+// and 16-byte aligned rows.
+extern "C" __global__ void __launch_bounds__(128) dots_f32(const float* W, const float* x, float* out, float* out2, int n0, int M, int N, int K, float beta) {
     __shared__ float red[32];
     const int n = blockIdx.x, m = blockIdx.y, k4 = K >> 2;
     const float4* xr = (const float4*)(x + (long long)m * K);
@@ -313,7 +315,7 @@ extern "C" __global__ void __launch_bounds__(128) dots_f32(const float* W, const
     }
     s = block_sum(s, red);
     if (threadIdx.x == 0) {
-        float* o = out + (long long)m * N + n;
+        float* o = n < n0 ? out + (long long)m * n0 + n : out2 + (long long)m * (N - n0) + (n - n0);
         *o = beta != 0.f ? fmaf(beta, *o, s) : s;
     }
 }

@@ -468,7 +468,11 @@ impl CudaBackend {
                 e += 1;
             }
             let h = xh.filter(|_| mats[j].dtype != DType::F32);
-            if e - j == 1 {
+            let pair = MatView { ptr: mats[j].ptr, rows: mats[j].rows + mats.get(j + 1).map_or(0, |m| m.rows), cols: mats[j].cols, dtype: mats[j].dtype };
+            if e - j == 2 && Self::dots_fit(rows, &pair, x) {
+                // two adjacent f32 matrices (ĩ and f̃), each straight into its output
+                self.dots(dev, rows, &pair, x, (outs[j], mats[j].rows), outs[j + 1], 0.0)?;
+            } else if e - j == 1 {
                 self.gemm(dev, rows, mats[j], x, h, outs[j], 0.0)?;
             } else {
                 let total: usize = mats[j..e].iter().map(|m| m.rows).sum();
@@ -504,12 +508,7 @@ impl CudaBackend {
         // stream; alpha/beta are host scalars (the default pointer mode).
         unsafe {
             match w.dtype {
-                // a few f32 rows (the gate rows of a decode batch): not cuBLAS's split-K SGEMM
-                DType::F32 if rows <= 64 && w.rows <= 64 && w.cols % 4 == 0 && (w.ptr | x) % 16 == 0 && !half_out => {
-                    let mut a = KArgs::new();
-                    a.p(w.ptr).p(x).p(out).i(rows).i(w.rows).i(w.cols).f(beta);
-                    dev.launch(dev.f.dots_f32, (w.rows as u32, rows as u32, 1), 128, 0, &mut a)
-                }
+                DType::F32 if Self::dots_fit(rows, &w, x) && !half_out => self.dots(dev, rows, &w, x, (out, w.rows), 0, beta),
                 DType::F32 => device::blas_ok(
                     "sgemm",
                     cb::cublasSgemm_v2(
@@ -543,6 +542,20 @@ impl CudaBackend {
                 }
             }
         }
+    }
+
+    /// Whether an f32 product goes through dots_f32 (kernels/gemv.cu) rather than cuBLAS's SGEMM,
+    /// which splits K for a few rows and reduces in a second kernel: up to 64 rows of weights and
+    /// of x (the gate rows of a decode batch).
+    fn dots_fit(rows: usize, w: &MatView, x: CUdeviceptr) -> bool {
+        w.dtype == DType::F32 && rows <= 64 && w.rows <= 64 && w.cols % 4 == 0 && (w.ptr | x) % 16 == 0
+    }
+
+    /// dots_f32: rows `..n0` of `w` into `out.0` ([rows, n0]), the rest into `out2`.
+    fn dots(&self, dev: &Dev, rows: usize, w: &MatView, x: CUdeviceptr, out: (CUdeviceptr, usize), out2: CUdeviceptr, beta: f32) -> Result<()> {
+        let mut a = KArgs::new();
+        a.p(w.ptr).p(x).p(out.0).p(out2).i(out.1).i(rows).i(w.rows).i(w.cols).f(beta);
+        dev.launch(dev.f.dots_f32, (w.rows as u32, rows as u32, 1), 128, 0, &mut a)
     }
 
     fn rms(&self, dev: &Dev, x: CUdeviceptr, rows: usize, width: usize, w: CUdeviceptr, eps: f32, out: CUdeviceptr, out_h: CUdeviceptr, hdt: DType) -> Result<()> {
