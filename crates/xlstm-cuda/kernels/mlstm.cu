@@ -3,7 +3,9 @@
 //
 // Math: shared/NOTES.md §2. Per unit u = b·NH + h (sequence b, head h): q, k [.., DK], v [.., DV],
 // gate pre-activations ĩ, f̃; state C [DK, DV], n [DK], m (f32). Layouts (row-major):
-// q, k [rows, NH·DK], v, h [rows, NH·DV], i, f [rows, NH], C [B, NH, DK, DV], n [B, NH, DK], m [B, NH].
+// q, k [rows, NH·DK], v, h [rows, NH·DV], i, f [rows, NH], C [B, NH, DK, DV], n [B, NH, DK], m [B, NH];
+// the rows of q, k, v and o lie ldq, ldk, ldv, ldo values apart (NH·DK, NH·DV, or the column blocks
+// of one merged product's output), and hn is written as hn_dt (f32, or the next product's 16 bits).
 //
 // mlstm_step: grid = (ceil(DV / 32), B·NH), block = 512 (16 warps), dynamic shared memory 3·DK floats;
 //   mlstm_step_wide (larger batches): grid = (ceil(DV / 64), B·NH), block = 256, 64 columns per block
@@ -21,6 +23,12 @@ __device__ __forceinline__ float ld_cg(const float* p) {
     return v;
 }
 
+// out[i] = v as dtype dt (DT_F32, or the 16-bit bits of DT_BF16 / DT_F16).
+__device__ __forceinline__ void store_value(float* out, long long i, float v, int dt) {
+    if (dt == DT_F32) out[i] = v;
+    else ((u16*)out)[i] = half_bits(v, dt);
+}
+
 // One block: NW warps, 32·CW columns of one unit's C (lane l owns columns l·CW .. l·CW + CW − 1),
 // PRE rows per warp loaded up front (more rows, if DK > PRE·NW, in batches of 8).
 template <int CW, int NW, int PRE, bool DEFER>
@@ -30,7 +38,7 @@ __device__ __forceinline__ void mlstm_step_body(
     const float* ibias, const float* fbias, float cap,
     float* C, float* n, float* m, float eps, float* h,
     const float* o, const float* hnw, float neps, float* hn,
-    u32* counters) {
+    u32* counters, int ldq, int ldk, int ldv, int ldo, int hn_dt) {
     const u64 tr0 = trace_now();
     extern __shared__ float sm[];
     float* qs = sm;
@@ -40,6 +48,9 @@ __device__ __forceinline__ void mlstm_step_body(
     __shared__ float red[32];
     __shared__ int last;
     const int u = blockIdx.y, hd = u % NH;
+    // this unit's q, k, v, o: sequence u / NH's rows lie ldq, ldk, ldv, ldo values apart
+    const long long bq = u / NH, qo = bq * ldq + (long long)hd * DK, ko = bq * ldk + (long long)hd * DK;
+    const long long vo = bq * ldv + (long long)hd * DV, oo = bq * ldo + (long long)hd * DV;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int col = blockIdx.x * 32 * CW + lane * CW;  // first of this lane's CW columns
     const bool live = col < DV;                         // DV % CW == 0 (checked on the host)
@@ -65,11 +76,11 @@ __device__ __forceinline__ void mlstm_step_body(
     // columns and, when DK ≤ the block's threads, one element each of q, k and n per thread.
     float vv[CW];
 #pragma unroll
-    for (int c = 0; c < CW; ++c) vv[c] = live ? v[(long long)u * DV + col + c] : 0.f;
+    for (int c = 0; c < CW; ++c) vv[c] = live ? v[vo + col + c] : 0.f;
     const long long uk = (long long)u * DK;
     const bool one = DK <= (int)blockDim.x;
-    const float qe = (one && tid < DK) ? q[uk + tid] : 0.f;
-    const float ke = (one && tid < DK) ? k[uk + tid] : 0.f;
+    const float qe = (one && tid < DK) ? q[qo + tid] : 0.f;
+    const float ke = (one && tid < DK) ? k[ko + tid] : 0.f;
     const float ne = (one && tid < DK) ? n[uk + tid] : 0.f;
     float ip = ig[u], fp = fg[u];
     if (ibias) ip += ibias[hd];
@@ -89,8 +100,8 @@ __device__ __forceinline__ void mlstm_step_body(
         }
     } else {
         for (int a = tid; a < DK; a += blockDim.x) {
-            qs[a] = q[uk + a] * scale;
-            float kk = ia * k[uk + a];
+            qs[a] = q[qo + a] * scale;
+            float kk = ia * k[ko + a];
             ks[a] = kk;
             nn[a] = fa * n[uk + a] + kk;
         }
@@ -192,7 +203,7 @@ __device__ __forceinline__ void mlstm_step_body(
             const int j = tid + i * blockDim.x;
             const bool in = j < DV;
             hv[i] = in ? ld_cg(hu + j) : 0.f;
-            ov[i] = in ? o[(long long)u * DV + j] : 0.f;
+            ov[i] = in ? o[oo + j] : 0.f;
             wv[i] = in ? hnw[hd * DV + j] : 0.f;
             s += hv[i];
         }
@@ -207,7 +218,7 @@ __device__ __forceinline__ void mlstm_step_body(
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const int j = tid + i * blockDim.x;
-            if (j < DV) hn[(long long)u * DV + j] = (hv[i] - mean) * r * wv[i] * sigmoid_exact(ov[i]);
+            if (j < DV) store_value(hn, (long long)u * DV + j, (hv[i] - mean) * r * wv[i] * sigmoid_exact(ov[i]), hn_dt);
         }
     } else if (hn) {
         const float* hu = h + (long long)u * DV;
@@ -218,10 +229,8 @@ __device__ __forceinline__ void mlstm_step_body(
         for (int j = tid; j < DV; j += blockDim.x) { float d = ld_cg(hu + j) - mean; vs = fmaf(d, d, vs); }
         const float var = block_sum(vs, red) / (float)DV;
         const float r = rsqrtf(var + neps);
-        for (int j = tid; j < DV; j += blockDim.x) {
-            long long e = (long long)u * DV + j;
-            hn[e] = (ld_cg(hu + j) - mean) * r * hnw[hd * DV + j] * sigmoid_exact(o[e]);
-        }
+        for (int j = tid; j < DV; j += blockDim.x)
+            store_value(hn, (long long)u * DV + j, (ld_cg(hu + j) - mean) * r * hnw[hd * DV + j] * sigmoid_exact(o[oo + j]), hn_dt);
     }
     trace_record(3, tr0, tr1, tr2);
 }
@@ -230,8 +239,8 @@ __device__ __forceinline__ void mlstm_step_body(
     int NH, int DK, int DV, const float *q, const float *k, const float *v, const float *ig,     \
         const float *fg, const float *ibias, const float *fbias, float cap, float *C, float *n,    \
         float *m, float eps, float *h, const float *o, const float *hnw, float neps, float *hn,    \
-        u32 *counters
-#define MLSTM_STEP_ARGS NH, DK, DV, q, k, v, ig, fg, ibias, fbias, cap, C, n, m, eps, h, o, hnw, neps, hn, counters
+        u32 *counters, int ldq, int ldk, int ldv, int ldo, int hn_dt
+#define MLSTM_STEP_ARGS NH, DK, DV, q, k, v, ig, fg, ibias, fbias, cap, C, n, m, eps, h, o, hnw, neps, hn, counters, ldq, ldk, ldv, ldo, hn_dt
 
 // Narrow tiles (32 columns, 16 warps): many blocks when there are few units (batch 1..2). Their C
 // stores wait until h is published (DEFER); the wide tile keeps storing as it goes (holding its 32

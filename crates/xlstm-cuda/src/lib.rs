@@ -203,6 +203,22 @@ struct GemvArgs {
     act: i32,
 }
 
+/// Where a decode step's q, k, v, o rows lie (row strides, in values) and the dtype the fused step
+/// writes hn in (kernels/mlstm.cu).
+#[derive(Clone, Copy)]
+struct StepLayout {
+    ld: [usize; 4],
+    hn: DType,
+}
+
+impl StepLayout {
+    /// Each in its own buffer ([rows, NH·DK] or [rows, NH·DV]); hn in f32.
+    fn packed(d: MlstmDims) -> Self {
+        let (qk, vw) = (d.heads * d.dk, d.heads * d.dv);
+        StepLayout { ld: [qk, qk, vw, vw], hn: DType::F32 }
+    }
+}
+
 /// `split_cols` (kernels/elementwise.cu): one output's column block.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -552,6 +568,7 @@ impl CudaBackend {
     }
 
     /// dots_f32: rows `..n0` of `w` into `out.0` ([rows, n0]), the rest into `out2`.
+    #[allow(clippy::too_many_arguments)]
     fn dots(&self, dev: &Dev, rows: usize, w: &MatView, x: CUdeviceptr, out: (CUdeviceptr, usize), out2: CUdeviceptr, beta: f32) -> Result<()> {
         let mut a = KArgs::new();
         a.p(w.ptr).p(x).p(out.0).p(out2).i(out.1).i(rows).i(w.rows).i(w.cols).f(beta);
@@ -608,7 +625,7 @@ impl CudaBackend {
     /// One mLSTM step kernel. `pdl`: its launch may overlap the previous kernel's tail (the kernel
     /// waits for that kernel before its first read).
     #[allow(clippy::too_many_arguments)]
-    fn mstep(&self, dev: &Dev, d: MlstmDims, batch: usize, p: [CUdeviceptr; 5], gate_bias: Option<(CUdeviceptr, CUdeviceptr, f32)>, s: (CUdeviceptr, CUdeviceptr, CUdeviceptr), eps: f32, h: CUdeviceptr, fused: Option<(CUdeviceptr, CUdeviceptr, f32, CUdeviceptr)>, pdl: bool) -> Result<()> {
+    fn mstep(&self, dev: &Dev, d: MlstmDims, batch: usize, p: [CUdeviceptr; 5], gate_bias: Option<(CUdeviceptr, CUdeviceptr, f32)>, s: (CUdeviceptr, CUdeviceptr, CUdeviceptr), eps: f32, h: CUdeviceptr, fused: Option<(CUdeviceptr, CUdeviceptr, f32, CUdeviceptr)>, pdl: bool, layout: StepLayout) -> Result<()> {
         let units = batch * d.heads;
         let counters = dev.scratch(|s| &mut s.counters, units * 4, true)?;
         let (ib, fb, cap) = gate_bias.unwrap_or((0, 0, 0.0));
@@ -616,6 +633,7 @@ impl CudaBackend {
         let mut a = KArgs::new();
         a.i(d.heads).i(d.dk).i(d.dv).p(p[0]).p(p[1]).p(p[2]).p(p[3]).p(p[4]).p(ib).p(fb).f(cap);
         a.p(s.0).p(s.1).p(s.2).f(eps).p(h).p(o).p(hnw).f(neps).p(hn).p(counters);
+        a.i(layout.ld[0]).i(layout.ld[1]).i(layout.ld[2]).i(layout.ld[3]).i(dt_code(layout.hn));
         // Wide tiles (64 columns, 256 threads) once there are enough units to fill the GPU twice over;
         // narrow ones (32 columns, 512 threads) give more blocks to small batches.
         let smem = (3 * d.dk * 4) as u32;
@@ -686,6 +704,56 @@ impl CudaBackend {
         // (q, k, v's pointers into the merged output are checked where they are known)
         let tc = Self::chunk_tc(&self.dev, d, [0, 0, 0, s.h.ptr], [qk, qk, vw]);
         (chunk > 0 && rows > 0 && !Self::gemv_fits(rows, q) && projections && gates && aligned && out && tc).then_some(chunk)
+    }
+
+    /// Whether `norm_mlstm_add` can run a decode step of 5–64 sequences as one merged product (below
+    /// that the GEMV takes the compositions' products): q, k, v, o adjacent in one 16-bit dtype, ĩ
+    /// and f̃ adjacent f32 rows for `dots_f32`, out_proj in that 16-bit dtype.
+    fn merged_mlstm_step(&self, x: CUdeviceptr, rows: usize, width: usize, d: MlstmDims, kernel: Option<MlstmKernel>, w: &MlstmHalf<'_, Self>, s: &MlstmScratch<'_, CudaBuf>) -> bool {
+        let [q, k, v, o, ig, fg] = w.proj;
+        let (qk, vw) = (d.heads * d.dk, d.heads * d.dv);
+        let projections = q.dtype != DType::F32 && q.adjacent(k) && k.adjacent(v) && v.adjacent(o) && q.cols == width && (q.rows, k.rows, v.rows, o.rows) == (qk, qk, vw, vw);
+        let gates = ig.adjacent(fg) && ig.rows == d.heads && fg.rows == d.heads && ig.cols == width;
+        let pair = MatView { ptr: ig.ptr, rows: 2 * d.heads, cols: width, dtype: ig.dtype };
+        let out = w.out_proj.dtype == q.dtype && w.out_proj.rows == width && w.out_proj.cols == vw;
+        kernel.is_none() && (5..=64).contains(&rows) && projections && gates && Self::dots_fit(rows, &pair, s.xn.ptr) && x % 16 == 0 && out && d.dk <= 4096
+    }
+
+    /// A decode step of 5–64 sequences (see `merged_mlstm_step`): RMSNorm into f32 (the gate rows'
+    /// operand) and 16 bits (the products'), one product for q, k, v, o into the `wide` scratch, one
+    /// `dots_f32` launch for ĩ and f̃, the step kernel reading q, k, v, o there with row strides and
+    /// writing hn in 16 bits, out_proj + residual: no column split, no 16-bit copy of hn.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_mlstm_add_step(&self, x: &mut CudaBuf, rows: usize, width: usize, d: MlstmDims, w: &MlstmHalf<'_, Self>, state: &mut MlstmState<CudaBuf>, s: MlstmScratch<'_, CudaBuf>) -> Result<()> {
+        check("norm_mlstm_add", "x", x.len, rows * width)?;
+        check("norm_mlstm_add", "xn", s.xn.len, rows * width)?;
+        check("norm_mlstm_add", "norm", w.norm.len, width)?;
+        check("norm_mlstm_add", "ibias", w.ibias.len, d.heads)?;
+        check("norm_mlstm_add", "fbias", w.fbias.len, d.heads)?;
+        check("norm_mlstm_add", "head_norm", w.head_norm.len, d.heads * d.dv)?;
+        Self::check_mlstm("norm_mlstm_add", d, rows, rows, [&*s.q, &*s.k, &*s.v, &*s.i, &*s.f, &*s.h], state)?;
+        let [q, k, v, o, ig, _] = w.proj;
+        let (total, vw, dt) = (q.rows + k.rows + v.rows + o.rows, d.heads * d.dv, q.dtype);
+        let (xp, xnp, hp, ip, fp) = (x.ptr, s.xn.ptr, s.h.ptr, s.i.ptr, s.f.ptr);
+        let words = [
+            opc::MLSTM_ADD, xp, rows as u64, width as u64, w.norm.ptr, w.eps.to_bits() as u64, q.ptr, ig.ptr, w.ibias.ptr, w.fbias.ptr,
+            w.gate_cap.to_bits() as u64, state.c.ptr, state.n.ptr, state.m.ptr, w.cell_eps.to_bits() as u64, w.head_norm.ptr, w.out_proj.ptr, xnp, hp, ip, fp, 0,
+        ];
+        let st = (state.c.ptr, state.n.ptr, state.m.ptr);
+        self.op(&words, |dev| {
+            let xh = dev.half_scratch(rows * width, None)?;
+            self.rms(dev, xp, rows, width, w.norm.ptr, w.eps, xnp, xh, dt)?;
+            let wide = dev.scratch(|s| &mut s.wide, rows * total * 4, false)?;
+            self.gemm_view(dev, rows, MatView { ptr: q.ptr, rows: total, cols: width, dtype: dt }, 0, Some(xh), wide, 0.0, false)?;
+            let pair = MatView { ptr: ig.ptr, rows: 2 * d.heads, cols: width, dtype: DType::F32 };
+            self.dots(dev, rows, &pair, xnp, (ip, d.heads), fp, 0.0)?;
+            let col = |n: usize| wide + 4 * n as u64;
+            let p = [col(0), col(q.rows), col(q.rows + k.rows), ip, fp];
+            let hh = dev.half_scratch(rows * vw, None)?;
+            let fused = (col(q.rows + k.rows + v.rows), w.head_norm.ptr, w.eps, hh);
+            self.mstep(dev, d, rows, p, Some((w.ibias.ptr, w.fbias.ptr, w.gate_cap)), st, w.cell_eps, hp, Some(fused), true, StepLayout { ld: [total; 4], hn: dt })?;
+            self.gemm(dev, rows, w.out_proj, 0, Some(hh), xp, 1.0)
+        })
     }
 
     /// Whether the tensor-core chunk kernels take these operands (see kernels/mlstm_chunk.cu) and the
@@ -1137,7 +1205,7 @@ impl Backend for CudaBackend {
             if batch == 0 {
                 return Ok(());
             }
-            self.mstep(dev, d, batch, p, None, st, eps, hp, None, true)
+            self.mstep(dev, d, batch, p, None, st, eps, hp, None, true, StepLayout::packed(d))
         })
     }
 
@@ -1160,7 +1228,7 @@ impl Backend for CudaBackend {
                 for t in 0..seq {
                     let off = |base: u64, width: usize| base + (4 * t * width) as u64;
                     let p = [off(q.ptr, nh * d.dk), off(k.ptr, nh * d.dk), off(v.ptr, nh * d.dv), off(i.ptr, nh), off(f.ptr, nh)];
-                    self.mstep(dev, d, 1, p, None, (s.c.ptr, s.n.ptr, s.m.ptr), eps, off(hp, nh * d.dv), None, true)?;
+                    self.mstep(dev, d, 1, p, None, (s.c.ptr, s.n.ptr, s.m.ptr), eps, off(hp, nh * d.dv), None, true, StepLayout::packed(d))?;
                 }
                 Ok(())
             } else {
@@ -1319,7 +1387,7 @@ impl Backend for CudaBackend {
             let st = (state.c.ptr, state.n.ptr, state.m.ptr);
             let (hp, op, nwp, hnp, ib, fb) = (h.ptr, o.ptr, norm.ptr, hn.ptr, ibias.ptr, fbias.ptr);
             let words = [opc::MCELL, d.heads as u64, d.dk as u64, d.dv as u64, rows as u64, p[0], p[1], p[2], p[3], p[4], ib, fb, cap.to_bits() as u64, st.0, st.1, st.2, eps.to_bits() as u64, hp, op, nwp, norm_eps.to_bits() as u64, hnp];
-            return self.op(&words, |dev| self.mstep(dev, d, rows, p, Some((ib, fb, cap)), st, eps, hp, Some((op, nwp, norm_eps, hnp)), true));
+            return self.op(&words, |dev| self.mstep(dev, d, rows, p, Some((ib, fb, cap)), st, eps, hp, Some((op, nwp, norm_eps, hnp)), true, StepLayout::packed(d)));
         };
         // Prefill: gates, chunkwise cell, then LayerNorm and the output gate in one kernel.
         self.bias_soft_cap(i, rows, d.heads, Some(ibias), cap)?;
@@ -1343,6 +1411,9 @@ impl Backend for CudaBackend {
         // copy, no SGEMM); q, k, v, o stay in the merged product's output, where the chunk kernels
         // and the head LayerNorm read them (no column split); the head norm writes only the 16-bit
         // operand of out_proj. Anything else: the compositions.
+        if self.merged_mlstm_step(x.ptr, rows, width, d, kernel, w, &s) {
+            return self.norm_mlstm_add_step(x, rows, width, d, w, state, s);
+        }
         let Some(chunk) = self.merged_mlstm_prefill(x.ptr, rows, width, d, kernel, w, &s) else {
             return norm_mlstm_add_composed(self, x, rows, width, d, kernel, w, state, s);
         };

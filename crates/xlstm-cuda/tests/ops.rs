@@ -529,7 +529,10 @@ fn fused_compositions_match_primitive_ops() {
             let (mut gh, mut ghn) = (zz(rows * vd), zz(rows * vd));
             g.mlstm_gated_cell(kernel, dims, rows, &gqo, &gko, &gvo, &goo, &mut gio, &mut gfo, &gib, &gfb, 15.0, &mut gstate, 1e-6, &ghw, 1e-6, &mut gh, &mut ghn).unwrap();
             assert_close(&format!("mlstm_gated_cell h {what}"), &down(&g, &gh), &ch, tol);
-            assert_close(&format!("mlstm_gated_cell hn {what}"), &down(&g, &ghn), &chn, tol);
+            // hn is h's LayerNorm per head row: dividing by the row's spread magnifies h's error by
+            // |h| / σ(h), so fresh random cases land up to ~1.6× h's bound (3.2e-2 for a bf16 batch of
+            // 9, 5.5e-3 for a bf16 prompt of 2 rows, each seen once in session 10's runs): twice h's bound
+            assert_close(&format!("mlstm_gated_cell hn {what}"), &down(&g, &ghn), &chn, 2.0 * tol);
             assert_state(&format!("mlstm_gated_cell {what}"), &g, &gstate, &cstate, tol);
             let mut gy = zz(rows * d);
             g.matmul_add(&ghn, rows, &gout, d, &mut gy, &mut gx).unwrap();
@@ -543,7 +546,8 @@ fn fused_compositions_match_primitive_ops() {
             g.norm_mlstm_add(&mut gx_half, rows, d, dims, kernel, &half, &mut gstate_half, scratch).unwrap();
             let merged = g.op_times().iter().any(|t| t.0 == "norm_mlstm_add");
             g.set_op_timing(false);
-            assert_eq!(merged, dt == DType::BF16 && prefill && rows > 4, "merged mLSTM prompt path taken {what}");
+            // merged: a bf16 prompt past the GEMV's rows, or a decode batch of 5–64 sequences
+            assert_eq!(merged, dt == DType::BF16 && rows > 4 && (prefill || rows <= 64), "merged mLSTM path taken {what}");
             assert_close(&format!("norm_mlstm_add {what}"), &down(&g, &gx_half), &cx_mid, tol);
             assert_state(&format!("norm_mlstm_add {what}"), &g, &gstate_half, &cstate, tol);
             // the whole FFN as one composition (16-bit intermediates only in a bf16 prefill), from
@@ -564,7 +568,8 @@ fn fused_compositions_match_primitive_ops() {
 /// The merged mLSTM prompt path (`norm_mlstm_add`) at a width that takes the gate kernel's 32-warp
 /// launch, with 8 heads (every gate lane of its products in use), against the CPU's primitive ops:
 /// 300 rows (a last block of 12) with bf16 and f16 weights (as a model of them runs: TF32 chunk
-/// products), f32 gate rows; and a batched step of 16 sequences, which takes the compositions.
+/// products), f32 gate rows; and a batched step of 16 sequences (the merged decode step: q, k, v, o
+/// read from one product's output, hn written in 16 bits).
 #[test]
 fn norm_mlstm_add_eight_heads() {
     let Some((g, _l)) = gpu("norm_mlstm_add_wide") else { return };
@@ -600,7 +605,7 @@ fn norm_mlstm_add_eight_heads() {
         let mut gx = up(&g, &x);
         g.set_op_timing(true);
         g.norm_mlstm_add(&mut gx, rows, d, dims, kernel, &gw, &mut gstate, gs).unwrap();
-        assert_eq!(g.op_times().iter().any(|t| t.0 == "norm_mlstm_add"), kernel.is_some(), "merged path taken ({wdt}, {kernel:?})");
+        assert!(g.op_times().iter().any(|t| t.0 == "norm_mlstm_add"), "merged path taken ({wdt}, {kernel:?})");
         g.set_op_timing(false);
         // 16-bit products through cuBLAS and TF32 chunk products: 2e-2 (as the fused compositions)
         let what = format!("norm_mlstm_add, 8 heads, width 1024, {wdt}, {rows} rows, {kernel:?}");
