@@ -568,8 +568,8 @@ fn fused_compositions_match_primitive_ops() {
 /// The merged mLSTM prompt path (`norm_mlstm_add`) at a width that takes the gate kernel's 32-warp
 /// launch, with 8 heads (every gate lane of its products in use), against the CPU's primitive ops:
 /// 300 rows (a last block of 12) with bf16 and f16 weights (as a model of them runs: TF32 chunk
-/// products), f32 gate rows; and a batched step of 16 sequences (the merged decode step: q, k, v, o
-/// read from one product's output, hn written in 16 bits).
+/// products), f32 gate rows; and a batched step of 16 sequences with either (the merged decode step:
+/// q, k, v, o read from one product's output, hn written in 16 bits).
 #[test]
 fn norm_mlstm_add_eight_heads() {
     let Some((g, _l)) = gpu("norm_mlstm_add_wide") else { return };
@@ -579,7 +579,7 @@ fn norm_mlstm_add_eight_heads() {
     let dims = MlstmDims { heads: nh, dk, dv };
     let (qk, vd) = (nh * dk, nh * dv);
     let prompt = Some(MlstmKernel::Chunkwise { chunk: 64 });
-    for (wdt, rows, kernel) in [(DType::BF16, 300usize, prompt), (DType::F16, 300, prompt), (DType::BF16, 16, None)] {
+    for (wdt, rows, kernel) in [(DType::BF16, 300usize, prompt), (DType::F16, 300, prompt), (DType::BF16, 16, None), (DType::F16, 16, None)] {
         let mut mats = Vec::new();
         for (r, k, dt) in [(qk, d, wdt), (qk, d, wdt), (vd, d, wdt), (vd, d, wdt), (nh, d, DType::F32), (nh, d, DType::F32), (d, vd, wdt)] {
             let w = rng.vec(r * k, 1.0 / (k as f32).sqrt());
