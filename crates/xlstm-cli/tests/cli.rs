@@ -103,12 +103,16 @@ fn bench_prints_json_with_floor_and_ratio() {
     let o = xlstm(&["bench", "--config", "tiny", "--prompt-len", "40", "--gen-len", "4", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    for key in ["prefill", "decode", "bandwidth", "decode_floor_ms_per_step", "decode_ratio_to_floor", "decode_read_floor_ms_per_step", "decode_ratio_to_read_floor"] {
+    for key in ["prefill", "decode", "bandwidth", "decode_floor_ms_per_step", "decode_ratio_to_floor", "decode_read_floor_ms_per_step", "decode_ratio_to_read_floor", "decode_floor_with_state_ms_per_step", "decode_ratio_to_floor_with_state"] {
         assert!(!v[key].is_null(), "missing {key} in {v}");
     }
     assert!(v["decode"]["tok_s"].as_f64().unwrap() > 0.0);
     assert!(v["bandwidth"]["copy_gb_s"].as_f64().unwrap() > 0.0);
     assert!(v["decode_read_floor_ms_per_step"].as_f64().unwrap() > 0.0);
+    // the tiny shape's state (2 layers, 2 heads of DK 32 × DV 64: C, n, m per head), f32, read and
+    // written once per step
+    assert_eq!(v["decode"]["state_bytes_per_step"].as_u64().unwrap(), 2 * 4 * 2 * 2 * (32 * 64 + 32 + 1));
+    assert!(v["decode_floor_with_state_ms_per_step"].as_f64().unwrap() > v["decode_floor_ms_per_step"].as_f64().unwrap());
 }
 
 #[test]

@@ -96,6 +96,8 @@ fn bench_on<B: Backend>(backend: B, a: Args) -> Result<()> {
     // The same weights at the read probe's rate (decode only reads them; on some devices, e.g.
     // wgpu through Vulkan, the copy probe reads far below what the kernels stream).
     let read_floor_ms = decode.weight_bytes_per_step as f64 / (bw.read_gb_s * 1e9) * 1e3;
+    // With the recurrent state read and written too (f32, every sequence): a large batch's floor.
+    let state_floor_ms = (decode.weight_bytes_per_step + decode.state_bytes_per_step) as f64 / (bw.copy_gb_s * 1e9) * 1e3;
     let decode_1 = if a.batch == 1 { decode.clone() } else { bench::decode(&mut model, 1, a.gen_len, warmup, head)? };
     // Device memory in use after the runs (weights, states, cached activation buffers, the
     // runtime's own), where the backend has memory of its own.
@@ -118,6 +120,8 @@ fn bench_on<B: Backend>(backend: B, a: Args) -> Result<()> {
         "decode_ratio_to_floor": floor_ms / decode.ms_per_step,
         "decode_read_floor_ms_per_step": read_floor_ms,
         "decode_ratio_to_read_floor": read_floor_ms / decode.ms_per_step,
+        "decode_floor_with_state_ms_per_step": state_floor_ms,
+        "decode_ratio_to_floor_with_state": state_floor_ms / decode.ms_per_step,
         "prefill_vs_decode_per_token": prefill.tok_s / decode_1.tok_s,
         "peak_rss_mb": xlstm_core::sys::peak_rss_bytes() as f64 / 1e6,
         "device_memory": device_memory,
