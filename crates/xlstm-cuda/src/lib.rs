@@ -725,13 +725,8 @@ impl CudaBackend {
     /// writing hn in 16 bits, out_proj + residual: no column split, no 16-bit copy of hn.
     #[allow(clippy::too_many_arguments)]
     fn norm_mlstm_add_step(&self, x: &mut CudaBuf, rows: usize, width: usize, d: MlstmDims, w: &MlstmHalf<'_, Self>, state: &mut MlstmState<CudaBuf>, s: MlstmScratch<'_, CudaBuf>) -> Result<()> {
-        check("norm_mlstm_add", "x", x.len, rows * width)?;
         check("norm_mlstm_add", "xn", s.xn.len, rows * width)?;
-        check("norm_mlstm_add", "norm", w.norm.len, width)?;
-        check("norm_mlstm_add", "ibias", w.ibias.len, d.heads)?;
-        check("norm_mlstm_add", "fbias", w.fbias.len, d.heads)?;
-        check("norm_mlstm_add", "head_norm", w.head_norm.len, d.heads * d.dv)?;
-        Self::check_mlstm("norm_mlstm_add", d, rows, rows, [&*s.q, &*s.k, &*s.v, &*s.i, &*s.f, &*s.h], state)?;
+        Self::check_mlstm_half(x, rows, width, d, rows, w, &s, state)?;
         let [q, k, v, o, ig, _] = w.proj;
         let (total, vw, dt) = (q.rows + k.rows + v.rows + o.rows, d.heads * d.dv, q.dtype);
         let (xp, xnp, hp, ip, fp) = (x.ptr, s.xn.ptr, s.h.ptr, s.i.ptr, s.f.ptr);
@@ -762,6 +757,17 @@ impl CudaBackend {
         let choice = *dev.chunk_kernels.lock().expect("chunk kernels lock");
         let aligned = ptrs.iter().all(|&p| p % 16 == 0) && lds.iter().all(|&l| l % 4 == 0);
         dev.cc.0 >= 8 && d.dk % 64 == 0 && d.dv % 128 == 0 && aligned && choice.tensor_cores
+    }
+
+    /// The operands of a merged `norm_mlstm_add` (`batch` sequences: 1 for a prompt).
+    #[allow(clippy::too_many_arguments)]
+    fn check_mlstm_half(x: &CudaBuf, rows: usize, width: usize, d: MlstmDims, batch: usize, w: &MlstmHalf<'_, Self>, s: &MlstmScratch<'_, CudaBuf>, state: &MlstmState<CudaBuf>) -> Result<()> {
+        check("norm_mlstm_add", "x", x.len, rows * width)?;
+        check("norm_mlstm_add", "norm", w.norm.len, width)?;
+        check("norm_mlstm_add", "ibias", w.ibias.len, d.heads)?;
+        check("norm_mlstm_add", "fbias", w.fbias.len, d.heads)?;
+        check("norm_mlstm_add", "head_norm", w.head_norm.len, d.heads * d.dv)?;
+        Self::check_mlstm("norm_mlstm_add", d, rows, batch, [&*s.q, &*s.k, &*s.v, &*s.i, &*s.f, &*s.h], state)
     }
 
     fn check_mlstm(op: &str, d: MlstmDims, rows: usize, batch: usize, bufs: [&CudaBuf; 6], s: &MlstmState<CudaBuf>) -> Result<()> {
@@ -1417,12 +1423,7 @@ impl Backend for CudaBackend {
         let Some(chunk) = self.merged_mlstm_prefill(x.ptr, rows, width, d, kernel, w, &s) else {
             return norm_mlstm_add_composed(self, x, rows, width, d, kernel, w, state, s);
         };
-        check("norm_mlstm_add", "x", x.len, rows * width)?;
-        check("norm_mlstm_add", "norm", w.norm.len, width)?;
-        check("norm_mlstm_add", "ibias", w.ibias.len, d.heads)?;
-        check("norm_mlstm_add", "fbias", w.fbias.len, d.heads)?;
-        check("norm_mlstm_add", "head_norm", w.head_norm.len, d.heads * d.dv)?;
-        Self::check_mlstm("norm_mlstm_add", d, rows, 1, [&*s.q, &*s.k, &*s.v, &*s.i, &*s.f, &*s.h], state)?;
+        Self::check_mlstm_half(x, rows, width, d, 1, w, &s, state)?;
         let [q, k, v, o, ig, fg] = w.proj;
         let (total, vw, dt) = (q.rows + k.rows + v.rows + o.rows, d.heads * d.dv, q.dtype);
         let (xp, hp, ip, fp) = (x.ptr, s.h.ptr, s.i.ptr, s.f.ptr);
