@@ -5,7 +5,7 @@
 //!   names what is missing ([`probe`]).
 //! - Kernels are CUDA C in `kernels/*.cu` (one file per op family, see each header), compiled by
 //!   NVRTC at start (PTX cached on disk, see `kernels.rs`).
-//! - Products: a custom GEMV for 1–4 rows (decode; weights read once at full bandwidth, several
+//! - Products: a custom GEMV for 1–2 rows (1–4 of f32 weights; decode: weights read once at full bandwidth, several
 //!   matrices and the RMSNorm / residual add / gated activation fused into one launch), cuBLAS for more
 //!   rows (bf16/f16 weights × activations converted to the same 16-bit type, f32 accumulation and
 //!   output; f32 weights through SGEMM).
@@ -386,8 +386,14 @@ impl CudaBackend {
         dev.launch(f, grid1(n), 256, 0, args)
     }
 
+    /// Whether the GEMV takes a product of `rows` rows: up to 4 rows of f32 weights, up to 2 of
+    /// 16-bit ones. Each 16-byte chunk of 16-bit weights (8 values) meets 8 staged x values per row,
+    /// read from shared memory: at 3–4 rows that is 6–8 times the weight bytes, which shared memory
+    /// cannot serve at the weights' rate (batch 3 / 4 of the 7B shape: 6.27 / 7.74 ms per step on
+    /// the GEMV, 5.01–5.07 / 5.21 through cuBLASLt; batch 2: 4.77–4.78 against 4.79–4.80).
     fn gemv_fits(rows: usize, w: &CudaMat) -> bool {
-        (1..=4).contains(&rows) && rows * w.cols * 4 <= GEMV_SMEM && w.cols > 0
+        let most = if w.dtype == DType::F32 { 4 } else { 2 };
+        (1..=most).contains(&rows) && rows * w.cols * 4 <= GEMV_SMEM && w.cols > 0
     }
 
     /// One GEMV launch over `segs` (all with `k` inputs), optional RMS-norm prologue.
@@ -706,9 +712,9 @@ impl CudaBackend {
         (chunk > 0 && rows > 0 && !Self::gemv_fits(rows, q) && projections && gates && aligned && out && tc).then_some(chunk)
     }
 
-    /// Whether `norm_mlstm_add` can run a decode step of 5–64 sequences as one merged product (below
-    /// that the GEMV takes the compositions' products): q, k, v, o adjacent in one 16-bit dtype, ĩ
-    /// and f̃ adjacent f32 rows for `dots_f32`, out_proj in that 16-bit dtype.
+    /// Whether `norm_mlstm_add` can run a decode step of up to 64 sequences as one merged product
+    /// (from 3 on: below that the GEMV takes the compositions' products): q, k, v, o adjacent in one
+    /// 16-bit dtype, ĩ and f̃ adjacent f32 rows for `dots_f32`, out_proj in that 16-bit dtype.
     fn merged_mlstm_step(&self, x: CUdeviceptr, rows: usize, width: usize, d: MlstmDims, kernel: Option<MlstmKernel>, w: &MlstmHalf<'_, Self>, s: &MlstmScratch<'_, CudaBuf>) -> bool {
         let [q, k, v, o, ig, fg] = w.proj;
         let (qk, vw) = (d.heads * d.dk, d.heads * d.dv);
@@ -716,10 +722,10 @@ impl CudaBackend {
         let gates = ig.adjacent(fg) && ig.rows == d.heads && fg.rows == d.heads && ig.cols == width;
         let pair = MatView { ptr: ig.ptr, rows: 2 * d.heads, cols: width, dtype: ig.dtype };
         let out = w.out_proj.dtype == q.dtype && w.out_proj.rows == width && w.out_proj.cols == vw;
-        kernel.is_none() && (5..=64).contains(&rows) && projections && gates && Self::dots_fit(rows, &pair, s.xn.ptr) && x % 16 == 0 && out && d.dk <= 4096
+        kernel.is_none() && rows <= 64 && !Self::gemv_fits(rows, q) && projections && gates && Self::dots_fit(rows, &pair, s.xn.ptr) && x % 16 == 0 && out && d.dk <= 4096
     }
 
-    /// A decode step of 5–64 sequences (see `merged_mlstm_step`): RMSNorm into f32 (the gate rows'
+    /// A decode step of 3–64 sequences (see `merged_mlstm_step`): RMSNorm into f32 (the gate rows'
     /// operand) and 16 bits (the products'), one product for q, k, v, o into the `wide` scratch, one
     /// `dots_f32` launch for ĩ and f̃, the step kernel reading q, k, v, o there with row strides and
     /// writing hn in 16 bits, out_proj + residual: no column split, no 16-bit copy of hn.

@@ -81,8 +81,8 @@ fn sequence_kernel() {
 }
 
 /// Decode steps replayed from the captured graph give bit-identical logits to eager steps, and the
-/// graph is really used; a new state (other buffers) falls back to eager, then records again. Batch
-/// 6 goes through cuBLASLt (rows > 4), whose algorithm choice runs in an eager step first.
+/// graph is really used; a new state (other buffers) falls back to eager, then records again. Batches
+/// 3 and 6 go through cuBLASLt (16-bit rows > 2), whose algorithm choice runs in an eager step first.
 #[test]
 fn decode_graph_matches_eager() {
     let Some((g, _l)) = gpu("decode_graph_matches_eager") else { return };
