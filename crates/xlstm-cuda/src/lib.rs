@@ -701,28 +701,32 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     fn merged_mlstm_prefill(&self, x: CUdeviceptr, rows: usize, width: usize, d: MlstmDims, kernel: Option<MlstmKernel>, w: &MlstmHalf<'_, Self>, s: &MlstmScratch<'_, CudaBuf>) -> Option<usize> {
         let Some(MlstmKernel::Chunkwise { chunk }) = kernel else { return None };
-        let [q, k, v, o, ig, fg] = w.proj;
+        let [q, _, _, _, ig, fg] = w.proj;
         let (qk, vw) = (d.heads * d.dk, d.heads * d.dv);
-        let projections = q.dtype != DType::F32 && q.adjacent(k) && k.adjacent(v) && v.adjacent(o) && q.cols == width && (q.rows, k.rows, v.rows, o.rows) == (qk, qk, vw, vw);
         let gates = [ig, fg].iter().all(|m| m.dtype == DType::F32 && m.rows == d.heads && m.cols == width) && d.heads <= 8 && width % 256 == 0;
         let aligned = [x, w.norm.ptr, ig.ptr, fg.ptr].iter().all(|&p| p % 16 == 0);
-        let out = w.out_proj.dtype == q.dtype && w.out_proj.rows == width && w.out_proj.cols == vw;
         // (q, k, v's pointers into the merged output are checked where they are known)
         let tc = Self::chunk_tc(&self.dev, d, [0, 0, 0, s.h.ptr], [qk, qk, vw]);
-        (chunk > 0 && rows > 0 && !Self::gemv_fits(rows, q) && projections && gates && aligned && out && tc).then_some(chunk)
+        (chunk > 0 && rows > 0 && !Self::gemv_fits(rows, q) && Self::merged_projections(width, d, w) && gates && aligned && tc).then_some(chunk)
+    }
+
+    /// What both merged `norm_mlstm_add` paths need of the projections: q, k, v, o adjacent in one
+    /// 16-bit dtype (one product) and shaped for `d`, out_proj in that dtype.
+    fn merged_projections(width: usize, d: MlstmDims, w: &MlstmHalf<'_, Self>) -> bool {
+        let [q, k, v, o, _, _] = w.proj;
+        let (qk, vw) = (d.heads * d.dk, d.heads * d.dv);
+        let projections = q.dtype != DType::F32 && q.adjacent(k) && k.adjacent(v) && v.adjacent(o) && q.cols == width && (q.rows, k.rows, v.rows, o.rows) == (qk, qk, vw, vw);
+        projections && w.out_proj.dtype == q.dtype && w.out_proj.rows == width && w.out_proj.cols == vw
     }
 
     /// Whether `norm_mlstm_add` can run a decode step of up to 64 sequences as one merged product
     /// (from 3 on: below that the GEMV takes the compositions' products): q, k, v, o adjacent in one
     /// 16-bit dtype, ĩ and f̃ adjacent f32 rows for `dots_f32`, out_proj in that 16-bit dtype.
     fn merged_mlstm_step(&self, x: CUdeviceptr, rows: usize, width: usize, d: MlstmDims, kernel: Option<MlstmKernel>, w: &MlstmHalf<'_, Self>, s: &MlstmScratch<'_, CudaBuf>) -> bool {
-        let [q, k, v, o, ig, fg] = w.proj;
-        let (qk, vw) = (d.heads * d.dk, d.heads * d.dv);
-        let projections = q.dtype != DType::F32 && q.adjacent(k) && k.adjacent(v) && v.adjacent(o) && q.cols == width && (q.rows, k.rows, v.rows, o.rows) == (qk, qk, vw, vw);
+        let [q, _, _, _, ig, fg] = w.proj;
         let gates = ig.adjacent(fg) && ig.rows == d.heads && fg.rows == d.heads && ig.cols == width;
         let pair = MatView { ptr: ig.ptr, rows: 2 * d.heads, cols: width, dtype: ig.dtype };
-        let out = w.out_proj.dtype == q.dtype && w.out_proj.rows == width && w.out_proj.cols == vw;
-        kernel.is_none() && rows <= 64 && !Self::gemv_fits(rows, q) && projections && gates && Self::dots_fit(rows, &pair, s.xn.ptr) && x % 16 == 0 && out && d.dk <= 4096
+        kernel.is_none() && rows <= 64 && !Self::gemv_fits(rows, q) && Self::merged_projections(width, d, w) && gates && Self::dots_fit(rows, &pair, s.xn.ptr) && x % 16 == 0 && d.dk <= 4096
     }
 
     /// A decode step of 3–64 sequences (see `merged_mlstm_step`): RMSNorm into f32 (the gate rows'
@@ -1418,11 +1422,12 @@ impl Backend for CudaBackend {
     }
 
     fn norm_mlstm_add(&self, x: &mut CudaBuf, rows: usize, width: usize, d: MlstmDims, kernel: Option<MlstmKernel>, w: &MlstmHalf<'_, Self>, state: &mut MlstmState<CudaBuf>, s: MlstmScratch<'_, CudaBuf>) -> Result<()> {
-        // A prompt with 16-bit weights: one kernel normalises x into the 16-bit operand of the
-        // products and computes the gate rows' products in f32 on the way (no normalised f32
-        // copy, no SGEMM); q, k, v, o stay in the merged product's output, where the chunk kernels
-        // and the head LayerNorm read them (no column split); the head norm writes only the 16-bit
-        // operand of out_proj. Anything else: the compositions.
+        // With 16-bit weights past the GEMV's rows, a decode batch takes `norm_mlstm_add_step`; a
+        // prompt the path below: one kernel normalises x into the 16-bit operand of the products
+        // and computes the gate rows' products in f32 on the way (no normalised f32 copy, no
+        // SGEMM); q, k, v, o stay in the merged product's output, where the chunk kernels and the
+        // head LayerNorm read them (no column split); the head norm writes only the 16-bit operand
+        // of out_proj. Anything else: the compositions.
         if self.merged_mlstm_step(x.ptr, rows, width, d, kernel, w, &s) {
             return self.norm_mlstm_add_step(x, rows, width, d, w, state, s);
         }
