@@ -530,10 +530,14 @@ fn fused_compositions_match_primitive_ops() {
             let (mut gh, mut ghn) = (zz(rows * vd), zz(rows * vd));
             g.mlstm_gated_cell(kernel, dims, rows, &gqo, &gko, &gvo, &goo, &mut gio, &mut gfo, &gib, &gfb, 15.0, &mut gstate, 1e-6, &ghw, 1e-6, &mut gh, &mut ghn).unwrap();
             assert_close(&format!("mlstm_gated_cell h {what}"), &down(&g, &gh), &ch, tol);
-            // hn is h's LayerNorm per head row: dividing by the row's spread magnifies h's error by
-            // |h| / σ(h), so fresh random cases land up to ~1.6× h's bound (3.2e-2 for a bf16 batch of
-            // 9, 5.5e-3 for a bf16 prompt of 2 rows, each seen once in session 10's runs): twice h's bound
-            assert_close(&format!("mlstm_gated_cell hn {what}"), &down(&g, &ghn), &chn, 2.0 * tol);
+            // hn is h's LayerNorm per head row times σ(o). Against the CPU's hn, dividing by a row's
+            // spread magnifies h's error by |h| / σ(h): a fresh bf16 batch of 9 came out at 1.1e-1
+            // (session 11; 3.2e-2 the most seen before), so hn is checked against that math applied
+            // on the CPU to the GPU's own h and o (f32 on both sides), and h against the CPU's above.
+            let mut want = z(rows * vd);
+            c.group_norm(&down(&g, &gh), rows, vd, dv, &hw, None, 1e-6, &mut want).unwrap();
+            c.sigmoid_gate(&down(&g, &goo), &mut want, rows * vd).unwrap();
+            assert_close(&format!("mlstm_gated_cell hn {what}"), &down(&g, &ghn), &want, 1e-4);
             assert_state(&format!("mlstm_gated_cell {what}"), &g, &gstate, &cstate, tol);
             let mut gy = zz(rows * d);
             g.matmul_add(&ghn, rows, &gout, d, &mut gy, &mut gx).unwrap();
