@@ -120,9 +120,9 @@ struct Tf {
             lo[i] = to_tf32(x[i] - __uint_as_float(hi[i]));
         }
     }
-    // An operand's f32 bits as they are (plain products only): exact for values stored already
-    // rounded (tf32_round); for others the tensor core reads the top 19 bits, i.e. rounds toward zero
-    // (relative error below 2^-10, against 2^-11 for rounding to nearest) without a conversion.
+    // An operand's f32 bits as they are (plain products only): the tensor core reads the top 19
+    // bits, i.e. rounds toward zero (relative error below 2^-10, against 2^-11 for rounding to
+    // nearest) without a conversion.
     __device__ __forceinline__ static Tf raw(const float (&x)[N]) {
         Tf t;
 #pragma unroll
@@ -139,8 +139,6 @@ __device__ __forceinline__ Tf<N> frag(const float (&x)[N]) {
     if constexpr (EXACT) return Tf<N>(x);
     else return Tf<N>::raw(x);
 }
-// x rounded to TF32 to nearest, kept as a float (what the tensor core then reads exactly).
-__device__ __forceinline__ float tf32_round(float x) { return __uint_as_float(to_tf32(x)); }
 
 __device__ __forceinline__ void mma_tf32(float* d, const u32* a, const u32* b) {
 #if __CUDA_ARCH__ >= 800

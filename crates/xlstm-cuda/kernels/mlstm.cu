@@ -26,7 +26,7 @@ __device__ __forceinline__ float ld_cg(const float* p) {
 // out[i] = v as dtype dt (DT_F32, or the 16-bit bits of DT_BF16 / DT_F16).
 __device__ __forceinline__ void store_value(float* out, long long i, float v, int dt) {
     if (dt == DT_F32) out[i] = v;
-    else ((u16*)out)[i] = half_bits(v, dt);
+    else store_half((u16*)out, i, v, dt);
 }
 
 // One block: NW warps, 32·CW columns of one unit's C (lane l owns columns l·CW .. l·CW + CW − 1),
