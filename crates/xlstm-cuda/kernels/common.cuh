@@ -31,6 +31,16 @@ __device__ __forceinline__ u16 half_bits(float v, int dt) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
     return h;
 }
+// Two values as bf16 bits packed in one word (lo in the low half), rounded to nearest even.
+__device__ __forceinline__ u32 bf16x2_bits(float lo, float hi) {
+#if __CUDA_ARCH__ >= 800
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+#endif
+}
 // Four values as 16-bit bits of dtype dt, packed for one 8-byte store (first value lowest).
 __device__ __forceinline__ uint2 half4_bits(float a, float b, float c, float d, int dt) {
     return make_uint2((u32)half_bits(a, dt) | ((u32)half_bits(b, dt) << 16), (u32)half_bits(c, dt) | ((u32)half_bits(d, dt) << 16));

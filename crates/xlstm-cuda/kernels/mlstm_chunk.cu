@@ -12,11 +12,15 @@
 //   mlstm_chunk_out_tc*, which read them. The `_exact` variants split every operand into two
 //   TF32 parts (x = hi + lo, product ≈ hi·hi + hi·lo + lo·hi), which keeps f32 accuracy at three
 //   times the tensor-core work; the plain ones hand the tensor cores the f32 bits, which they read as
-//   TF32 (10-bit mantissa, rounded toward zero), what a model with 16-bit weights already carries. Their q, k, v rows lie ldq, ldk, ldv values
-//   apart (column blocks of one merged product's output, or NH·DK, NH·DV); h rows NH·DV.
+//   TF32 (10-bit mantissa, rounded toward zero), what a model with 16-bit weights already carries,
+//   and pass the states entering the chunks (Cs) as bf16, the precision NX-AI's TFLA kernels give C
+//   in that product: half the bytes the two kernels store and load. Their q, k, v rows lie ldq,
+//   ldk, ldv values apart (column blocks of one merged product's output, or NH·DK, NH·DV); h rows
+//   NH·DV. The carried state (C, n, m) stays f32 throughout.
 //
 // mlstm_chunk_states*: grid = (DV/64, DK/64, NH), block = 256. Runs the chunks in order for a 64×64
-//   tile of C (registers), saving the state entering each chunk (Cs [nc, NH, DK, DV], ns [nc, NH, DK];
+//   tile of C (registers), saving the state entering each chunk (Cs [nc, NH, DK, DV]: f32, bf16 in the plain
+//   tensor-core kernel; ns [nc, NH, DK];
 //   the CUDA-core kernel also ms [nc + 1, NH], the last row being the final m) and writing the final
 //   C, n to the state.
 // mlstm_chunk_out (CUDA cores): grid = (ceil(DV/64), nc, NH); mlstm_chunk_out_tc*: grid = (DV/128,
@@ -525,12 +529,31 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
         const float* ks_ = st;
         const float* vs = st + 64 * CS_ST;
         const float* sw = st + 128 * CS_ST;
-        float* Csk = Cs + ((long long)kc * NH + h) * DK * DV;
+        const long long csk = ((long long)kc * NH + h) * DK * DV;
+        if constexpr (EXACT) {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const long long e = (long long)(a0 + rm + g) * DV + c0 + cw + 8 * j + 2 * qd;
-            *(float2*)(Csk + e) = make_float2(acc[j][0], acc[j][1]);
-            *(float2*)(Csk + e + 8LL * DV) = make_float2(acc[j][2], acc[j][3]);
+            for (int j = 0; j < 4; ++j) {
+                const long long e = csk + (long long)(a0 + rm + g) * DV + c0 + cw + 8 * j + 2 * qd;
+                *(float2*)(Cs + e) = make_float2(acc[j][0], acc[j][1]);
+                *(float2*)(Cs + e + 8LL * DV) = make_float2(acc[j][2], acc[j][3]);
+            }
+        } else {
+            // bf16 pairs; lanes qd, qd ^ 1 swap halves so that each writes 4 adjacent values and a
+            // row's 4 lanes fill whole 32-byte sectors (a pair per lane would write half sectors)
+            u16* Cs16 = (u16*)Cs;
+            const bool odd = qd & 1;
+#pragma unroll
+            for (int jj = 0; jj < 4; jj += 2) {
+#pragma unroll
+                for (int hr = 0; hr < 2; ++hr) {  // rows g, g + 8
+                    const u32 w0 = bf16x2_bits(acc[jj][2 * hr], acc[jj][2 * hr + 1]);
+                    const u32 w1 = bf16x2_bits(acc[jj + 1][2 * hr], acc[jj + 1][2 * hr + 1]);
+                    const u32 got = __shfl_xor_sync(0xffffffffu, odd ? w0 : w1, 1);
+                    const int j = jj + odd, col = cw + 8 * j + 2 * (qd & 2);
+                    const long long e = csk + (long long)(a0 + rm + g + 8 * hr) * DV + c0 + col;
+                    *(uint2*)(Cs16 + e) = odd ? make_uint2(got, w1) : make_uint2(w0, got);
+                }
+            }
         }
         if (own_n && qd == 0) {
             ns[((long long)kc * NH + h) * DK + a0 + rm + g] = n0;
@@ -593,19 +616,25 @@ extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_states_tc_exact(CH
 // 8 warps over 64 rows (tokens) × 128 columns: warp w owns rows 16·(w % 4) .. +16, columns
 // 32·(w / 4) .. +32 of S (4 accumulators) and 64·(w / 4) .. +64 of H (8 accumulators). Phase 1
 // streams DK in tiles of 16 (Q, K rows and the C_prev tile, double-buffered with cp.async); phase 2
-// reuses that shared memory for S̃ and V (two halves of 32 tokens).
+// reuses that shared memory for S̃ and V (two halves of 32 tokens). H's accumulators pair up: in
+// the pair (2p, 2p + 1) of a warp's 16 columns from hc + 16p, column n of the fragment is column
+// 2n (even accumulator) or 2n + 1 (odd) — so a lane reads two adjacent values of C_prev or V for
+// both (one 32-bit word of a plain kernel's bf16 C_prev) and writes four adjacent outputs.
 template <bool EXACT>
 __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
-    constexpr int KT = 16, QS = KT + 4, CS = 128 + 8, SS = 64 + 4;
-    constexpr int STAGE = 2 * 64 * QS + KT * CS;
-    __shared__ __align__(16) float buf[2 * STAGE];
+    // C_prev tile rows: f32 (exact) or bf16 (plain; the row stride in 16-bit values is 144, i.e.
+    // 72 words: the 32 lanes' words hit 32 banks)
+    constexpr int KT = 16, QS = KT + 4, CS = 128 + 8, CSH = 128 + 16, SS = 64 + 4;
+    constexpr int STAGE = 2 * 64 * QS + (EXACT ? KT * CS : KT * CSH / 2);
+    constexpr int BUF = 2 * STAGE > 64 * SS + 32 * CS ? 2 * STAGE : 64 * SS + 32 * CS;
+    __shared__ __align__(16) float buf[BUF];
     __shared__ float sb[64], sig[64], smc[64], sdec[64], sqn[64], sden[64];
     const int h = blockIdx.z, c0 = blockIdx.x * 128;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
     const int rm = (warp & 3) * 16, sc = (warp >> 2) * 32, hc = (warp >> 2) * 64;
     const int kc = blockIdx.y, t0 = kc * L, Lk = min(L, seq - t0);
     const long long hrow = (long long)NH * DV;
-    const float* Cp = Cs + ((long long)kc * NH + h) * DK * DV;
+    const long long cp0 = ((long long)kc * NH + h) * DK * DV;  // C_prev's first value
     const float* np = ns + ((long long)kc * NH + h) * DK;
     const float scale = 1.f / sqrtf((float)DK);
     if (tid < 64) {  // the chunk's gate terms (mlstm_chunk_gates); the first barrier below publishes them
@@ -634,10 +663,15 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
         const long long r = t0 + (ok ? t : 0), off = (long long)h * DK + a0 + p;
         cp_async16(Qs + t * QS + p, q + r * ldq + off, ok);
         cp_async16(Ks + t * QS + p, k + r * ldk + off, ok);
+        if constexpr (EXACT) {
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const int e = tid + 256 * i, r = e >> 5, c = (e & 31) * 4;
-            cp_async16(Ct + r * CS + c, Cp + (long long)(a0 + r) * DV + c0 + c, true);
+            for (int i = 0; i < 2; ++i) {
+                const int e = tid + 256 * i, r = e >> 5, c = (e & 31) * 4;
+                cp_async16(Ct + r * CS + c, Cs + cp0 + (long long)(a0 + r) * DV + c0 + c, true);
+            }
+        } else {
+            const int r = tid >> 4, c = (tid & 15) * 8;
+            cp_async16((float*)((u16*)Ct + r * CSH + c), (const float*)((const u16*)Cs + cp0 + (long long)(a0 + r) * DV + c0 + c), true);
         }
         cp_async_commit();
     };
@@ -663,10 +697,20 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
                 mma_f32<EXACT>(sacc[j], A, frag<EXACT>(kb));
             }
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float* c0p = Ct + (ks + qd) * CS + hc + 8 * j + g;
-                const float cb[2] = {c0p[0], c0p[4 * CS]};
-                mma_f32<EXACT>(hacc[j], A, frag<EXACT>(cb));
+            for (int p = 0; p < 4; ++p) {  // C_prev's columns hc + 16p + 2g, + 1 (rows ks + qd, + 4)
+                float ce[2], co[2];
+                if constexpr (EXACT) {
+                    const float* c0p = Ct + (ks + qd) * CS + hc + 16 * p + 2 * g;
+                    const float2 x = *(const float2*)c0p, y = *(const float2*)(c0p + 4 * CS);
+                    ce[0] = x.x; ce[1] = y.x; co[0] = x.y; co[1] = y.y;
+                } else {  // a bf16 pair's bits: the low value shifted up, the high one masked
+                    const u32* w = (const u32*)((const u16*)Ct + (ks + qd) * CSH + hc + 16 * p + 2 * g);
+                    const u32 x = w[0], y = w[2 * CSH];
+                    ce[0] = __uint_as_float(x << 16); ce[1] = __uint_as_float(y << 16);
+                    co[0] = __uint_as_float(x & 0xffff0000u); co[1] = __uint_as_float(y & 0xffff0000u);
+                }
+                mma_f32<EXACT>(hacc[2 * p], A, frag<EXACT>(ce));
+                mma_f32<EXACT>(hacc[2 * p + 1], A, frag<EXACT>(co));
             }
         }
         if (tid < 64) {
@@ -723,10 +767,12 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
             const float sa[4] = {s0[0], s0[8 * SS], s0[4], s0[8 * SS + 4]};
             const Tf<4> A = frag<EXACT>(sa);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float* v0 = Vs + (ks + qd) * CS + hc + 8 * j + g;
-                const float vb[2] = {v0[0], v0[4 * CS]};
-                mma_f32<EXACT>(hacc[j], A, frag<EXACT>(vb));
+            for (int p = 0; p < 4; ++p) {  // V's columns hc + 16p + 2g, + 1 (as C_prev's above)
+                const float* v0 = Vs + (ks + qd) * CS + hc + 16 * p + 2 * g;
+                const float2 x = *(const float2*)v0, y = *(const float2*)(v0 + 4 * CS);
+                const float ve[2] = {x.x, y.x}, vo[2] = {x.y, y.y};
+                mma_f32<EXACT>(hacc[2 * p], A, frag<EXACT>(ve));
+                mma_f32<EXACT>(hacc[2 * p + 1], A, frag<EXACT>(vo));
             }
         }
     }
@@ -735,9 +781,10 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
         const int t = rm + g + 4 * r;
         if (t >= Lk) continue;
         const float den = sden[t];
-        float* o = hout + (long long)(t0 + t) * hrow + (long long)h * DV + c0 + hc + 2 * qd;
+        float* o = hout + (long long)(t0 + t) * hrow + (long long)h * DV + c0 + hc + 4 * qd;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) *(float2*)(o + 8 * j) = make_float2(hacc[j][r] / den, hacc[j][r + 1] / den);
+        for (int p = 0; p < 4; ++p)
+            *(float4*)(o + 16 * p) = make_float4(hacc[2 * p][r] / den, hacc[2 * p + 1][r] / den, hacc[2 * p][r + 1] / den, hacc[2 * p + 1][r + 1] / den);
     }
 }
 

@@ -658,8 +658,6 @@ impl CudaBackend {
         let [(q, ldq), (k, ldk), (v, ldv)] = qkv;
         let l = chunk.clamp(1, 64);
         let nc = seq.div_ceil(l);
-        let cs = dev.scratch(|s| &mut s.cs, nc * d.heads * d.dk * d.dv * 4, false)?;
-        let ns = dev.scratch(|s| &mut s.ns, nc * d.heads * d.dk * 4, false)?;
         // Tensor cores where the shape and alignment allow (see kernels/mlstm_chunk.cu) and the
         // setting does not keep the CUDA-core kernels.
         let choice = *dev.chunk_kernels.lock().expect("chunk kernels lock");
@@ -668,6 +666,10 @@ impl CudaBackend {
             return Err(Error::Device("cuda mlstm prefill: strided q, k, v need the tensor-core chunk kernels".into()));
         }
         let exact = (*dev.weight_dtype.lock().expect("dtype lock") == DType::F32) as usize;
+        // the states entering the chunks: bf16 between the plain tensor-core kernels, else f32
+        let cs_bytes = if tc && exact == 0 { 2 } else { 4 };
+        let cs = dev.scratch(|s| &mut s.cs, nc * d.heads * d.dk * d.dv * cs_bytes, false)?;
+        let ns = dev.scratch(|s| &mut s.ns, nc * d.heads * d.dk * 4, false)?;
         let states_grid = (d.dv.div_ceil(64) as u32, d.dk.div_ceil(64) as u32, d.heads as u32);
         let stages = *dev.chunk_stages.lock().expect("chunk stages lock");
         let (mut sa, mut oa) = (KArgs::new(), KArgs::new());
