@@ -123,12 +123,12 @@ fn main() {
         for (name, tensor_cores, weights) in [("cuda_cores", false, DType::F32), ("tc_exact", true, DType::F32), ("tc_tf32", true, DType::BF16)] {
             g.set_weight_dtype(weights);
             for (phase, only) in [("both", None), ("states", Some(ChunkPhase::States)), ("out", Some(ChunkPhase::Out))] {
-                g.set_chunk_kernels(ChunkKernels { tensor_cores, only });
+                g.set_chunk_kernels(ChunkKernels { tensor_cores, bf16: true, only });
                 let us = time(&g, 10, |_| g.mlstm_prefill(MlstmKernel::Chunkwise { chunk: 64 }, dims, seq, &q, &k, &v, &i, &f, &mut st, 1e-6, &mut h).unwrap());
                 println!("{{\"kernel\":\"mlstm_chunkwise_{seq}\",\"impl\":\"{name}\",\"phase\":\"{phase}\",\"us\":{us:.1}}}");
             }
         }
-        g.set_chunk_kernels(ChunkKernels { tensor_cores: true, only: None });
+        g.set_chunk_kernels(ChunkKernels { tensor_cores: true, bf16: true, only: None });
     }
     if std::env::args().any(|a| a == "--chunk-only") {
         return;

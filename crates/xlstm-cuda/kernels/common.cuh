@@ -169,6 +169,32 @@ __device__ __forceinline__ void mma_f32(float* d, const Tf<4>& a, const Tf<2>& b
     mma_tf32(d, a.hi, b.hi);
 }
 
+// Tensor cores, bf16 mma.sync m16n8k16 (sm_80+), f32 accumulation. Fragments (g = lane / 4,
+// q = lane % 4; two bf16 per register, the lower k first): A (16×16) a0 (g, 2q..), a1 (g+8, 2q..),
+// a2 (g, 2q+8..), a3 (g+8, 2q+8..); B (16×8) b0 (k 2q.., n g), b1 (k 2q+8.., n g); C as m16n8k8.
+// ldmatrix loads four 8×8 bf16 tiles from shared memory, lanes 8i..8i+7 giving tile i's row
+// addresses (16 contiguous bytes each); .trans hands each thread the transposed pairs.
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const u16* p) {
+#if __CUDA_ARCH__ >= 800
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const u16* p) {
+#if __CUDA_ARCH__ >= 800
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+#endif
+}
+__device__ __forceinline__ void mma_bf16(float* d, const u32 (&a)[4], u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
 // Activations, numbered as in the Rust enum `Activation`: 0 GELU (exact), 1 SiLU, 2 ReLU,
 // 3 ReLU², 4 sigmoid, 5 SELU.
 __device__ __forceinline__ float act_apply(int act, float x) {

@@ -794,3 +794,299 @@ extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_out_tc(CHUNK_OUT_P
 extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_out_tc_exact(CHUNK_OUT_PARAMS) {
     chunk_out_tc<true>(CHUNK_OUT_ARGS);
 }
+
+// ---- bf16 tensor cores (mma.sync m16n8k16, sm_80+): a bf16 model's merged prompt path ----------
+// q, k, v arrive as bf16 (the merged product's 16-bit output, rows ldq, ldk, ldv values apart) and
+// every product takes bf16 operands with f32 accumulation, as NX-AI's TFLA kernels do for a bf16
+// model: half the bytes and a quarter of the instructions of the TF32 kernels, no conversions on
+// the way into the tensor cores (ldmatrix reads the tiles as stored, transposing where the product
+// needs it). The states entering the chunks are bf16 (Cs), the carried state f32; the key weights
+// w_t scale the keys' fragments in f32 (the normaliser's sums are taken there) before they are
+// rounded back; S̃ is rounded to bf16 for S̃V, its row sums (the denominator) taken in f32.
+// Grids, blocks and the gate terms as the TF32 kernels; needs DK % 64 == 0, DV % 128 == 0, rows
+// and column offsets of q, k, v 16-byte aligned.
+
+// Chunk-states stage: keys [t][a] and values [t][c] (64 × 64 bf16, rows CB_ST values apart:
+// ldmatrix's 8 row addresses fall in distinct 16-byte bank groups), then w_t and the 4 gate terms.
+#define CB_ST 72
+#define CB_STAGE (2 * 64 * CB_ST * 2 + 68 * 4)  // bytes
+
+extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_states_bf16(
+    int NH, int DK, int DV, int seq, int L, const u16* k, int ldk, const u16* v, int ldv,
+    const float* G, float* C, float* n, u16* Cs, float* ns, int stages) {
+    extern __shared__ __align__(16) unsigned char ringb[];
+    const int h = blockIdx.z, a0 = blockIdx.y * 64, c0 = blockIdx.x * 64;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
+    const int rm = (warp & 3) * 16, cw = (warp >> 2) * 32;
+    const int mat = lane >> 3, mr = lane & 7;  // the ldmatrix tile and row this lane addresses
+    const int nc = (seq + L - 1) / L;
+    float* Ch = C + (long long)h * DK * DV;
+    float acc[4][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const long long e = (long long)(a0 + rm + g) * DV + c0 + cw + 8 * j + 2 * qd;
+        float2 x = *(const float2*)(Ch + e), y = *(const float2*)(Ch + e + 8LL * DV);
+        acc[j][0] = x.x; acc[j][1] = x.y; acc[j][2] = y.x; acc[j][3] = y.y;
+    }
+    const bool own_n = blockIdx.x == 0 && warp < 4;
+    float n0 = own_n ? n[(long long)h * DK + a0 + rm + g] : 0.f, n1 = own_n ? n[(long long)h * DK + a0 + rm + g + 8] : 0.f;
+    auto fill = [&](int kc, int stage) {
+        unsigned char* st = ringb + stage * CB_STAGE;
+        u16* Ks = (u16*)st;
+        u16* Vs = Ks + 64 * CB_ST;
+        float* sw = (float*)(Vs + 64 * CB_ST);
+        const int t0 = kc * L, Lk = min(L, seq - t0);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int e = tid + 256 * i, t = e >> 3, p = (e & 7) * 8;
+            const long long r = t0 + (t < Lk ? t : 0);
+            cp_async16((float*)(Ks + t * CB_ST + p), (const float*)(k + r * ldk + (long long)h * DK + a0 + p), t < Lk);
+            cp_async16((float*)(Vs + t * CB_ST + p), (const float*)(v + r * ldv + (long long)h * DV + c0 + p), t < Lk);
+        }
+        if (tid < 17) cp_async16(sw + 4 * tid, G + ((long long)kc * NH + h) * CG_STRIDE + CG_SW + 4 * tid, true);
+    };
+    for (int s = 0; s < stages - 1; ++s) {
+        if (s < nc) fill(s, s);
+        cp_async_commit();
+    }
+    int rd = 0, wr = stages - 1;
+    for (int kc = 0; kc < nc; ++kc) {
+        const int Lk = min(L, seq - kc * L);
+        if (stages == 3) cp_async_wait<1>();
+        else cp_async_wait<0>();
+        __syncthreads();
+        if (kc + stages - 1 < nc) fill(kc + stages - 1, wr);
+        cp_async_commit();
+        wr = wr + 1 == stages ? 0 : wr + 1;
+        const unsigned char* st = ringb + rd * CB_STAGE;
+        rd = rd + 1 == stages ? 0 : rd + 1;
+        const u16* Ks = (const u16*)st;
+        const u16* Vs = Ks + 64 * CB_ST;
+        const float* sw = (const float*)(Vs + 64 * CB_ST);
+        // the state entering this chunk: bf16 pairs, lanes qd, qd ^ 1 swapping halves so that a
+        // row's 4 lanes write whole 32-byte sectors (as chunk_states_tc)
+        const long long csk = ((long long)kc * NH + h) * DK * DV;
+        const bool odd = qd & 1;
+#pragma unroll
+        for (int jj = 0; jj < 4; jj += 2) {
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+                const u32 w0 = bf16x2_bits(acc[jj][2 * hr], acc[jj][2 * hr + 1]);
+                const u32 w1 = bf16x2_bits(acc[jj + 1][2 * hr], acc[jj + 1][2 * hr + 1]);
+                const u32 got = __shfl_xor_sync(0xffffffffu, odd ? w0 : w1, 1);
+                const int col = cw + 8 * (jj + odd) + 2 * (qd & 2);
+                *(uint2*)(Cs + csk + (long long)(a0 + rm + g + 8 * hr) * DV + c0 + col) = odd ? make_uint2(got, w1) : make_uint2(w0, got);
+            }
+        }
+        if (own_n && qd == 0) {
+            ns[((long long)kc * NH + h) * DK + a0 + rm + g] = n0;
+            ns[((long long)kc * NH + h) * DK + a0 + rm + g + 8] = n1;
+        }
+        const float dec = sw[64];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[j][r] *= dec;
+        float p0 = 0.f, p1 = 0.f;
+        for (int ks = 0; ks < Lk; ks += 16) {  // rows past the chunk's end are zero (keys, values, w)
+            // A = (K ∘ w)ᵀ [a][t]: the keys' tiles transposed; a0/a2 rows a = g, a1/a3 rows g + 8
+            u32 A[4];
+            ldmatrix_x4_trans(A, Ks + (ks + mr + 8 * (mat >> 1)) * CB_ST + rm + 8 * (mat & 1));
+            const float we0 = sw[ks + 2 * qd], wo0 = sw[ks + 2 * qd + 1], we1 = sw[ks + 2 * qd + 8], wo1 = sw[ks + 2 * qd + 9];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float lo = __uint_as_float(A[i] << 16) * (i < 2 ? we0 : we1);
+                const float hi = __uint_as_float(A[i] & 0xffff0000u) * (i < 2 ? wo0 : wo1);
+                if (i & 1) p1 += lo + hi;
+                else p0 += lo + hi;
+                A[i] = bf16x2_bits(lo, hi);
+            }
+#pragma unroll
+            for (int jj = 0; jj < 4; jj += 2) {  // B = V [t][c], n-tiles jj, jj + 1
+                u32 B[4];
+                ldmatrix_x4_trans(B, Vs + (ks + mr + 8 * (mat & 1)) * CB_ST + cw + 8 * (jj + (mat >> 1)));
+                mma_bf16(acc[jj], A, B[0], B[1]);
+                mma_bf16(acc[jj + 1], A, B[2], B[3]);
+            }
+        }
+        if (own_n) {
+            p0 += __shfl_xor_sync(0xffffffffu, p0, 1);
+            p1 += __shfl_xor_sync(0xffffffffu, p1, 1);
+            p0 += __shfl_xor_sync(0xffffffffu, p0, 2);
+            p1 += __shfl_xor_sync(0xffffffffu, p1, 2);
+            n0 = n0 * dec + p0;
+            n1 = n1 * dec + p1;
+        }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const long long e = (long long)(a0 + rm + g) * DV + c0 + cw + 8 * j + 2 * qd;
+        *(float2*)(Ch + e) = make_float2(acc[j][0], acc[j][1]);
+        *(float2*)(Ch + e + 8LL * DV) = make_float2(acc[j][2], acc[j][3]);
+    }
+    if (own_n && qd == 0) {
+        n[(long long)h * DK + a0 + rm + g] = n0;
+        n[(long long)h * DK + a0 + rm + g + 8] = n1;
+    }
+}
+
+// 8 warps over 64 tokens × 128 columns, as chunk_out_tc: warp w owns rows 16·(w % 4) .. +16,
+// columns 32·(w / 4) .. +32 of S (4 accumulators) and 64·(w / 4) .. +64 of H (8). Phase 1 streams
+// DK in tiles of 32 (Q, K rows and the C_prev tile, double-buffered with cp.async); phase 2 reuses
+// that shared memory for S̃ (bf16) and the chunk's V (all 64 tokens at once).
+extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_out_bf16(
+    int NH, int DK, int DV, int seq, int L, const u16* q, int ldq, const u16* k, int ldk,
+    const u16* v, int ldv, const float* G, const u16* Cs, const float* ns, float eps, float* hout) {
+    constexpr int KT = 32, QS = KT + 8, CS = 128 + 8, SS = 64 + 8;  // row strides (bf16 values)
+    constexpr int STAGE = 2 * 64 * QS + KT * CS;
+    __shared__ __align__(16) u16 buf[2 * STAGE];  // phase 2: S̃ [64][SS], V [64][CS] (fits)
+    __shared__ float sb[64], sig[64], smc[64], sdec[64], sqn[64], sden[64], srs[2][64];
+    const int h = blockIdx.z, c0 = blockIdx.x * 128;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
+    const int mat = lane >> 3, mr = lane & 7;
+    const int rm = (warp & 3) * 16, sc = (warp >> 2) * 32, hc = (warp >> 2) * 64;
+    const int kc = blockIdx.y, t0 = kc * L, Lk = min(L, seq - t0);
+    const long long hrow = (long long)NH * DV;
+    const u16* Cp = Cs + ((long long)kc * NH + h) * DK * DV;
+    const float* np = ns + ((long long)kc * NH + h) * DK;
+    const float scale = 1.f / sqrtf((float)DK);
+    if (tid < 64) {
+        const float* gk = G + ((long long)kc * NH + h) * CG_STRIDE;
+        sb[tid] = gk[CG_SB + tid];
+        sig[tid] = gk[CG_SIG + tid];
+        smc[tid] = gk[CG_MC + tid];
+        sdec[tid] = gk[CG_DEC + tid];
+    }
+    float sacc[4][4], hacc[8][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) sacc[j][r] = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) hacc[j][r] = 0.f;
+    float qn = 0.f;  // thread tid < 64: q_t · n_prev for t = tid
+    auto issue = [&](int stage, int a0) {
+        u16* Qs = buf + stage * STAGE;
+        u16* Ks = Qs + 64 * QS;
+        u16* Ct = Ks + 64 * QS;
+        const int t = tid >> 2, p = (tid & 3) * 8;
+        const bool ok = t < Lk;
+        const long long r = t0 + (ok ? t : 0), off = (long long)h * DK + a0 + p;
+        cp_async16((float*)(Qs + t * QS + p), (const float*)(q + r * ldq + off), ok);
+        cp_async16((float*)(Ks + t * QS + p), (const float*)(k + r * ldk + off), ok);
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int e = tid + 256 * i, rr = e >> 4, c = (e & 15) * 8;
+            cp_async16((float*)(Ct + rr * CS + c), (const float*)(Cp + (long long)(a0 + rr) * DV + c0 + c), true);
+        }
+        cp_async_commit();
+    };
+    const int nk = DK / KT;
+    issue(0, 0);
+    for (int kt = 0; kt < nk; ++kt) {
+        if (kt + 1 < nk) issue((kt + 1) & 1, (kt + 1) * KT);
+        else cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();
+        const u16* Qs = buf + (kt & 1) * STAGE;
+        const u16* Ks = Qs + 64 * QS;
+        const u16* Ct = Ks + 64 * QS;
+#pragma unroll
+        for (int ks = 0; ks < KT; ks += 16) {
+            u32 A[4];
+            ldmatrix_x4(A, Qs + (rm + (lane & 15)) * QS + ks + 8 * (lane >> 4));
+#pragma unroll
+            for (int jj = 0; jj < 4; jj += 2) {  // S += Q Kᵀ: B [a][s] = K [s][a] as stored
+                u32 B[4];
+                ldmatrix_x4(B, Ks + (sc + 8 * (jj + (mat >> 1)) + mr) * QS + ks + 8 * (mat & 1));
+                mma_bf16(sacc[jj], A, B[0], B[1]);
+                mma_bf16(sacc[jj + 1], A, B[2], B[3]);
+            }
+#pragma unroll
+            for (int jj = 0; jj < 8; jj += 2) {  // H += Q C_prev: B [a][c], transposed tiles
+                u32 B[4];
+                ldmatrix_x4_trans(B, Ct + (ks + 8 * (mat & 1) + mr) * CS + hc + 8 * (jj + (mat >> 1)));
+                mma_bf16(hacc[jj], A, B[0], B[1]);
+                mma_bf16(hacc[jj + 1], A, B[2], B[3]);
+            }
+        }
+        if (tid < 64) {
+            float s = 0.f;
+#pragma unroll
+            for (int a = 0; a < KT; a += 2) {
+                const u32 w = *(const u32*)(Qs + tid * QS + a);
+                s = fmaf(__uint_as_float(w << 16), np[kt * KT + a], s);
+                s = fmaf(__uint_as_float(w & 0xffff0000u), np[kt * KT + a + 1], s);
+            }
+            qn += s;
+        }
+        __syncthreads();
+    }
+    // Phase 2. S̃ = scale · S ⊙ decay (causal): row sums in f32, the values as bf16 into Ss.
+    u16* Ss = buf;
+    u16* Vs = buf + 64 * SS;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int t = rm + g + 8 * hr;
+        float rs = 0.f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int s = sc + 8 * j + 2 * qd;
+            const float x0 = (s <= t && t < Lk) ? scale * sacc[j][2 * hr] * expf(sb[t] - sb[s] + sig[s] - smc[t]) : 0.f;
+            const float x1 = (s + 1 <= t && t < Lk) ? scale * sacc[j][2 * hr + 1] * expf(sb[t] - sb[s + 1] + sig[s + 1] - smc[t]) : 0.f;
+            rs += x0 + x1;
+            *(u32*)(Ss + t * SS + s) = bf16x2_bits(x0, x1);
+        }
+        rs += __shfl_xor_sync(0xffffffffu, rs, 1);
+        rs += __shfl_xor_sync(0xffffffffu, rs, 2);
+        if (qd == 0) srs[warp >> 2][t] = rs;
+    }
+    if (tid < 64) sqn[tid] = qn;
+    // the chunk's values: 64 rows of 128 bf16 (rows past the chunk's end zero-filled)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int e = tid + 256 * i, r = e >> 4, c = (e & 15) * 8;
+        const bool ok = r < Lk;
+        cp_async16((float*)(Vs + r * CS + c), (const float*)(v + (long long)(t0 + (ok ? r : 0)) * ldv + (long long)h * DV + c0 + c), ok);
+    }
+    cp_async_commit();
+    __syncthreads();  // S̃ and its row sums complete
+    if (tid < 64) {
+        const int t = tid;
+        const float den = sdec[t] * sqn[t] * scale + srs[0][t] + srs[1][t];
+        sden[t] = fmaxf(fabsf(den), expf(-smc[t])) + eps;
+    }
+#pragma unroll
+    for (int r = 0; r < 4; r += 2) {
+        const float d = sdec[rm + g + 4 * r] * scale;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) { hacc[j][r] *= d; hacc[j][r + 1] *= d; }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // V landed; sden published
+#pragma unroll
+    for (int ks = 0; ks < 64; ks += 16) {
+        if (ks > rm + 15 || ks >= Lk) break;  // causal: S̃ is zero there for this warp's rows
+        u32 A[4];
+        ldmatrix_x4(A, Ss + (rm + (lane & 15)) * SS + ks + 8 * (lane >> 4));
+#pragma unroll
+        for (int jj = 0; jj < 8; jj += 2) {  // H += S̃ V: B [s][c], transposed tiles
+            u32 B[4];
+            ldmatrix_x4_trans(B, Vs + (ks + 8 * (mat & 1) + mr) * CS + hc + 8 * (jj + (mat >> 1)));
+            mma_bf16(hacc[jj], A, B[0], B[1]);
+            mma_bf16(hacc[jj + 1], A, B[2], B[3]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; r += 2) {
+        const int t = rm + g + 4 * r;
+        if (t >= Lk) continue;
+        const float den = sden[t];
+        float* o = hout + (long long)(t0 + t) * hrow + (long long)h * DV + c0 + hc + 2 * qd;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) *(float2*)(o + 8 * j) = make_float2(hacc[j][r] / den, hacc[j][r + 1] / den);
+    }
+}

@@ -7,14 +7,14 @@
 //            Launch: grid = rows, block = 256 (any multiple of 32 up to 1024).
 // group_norm: per row r and group g of `group` values: (x − mean)·rsqrt(var + eps)·w[j] (+ bias[j]),
 //            biased variance, two passes over the group (mean, then centred squares), f32 throughout;
-//            optional `gate` (rows `gate_ld` values apart): the result is multiplied by
-//            sigmoid(gate[r, j]) (the mLSTM output gate); optional 16-bit copy `out_h` as for rms_norm
+//            optional `gate` (rows `gate_ld` values apart, dtype `gdt`: f32 or 16-bit): the result is
+//            multiplied by sigmoid(gate[r, j]) (the mLSTM output gate); optional 16-bit copy `out_h` as for rms_norm
 //            (with `out` null, only that copy is written).
 //            Launch: grid = (width / group, rows), block = 256.
 // group_norm_warp (group_norm_warp4 for group ≤ 512: half the registers): the same, one warp per
 //            group held in registers (one read of x and the gate, shuffles only),
-//            for group % 128 == 0 and group ≤ 1024 with x, w, bias, gate, out 16-byte and out_h
-//            8-byte aligned; `groups` = rows · width / group. Launch: grid = ceil(groups / 8), block = 256.
+//            for group % 128 == 0 and group ≤ 1024 with x, w, bias, an f32 gate, out 16-byte and
+//            out_h, a 16-bit gate 8-byte aligned; `groups` = rows · width / group. Launch: grid = ceil(groups / 8), block = 256.
 // rms_gate_dots: an xlstm-large layer's gate pre-activations straight from its un-normalised rows (a
 //            prompt's; decode computes them in its GEMV): with y = x[r]·rsqrt(mean x[r]² + eps)·w,
 //            out_i[r, j] = cap(y·gi[j] + bi[j]) and out_f[r, j] = cap(y·gf[j] + bf[j]) for j < nh ≤ 8
@@ -70,7 +70,7 @@ extern "C" __global__ void rms_norm(const float* x, int width, const float* w, f
 }
 
 extern "C" __global__ void group_norm(const float* x, int width, int group, const float* w, const float* bias, float eps,
-                                      const float* gate, int gate_ld, float* out, u16* out_h, int hdt) {
+                                      const void* gate, int gate_ld, int gdt, float* out, u16* out_h, int hdt) {
     __shared__ float red[32];
     long long base = (long long)blockIdx.y * width + (long long)blockIdx.x * group;
     long long gbase = (long long)blockIdx.y * gate_ld + (long long)blockIdx.x * group;
@@ -84,16 +84,23 @@ extern "C" __global__ void group_norm(const float* x, int width, int group, cons
     float r = rsqrtf(var + eps);
     for (int j = threadIdx.x; j < group; j += blockDim.x) {
         float y = (x[base + j] - mean) * r * w[j0 + j] + (bias ? bias[j0 + j] : 0.f);
-        if (gate) y *= sigmoid_exact(gate[gbase + j]);
+        if (gate) y *= sigmoid_exact(load_w(gate, gbase + j, gdt));
         if (out) out[base + j] = y;
         if (out_h) store_half(out_h, base + j, y, hdt);
     }
 }
 
+// 4 values from i on (16-byte aligned f32, or 8-byte aligned 16-bit values of dtype dt) as f32.
+__device__ __forceinline__ float4 load4(const void* p, long long i, int dt) {
+    if (dt == DT_F32) return *(const float4*)((const float*)p + i);
+    const uint2 u = *(const uint2*)((const u16*)p + i);
+    return make_float4(half_value((u16)(u.x & 0xffffu), dt), half_value((u16)(u.x >> 16), dt), half_value((u16)(u.y & 0xffffu), dt), half_value((u16)(u.y >> 16), dt));
+}
+
 // NV: float4s per lane at most (group ≤ 128·NV); the registers are sized by it.
 template <int NV>
 __device__ __forceinline__ void group_norm_warp_nv(const float* x, int width, int group, const float* w, const float* bias, float eps,
-                                                   const float* gate, int gate_ld, float* out, u16* out_h, int hdt, int groups) {
+                                                   const void* gate, int gate_ld, int gdt, float* out, u16* out_h, int hdt, int groups) {
     const int lane = threadIdx.x & 31;
     const long long gi = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (gi >= groups) return;
@@ -107,7 +114,7 @@ __device__ __forceinline__ void group_norm_warp_nv(const float* x, int width, in
     for (int u = 0; u < NV; ++u) {
         if (u < nv) {
             v[u] = *(const float4*)(x + base + (u * 32 + lane) * 4);
-            if (gate) gv[u] = *(const float4*)(gate + gbase + (u * 32 + lane) * 4);  // issued with x's: more in flight
+            if (gate) gv[u] = load4(gate, gbase + (u * 32 + lane) * 4, gdt);  // issued with x's: more in flight
         }
     }
 #pragma unroll
@@ -141,9 +148,9 @@ __device__ __forceinline__ void group_norm_warp_nv(const float* x, int width, in
     }
 }
 #define GROUP_NORM_WARP_PARAMS                                                                            \
-    const float *x, int width, int group, const float *w, const float *bias, float eps, const float *gate, \
-        int gate_ld, float *out, u16 *out_h, int hdt, int groups
-#define GROUP_NORM_WARP_ARGS x, width, group, w, bias, eps, gate, gate_ld, out, out_h, hdt, groups
+    const float *x, int width, int group, const float *w, const float *bias, float eps, const void *gate, \
+        int gate_ld, int gdt, float *out, u16 *out_h, int hdt, int groups
+#define GROUP_NORM_WARP_ARGS x, width, group, w, bias, eps, gate, gate_ld, gdt, out, out_h, hdt, groups
 extern "C" __global__ void group_norm_warp(GROUP_NORM_WARP_PARAMS) { group_norm_warp_nv<8>(GROUP_NORM_WARP_ARGS); }
 extern "C" __global__ void group_norm_warp4(GROUP_NORM_WARP_PARAMS) { group_norm_warp_nv<4>(GROUP_NORM_WARP_ARGS); }
 

@@ -92,6 +92,9 @@ pub(crate) struct Funcs {
     pub chunk_out_tc: [CUfunction; 2],
     /// The gate terms of every chunk, for the tensor-core chunk kernels.
     pub chunk_gates: CUfunction,
+    /// bf16 tensor-core chunk kernels (a bf16 model's merged prompt path): states, outputs.
+    pub chunk_states_bf16: CUfunction,
+    pub chunk_out_bf16: CUfunction,
     pub headwise: CUfunction,
     pub conv_seq_out: CUfunction,
     pub conv_seq_state: CUfunction,
@@ -198,6 +201,8 @@ pub(crate) const GEMV_SMEM: usize = 96 * 1024;
 /// One stage of the tensor-core chunk-states kernels' shared-memory ring (kernels/mlstm_chunk.cu's
 /// CS_STAGE: 64 × 72 keys, as many values, 68 gate terms; f32).
 pub(crate) const CHUNK_STATE_STAGE: usize = (2 * 64 * 72 + 68) * 4;
+/// The same for the bf16 chunk-states kernel (`CB_STAGE`: keys and values in bf16).
+pub(crate) const CHUNK_BF16_STAGE: usize = 2 * 64 * 72 * 2 + 68 * 4;
 const BLAS_WS: usize = 64 << 20;
 
 impl Dev {
@@ -243,6 +248,8 @@ impl Dev {
                 "mlstm_chunk_out_tc",
                 "mlstm_chunk_out_tc_exact",
                 "mlstm_chunk_gates",
+                "mlstm_chunk_states_bf16",
+                "mlstm_chunk_out_bf16",
             ],
         )?;
         let c = get("conv", &["headwise", "conv_seq_out", "conv_seq_state", "conv_step"])?;
@@ -274,6 +281,8 @@ impl Dev {
             chunk_states_tc: [mc[2], mc[3]],
             chunk_out_tc: [mc[4], mc[5]],
             chunk_gates: mc[6],
+            chunk_states_bf16: mc[7],
+            chunk_out_bf16: mc[8],
             headwise: c[0],
             conv_seq_out: c[1],
             conv_seq_state: c[2],
@@ -282,6 +291,7 @@ impl Dev {
             topk_rows: tk[0],
         };
         let big_smem = f.gemv.iter().map(|&gf| (gf, GEMV_SMEM)).chain(f.chunk_states_tc.iter().map(|&cf| (cf, chunk_stages * CHUNK_STATE_STAGE)));
+        let big_smem = big_smem.chain(std::iter::once((f.chunk_states_bf16, chunk_stages * CHUNK_BF16_STAGE)));
         for (func, bytes) in big_smem {
             // SAFETY: valid function handle; raises the dynamic shared-memory limit.
             unsafe {
@@ -631,11 +641,14 @@ impl KArgs {
 }
 
 /// The chunkwise prefill's kernel choice: tensor cores where the shape allows
-/// (`XLSTM_CUDA_CHUNK_TC=0`: the CUDA-core kernels, for comparisons), and for profiling one of its
-/// two phases alone (`XLSTM_CUDA_CHUNK_ONLY=states|out`: wrong results). Read once, at start.
+/// (`XLSTM_CUDA_CHUNK_TC=0`: the CUDA-core kernels, for comparisons), bf16 products for a bf16
+/// model's merged prompt path (`XLSTM_CUDA_CHUNK_BF16=0`: TF32 ones on f32 operands, for
+/// comparisons), and for profiling one of its two phases alone (`XLSTM_CUDA_CHUNK_ONLY=states|out`:
+/// wrong results). Read once, at start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkKernels {
     pub tensor_cores: bool,
+    pub bf16: bool,
     pub only: Option<ChunkPhase>,
 }
 
@@ -653,6 +666,7 @@ impl ChunkKernels {
             Ok("out") => Some(ChunkPhase::Out),
             _ => None,
         };
-        ChunkKernels { tensor_cores: std::env::var("XLSTM_CUDA_CHUNK_TC").map_or(true, |v| v != "0"), only }
+        let on = |name: &str| std::env::var(name).map_or(true, |v| v != "0");
+        ChunkKernels { tensor_cores: on("XLSTM_CUDA_CHUNK_TC"), bf16: on("XLSTM_CUDA_CHUNK_BF16"), only }
     }
 }

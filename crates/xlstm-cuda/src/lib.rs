@@ -31,7 +31,7 @@ use xlstm_core::bench::Bandwidth;
 use xlstm_core::tensor::{DType, HostData, HostTensor};
 use xlstm_core::{Error, Result};
 
-use device::{drv, Dev, KArgs, CHUNK_STATE_STAGE, GEMV_SMEM};
+use device::{drv, Dev, KArgs, CHUNK_BF16_STAGE, CHUNK_STATE_STAGE, GEMV_SMEM};
 pub use device::{ChunkKernels, ChunkPhase};
 
 /// Checks that a CUDA device can be used here: driver library, driver initialisation and version,
@@ -587,14 +587,15 @@ impl CudaBackend {
         dev.launch(dev.f.rms_norm, (rows as u32, 1, 1), 256, 0, &mut a)
     }
 
-    /// LayerNorm per group of `group` values of each row, optional output gate (pointer, row stride)
-    /// and 16-bit copy (see norm.cu): one warp per group where the group fits a warp's registers,
-    /// else one block.
+    /// LayerNorm per group of `group` values of each row, optional output gate (pointer, row stride,
+    /// dtype) and 16-bit copy (see norm.cu): one warp per group where the group fits a warp's
+    /// registers, else one block.
     #[allow(clippy::too_many_arguments)]
-    fn group_norm_rows(&self, dev: &Dev, x: CUdeviceptr, rows: usize, width: usize, group: usize, w: CUdeviceptr, bias: CUdeviceptr, eps: f32, gate: (CUdeviceptr, usize), out: CUdeviceptr, out_h: CUdeviceptr, hdt: DType) -> Result<()> {
+    fn group_norm_rows(&self, dev: &Dev, x: CUdeviceptr, rows: usize, width: usize, group: usize, w: CUdeviceptr, bias: CUdeviceptr, eps: f32, gate: (CUdeviceptr, usize, DType), out: CUdeviceptr, out_h: CUdeviceptr, hdt: DType) -> Result<()> {
         let mut a = KArgs::new();
-        a.p(x).i(width).i(group).p(w).p(bias).f(eps).p(gate.0).i(gate.1).p(out).p(out_h).i(dt_code(hdt));
-        let aligned = [x, w, bias, gate.0, out].iter().all(|&p| p % 16 == 0) && out_h % 8 == 0 && gate.1 % 4 == 0;
+        a.p(x).i(width).i(group).p(w).p(bias).f(eps).p(gate.0).i(gate.1).i(dt_code(gate.2)).p(out).p(out_h).i(dt_code(hdt));
+        let gate_align = if gate.2 == DType::F32 { 16 } else { 8 };
+        let aligned = [x, w, bias, out].iter().all(|&p| p % 16 == 0) && gate.0 % gate_align == 0 && out_h % 8 == 0 && gate.1 % 4 == 0;
         if group % 128 == 0 && group <= 1024 && aligned {
             let groups = rows * (width / group);
             a.i(groups);
@@ -652,12 +653,15 @@ impl CudaBackend {
 
     /// Chunkwise prefill of `seq` tokens (state batch 1) on gate pre-activations already capped.
     /// `qkv`: q, k, v as (pointer, row stride); strides other than NH·DK, NH·DK, NH·DV only for the
-    /// tensor-core kernels (`chunk_tc`).
+    /// tensor-core kernels (`chunk_tc`); bf16 values with `bf16` (the bf16 kernels: `chunk_bf16`).
     #[allow(clippy::too_many_arguments)]
-    fn mchunk(&self, dev: &Dev, d: MlstmDims, seq: usize, chunk: usize, qkv: [(CUdeviceptr, usize); 3], i: CUdeviceptr, f: CUdeviceptr, s: &MlstmState<CudaBuf>, eps: f32, h: CUdeviceptr) -> Result<()> {
+    fn mchunk(&self, dev: &Dev, d: MlstmDims, seq: usize, chunk: usize, qkv: [(CUdeviceptr, usize); 3], i: CUdeviceptr, f: CUdeviceptr, s: &MlstmState<CudaBuf>, eps: f32, h: CUdeviceptr, bf16: bool) -> Result<()> {
         let [(q, ldq), (k, ldk), (v, ldv)] = qkv;
         let l = chunk.clamp(1, 64);
         let nc = seq.div_ceil(l);
+        if bf16 {
+            return self.mchunk_bf16(dev, d, seq, l, qkv, i, f, s, eps, h);
+        }
         // Tensor cores where the shape and alignment allow (see kernels/mlstm_chunk.cu) and the
         // setting does not keep the CUDA-core kernels.
         let choice = *dev.chunk_kernels.lock().expect("chunk kernels lock");
@@ -695,6 +699,27 @@ impl CudaBackend {
             return Ok(());
         }
         dev.launch(out, out_grid, 256, 0, &mut oa)
+    }
+
+    /// `mchunk` on bf16 q, k, v: every chunk's gate terms, then the bf16 tensor-core kernels.
+    #[allow(clippy::too_many_arguments)]
+    fn mchunk_bf16(&self, dev: &Dev, d: MlstmDims, seq: usize, l: usize, qkv: [(CUdeviceptr, usize); 3], i: CUdeviceptr, f: CUdeviceptr, s: &MlstmState<CudaBuf>, eps: f32, h: CUdeviceptr) -> Result<()> {
+        let [(q, ldq), (k, ldk), (v, ldv)] = qkv;
+        let nc = seq.div_ceil(l);
+        let cs = dev.scratch(|s| &mut s.cs, nc * d.heads * d.dk * d.dv * 2, false)?;
+        let ns = dev.scratch(|s| &mut s.ns, nc * d.heads * d.dk * 4, false)?;
+        let gates = dev.scratch(|s| &mut s.gates, nc * d.heads * CHUNK_GATE_STRIDE * 4, false)?;
+        let mut a = KArgs::new();
+        a.i(d.heads).i(seq).i(l).p(i).p(f).p(s.m.ptr).p(gates);
+        dev.launch(dev.f.chunk_gates, (d.heads as u32, 1, 1), 1024, 0, &mut a)?;
+        let stages = *dev.chunk_stages.lock().expect("chunk stages lock");
+        let mut a = KArgs::new();
+        a.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).i(ldk).p(v).i(ldv).p(gates).p(s.c.ptr).p(s.n.ptr).p(cs).p(ns).i(stages);
+        let (heads, dk, dv) = (d.heads as u32, d.dk as u32, d.dv as u32);
+        dev.launch(dev.f.chunk_states_bf16, (dv / 64, dk / 64, heads), 256, (stages * CHUNK_BF16_STAGE) as u32, &mut a)?;
+        let mut a = KArgs::new();
+        a.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(q).i(ldq).p(k).i(ldk).p(v).i(ldv).p(gates).p(cs).p(ns).f(eps).p(h);
+        dev.launch(dev.f.chunk_out_bf16, (dv / 128, nc as u32, heads), 256, 0, &mut a)
     }
 
     /// The chunk length when `norm_mlstm_add` can run as the merged prompt path: a chunkwise prefill
@@ -769,6 +794,13 @@ impl CudaBackend {
         let choice = *dev.chunk_kernels.lock().expect("chunk kernels lock");
         let aligned = ptrs.iter().all(|&p| p % 16 == 0) && lds.iter().all(|&l| l % 4 == 0);
         dev.cc.0 >= 8 && d.dk % 64 == 0 && d.dv % 128 == 0 && aligned && choice.tensor_cores
+    }
+
+    /// Whether the bf16 chunk kernels take these bf16 q, k, v (16-byte aligned rows: strides of
+    /// 8 values) and f32 h, and the setting does not keep the TF32 ones.
+    fn chunk_bf16(dev: &Dev, d: MlstmDims, ptrs: [CUdeviceptr; 4], lds: [usize; 3]) -> bool {
+        let choice = *dev.chunk_kernels.lock().expect("chunk kernels lock");
+        Self::chunk_tc(dev, d, ptrs, lds) && lds.iter().all(|&l| l % 8 == 0) && choice.bf16
     }
 
     /// The operands of a merged `norm_mlstm_add` (`batch` sequences: 1 for a prompt).
@@ -1091,7 +1123,7 @@ impl Backend for CudaBackend {
             if rows == 0 {
                 return Ok(());
             }
-            self.group_norm_rows(dev, xp, rows, width, group, wp, bp, eps, (0, width), op, 0, DType::BF16)
+            self.group_norm_rows(dev, xp, rows, width, group, wp, bp, eps, (0, width, DType::F32), op, 0, DType::BF16)
         })
     }
 
@@ -1251,7 +1283,7 @@ impl Backend for CudaBackend {
                 Ok(())
             } else {
                 let (qk, vw) = (d.heads * d.dk, d.heads * d.dv);
-                self.mchunk(dev, d, seq, chunk, [(q.ptr, qk), (k.ptr, qk), (v.ptr, vw)], i.ptr, f.ptr, s, eps, hp)
+                self.mchunk(dev, d, seq, chunk, [(q.ptr, qk), (k.ptr, qk), (v.ptr, vw)], i.ptr, f.ptr, s, eps, hp, false)
             }
         })
     }
@@ -1419,7 +1451,7 @@ impl Backend for CudaBackend {
                 DType::F32 => 0,
                 dt => dev.half_scratch(rows * width, Some((hnp, rows * width, dt)))?,
             };
-            self.group_norm_rows(dev, hp, rows, width, d.dv, nwp, 0, norm_eps, (op, width), hnp, hh, hdt)
+            self.group_norm_rows(dev, hp, rows, width, d.dv, nwp, 0, norm_eps, (op, width, DType::F32), hnp, hh, hdt)
         })
     }
 
@@ -1451,16 +1483,25 @@ impl Backend for CudaBackend {
             a.p(xp).i(rows).i(width).p(w.norm.ptr).f(w.eps).p(ig.ptr).p(fg.ptr).i(d.heads).p(w.ibias.ptr).p(w.fbias.ptr).f(w.gate_cap).p(ip).p(fp).p(xh).i(dt_code(dt));
             let warps = if width % 512 == 0 { 32 } else { 16 }; // width / warps: whole 16-column steps
             dev.launch(dev.f.rms_gate_dots, (rows.div_ceil(16) as u32, 1, 1), 32 * warps, 0, &mut a)?;
+            // q, k, v, o in bf16 for a bf16 model whose shape the bf16 chunk kernels take, else f32
             let wide = dev.scratch(|s| &mut s.wide, rows * total * 4, false)?;
-            self.gemm_view(dev, rows, MatView { ptr: q.ptr, rows: total, cols: width, dtype: dt }, 0, Some(xh), wide, 0.0, false)?;
-            let col = |n: usize| (wide + 4 * n as u64, total);
+            let at = |bytes: usize, n: usize| (wide + (bytes * n) as u64, total);
+            let bf16 = dt == DType::BF16 && {
+                let c = |n: usize| at(2, n).0;
+                Self::chunk_bf16(dev, d, [c(0), c(q.rows), c(q.rows + k.rows), hp], [total; 3])
+            };
+            let bytes = if bf16 { 2 } else { 4 };
+            let col = |n: usize| at(bytes, n);
+            self.gemm_view(dev, rows, MatView { ptr: q.ptr, rows: total, cols: width, dtype: dt }, 0, Some(xh), wide, 0.0, bf16)?;
             let qkv = [col(0), col(q.rows), col(q.rows + k.rows)];
             if !Self::chunk_tc(dev, d, [qkv[0].0, qkv[1].0, qkv[2].0, hp], [total; 3]) {
                 return Err(Error::Device("cuda norm_mlstm_add: the tensor-core chunk kernels cannot take these operands".into()));
             }
-            self.mchunk(dev, d, rows, chunk, qkv, ip, fp, st, w.cell_eps, hp)?;
+            self.mchunk(dev, d, rows, chunk, qkv, ip, fp, st, w.cell_eps, hp, bf16)?;
             let hh = dev.half_scratch(rows * vw, None)?;
-            self.group_norm_rows(dev, hp, rows, vw, d.dv, w.head_norm.ptr, 0, w.eps, col(q.rows + k.rows + v.rows), 0, hh, dt)?;
+            let (o, ldo) = col(q.rows + k.rows + v.rows);
+            let gate = (o, ldo, if bf16 { DType::BF16 } else { DType::F32 });
+            self.group_norm_rows(dev, hp, rows, vw, d.dv, w.head_norm.ptr, 0, w.eps, gate, 0, hh, dt)?;
             self.gemm(dev, rows, w.out_proj, 0, Some(hh), xp, 1.0)
         })
     }
