@@ -86,6 +86,10 @@ __device__ __forceinline__ float block_max(float v, float* red) {
     return warp_max(t);
 }
 __device__ __forceinline__ float sigmoid_exact(float x) { return 1.f / (1.f + expf(-x)); }
+// σ(x) through the fast exponential and division (relative error ~1e-6, against 2^-9 for the bf16
+// rounding that follows): for results written in 16 bits only, where expf's and the IEEE
+// division's instructions would bound a streaming kernel.
+__device__ __forceinline__ float sigmoid_fast(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
 __device__ __forceinline__ float log_sigmoid(float x) { return fminf(x, 0.f) - log1pf(expf(-fabsf(x))); }
 
 // Programmatic dependent launch (Hopper): a kernel launched with the programmatic-serialization
@@ -196,7 +200,8 @@ __device__ __forceinline__ void mma_bf16(float* d, const u32 (&a)[4], u32 b0, u3
 }
 
 // Activations, numbered as in the Rust enum `Activation`: 0 GELU (exact), 1 SiLU, 2 ReLU,
-// 3 ReLU², 4 sigmoid, 5 SELU.
+// 3 ReLU², 4 sigmoid, 5 SELU. act_apply16: the same for a result written in 16 bits only (SiLU
+// and sigmoid through sigmoid_fast).
 __device__ __forceinline__ float act_apply(int act, float x) {
     switch (act) {
         case 0: return 0.5f * x * erfcf(-x * 0.70710678118654752f);
@@ -206,6 +211,11 @@ __device__ __forceinline__ float act_apply(int act, float x) {
         case 4: return 1.f / (1.f + expf(-x));
         default: return 1.0507009873554805f * (x > 0.f ? x : 1.6732632423543772f * (expf(x) - 1.f));
     }
+}
+__device__ __forceinline__ float act_apply16(int act, float x) {
+    if (act == 1) return x * sigmoid_fast(x);
+    if (act == 4) return sigmoid_fast(x);
+    return act_apply(act, x);
 }
 
 // Timing trace, compiled in only when the host defines XLSTM_TRACE (XLSTM_CUDA_TRACE=1): thread 0 of

@@ -124,11 +124,13 @@ extern "C" __global__ void gated_act_split(int act, const void* t, int tdt, int 
     }
     const uint4 g4 = *(const uint4*)((const u16*)t + ti), u4 = *(const uint4*)((const u16*)t + ti + F);
     const u32 g[4] = {g4.x, g4.y, g4.z, g4.w}, u[4] = {u4.x, u4.y, u4.z, u4.w};
+    // only a 16-bit result: the fast activation (the exact one's instructions bound this kernel)
+    auto actf = [&](float x) { return out ? act_apply(act, x) : act_apply16(act, x); };
     float y[8];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        y[2 * i] = act_apply(act, half_value((u16)(g[i] & 0xffffu), tdt)) * half_value((u16)(u[i] & 0xffffu), tdt);
-        y[2 * i + 1] = act_apply(act, half_value((u16)(g[i] >> 16), tdt)) * half_value((u16)(u[i] >> 16), tdt);
+        y[2 * i] = actf(half_value((u16)(g[i] & 0xffffu), tdt)) * half_value((u16)(u[i] & 0xffffu), tdt);
+        y[2 * i + 1] = actf(half_value((u16)(g[i] >> 16), tdt)) * half_value((u16)(u[i] >> 16), tdt);
     }
     if (out) {
         *(float4*)(out + oi) = make_float4(y[0], y[1], y[2], y[3]);

@@ -935,7 +935,12 @@ extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_states_bf16(
 // columns 32·(w / 4) .. +32 of S (4 accumulators) and 64·(w / 4) .. +64 of H (8). Phase 1 streams
 // DK in tiles of 32 (Q, K rows and the C_prev tile, double-buffered with cp.async); phase 2 reuses
 // that shared memory for S̃ (bf16) and the chunk's V (all 64 tokens at once).
-extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_out_bf16(
+// Blocks per SM the registers are bounded for: 3 (80 registers, a few bytes spilled) took 67–69 µs
+// per layer at 2,048 rows against 71–73 for 2 (126 registers; H200, ncu).
+#ifndef CHUNK_OUT_BF16_BLOCKS
+#define CHUNK_OUT_BF16_BLOCKS 3
+#endif
+extern "C" __global__ void __launch_bounds__(256, CHUNK_OUT_BF16_BLOCKS) mlstm_chunk_out_bf16(
     int NH, int DK, int DV, int seq, int L, const u16* q, int ldq, const u16* k, int ldk,
     const u16* v, int ldv, const float* G, const u16* Cs, const float* ns, float eps, float* hout) {
     constexpr int KT = 32, QS = KT + 8, CS = 128 + 8, SS = 64 + 8;  // row strides (bf16 values)

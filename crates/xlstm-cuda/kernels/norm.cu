@@ -140,7 +140,8 @@ __device__ __forceinline__ void group_norm_warp_nv(const float* x, int width, in
                           (v[u].z - mean) * r * wv.z + bv.z, (v[u].w - mean) * r * wv.w + bv.w};
             if (gate) {
                 const float4 g = gv[u];
-                y[0] *= sigmoid_exact(g.x); y[1] *= sigmoid_exact(g.y); y[2] *= sigmoid_exact(g.z); y[3] *= sigmoid_exact(g.w);
+                if (out) { y[0] *= sigmoid_exact(g.x); y[1] *= sigmoid_exact(g.y); y[2] *= sigmoid_exact(g.z); y[3] *= sigmoid_exact(g.w); }
+                else { y[0] *= sigmoid_fast(g.x); y[1] *= sigmoid_fast(g.y); y[2] *= sigmoid_fast(g.z); y[3] *= sigmoid_fast(g.w); }  // 16 bits only
             }
             if (out) *(float4*)(out + base + j) = make_float4(y[0], y[1], y[2], y[3]);
             if (out_h) *(uint2*)(out_h + base + j) = half4_bits(y[0], y[1], y[2], y[3], hdt);

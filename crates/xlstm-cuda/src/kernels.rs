@@ -69,6 +69,10 @@ fn options(arch: &str) -> Vec<String> {
     if trace_enabled() {
         o.push("-DXLSTM_TRACE".into());
     }
+    // kernel experiments: macro definitions for the sources' tuning knobs (e.g. -DCHUNK_OUT_BF16_BLOCKS=3)
+    if let Ok(defs) = std::env::var("XLSTM_CUDA_DEFINES") {
+        o.extend(defs.split_whitespace().filter(|d| d.starts_with("-D")).map(String::from));
+    }
     o
 }
 
