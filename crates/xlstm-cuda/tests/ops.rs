@@ -340,9 +340,10 @@ fn mlstm_prefill_chunkwise_and_sequence() {
     // The first two shapes take the CUDA-core chunk kernels, the last three (DK % 64, DV % 128) the
     // tensor-core ones (DV 384: six column blocks, not a power of two): exact (split TF32) for f32 models, within 1e-4 like the others; TF32 for
     // 16-bit models, within 1e-2: two chained products of 10-bit-mantissa operands (most of them
-    // read as the f32 bits, i.e. rounded toward zero: unit roundoff 2^-10; f32 accumulation) under
-    // the exponential gates; fresh random cases measured up to 5.3e-3 relative when all were
-    // rounded to nearest, and passed six fresh runs in a row with the truncation. The tensor-core
+    // read as the f32 bits, i.e. rounded toward zero: unit roundoff 2^-10; f32 accumulation; the
+    // states entering the chunks handed on as bf16, 2^-9) under the exponential gates; fresh
+    // random cases measured up to 5.3e-3 relative when all were rounded to nearest, and passed six
+    // fresh runs in a row with the truncation, and every run since with the bf16 states. The tensor-core
     // chunk-states kernel also runs with a 2-stage ring (what devices with less shared memory
     // per block take) for the 4×128×256 shape.
     let most = g.set_chunk_states_stages(3);
@@ -571,11 +572,12 @@ fn fused_compositions_match_primitive_ops() {
 }
 
 /// The merged mLSTM prompt path (`norm_mlstm_add`) at a width that takes the gate kernel's 32-warp
-/// launch, with 8 heads (every gate lane of its products in use) and with 2 heads of the 7B's head
-/// shape (DV 512: four column blocks of the chunk-output kernel per head),
-/// against the CPU's primitive ops: 300 rows (a last block of 12) with bf16 and f16 weights (as a
-/// model of them runs: TF32 chunk products), f32 gate rows; and a batched step of 16 sequences with
-/// either (the merged decode step: q, k, v, o read from one product's output, hn written in 16 bits).
+/// launch, with 8 heads (every gate lane of its products in use) and with 2 heads as wide as the
+/// 7B's (DV 512: four column blocks of the chunk-output kernel per head), against the CPU's
+/// primitive ops: 300 rows (a last block of 12) with bf16 weights (as a model of them runs: q, k,
+/// v, o in bf16, the bf16 chunk kernels) and f16 weights (TF32 chunk products), f32 gate rows; and
+/// a batched step of 16 sequences with either (the merged decode step: q, k, v, o read from one
+/// product's output, hn written in 16 bits).
 #[test]
 fn norm_mlstm_add_eight_heads() {
     let Some((g, _l)) = gpu("norm_mlstm_add_wide") else { return };
