@@ -475,17 +475,29 @@ __device__ __forceinline__ void cp_async_wait() {
 // 32·(w / 4) .. +32, i.e. four m16n8 accumulators. The chunks' keys, values and gate terms stream
 // through a ring of `stages` (2 or 3) shared-memory stages filled by cp.async, stages − 1 chunks
 // ahead of the one multiplied: a chunk's products are short, so the loop waits on loads, and a
-// deeper ring (not more blocks: two fill every SM) hides them. Dynamic shared memory:
-// stages · CS_STAGE floats (3 stages where a block may have 111 KB, as on sm_80 and sm_90). The key
-// weights w_t multiply the keys as their fragments are read; the normaliser's sums Σ_t w_t k_t come
-// from the same fragments (warps 0–3 cover the tile's 64 rows).
-#define CS_ST 72                         // row stride (floats): fragment reads hit 32 banks
+// deeper ring (not more blocks: two fill every SM) hides them. Dynamic shared memory: stages
+// stages of CS_STAGE floats (f32 operands; 3 stages where a block may have 111 KB, as on sm_80 and
+// sm_90) or CB_STAGE bytes (bf16 operands). The key weights w_t multiply the keys as their
+// fragments are read; the normaliser's sums Σ_t w_t k_t come from the same fragments (warps 0–3
+// cover the tile's 64 rows). Operands (OPS): CS_TF32 plain TF32 on f32 keys and values, CS_EXACT
+// split TF32, CS_BF16 bf16 keys and values (mma.m16n8k16 on ldmatrix'd tiles; the weighted keys
+// rounded back to bf16). Cs is f32 for CS_EXACT, else bf16.
+#define CS_ST 72                         // f32 row stride (floats): fragment reads hit 32 banks
 #define CS_STAGE (2 * 64 * CS_ST + 68)  // keys [t][a], values [t][c], w_t and 4 gate terms
-template <bool EXACT>
-__device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
-    extern __shared__ __align__(16) float ring[];
+#define CB_ST 72                          // bf16 row stride (values): ldmatrix's 8 row addresses
+#define CB_STAGE (2 * 64 * CB_ST * 2 + 68 * 4)  // fall in distinct 16-byte bank groups; bytes
+#define CS_TF32 0
+#define CS_EXACT 1
+#define CS_BF16 2
+template <int OPS>
+__device__ __forceinline__ void chunk_states_body(int NH, int DK, int DV, int seq, int L, const void* k, int ldk, const void* v, int ldv,
+                                                  const float* G, float* C, float* n, void* Cs, float* ns, int stages) {
+    constexpr bool EXACT = OPS == CS_EXACT;
+    constexpr int STAGE_BYTES = OPS == CS_BF16 ? CB_STAGE : CS_STAGE * 4;
+    extern __shared__ __align__(16) unsigned char ring[];
     const int h = blockIdx.z, a0 = blockIdx.y * 64, c0 = blockIdx.x * 64;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
+    const int mat = lane >> 3, mr = lane & 7;  // (bf16) the ldmatrix tile and row this lane addresses
     const int rm = (warp & 3) * 16, cw = (warp >> 2) * 32;
     const int nc = (seq + L - 1) / L;
     float* Ch = C + (long long)h * DK * DV;
@@ -500,16 +512,32 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
     const bool own_n = blockIdx.x == 0 && warp < 4;
     float n0 = own_n ? n[(long long)h * DK + a0 + rm + g] : 0.f, n1 = own_n ? n[(long long)h * DK + a0 + rm + g + 8] : 0.f;
     auto fill = [&](int kc, int stage) {  // chunk kc into a stage; rows past the chunk's end zero-filled
-        float* st = ring + stage * CS_STAGE;
+        unsigned char* st = ring + stage * STAGE_BYTES;
         const int t0 = kc * L, Lk = min(L, seq - t0);
+        float* sw;
+        if constexpr (OPS == CS_BF16) {
+            u16* Ks = (u16*)st;
+            u16* Vs = Ks + 64 * CB_ST;
+            sw = (float*)(Vs + 64 * CB_ST);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int e = tid + 256 * i, t = e >> 4, p = (e & 15) * 4;
-            const long long r = t0 + (t < Lk ? t : 0);
-            cp_async16(st + t * CS_ST + p, k + r * ldk + (long long)h * DK + a0 + p, t < Lk);
-            cp_async16(st + 64 * CS_ST + t * CS_ST + p, v + r * ldv + (long long)h * DV + c0 + p, t < Lk);
+            for (int i = 0; i < 2; ++i) {
+                const int e = tid + 256 * i, t = e >> 3, p = (e & 7) * 8;
+                const long long r = t0 + (t < Lk ? t : 0);
+                cp_async16((float*)(Ks + t * CB_ST + p), (const float*)((const u16*)k + r * ldk + (long long)h * DK + a0 + p), t < Lk);
+                cp_async16((float*)(Vs + t * CB_ST + p), (const float*)((const u16*)v + r * ldv + (long long)h * DV + c0 + p), t < Lk);
+            }
+        } else {
+            float* Ks = (float*)st;
+            sw = Ks + 128 * CS_ST;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int e = tid + 256 * i, t = e >> 4, p = (e & 15) * 4;
+                const long long r = t0 + (t < Lk ? t : 0);
+                cp_async16(Ks + t * CS_ST + p, (const float*)k + r * ldk + (long long)h * DK + a0 + p, t < Lk);
+                cp_async16(Ks + 64 * CS_ST + t * CS_ST + p, (const float*)v + r * ldv + (long long)h * DV + c0 + p, t < Lk);
+            }
         }
-        if (tid < 17) cp_async16(st + 128 * CS_ST + 4 * tid, G + ((long long)kc * NH + h) * CG_STRIDE + CG_SW + 4 * tid, true);
+        if (tid < 17) cp_async16(sw + 4 * tid, G + ((long long)kc * NH + h) * CG_STRIDE + CG_SW + 4 * tid, true);
     };
     for (int s = 0; s < stages - 1; ++s) {
         if (s < nc) fill(s, s);
@@ -524,23 +552,21 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
         if (kc + stages - 1 < nc) fill(kc + stages - 1, wr);
         cp_async_commit();
         wr = wr + 1 == stages ? 0 : wr + 1;
-        const float* st = ring + rd * CS_STAGE;
+        const unsigned char* st = ring + rd * STAGE_BYTES;
         rd = rd + 1 == stages ? 0 : rd + 1;
-        const float* ks_ = st;
-        const float* vs = st + 64 * CS_ST;
-        const float* sw = st + 128 * CS_ST;
+        const float* sw = OPS == CS_BF16 ? (const float*)(st + 2 * 64 * CB_ST * 2) : (const float*)st + 128 * CS_ST;
+        // the state entering this chunk
         const long long csk = ((long long)kc * NH + h) * DK * DV;
         if constexpr (EXACT) {
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const long long e = csk + (long long)(a0 + rm + g) * DV + c0 + cw + 8 * j + 2 * qd;
-                *(float2*)(Cs + e) = make_float2(acc[j][0], acc[j][1]);
-                *(float2*)(Cs + e + 8LL * DV) = make_float2(acc[j][2], acc[j][3]);
+                *(float2*)((float*)Cs + e) = make_float2(acc[j][0], acc[j][1]);
+                *(float2*)((float*)Cs + e + 8LL * DV) = make_float2(acc[j][2], acc[j][3]);
             }
         } else {
             // bf16 pairs; lanes qd, qd ^ 1 swap halves so that each writes 4 adjacent values and a
             // row's 4 lanes fill whole 32-byte sectors (a pair per lane would write half sectors)
-            u16* Cs16 = (u16*)Cs;
             const bool odd = qd & 1;
 #pragma unroll
             for (int jj = 0; jj < 4; jj += 2) {
@@ -551,7 +577,7 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
                     const u32 got = __shfl_xor_sync(0xffffffffu, odd ? w0 : w1, 1);
                     const int j = jj + odd, col = cw + 8 * j + 2 * (qd & 2);
                     const long long e = csk + (long long)(a0 + rm + g + 8 * hr) * DV + c0 + col;
-                    *(uint2*)(Cs16 + e) = odd ? make_uint2(got, w1) : make_uint2(w0, got);
+                    *(uint2*)((u16*)Cs + e) = odd ? make_uint2(got, w1) : make_uint2(w0, got);
                 }
             }
         }
@@ -565,18 +591,46 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc[j][r] *= dec;
         float p0 = 0.f, p1 = 0.f;
-        for (int ks = 0; ks < Lk; ks += 8) {
-            const float* k0 = ks_ + (ks + qd) * CS_ST + rm + g;
-            const float w0 = sw[ks + qd], w1 = sw[ks + qd + 4];
-            const float ka[4] = {k0[0] * w0, k0[8] * w0, k0[4 * CS_ST] * w1, k0[4 * CS_ST + 8] * w1};
-            p0 += ka[0] + ka[2];
-            p1 += ka[1] + ka[3];
-            const Tf<4> A = frag<EXACT>(ka);
+        if constexpr (OPS == CS_BF16) {
+            const u16* Ks = (const u16*)st;
+            const u16* Vs = Ks + 64 * CB_ST;
+            for (int ks = 0; ks < Lk; ks += 16) {  // rows past the chunk's end are zero (keys, values, w)
+                // A = (K ∘ w)ᵀ [a][t]: the keys' tiles transposed; A[0], A[2] row a = g, A[1], A[3] g + 8
+                u32 A[4];
+                ldmatrix_x4_trans(A, Ks + (ks + mr + 8 * (mat >> 1)) * CB_ST + rm + 8 * (mat & 1));
+                const float we0 = sw[ks + 2 * qd], wo0 = sw[ks + 2 * qd + 1], we1 = sw[ks + 2 * qd + 8], wo1 = sw[ks + 2 * qd + 9];
 #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const float* v0 = vs + (ks + qd) * CS_ST + cw + 8 * j + g;
-                const float vb[2] = {v0[0], v0[4 * CS_ST]};
-                mma_f32<EXACT>(acc[j], A, frag<EXACT>(vb));
+                for (int i = 0; i < 4; ++i) {
+                    const float lo = __uint_as_float(A[i] << 16) * (i < 2 ? we0 : we1);
+                    const float hi = __uint_as_float(A[i] & 0xffff0000u) * (i < 2 ? wo0 : wo1);
+                    if (i & 1) p1 += lo + hi;
+                    else p0 += lo + hi;
+                    A[i] = bf16x2_bits(lo, hi);
+                }
+#pragma unroll
+                for (int jj = 0; jj < 4; jj += 2) {  // B = V [t][c], n-tiles jj, jj + 1
+                    u32 B[4];
+                    ldmatrix_x4_trans(B, Vs + (ks + mr + 8 * (mat & 1)) * CB_ST + cw + 8 * (jj + (mat >> 1)));
+                    mma_bf16(acc[jj], A, B[0], B[1]);
+                    mma_bf16(acc[jj + 1], A, B[2], B[3]);
+                }
+            }
+        } else {
+            const float* Ks = (const float*)st;
+            const float* Vs = Ks + 64 * CS_ST;
+            for (int ks = 0; ks < Lk; ks += 8) {
+                const float* k0 = Ks + (ks + qd) * CS_ST + rm + g;
+                const float w0 = sw[ks + qd], w1 = sw[ks + qd + 4];
+                const float ka[4] = {k0[0] * w0, k0[8] * w0, k0[4 * CS_ST] * w1, k0[4 * CS_ST + 8] * w1};
+                p0 += ka[0] + ka[2];
+                p1 += ka[1] + ka[3];
+                const Tf<4> A = frag<EXACT>(ka);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const float* v0 = Vs + (ks + qd) * CS_ST + cw + 8 * j + g;
+                    const float vb[2] = {v0[0], v0[4 * CS_ST]};
+                    mma_f32<EXACT>(acc[j], A, frag<EXACT>(vb));
+                }
             }
         }
         if (own_n) {  // n' = decay·n + Σ_t w_t k_t: the four lanes of a row (qd) hold its partial sums
@@ -602,10 +656,25 @@ __device__ __forceinline__ void chunk_states_tc(CHUNK_STATES_PARAMS) {
 }
 
 extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_states_tc(CHUNK_STATES_PARAMS) {
-    chunk_states_tc<false>(CHUNK_STATES_ARGS);
+    chunk_states_body<CS_TF32>(CHUNK_STATES_ARGS);
 }
 extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_states_tc_exact(CHUNK_STATES_PARAMS) {
-    chunk_states_tc<true>(CHUNK_STATES_ARGS);
+    chunk_states_body<CS_EXACT>(CHUNK_STATES_ARGS);
+}
+
+// The chunk's gate terms at gk (mlstm_chunk_gates) entry t into the output kernels' shared arrays.
+__device__ __forceinline__ void chunk_out_gate_terms(const float* gk, int t, float* sb, float* sig, float* smc, float* sdec) {
+    sb[t] = gk[CG_SB + t];
+    sig[t] = gk[CG_SIG + t];
+    smc[t] = gk[CG_MC + t];
+    sdec[t] = gk[CG_DEC + t];
+}
+template <int M, int N>
+__device__ __forceinline__ void zero_acc(float (&a)[M][N]) {
+#pragma unroll
+    for (int i = 0; i < M; ++i)
+#pragma unroll
+        for (int j = 0; j < N; ++j) a[i][j] = 0.f;
 }
 
 #define CHUNK_OUT_PARAMS                                                                             \
@@ -637,22 +706,11 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
     const long long cp0 = ((long long)kc * NH + h) * DK * DV;  // C_prev's first value
     const float* np = ns + ((long long)kc * NH + h) * DK;
     const float scale = 1.f / sqrtf((float)DK);
-    if (tid < 64) {  // the chunk's gate terms (mlstm_chunk_gates); the first barrier below publishes them
-        const float* gk = G + ((long long)kc * NH + h) * CG_STRIDE;
-        sb[tid] = gk[CG_SB + tid];
-        sig[tid] = gk[CG_SIG + tid];
-        smc[tid] = gk[CG_MC + tid];
-        sdec[tid] = gk[CG_DEC + tid];
-    }
+    // the chunk's gate terms (mlstm_chunk_gates); the first barrier below publishes them
+    if (tid < 64) chunk_out_gate_terms(G + ((long long)kc * NH + h) * CG_STRIDE, tid, sb, sig, smc, sdec);
     float sacc[4][4], hacc[8][4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) sacc[j][r] = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) hacc[j][r] = 0.f;
+    zero_acc(sacc);
+    zero_acc(hacc);
     float qn = 0.f;  // thread tid < 64: q_t · n_prev for t = tid
     auto issue = [&](int stage, int a0) {
         float* Qs = buf + stage * STAGE;
@@ -806,129 +864,10 @@ extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_out_tc_exact(CHUNK
 // Grids, blocks and the gate terms as the TF32 kernels; needs DK % 64 == 0, DV % 128 == 0, rows
 // and column offsets of q, k, v 16-byte aligned.
 
-// Chunk-states stage: keys [t][a] and values [t][c] (64 × 64 bf16, rows CB_ST values apart:
-// ldmatrix's 8 row addresses fall in distinct 16-byte bank groups), then w_t and the 4 gate terms.
-#define CB_ST 72
-#define CB_STAGE (2 * 64 * CB_ST * 2 + 68 * 4)  // bytes
-
 extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_states_bf16(
     int NH, int DK, int DV, int seq, int L, const u16* k, int ldk, const u16* v, int ldv,
     const float* G, float* C, float* n, u16* Cs, float* ns, int stages) {
-    extern __shared__ __align__(16) unsigned char ringb[];
-    const int h = blockIdx.z, a0 = blockIdx.y * 64, c0 = blockIdx.x * 64;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
-    const int rm = (warp & 3) * 16, cw = (warp >> 2) * 32;
-    const int mat = lane >> 3, mr = lane & 7;  // the ldmatrix tile and row this lane addresses
-    const int nc = (seq + L - 1) / L;
-    float* Ch = C + (long long)h * DK * DV;
-    float acc[4][4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const long long e = (long long)(a0 + rm + g) * DV + c0 + cw + 8 * j + 2 * qd;
-        float2 x = *(const float2*)(Ch + e), y = *(const float2*)(Ch + e + 8LL * DV);
-        acc[j][0] = x.x; acc[j][1] = x.y; acc[j][2] = y.x; acc[j][3] = y.y;
-    }
-    const bool own_n = blockIdx.x == 0 && warp < 4;
-    float n0 = own_n ? n[(long long)h * DK + a0 + rm + g] : 0.f, n1 = own_n ? n[(long long)h * DK + a0 + rm + g + 8] : 0.f;
-    auto fill = [&](int kc, int stage) {
-        unsigned char* st = ringb + stage * CB_STAGE;
-        u16* Ks = (u16*)st;
-        u16* Vs = Ks + 64 * CB_ST;
-        float* sw = (float*)(Vs + 64 * CB_ST);
-        const int t0 = kc * L, Lk = min(L, seq - t0);
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const int e = tid + 256 * i, t = e >> 3, p = (e & 7) * 8;
-            const long long r = t0 + (t < Lk ? t : 0);
-            cp_async16((float*)(Ks + t * CB_ST + p), (const float*)(k + r * ldk + (long long)h * DK + a0 + p), t < Lk);
-            cp_async16((float*)(Vs + t * CB_ST + p), (const float*)(v + r * ldv + (long long)h * DV + c0 + p), t < Lk);
-        }
-        if (tid < 17) cp_async16(sw + 4 * tid, G + ((long long)kc * NH + h) * CG_STRIDE + CG_SW + 4 * tid, true);
-    };
-    for (int s = 0; s < stages - 1; ++s) {
-        if (s < nc) fill(s, s);
-        cp_async_commit();
-    }
-    int rd = 0, wr = stages - 1;
-    for (int kc = 0; kc < nc; ++kc) {
-        const int Lk = min(L, seq - kc * L);
-        if (stages == 3) cp_async_wait<1>();
-        else cp_async_wait<0>();
-        __syncthreads();
-        if (kc + stages - 1 < nc) fill(kc + stages - 1, wr);
-        cp_async_commit();
-        wr = wr + 1 == stages ? 0 : wr + 1;
-        const unsigned char* st = ringb + rd * CB_STAGE;
-        rd = rd + 1 == stages ? 0 : rd + 1;
-        const u16* Ks = (const u16*)st;
-        const u16* Vs = Ks + 64 * CB_ST;
-        const float* sw = (const float*)(Vs + 64 * CB_ST);
-        // the state entering this chunk: bf16 pairs, lanes qd, qd ^ 1 swapping halves so that a
-        // row's 4 lanes write whole 32-byte sectors (as chunk_states_tc)
-        const long long csk = ((long long)kc * NH + h) * DK * DV;
-        const bool odd = qd & 1;
-#pragma unroll
-        for (int jj = 0; jj < 4; jj += 2) {
-#pragma unroll
-            for (int hr = 0; hr < 2; ++hr) {
-                const u32 w0 = bf16x2_bits(acc[jj][2 * hr], acc[jj][2 * hr + 1]);
-                const u32 w1 = bf16x2_bits(acc[jj + 1][2 * hr], acc[jj + 1][2 * hr + 1]);
-                const u32 got = __shfl_xor_sync(0xffffffffu, odd ? w0 : w1, 1);
-                const int col = cw + 8 * (jj + odd) + 2 * (qd & 2);
-                *(uint2*)(Cs + csk + (long long)(a0 + rm + g + 8 * hr) * DV + c0 + col) = odd ? make_uint2(got, w1) : make_uint2(w0, got);
-            }
-        }
-        if (own_n && qd == 0) {
-            ns[((long long)kc * NH + h) * DK + a0 + rm + g] = n0;
-            ns[((long long)kc * NH + h) * DK + a0 + rm + g + 8] = n1;
-        }
-        const float dec = sw[64];
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int r = 0; r < 4; ++r) acc[j][r] *= dec;
-        float p0 = 0.f, p1 = 0.f;
-        for (int ks = 0; ks < Lk; ks += 16) {  // rows past the chunk's end are zero (keys, values, w)
-            // A = (K ∘ w)ᵀ [a][t]: the keys' tiles transposed; a0/a2 rows a = g, a1/a3 rows g + 8
-            u32 A[4];
-            ldmatrix_x4_trans(A, Ks + (ks + mr + 8 * (mat >> 1)) * CB_ST + rm + 8 * (mat & 1));
-            const float we0 = sw[ks + 2 * qd], wo0 = sw[ks + 2 * qd + 1], we1 = sw[ks + 2 * qd + 8], wo1 = sw[ks + 2 * qd + 9];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const float lo = __uint_as_float(A[i] << 16) * (i < 2 ? we0 : we1);
-                const float hi = __uint_as_float(A[i] & 0xffff0000u) * (i < 2 ? wo0 : wo1);
-                if (i & 1) p1 += lo + hi;
-                else p0 += lo + hi;
-                A[i] = bf16x2_bits(lo, hi);
-            }
-#pragma unroll
-            for (int jj = 0; jj < 4; jj += 2) {  // B = V [t][c], n-tiles jj, jj + 1
-                u32 B[4];
-                ldmatrix_x4_trans(B, Vs + (ks + mr + 8 * (mat & 1)) * CB_ST + cw + 8 * (jj + (mat >> 1)));
-                mma_bf16(acc[jj], A, B[0], B[1]);
-                mma_bf16(acc[jj + 1], A, B[2], B[3]);
-            }
-        }
-        if (own_n) {
-            p0 += __shfl_xor_sync(0xffffffffu, p0, 1);
-            p1 += __shfl_xor_sync(0xffffffffu, p1, 1);
-            p0 += __shfl_xor_sync(0xffffffffu, p0, 2);
-            p1 += __shfl_xor_sync(0xffffffffu, p1, 2);
-            n0 = n0 * dec + p0;
-            n1 = n1 * dec + p1;
-        }
-    }
-    cp_async_wait<0>();
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const long long e = (long long)(a0 + rm + g) * DV + c0 + cw + 8 * j + 2 * qd;
-        *(float2*)(Ch + e) = make_float2(acc[j][0], acc[j][1]);
-        *(float2*)(Ch + e + 8LL * DV) = make_float2(acc[j][2], acc[j][3]);
-    }
-    if (own_n && qd == 0) {
-        n[(long long)h * DK + a0 + rm + g] = n0;
-        n[(long long)h * DK + a0 + rm + g + 8] = n1;
-    }
+    chunk_states_body<CS_BF16>(NH, DK, DV, seq, L, k, ldk, v, ldv, G, C, n, Cs, ns, stages);
 }
 
 // 8 warps over 64 tokens × 128 columns, as chunk_out_tc: warp w owns rows 16·(w % 4) .. +16,
@@ -956,22 +895,11 @@ extern "C" __global__ void __launch_bounds__(256, CHUNK_OUT_BF16_BLOCKS) mlstm_c
     const u16* Cp = Cs + ((long long)kc * NH + h) * DK * DV;
     const float* np = ns + ((long long)kc * NH + h) * DK;
     const float scale = 1.f / sqrtf((float)DK);
-    if (tid < 64) {
-        const float* gk = G + ((long long)kc * NH + h) * CG_STRIDE;
-        sb[tid] = gk[CG_SB + tid];
-        sig[tid] = gk[CG_SIG + tid];
-        smc[tid] = gk[CG_MC + tid];
-        sdec[tid] = gk[CG_DEC + tid];
-    }
+    // the chunk's gate terms (mlstm_chunk_gates); the first barrier below publishes them
+    if (tid < 64) chunk_out_gate_terms(G + ((long long)kc * NH + h) * CG_STRIDE, tid, sb, sig, smc, sdec);
     float sacc[4][4], hacc[8][4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) sacc[j][r] = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) hacc[j][r] = 0.f;
+    zero_acc(sacc);
+    zero_acc(hacc);
     float qn = 0.f;  // thread tid < 64: q_t · n_prev for t = tid
     auto issue = [&](int stage, int a0) {
         u16* Qs = buf + stage * STAGE;
