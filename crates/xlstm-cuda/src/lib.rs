@@ -659,9 +659,6 @@ impl CudaBackend {
         let [(q, ldq), (k, ldk), (v, ldv)] = qkv;
         let l = chunk.clamp(1, 64);
         let nc = seq.div_ceil(l);
-        if bf16 {
-            return self.mchunk_bf16(dev, d, seq, l, qkv, i, f, s, eps, h);
-        }
         // Tensor cores where the shape and alignment allow (see kernels/mlstm_chunk.cu) and the
         // setting does not keep the CUDA-core kernels.
         let choice = *dev.chunk_kernels.lock().expect("chunk kernels lock");
@@ -669,8 +666,11 @@ impl CudaBackend {
         if !tc && (ldq, ldk, ldv) != (d.heads * d.dk, d.heads * d.dk, d.heads * d.dv) {
             return Err(Error::Device("cuda mlstm prefill: strided q, k, v need the tensor-core chunk kernels".into()));
         }
-        let exact = (*dev.weight_dtype.lock().expect("dtype lock") == DType::F32) as usize;
-        // the states entering the chunks: bf16 between the plain tensor-core kernels, else f32
+        if bf16 && !tc {
+            return Err(Error::Device("cuda mlstm prefill: bf16 q, k, v need the tensor-core chunk kernels".into()));
+        }
+        let exact = (*dev.weight_dtype.lock().expect("dtype lock") == DType::F32 && !bf16) as usize;
+        // the states entering the chunks: bf16 between the plain or bf16 tensor-core kernels, else f32
         let cs_bytes = if tc && exact == 0 { 2 } else { 4 };
         let cs = dev.scratch(|s| &mut s.cs, nc * d.heads * d.dk * d.dv * cs_bytes, false)?;
         let ns = dev.scratch(|s| &mut s.ns, nc * d.heads * d.dk * 4, false)?;
@@ -685,7 +685,12 @@ impl CudaBackend {
             dev.launch(dev.f.chunk_gates, (d.heads as u32, 1, 1), 1024, 0, &mut a)?;
             sa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).i(ldk).p(v).i(ldv).p(gates).p(s.c.ptr).p(s.n.ptr).p(cs).p(ns).i(stages);
             oa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(q).i(ldq).p(k).i(ldk).p(v).i(ldv).p(gates).p(cs).p(ns).f(eps).p(h);
-            (dev.f.chunk_states_tc[exact], (stages * CHUNK_STATE_STAGE) as u32, dev.f.chunk_out_tc[exact], (d.dv.div_ceil(128) as u32, nc as u32, d.heads as u32))
+            let out_grid = (d.dv.div_ceil(128) as u32, nc as u32, d.heads as u32);
+            if bf16 {
+                (dev.f.chunk_states_bf16, (stages * CHUNK_BF16_STAGE) as u32, dev.f.chunk_out_bf16, out_grid)
+            } else {
+                (dev.f.chunk_states_tc[exact], (stages * CHUNK_STATE_STAGE) as u32, dev.f.chunk_out_tc[exact], out_grid)
+            }
         } else {
             let ms = dev.scratch(|s| &mut s.ms, (nc + 1) * d.heads * 4, false)?;
             sa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).p(v).p(i).p(f).p(s.c.ptr).p(s.n.ptr).p(s.m.ptr).p(cs).p(ns).p(ms);
@@ -699,27 +704,6 @@ impl CudaBackend {
             return Ok(());
         }
         dev.launch(out, out_grid, 256, 0, &mut oa)
-    }
-
-    /// `mchunk` on bf16 q, k, v: every chunk's gate terms, then the bf16 tensor-core kernels.
-    #[allow(clippy::too_many_arguments)]
-    fn mchunk_bf16(&self, dev: &Dev, d: MlstmDims, seq: usize, l: usize, qkv: [(CUdeviceptr, usize); 3], i: CUdeviceptr, f: CUdeviceptr, s: &MlstmState<CudaBuf>, eps: f32, h: CUdeviceptr) -> Result<()> {
-        let [(q, ldq), (k, ldk), (v, ldv)] = qkv;
-        let nc = seq.div_ceil(l);
-        let cs = dev.scratch(|s| &mut s.cs, nc * d.heads * d.dk * d.dv * 2, false)?;
-        let ns = dev.scratch(|s| &mut s.ns, nc * d.heads * d.dk * 4, false)?;
-        let gates = dev.scratch(|s| &mut s.gates, nc * d.heads * CHUNK_GATE_STRIDE * 4, false)?;
-        let mut a = KArgs::new();
-        a.i(d.heads).i(seq).i(l).p(i).p(f).p(s.m.ptr).p(gates);
-        dev.launch(dev.f.chunk_gates, (d.heads as u32, 1, 1), 1024, 0, &mut a)?;
-        let stages = *dev.chunk_stages.lock().expect("chunk stages lock");
-        let mut a = KArgs::new();
-        a.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).i(ldk).p(v).i(ldv).p(gates).p(s.c.ptr).p(s.n.ptr).p(cs).p(ns).i(stages);
-        let (heads, dk, dv) = (d.heads as u32, d.dk as u32, d.dv as u32);
-        dev.launch(dev.f.chunk_states_bf16, (dv / 64, dk / 64, heads), 256, (stages * CHUNK_BF16_STAGE) as u32, &mut a)?;
-        let mut a = KArgs::new();
-        a.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(q).i(ldq).p(k).i(ldk).p(v).i(ldv).p(gates).p(cs).p(ns).f(eps).p(h);
-        dev.launch(dev.f.chunk_out_bf16, (dv / 128, nc as u32, heads), 256, 0, &mut a)
     }
 
     /// The chunk length when `norm_mlstm_add` can run as the merged prompt path: a chunkwise prefill
