@@ -4,7 +4,7 @@
 // mlstm_kernels: intra-chunk tiles, inter-chunk state recurrence). Math: shared/NOTES.md §2; layouts
 // as in mlstm.cu. Chunk length L ≤ 64; the last chunk may be shorter (the math holds for any split).
 //
-// Two implementations, chosen on the host:
+// Three implementations, chosen on the host:
 // - CUDA cores, f32 (any shape, any GPU): mlstm_chunk_states, mlstm_chunk_out, each deriving the
 //   gate terms it needs itself.
 // - Tensor cores, TF32 mma.sync (sm_80+, DK % 64 == 0, DV % 128 == 0, 16-byte aligned rows):
@@ -17,13 +17,15 @@
 //   in that product: half the bytes the two kernels store and load. Their q, k, v rows lie ldq,
 //   ldk, ldv values apart (column blocks of one merged product's output, or NH·DK, NH·DV); h rows
 //   NH·DV. The carried state (C, n, m) stays f32 throughout.
+// - Tensor cores, bf16 mma.sync (a bf16 model's merged prompt path; the same shapes):
+//   mlstm_chunk_gates, then mlstm_chunk_states_bf16, mlstm_chunk_out_bf16 on bf16 q, k, v (see
+//   the section at the end).
 //
 // mlstm_chunk_states*: grid = (DV/64, DK/64, NH), block = 256. Runs the chunks in order for a 64×64
-//   tile of C (registers), saving the state entering each chunk (Cs [nc, NH, DK, DV]: f32, bf16 in the plain
-//   tensor-core kernel; ns [nc, NH, DK];
-//   the CUDA-core kernel also ms [nc + 1, NH], the last row being the final m) and writing the final
-//   C, n to the state.
-// mlstm_chunk_out (CUDA cores): grid = (ceil(DV/64), nc, NH); mlstm_chunk_out_tc*: grid = (DV/128,
+//   tile of C (registers), saving the state entering each chunk (Cs [nc, NH, DK, DV]: f32, bf16 in
+//   the plain and bf16 tensor-core kernels; ns [nc, NH, DK]; the CUDA-core kernel also
+//   ms [nc + 1, NH], the last row being the final m) and writing the final C, n to the state.
+// mlstm_chunk_out (CUDA cores): grid = (ceil(DV/64), nc, NH); mlstm_chunk_out_{tc*,bf16}: grid = (DV/128,
 //   nc, NH); block = 256. For one chunk and a block of DV columns: S = Q Kᵀ and Q C_prev over DK, the
 //   decay matrix and stabiliser, then H = decay·Q C_prev + S̃ V, divided by the denominator. In the
 //   CUDA-core kernel blocks (0, 0, h) copy the final m (mlstm_chunk_gates writes it for the others).
@@ -475,7 +477,7 @@ __device__ __forceinline__ void cp_async_wait() {
 // 32·(w / 4) .. +32, i.e. four m16n8 accumulators. The chunks' keys, values and gate terms stream
 // through a ring of `stages` (2 or 3) shared-memory stages filled by cp.async, stages − 1 chunks
 // ahead of the one multiplied: a chunk's products are short, so the loop waits on loads, and a
-// deeper ring (not more blocks: two fill every SM) hides them. Dynamic shared memory: stages
+// deeper ring (not more blocks: two fill every SM) hides them. Dynamic shared memory: `stages`
 // stages of CS_STAGE floats (f32 operands; 3 stages where a block may have 111 KB, as on sm_80 and
 // sm_90) or CB_STAGE bytes (bf16 operands). The key weights w_t multiply the keys as their
 // fragments are read; the normaliser's sums Σ_t w_t k_t come from the same fragments (warps 0–3

@@ -7,14 +7,15 @@
 //            Launch: grid = rows, block = 256 (any multiple of 32 up to 1024).
 // group_norm: per row r and group g of `group` values: (x − mean)·rsqrt(var + eps)·w[j] (+ bias[j]),
 //            biased variance, two passes over the group (mean, then centred squares), f32 throughout;
-//            optional `gate` (rows `gate_ld` values apart, dtype `gdt`: f32 or 16-bit): the result is
-//            multiplied by sigmoid(gate[r, j]) (the mLSTM output gate); optional 16-bit copy `out_h` as for rms_norm
-//            (with `out` null, only that copy is written).
+//            optional `gate` (rows `gate_ld` values apart, dtype `gdt`: f32 or 16-bit): the result
+//            is multiplied by sigmoid(gate[r, j]) (the mLSTM output gate); optional 16-bit copy
+//            `out_h` as for rms_norm (with `out` null, only that copy is written).
 //            Launch: grid = (width / group, rows), block = 256.
 // group_norm_warp (group_norm_warp4 for group ≤ 512: half the registers): the same, one warp per
-//            group held in registers (one read of x and the gate, shuffles only),
-//            for group % 128 == 0 and group ≤ 1024 with x, w, bias, an f32 gate, out 16-byte and
-//            out_h, a 16-bit gate 8-byte aligned; `groups` = rows · width / group. Launch: grid = ceil(groups / 8), block = 256.
+//            group held in registers (one read of x and the gate, shuffles only; σ through
+//            sigmoid_fast when only the 16-bit copy is written), for group % 128 == 0 and
+//            group ≤ 1024 with x, w, bias, an f32 gate, out 16-byte and out_h, a 16-bit gate 8-byte
+//            aligned; `groups` = rows · width / group. Launch: grid = ceil(groups / 8), block = 256.
 // rms_gate_dots: an xlstm-large layer's gate pre-activations straight from its un-normalised rows (a
 //            prompt's; decode computes them in its GEMV): with y = x[r]·rsqrt(mean x[r]² + eps)·w,
 //            out_i[r, j] = cap(y·gi[j] + bi[j]) and out_f[r, j] = cap(y·gf[j] + bf[j]) for j < nh ≤ 8
