@@ -244,14 +244,28 @@ extern "C" __global__ void __launch_bounds__(1024) rms_gate_dots(const float* x,
         }
     }
     // The normalised rows' 16-bit copy (the operand of the q, k, v, o product): the block's rows
-    // again, from L2 where the first pass left them.
+    // again, from L2 where the first pass left them, 4 loads in flight per thread (one at a time it
+    // was a chain of dependent L2 round trips: 28 → 26 µs at 2,048 rows; 8 spill).
     if (!out_h) return;
-    const int n4 = width >> 2, nrow = min(16, rows - r0);
-    for (int e = threadIdx.x; e < nrow * n4; e += blockDim.x) {
-        const int r = e / n4, i = e - r * n4;
-        const long long base = (long long)(r0 + r) * width;
-        const float4 a = ((const float4*)(x + base))[i], c = ((const float4*)w)[i];
-        const float k = rs[r];
-        ((uint2*)(out_h + base))[i] = half4_bits(a.x * k * c.x, a.y * k * c.y, a.z * k * c.z, a.w * k * c.w, hdt);
+    constexpr int PASS2 = 4;
+    const int n4 = width >> 2, tot = min(16, rows - r0) * n4;
+    const float4* x4 = (const float4*)(x + (long long)r0 * width);
+    uint2* o4 = (uint2*)(out_h + (long long)r0 * width);
+    for (int e0 = threadIdx.x; e0 < tot; e0 += PASS2 * blockDim.x) {
+        float4 a[PASS2];
+#pragma unroll
+        for (int u = 0; u < PASS2; ++u) {
+            const int e = e0 + u * blockDim.x;
+            if (e < tot) a[u] = x4[e];
+        }
+#pragma unroll
+        for (int u = 0; u < PASS2; ++u) {
+            const int e = e0 + u * blockDim.x;
+            if (e < tot) {
+                const float k = rs[e / n4];
+                const float4 c = ((const float4*)w)[e % n4];  // (L1)
+                o4[e] = half4_bits(a[u].x * k * c.x, a[u].y * k * c.y, a[u].z * k * c.z, a[u].w * k * c.w, hdt);
+            }
+        }
     }
 }

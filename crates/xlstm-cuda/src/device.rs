@@ -181,6 +181,9 @@ pub(crate) struct Dev {
     pub chunk_kernels: Mutex<ChunkKernels>,
     /// Per-op (calls, seconds) by op code while op timing is on (`CudaBackend::set_op_timing`).
     pub op_times: Mutex<Option<std::collections::BTreeMap<u64, (u64, f64)>>>,
+    /// mLSTM states written by programmatic-dependent launches since the last ordinary launch: such
+    /// a kernel may still be running when a later kernel of the chain starts (`state_settled`).
+    pdl_state_writes: Mutex<Vec<CUdeviceptr>>,
     /// Bytes of every live allocation made through `alloc` (`Backend::allocated_bytes`).
     live: Mutex<std::collections::HashMap<CUdeviceptr, usize>>,
     /// The timing trace's buffer when kernels were built with it (`XLSTM_CUDA_TRACE=1`).
@@ -348,6 +351,7 @@ impl Dev {
             half_tag: Mutex::new(HalfTag::default()),
             chunk_kernels: Mutex::new(ChunkKernels::from_env()),
             op_times: Mutex::new(None),
+            pdl_state_writes: Mutex::new(Vec::new()),
             live: Mutex::new(std::collections::HashMap::new()),
             trace,
             _modules: modules,
@@ -421,6 +425,7 @@ impl Dev {
     /// Launches `f` on the stream with 8-byte argument slots (`KArgs`).
     pub fn launch(&self, f: CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, args: &mut KArgs) -> Result<()> {
         let mut params = args.params();
+        self.pdl_state_writes.lock().unwrap_or_else(|e| e.into_inner()).clear();
         // SAFETY: the argument slots match the kernel's parameter list (each kernel's caller builds
         // them in order); pointers are live device allocations.
         unsafe { dres::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, &mut params) }.map_err(|e| drv("launch", e))
@@ -440,8 +445,21 @@ impl Dev {
         self.launch_ex(f, grid, block, smem, &mut params, pdl)
     }
 
+    /// Whether the state at `c` is complete before the next launch starts: no programmatic-dependent
+    /// launch since the last ordinary one (which waits for everything before it) wrote it. Then a
+    /// kernel may read it before waiting for its predecessor.
+    pub fn state_settled(&self, c: CUdeviceptr) -> bool {
+        !self.pdl_state_writes.lock().unwrap_or_else(|e| e.into_inner()).contains(&c)
+    }
+
+    /// Records that the launch just queued writes the state at `c` (see `state_settled`).
+    pub fn note_state_write(&self, c: CUdeviceptr) {
+        self.pdl_state_writes.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+    }
+
     fn launch_ex(&self, f: CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, params: &mut [*mut c_void], pdl: bool) -> Result<()> {
         if !(pdl && self.pdl) {
+            self.pdl_state_writes.lock().unwrap_or_else(|e| e.into_inner()).clear();
             // SAFETY: as in `launch`.
             return unsafe { dres::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, params) }.map_err(|e| drv("launch", e));
         }

@@ -641,14 +641,20 @@ impl CudaBackend {
         a.i(d.heads).i(d.dk).i(d.dv).p(p[0]).p(p[1]).p(p[2]).p(p[3]).p(p[4]).p(ib).p(fb).f(cap);
         a.p(s.0).p(s.1).p(s.2).f(eps).p(h).p(o).p(hnw).f(neps).p(hn).p(counters);
         a.i(layout.ld[0]).i(layout.ld[1]).i(layout.ld[2]).i(layout.ld[3]).i(dt_code(layout.hn));
+        // The state is read before waiting for the previous kernel when no launch it may overlap
+        // wrote it (a decode step's; not the next token of a prompt's token-by-token loop).
+        let early = pdl && dev.state_settled(s.0);
+        a.i(early as usize);
         // Wide tiles (64 columns, 256 threads) once there are enough units to fill the GPU twice over;
         // narrow ones (32 columns, 512 threads) give more blocks to small batches.
         let smem = (3 * d.dk * 4) as u32;
         if d.dv % 2 == 0 && units * d.dv.div_ceil(64) >= 2 * dev.sms as usize {
-            dev.launch_pdl(dev.f.mlstm_step_wide, (d.dv.div_ceil(64) as u32, units as u32, 1), 256, smem, &mut a, pdl)
+            dev.launch_pdl(dev.f.mlstm_step_wide, (d.dv.div_ceil(64) as u32, units as u32, 1), 256, smem, &mut a, pdl)?;
         } else {
-            dev.launch_pdl(dev.f.mlstm_step, (d.dv.div_ceil(32) as u32, units as u32, 1), 512, smem, &mut a, pdl)
+            dev.launch_pdl(dev.f.mlstm_step, (d.dv.div_ceil(32) as u32, units as u32, 1), 512, smem, &mut a, pdl)?;
         }
+        dev.note_state_write(s.0);
+        Ok(())
     }
 
     /// Chunkwise prefill of `seq` tokens (state batch 1) on gate pre-activations already capped.
