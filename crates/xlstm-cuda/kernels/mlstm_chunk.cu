@@ -699,7 +699,8 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
     constexpr int STAGE = 2 * 64 * QS + (EXACT ? KT * CS : KT * CSH / 2);
     constexpr int BUF = 2 * STAGE > 64 * SS + 32 * CS ? 2 * STAGE : 64 * SS + 32 * CS;
     __shared__ __align__(16) float buf[BUF];
-    __shared__ float sb[64], sig[64], smc[64], sdec[64], sqn[64], sden[64];
+    __shared__ __align__(16) float sn[2][KT];  // n_prev's values of the stage's DK tile
+    __shared__ float sb[64], sig[64], smc[64], sdec[64], sqn[64], sden[64], srs[2][64];
     const int h = blockIdx.z, c0 = blockIdx.x * 128;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
     const int rm = (warp & 3) * 16, sc = (warp >> 2) * 32, hc = (warp >> 2) * 64;
@@ -713,7 +714,7 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
     float sacc[4][4], hacc[8][4];
     zero_acc(sacc);
     zero_acc(hacc);
-    float qn = 0.f;  // thread tid < 64: q_t · n_prev for t = tid
+    float qn = 0.f;  // q_t · n_prev, a quarter of each DK tile per thread (as mlstm_chunk_out_bf16)
     auto issue = [&](int stage, int a0) {
         float* Qs = buf + stage * STAGE;
         float* Ks = Qs + 64 * QS;
@@ -733,6 +734,7 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
             const int r = tid >> 4, c = (tid & 15) * 8;
             cp_async16((float*)((u16*)Ct + r * CSH + c), (const float*)((const u16*)Cs + cp0 + (long long)(a0 + r) * DV + c0 + c), true);
         }
+        if (tid < KT / 4) cp_async16(sn[stage] + 4 * tid, np + a0 + 4 * tid, true);
         cp_async_commit();
     };
     const int nk = DK / KT;
@@ -773,33 +775,41 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
                 mma_f32<EXACT>(hacc[2 * p + 1], A, frag<EXACT>(co));
             }
         }
-        if (tid < 64) {
-            float s = 0.f;
-#pragma unroll
-            for (int a = 0; a < KT; ++a) s = fmaf(Qs[tid * QS + a], np[kt * KT + a], s);
-            qn += s;
+        {
+            const float4 w = *(const float4*)(Qs + (tid >> 2) * QS + (tid & 3) * 4);
+            const float* nv = sn[kt & 1] + (tid & 3) * 4;
+            qn = fmaf(w.x, nv[0], fmaf(w.y, nv[1], fmaf(w.z, nv[2], fmaf(w.w, nv[3], qn))));
         }
         __syncthreads();
     }
-    // Phase 2. S̃ = scale · S ⊙ decay (causal) into shared memory.
+    qn += __shfl_xor_sync(0xffffffffu, qn, 1);
+    qn += __shfl_xor_sync(0xffffffffu, qn, 2);
+    // Phase 2. S̃ = scale · S ⊙ decay (causal) into shared memory, its row sums from the fragments.
     float* Ss = buf;
     float* Vs = buf + 64 * SS;
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int hr = 0; hr < 2; ++hr) {
+        const int t = rm + g + 8 * hr;
+        float rs = 0.f;
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            const int t = rm + g + 8 * (r >> 1), s = sc + 8 * j + 2 * qd + (r & 1);
-            float val = 0.f;
-            if (s <= t && t < Lk) val = scale * sacc[j][r] * expf(sb[t] - sb[s] + sig[s] - smc[t]);
-            Ss[t * SS + s] = val;
-        }
-    if (tid < 64) sqn[tid] = qn;
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int s = sc + 8 * j + 2 * qd + e;
+                float val = 0.f;
+                if (s <= t && t < Lk) val = scale * sacc[j][2 * hr + e] * expf(sb[t] - sb[s] + sig[s] - smc[t]);
+                Ss[t * SS + s] = val;
+                rs += val;
+            }
+        rs += __shfl_xor_sync(0xffffffffu, rs, 1);
+        rs += __shfl_xor_sync(0xffffffffu, rs, 2);
+        if (qd == 0) srs[warp >> 2][t] = rs;
+    }
+    if ((tid & 3) == 0) sqn[tid >> 2] = qn;
     __syncthreads();
     if (tid < 64) {
         const int t = tid;
-        float rs = 0.f;
-        for (int s = 0; s < 64; ++s) rs += Ss[t * SS + s];
-        const float den = sdec[t] * sqn[t] * scale + rs;
+        const float den = sdec[t] * sqn[t] * scale + srs[0][t] + srs[1][t];
         sden[t] = fmaxf(fabsf(den), expf(-smc[t])) + eps;
     }
 #pragma unroll
@@ -848,7 +858,9 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_out_tc(CHUNK_OUT_PARAMS) {
+// (bounded for 3 blocks per SM, as it had without the bound before q · n_prev was spread over the
+// warps: 80 registers, against 94 unbounded)
+extern "C" __global__ void __launch_bounds__(256, 3) mlstm_chunk_out_tc(CHUNK_OUT_PARAMS) {
     chunk_out_tc<false>(CHUNK_OUT_ARGS);
 }
 extern "C" __global__ void __launch_bounds__(256) mlstm_chunk_out_tc_exact(CHUNK_OUT_PARAMS) {
@@ -887,6 +899,7 @@ extern "C" __global__ void __launch_bounds__(256, CHUNK_OUT_BF16_BLOCKS) mlstm_c
     constexpr int KT = 32, QS = KT + 8, CS = 128 + 8, SS = 64 + 8;  // row strides (bf16 values)
     constexpr int STAGE = 2 * 64 * QS + KT * CS;
     __shared__ __align__(16) u16 buf[2 * STAGE];  // phase 2: S̃ [64][SS], V [64][CS] (fits)
+    __shared__ __align__(16) float sn[2][KT];     // n_prev's values of the stage's DK tile
     __shared__ float sb[64], sig[64], smc[64], sdec[64], sqn[64], sden[64], srs[2][64];
     const int h = blockIdx.z, c0 = blockIdx.x * 128;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, qd = lane & 3;
@@ -902,7 +915,10 @@ extern "C" __global__ void __launch_bounds__(256, CHUNK_OUT_BF16_BLOCKS) mlstm_c
     float sacc[4][4], hacc[8][4];
     zero_acc(sacc);
     zero_acc(hacc);
-    float qn = 0.f;  // thread tid < 64: q_t · n_prev for t = tid
+    // q_t · n_prev: thread tid takes token tid / 4 and a quarter (8 values) of each DK tile, so
+    // that every warp does the same work between the barriers (two warps doing all of it, with
+    // n_prev read from global memory, held the others at the barrier: 20% of the kernel's time)
+    float qn = 0.f;
     auto issue = [&](int stage, int a0) {
         u16* Qs = buf + stage * STAGE;
         u16* Ks = Qs + 64 * QS;
@@ -917,6 +933,7 @@ extern "C" __global__ void __launch_bounds__(256, CHUNK_OUT_BF16_BLOCKS) mlstm_c
             const int e = tid + 256 * i, rr = e >> 4, c = (e & 15) * 8;
             cp_async16((float*)(Ct + rr * CS + c), (const float*)(Cp + (long long)(a0 + rr) * DV + c0 + c), true);
         }
+        if (tid < KT / 4) cp_async16(sn[stage] + 4 * tid, np + a0 + 4 * tid, true);
         cp_async_commit();
     };
     const int nk = DK / KT;
@@ -948,18 +965,21 @@ extern "C" __global__ void __launch_bounds__(256, CHUNK_OUT_BF16_BLOCKS) mlstm_c
                 mma_bf16(hacc[jj + 1], A, B[2], B[3]);
             }
         }
-        if (tid < 64) {
-            float s = 0.f;
+        {
+            const int a = (tid & 3) * 8;
+            const uint4 w = *(const uint4*)(Qs + (tid >> 2) * QS + a);
+            const float* nv = sn[kt & 1] + a;
+            const u32 ws[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-            for (int a = 0; a < KT; a += 2) {
-                const u32 w = *(const u32*)(Qs + tid * QS + a);
-                s = fmaf(__uint_as_float(w << 16), np[kt * KT + a], s);
-                s = fmaf(__uint_as_float(w & 0xffff0000u), np[kt * KT + a + 1], s);
+            for (int i = 0; i < 4; ++i) {
+                qn = fmaf(__uint_as_float(ws[i] << 16), nv[2 * i], qn);
+                qn = fmaf(__uint_as_float(ws[i] & 0xffff0000u), nv[2 * i + 1], qn);
             }
-            qn += s;
         }
         __syncthreads();
     }
+    qn += __shfl_xor_sync(0xffffffffu, qn, 1);
+    qn += __shfl_xor_sync(0xffffffffu, qn, 2);
     // Phase 2. S̃ = scale · S ⊙ decay (causal): row sums in f32, the values as bf16 into Ss.
     u16* Ss = buf;
     u16* Vs = buf + 64 * SS;
@@ -979,7 +999,7 @@ extern "C" __global__ void __launch_bounds__(256, CHUNK_OUT_BF16_BLOCKS) mlstm_c
         rs += __shfl_xor_sync(0xffffffffu, rs, 2);
         if (qd == 0) srs[warp >> 2][t] = rs;
     }
-    if (tid < 64) sqn[tid] = qn;
+    if ((tid & 3) == 0) sqn[tid >> 2] = qn;
     // the chunk's values: 64 rows of 128 bf16 (rows past the chunk's end zero-filled)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
