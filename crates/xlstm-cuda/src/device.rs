@@ -181,8 +181,9 @@ pub(crate) struct Dev {
     pub chunk_kernels: Mutex<ChunkKernels>,
     /// Per-op (calls, seconds) by op code while op timing is on (`CudaBackend::set_op_timing`).
     pub op_times: Mutex<Option<std::collections::BTreeMap<u64, (u64, f64)>>>,
-    /// mLSTM states written by programmatic-dependent launches since the last ordinary launch: such
-    /// a kernel may still be running when a later kernel of the chain starts (`state_settled`).
+    /// mLSTM states written since the last ordinary launch, by it or by the programmatic-dependent
+    /// launches after it: any of them may still be running when the next kernel of the chain starts
+    /// (`state_settled`). An ordinary launch waits for everything before it.
     pdl_state_writes: Mutex<Vec<CUdeviceptr>>,
     /// Bytes of every live allocation made through `alloc` (`Backend::allocated_bytes`).
     live: Mutex<std::collections::HashMap<CUdeviceptr, usize>>,
@@ -445,14 +446,15 @@ impl Dev {
         self.launch_ex(f, grid, block, smem, &mut params, pdl)
     }
 
-    /// Whether the state at `c` is complete before the next launch starts: no programmatic-dependent
-    /// launch since the last ordinary one (which waits for everything before it) wrote it. Then a
-    /// kernel may read it before waiting for its predecessor.
+    /// Whether the state at `c` is complete before the next launch starts: neither the last ordinary
+    /// launch (which waits for everything before it) nor a programmatic-dependent launch after it
+    /// wrote it. Then a kernel may read it before waiting for its predecessor.
     pub fn state_settled(&self, c: CUdeviceptr) -> bool {
         !self.pdl_state_writes.lock().unwrap_or_else(|e| e.into_inner()).contains(&c)
     }
 
-    /// Records that the launch just queued writes the state at `c` (see `state_settled`).
+    /// Records that the launch just queued (ordinary or programmatic) writes the state at `c` (see
+    /// `state_settled`).
     pub fn note_state_write(&self, c: CUdeviceptr) {
         self.pdl_state_writes.lock().unwrap_or_else(|e| e.into_inner()).push(c);
     }

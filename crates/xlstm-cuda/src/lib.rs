@@ -705,6 +705,8 @@ impl CudaBackend {
         };
         if choice.only != Some(ChunkPhase::Out) {
             dev.launch(states, states_grid, 256, states_smem, &mut sa)?;
+            // (a decode step launched right after it must not read the state early)
+            dev.note_state_write(s.c.ptr);
         }
         if choice.only == Some(ChunkPhase::States) {
             return Ok(());
