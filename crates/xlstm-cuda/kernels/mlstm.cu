@@ -7,7 +7,8 @@
 // the rows of q, k, v and o lie ldq, ldk, ldv, ldo values apart (NH·DK, NH·DV, or the column blocks
 // of one merged product's output), and hn is written as hn_dt (f32, or the next product's 16 bits).
 //
-// mlstm_step: grid = (ceil(DV / 32), B·NH), block = 512 (16 warps), dynamic shared memory 3·DK floats;
+// mlstm_step (mlstm_step_pair: the same, two blocks per SM): grid = (ceil(DV / 32), B·NH), block =
+//   512 (16 warps), dynamic shared memory 3·DK floats;
 //   mlstm_step_wide (larger batches): grid = (ceil(DV / 64), B·NH), block = 256, 64 columns per block
 //   as float2 (DV even). Each block owns its columns of one unit's C, streams them once (read, update, write: one warp row
 //   = 128 contiguous bytes) and forms those 32 entries of h. n', q·n' and the gates are recomputed by
@@ -261,6 +262,13 @@ __device__ __forceinline__ void mlstm_step_body(
 // goes (holding its 32 values per thread would cost it occupancy) and always loads after the wait
 // (both load paths took it from 64 to 80 registers, one block per SM less).
 extern "C" __global__ void __launch_bounds__(512) mlstm_step(MLSTM_STEP_PARAMS) {
+    mlstm_step_body<1, 16, 16, true, true>(MLSTM_STEP_ARGS);
+}
+// The same bounded for two blocks per SM (64 registers), for grids of more narrow blocks than SMs
+// (batches 2–4: one wave instead of two). At batch 1 (128 blocks) the unbounded one is faster:
+// bounded, out_proj's GEMV blocks fit beside a step block and wait in place, but the step itself
+// runs longer (batch 1 4.053 → 4.069 ms, batch 2 4.77 → 4.69 ms; H200, three pairs).
+extern "C" __global__ void __launch_bounds__(512, 2) mlstm_step_pair(MLSTM_STEP_PARAMS) {
     mlstm_step_body<1, 16, 16, true, true>(MLSTM_STEP_ARGS);
 }
 // Wide tiles (64 columns as float2, 8 warps, 16 rows each loaded up front, the rest in batches of 8):

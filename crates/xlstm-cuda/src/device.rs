@@ -85,6 +85,7 @@ pub(crate) struct Funcs {
     pub dots_f32: CUfunction,
     pub mlstm_step: CUfunction,
     pub mlstm_step_wide: CUfunction,
+    pub mlstm_step_pair: CUfunction,
     pub chunk_states: CUfunction,
     pub chunk_out: CUfunction,
     /// Tensor-core chunk kernels: [TF32, exact (split TF32)].
@@ -241,7 +242,7 @@ impl Dev {
         let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum", "gated_act_split", "split_cols"])?;
         let n = get("norm", &["rms_norm", "group_norm", "group_norm_warp", "rms_gate_dots", "group_norm_warp4"])?;
         let g = get("gemv", &["gemv_r1", "gemv_r2", "gemv_r3", "gemv_r4", "dots_f32"])?;
-        let m = get("mlstm", &["mlstm_step", "mlstm_step_wide"])?;
+        let m = get("mlstm", &["mlstm_step", "mlstm_step_wide", "mlstm_step_pair"])?;
         let mc = get(
             "mlstm_chunk",
             &[
@@ -280,6 +281,7 @@ impl Dev {
             dots_f32: g[4],
             mlstm_step: m[0],
             mlstm_step_wide: m[1],
+            mlstm_step_pair: m[2],
             chunk_states: mc[0],
             chunk_out: mc[1],
             chunk_states_tc: [mc[2], mc[3]],

@@ -646,12 +646,15 @@ impl CudaBackend {
         let early = pdl && dev.state_settled(s.0);
         a.i(early as usize);
         // Wide tiles (64 columns, 256 threads) once there are enough units to fill the GPU twice over;
-        // narrow ones (32 columns, 512 threads) give more blocks to small batches.
+        // narrow ones (32 columns, 512 threads) give more blocks to small batches, two per SM once
+        // there are more of them than SMs.
         let smem = (3 * d.dk * 4) as u32;
+        let narrow = units * d.dv.div_ceil(32);
         if d.dv % 2 == 0 && units * d.dv.div_ceil(64) >= 2 * dev.sms as usize {
             dev.launch_pdl(dev.f.mlstm_step_wide, (d.dv.div_ceil(64) as u32, units as u32, 1), 256, smem, &mut a, pdl)?;
         } else {
-            dev.launch_pdl(dev.f.mlstm_step, (d.dv.div_ceil(32) as u32, units as u32, 1), 512, smem, &mut a, pdl)?;
+            let f = if narrow > dev.sms as usize { dev.f.mlstm_step_pair } else { dev.f.mlstm_step };
+            dev.launch_pdl(f, (d.dv.div_ceil(32) as u32, units as u32, 1), 512, smem, &mut a, pdl)?;
         }
         dev.note_state_write(s.0);
         Ok(())
