@@ -11,7 +11,8 @@
 //            is multiplied by sigmoid(gate[r, j]) (the mLSTM output gate); optional 16-bit copy
 //            `out_h` as for rms_norm (with `out` null, only that copy is written).
 //            Launch: grid = (width / group, rows), block = 256.
-// group_norm_warp (group_norm_warp4 for group ≤ 512: half the registers): the same, one warp per
+// group_norm_warp (group_norm_warp4 for group ≤ 512: half the registers; group_norm_warp4h for
+//            that with a 16-bit gate, kept as its bits until used): the same, one warp per
 //            group held in registers (one read of x and the gate, shuffles only; σ through
 //            sigmoid_fast when only the 16-bit copy is written), for group % 128 == 0 and
 //            group ≤ 1024 with x, w, bias, an f32 gate, out 16-byte and out_h, a 16-bit gate 8-byte
@@ -98,8 +99,9 @@ __device__ __forceinline__ float4 load4(const void* p, long long i, int dt) {
     return make_float4(half_value((u16)(u.x & 0xffffu), dt), half_value((u16)(u.x >> 16), dt), half_value((u16)(u.y & 0xffffu), dt), half_value((u16)(u.y >> 16), dt));
 }
 
-// NV: float4s per lane at most (group ≤ 128·NV); the registers are sized by it.
-template <int NV>
+// NV: float4s per lane at most (group ≤ 128·NV); the registers are sized by it. G16: the gate is
+// 16-bit (gdt), held as its raw bits until used (8 registers fewer than as f32: one more block per SM).
+template <int NV, bool G16>
 __device__ __forceinline__ void group_norm_warp_nv(const float* x, int width, int group, const float* w, const float* bias, float eps,
                                                    const void* gate, int gate_ld, int gdt, float* out, u16* out_h, int hdt, int groups) {
     const int lane = threadIdx.x & 31;
@@ -109,13 +111,19 @@ __device__ __forceinline__ void group_norm_warp_nv(const float* x, int width, in
     const int j0 = (int)(gi % per_row) * group;
     const long long base = (gi / per_row) * width + j0, gbase = (gi / per_row) * gate_ld + j0;
     const int nv = group >> 7;  // float4s per lane
-    float4 v[NV], gv[NV];
+    float4 v[NV], gv[G16 ? 1 : NV];
+    uint2 gr[G16 ? NV : 1];
     float s = 0.f;
 #pragma unroll
     for (int u = 0; u < NV; ++u) {
         if (u < nv) {
             v[u] = *(const float4*)(x + base + (u * 32 + lane) * 4);
-            if (gate) gv[u] = load4(gate, gbase + (u * 32 + lane) * 4, gdt);  // issued with x's: more in flight
+            // (the gate issued with x: more in flight)
+            if constexpr (G16) {
+                if (gate) gr[u] = *(const uint2*)((const u16*)gate + gbase + (u * 32 + lane) * 4);
+            } else {
+                if (gate) gv[u] = load4(gate, gbase + (u * 32 + lane) * 4, gdt);
+            }
         }
     }
 #pragma unroll
@@ -140,7 +148,13 @@ __device__ __forceinline__ void group_norm_warp_nv(const float* x, int width, in
             float y[4] = {(v[u].x - mean) * r * wv.x + bv.x, (v[u].y - mean) * r * wv.y + bv.y,
                           (v[u].z - mean) * r * wv.z + bv.z, (v[u].w - mean) * r * wv.w + bv.w};
             if (gate) {
-                const float4 g = gv[u];
+                float4 g;
+                if constexpr (G16) {
+                    const uint2 b = gr[u];
+                    g = make_float4(half_value((u16)(b.x & 0xffffu), gdt), half_value((u16)(b.x >> 16), gdt), half_value((u16)(b.y & 0xffffu), gdt), half_value((u16)(b.y >> 16), gdt));
+                } else {
+                    g = gv[u];
+                }
                 if (out) { y[0] *= sigmoid_exact(g.x); y[1] *= sigmoid_exact(g.y); y[2] *= sigmoid_exact(g.z); y[3] *= sigmoid_exact(g.w); }
                 else { y[0] *= sigmoid_fast(g.x); y[1] *= sigmoid_fast(g.y); y[2] *= sigmoid_fast(g.z); y[3] *= sigmoid_fast(g.w); }  // 16 bits only
             }
@@ -153,8 +167,12 @@ __device__ __forceinline__ void group_norm_warp_nv(const float* x, int width, in
     const float *x, int width, int group, const float *w, const float *bias, float eps, const void *gate, \
         int gate_ld, int gdt, float *out, u16 *out_h, int hdt, int groups
 #define GROUP_NORM_WARP_ARGS x, width, group, w, bias, eps, gate, gate_ld, gdt, out, out_h, hdt, groups
-extern "C" __global__ void group_norm_warp(GROUP_NORM_WARP_PARAMS) { group_norm_warp_nv<8>(GROUP_NORM_WARP_ARGS); }
-extern "C" __global__ void group_norm_warp4(GROUP_NORM_WARP_PARAMS) { group_norm_warp_nv<4>(GROUP_NORM_WARP_ARGS); }
+extern "C" __global__ void group_norm_warp(GROUP_NORM_WARP_PARAMS) { group_norm_warp_nv<8, false>(GROUP_NORM_WARP_ARGS); }
+extern "C" __global__ void group_norm_warp4(GROUP_NORM_WARP_PARAMS) { group_norm_warp_nv<4, false>(GROUP_NORM_WARP_ARGS); }
+#ifndef GROUP_NORM_4H_BLOCKS
+#define GROUP_NORM_4H_BLOCKS 5  // (48 registers: 25.2-26.7 → 21.0-21.8 µs per layer at 2,048 rows against
+#endif                          // group_norm_warp4's 56; bounded for 6 it spills: 24.1-26.5; H200)
+extern "C" __global__ void __launch_bounds__(256, GROUP_NORM_4H_BLOCKS) group_norm_warp4h(GROUP_NORM_WARP_PARAMS) { group_norm_warp_nv<4, true>(GROUP_NORM_WARP_ARGS); }
 
 extern "C" __global__ void __launch_bounds__(1024) rms_gate_dots(const float* x, int rows, int width, const float* w, float eps,
                                                               const float* gi, const float* gf, int nh, const float* bi,

@@ -80,6 +80,7 @@ pub(crate) struct Funcs {
     pub group_norm: CUfunction,
     pub group_norm_warp: CUfunction,
     pub group_norm_warp4: CUfunction,
+    pub group_norm_warp4h: CUfunction,
     pub rms_gate_dots: CUfunction,
     pub gemv: [CUfunction; 4],
     pub dots_f32: CUfunction,
@@ -240,7 +241,7 @@ impl Dev {
             Ok(fs)
         };
         let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum", "gated_act_split", "split_cols"])?;
-        let n = get("norm", &["rms_norm", "group_norm", "group_norm_warp", "rms_gate_dots", "group_norm_warp4"])?;
+        let n = get("norm", &["rms_norm", "group_norm", "group_norm_warp", "rms_gate_dots", "group_norm_warp4", "group_norm_warp4h"])?;
         let g = get("gemv", &["gemv_r1", "gemv_r2", "gemv_r3", "gemv_r4", "dots_f32"])?;
         let m = get("mlstm", &["mlstm_step", "mlstm_step_wide", "mlstm_step_pair"])?;
         let mc = get(
@@ -277,6 +278,7 @@ impl Dev {
             group_norm_warp: n[2],
             rms_gate_dots: n[3],
             group_norm_warp4: n[4],
+            group_norm_warp4h: n[5],
             gemv: [g[0], g[1], g[2], g[3]],
             dots_f32: g[4],
             mlstm_step: m[0],

@@ -599,7 +599,12 @@ impl CudaBackend {
         if group % 128 == 0 && group <= 1024 && aligned {
             let groups = rows * (width / group);
             a.i(groups);
-            let f = if group <= 512 { dev.f.group_norm_warp4 } else { dev.f.group_norm_warp };
+            let g16 = gate.0 != 0 && gate.2 != DType::F32;
+            let f = match (group <= 512, g16) {
+                (true, true) => dev.f.group_norm_warp4h,
+                (true, false) => dev.f.group_norm_warp4,
+                _ => dev.f.group_norm_warp,
+            };
             return dev.launch(f, (groups.div_ceil(8) as u32, 1, 1), 256, 0, &mut a);
         }
         dev.launch(dev.f.group_norm, ((width / group) as u32, rows as u32, 1), 256, 0, &mut a)
