@@ -679,6 +679,41 @@ __device__ __forceinline__ void zero_acc(float (&a)[M][N]) {
         for (int j = 0; j < N; ++j) a[i][j] = 0.f;
 }
 
+// The tensor-core output kernels' S̃ = scale · S ⊙ decay (causal; zero past the chunk's end) for
+// this lane's accumulators sacc (rows rm + g, rm + g + 8; columns sc + 8j + 2qd, + 1), each pair of
+// values handed to store(t, s, x0, x1); the rows' sums of S̃ (over the warp's 32 columns) into
+// srs[t], q_t · n_prev (a quarter per thread of the quad) into sqn[tid / 4]. The caller syncs.
+template <typename Store>
+__device__ __forceinline__ void chunk_out_scores(const float (&sacc)[4][4], int rm, int sc, int Lk, float scale, const float* sb, const float* sig,
+                                                 const float* smc, float qn, float* srs, float* sqn, Store store) {
+    const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, qd = lane & 3;
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+        const int t = rm + g + 8 * hr;
+        float rs = 0.f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int s = sc + 8 * j + 2 * qd;
+            const float x0 = (s <= t && t < Lk) ? scale * sacc[j][2 * hr] * expf(sb[t] - sb[s] + sig[s] - smc[t]) : 0.f;
+            const float x1 = (s + 1 <= t && t < Lk) ? scale * sacc[j][2 * hr + 1] * expf(sb[t] - sb[s + 1] + sig[s + 1] - smc[t]) : 0.f;
+            rs += x0 + x1;
+            store(t, s, x0, x1);
+        }
+        rs += __shfl_xor_sync(0xffffffffu, rs, 1);
+        rs += __shfl_xor_sync(0xffffffffu, rs, 2);
+        if (qd == 0) srs[t] = rs;
+    }
+    qn += __shfl_xor_sync(0xffffffffu, qn, 1);
+    qn += __shfl_xor_sync(0xffffffffu, qn, 2);
+    if (qd == 0) sqn[tid >> 2] = qn;
+}
+
+// Thread t < 64: the denominator of token t, max(|sdec_t · scale · q_t · n_prev + Σ_s S̃_ts|, e^(−mc_t)) + eps.
+__device__ __forceinline__ void chunk_out_denominator(const float* sdec, const float* sqn, const float (*srs)[64], const float* smc, float scale, float eps, float* sden) {
+    const int t = threadIdx.x;
+    if (t < 64) sden[t] = fmaxf(fabsf(sdec[t] * sqn[t] * scale + srs[0][t] + srs[1][t]), expf(-smc[t])) + eps;
+}
+
 #define CHUNK_OUT_PARAMS                                                                             \
     int NH, int DK, int DV, int seq, int L, const float *q, int ldq, const float *k, int ldk,         \
         const float *v, int ldv, const float *G, const float *Cs, const float *ns, float eps, float *hout
@@ -782,36 +817,12 @@ __device__ __forceinline__ void chunk_out_tc(CHUNK_OUT_PARAMS) {
         }
         __syncthreads();
     }
-    qn += __shfl_xor_sync(0xffffffffu, qn, 1);
-    qn += __shfl_xor_sync(0xffffffffu, qn, 2);
-    // Phase 2. S̃ = scale · S ⊙ decay (causal) into shared memory, its row sums from the fragments.
+    // Phase 2. S̃ into shared memory (f32), its row sums from the fragments.
     float* Ss = buf;
     float* Vs = buf + 64 * SS;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-        const int t = rm + g + 8 * hr;
-        float rs = 0.f;
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int s = sc + 8 * j + 2 * qd + e;
-                float val = 0.f;
-                if (s <= t && t < Lk) val = scale * sacc[j][2 * hr + e] * expf(sb[t] - sb[s] + sig[s] - smc[t]);
-                Ss[t * SS + s] = val;
-                rs += val;
-            }
-        rs += __shfl_xor_sync(0xffffffffu, rs, 1);
-        rs += __shfl_xor_sync(0xffffffffu, rs, 2);
-        if (qd == 0) srs[warp >> 2][t] = rs;
-    }
-    if ((tid & 3) == 0) sqn[tid >> 2] = qn;
+    chunk_out_scores(sacc, rm, sc, Lk, scale, sb, sig, smc, qn, srs[warp >> 2], sqn, [&](int t, int s, float x0, float x1) { *(float2*)(Ss + t * SS + s) = make_float2(x0, x1); });
     __syncthreads();
-    if (tid < 64) {
-        const int t = tid;
-        const float den = sdec[t] * sqn[t] * scale + srs[0][t] + srs[1][t];
-        sden[t] = fmaxf(fabsf(den), expf(-smc[t])) + eps;
-    }
+    chunk_out_denominator(sdec, sqn, srs, smc, scale, eps, sden);
 #pragma unroll
     for (int r = 0; r < 4; r += 2) {
         const float d = sdec[rm + g + 4 * r] * scale;
@@ -978,28 +989,10 @@ extern "C" __global__ void __launch_bounds__(256, CHUNK_OUT_BF16_BLOCKS) mlstm_c
         }
         __syncthreads();
     }
-    qn += __shfl_xor_sync(0xffffffffu, qn, 1);
-    qn += __shfl_xor_sync(0xffffffffu, qn, 2);
-    // Phase 2. S̃ = scale · S ⊙ decay (causal): row sums in f32, the values as bf16 into Ss.
+    // Phase 2. S̃: row sums in f32, the values as bf16 into Ss.
     u16* Ss = buf;
     u16* Vs = buf + 64 * SS;
-#pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-        const int t = rm + g + 8 * hr;
-        float rs = 0.f;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int s = sc + 8 * j + 2 * qd;
-            const float x0 = (s <= t && t < Lk) ? scale * sacc[j][2 * hr] * expf(sb[t] - sb[s] + sig[s] - smc[t]) : 0.f;
-            const float x1 = (s + 1 <= t && t < Lk) ? scale * sacc[j][2 * hr + 1] * expf(sb[t] - sb[s + 1] + sig[s + 1] - smc[t]) : 0.f;
-            rs += x0 + x1;
-            *(u32*)(Ss + t * SS + s) = bf16x2_bits(x0, x1);
-        }
-        rs += __shfl_xor_sync(0xffffffffu, rs, 1);
-        rs += __shfl_xor_sync(0xffffffffu, rs, 2);
-        if (qd == 0) srs[warp >> 2][t] = rs;
-    }
-    if ((tid & 3) == 0) sqn[tid >> 2] = qn;
+    chunk_out_scores(sacc, rm, sc, Lk, scale, sb, sig, smc, qn, srs[warp >> 2], sqn, [&](int t, int s, float x0, float x1) { *(u32*)(Ss + t * SS + s) = bf16x2_bits(x0, x1); });
     // the chunk's values: 64 rows of 128 bf16 (rows past the chunk's end zero-filled)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -1009,11 +1002,7 @@ extern "C" __global__ void __launch_bounds__(256, CHUNK_OUT_BF16_BLOCKS) mlstm_c
     }
     cp_async_commit();
     __syncthreads();  // S̃ and its row sums complete
-    if (tid < 64) {
-        const int t = tid;
-        const float den = sdec[t] * sqn[t] * scale + srs[0][t] + srs[1][t];
-        sden[t] = fmaxf(fabsf(den), expf(-smc[t])) + eps;
-    }
+    chunk_out_denominator(sdec, sqn, srs, smc, scale, eps, sden);
 #pragma unroll
     for (int r = 0; r < 4; r += 2) {
         const float d = sdec[rm + g + 4 * r] * scale;
