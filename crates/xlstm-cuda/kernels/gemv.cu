@@ -157,6 +157,38 @@ __device__ __forceinline__ void gemv_finish(const GemvSeg& sg, bool pair, int ac
     }
 }
 
+// Stages one row of x in the split layout, U float4 per thread in flight (the registers beside the
+// two weight rounds hold 8: x alone, or x and the norm weights 4 each); with NORM x·w and returns
+// Σ x². One row without a norm takes 8: batch 1's down projection (10,944 values) then takes two
+// round trips, not three (4.045 → 4.035 ms per step); for two rows it was slower (4.66 → 4.69).
+template <int U, bool NORM>
+__device__ __forceinline__ float stage_x_split(const float4* x4, const float4* w4, int k, float* xr) {
+    const int k4 = k >> 2;
+    float ss = 0.f;
+    for (int i0 = threadIdx.x; i0 < k4; i0 += U * blockDim.x) {
+        float4 v[U], nw[NORM ? U : 1];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int i = i0 + u * blockDim.x;
+            v[u] = i < k4 ? x4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+            if constexpr (NORM) nw[u] = i < k4 ? w4[i] : make_float4(1.f, 1.f, 1.f, 1.f);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int i = i0 + u * blockDim.x;
+            if (i < k4) {
+                if constexpr (NORM) {
+                    ss = fmaf(v[u].x, v[u].x, ss); ss = fmaf(v[u].y, v[u].y, ss);
+                    ss = fmaf(v[u].z, v[u].z, ss); ss = fmaf(v[u].w, v[u].w, ss);
+                    v[u].x *= nw[u].x; v[u].y *= nw[u].y; v[u].z *= nw[u].z; v[u].w *= nw[u].w;
+                }
+                *(float4*)(xr + (i & 1) * (k >> 1) + (i >> 1) * 4) = v[u];
+            }
+        }
+    }
+    return ss;
+}
+
 template <int R>
 __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
     const u64 tr0 = trace_now();
@@ -205,7 +237,7 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
 #pragma unroll
     for (int r = 0; r < R; ++r) pre[r] = (R == 1 && sg.mode == 1 && sg.rpw <= 32 && lane < nrows) ? sg.out[(long long)r * sg.ld + row0 + lane] : 0.f;
 
-    // Stage x (one read of global memory, 16-byte loads, 4 in flight per thread). With a norm, x·w
+    // Stage x (one read of global memory, 16-byte loads, 4–8 in flight per thread). With a norm, x·w
     // is staged and each row's 1/rms(x) scales its finished dot products (gemv_finish), so no second
     // pass over x has to wait for the block-wide sum.
     const float4* w4 = (const float4*)a.norm_w;
@@ -214,26 +246,9 @@ __device__ __forceinline__ void gemv_body(const GemvArgs& a) {
         float ss = 0.f;
         if (split) {
             const float4* x4 = (const float4*)(a.x + r * k);
-            const int k4 = k >> 2;
-            for (int i0 = threadIdx.x; i0 < k4; i0 += 4 * blockDim.x) {
-                float4 v[4], nw[4];
-#pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                    int i = i0 + u * blockDim.x;
-                    v[u] = i < k4 ? x4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
-                    nw[u] = (w4 && i < k4) ? w4[i] : make_float4(1.f, 1.f, 1.f, 1.f);
-                }
-#pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                    int i = i0 + u * blockDim.x;
-                    if (i < k4) {
-                        ss = fmaf(v[u].x, v[u].x, ss); ss = fmaf(v[u].y, v[u].y, ss);
-                        ss = fmaf(v[u].z, v[u].z, ss); ss = fmaf(v[u].w, v[u].w, ss);
-                        v[u].x *= nw[u].x; v[u].y *= nw[u].y; v[u].z *= nw[u].z; v[u].w *= nw[u].w;
-                        *(float4*)(xs + r * k + (i & 1) * (k >> 1) + (i >> 1) * 4) = v[u];
-                    }
-                }
-            }
+            if (w4) ss = stage_x_split<4, true>(x4, w4, k, xs + r * k);
+            else if (R == 1) stage_x_split<8, false>(x4, w4, k, xs + r * k);
+            else stage_x_split<4, false>(x4, w4, k, xs + r * k);
         } else {
             for (int j = threadIdx.x; j < k; j += blockDim.x) {
                 float v = a.x[r * k + j];
