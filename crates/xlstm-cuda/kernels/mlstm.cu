@@ -13,7 +13,7 @@
 //   as float2 (DV even). Each block owns its columns of one unit's C, streams them once (read, update, write: one warp row
 //   = 128 contiguous bytes) and forms those 32 entries of h. n', q·n' and the gates are recomputed by
 //   every block of the unit (DK values). Launched with programmatic dependent launch on sm_90 (waits
-//   for the previous kernel before its first read). The last block of a unit to finish (an atomic counter per
+//   for the previous kernel before it reads what that kernel wrote). The last block of a unit to finish (an atomic counter per
 //   unit, reset by that block, so the kernel can be replayed in a CUDA graph) writes n' and m', and,
 //   when `hn` is set, the normalised, gated output hn = σ(o) ⊙ LayerNorm_DV(h)·w over the unit's DV
 //   values. Limits: DK ≤ 4096 (shared memory), `counters` holds B·NH zeroed u32.

@@ -430,10 +430,7 @@ impl Dev {
     /// Launches `f` on the stream with 8-byte argument slots (`KArgs`).
     pub fn launch(&self, f: CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, args: &mut KArgs) -> Result<()> {
         let mut params = args.params();
-        self.pdl_state_writes.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        // SAFETY: the argument slots match the kernel's parameter list (each kernel's caller builds
-        // them in order); pointers are live device allocations.
-        unsafe { dres::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, &mut params) }.map_err(|e| drv("launch", e))
+        self.launch_ex(f, grid, block, smem, &mut params, false)
     }
 
     /// Launches a kernel whose single parameter is a `#[repr(C)]` struct, with programmatic
@@ -454,23 +451,28 @@ impl Dev {
     /// launch (which waits for everything before it) nor a programmatic-dependent launch after it
     /// wrote it. Then a kernel may read it before waiting for its predecessor.
     pub fn state_settled(&self, c: CUdeviceptr) -> bool {
-        !self.pdl_state_writes.lock().unwrap_or_else(|e| e.into_inner()).contains(&c)
+        !self.state_writes().contains(&c)
     }
 
     /// Records that the launch just queued (ordinary or programmatic) writes the state at `c` (see
     /// `state_settled`).
     pub fn note_state_write(&self, c: CUdeviceptr) {
-        self.pdl_state_writes.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+        self.state_writes().push(c);
+    }
+
+    fn state_writes(&self) -> std::sync::MutexGuard<'_, Vec<CUdeviceptr>> {
+        self.pdl_state_writes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn launch_ex(&self, f: CUfunction, grid: (u32, u32, u32), block: u32, smem: u32, params: &mut [*mut c_void], pdl: bool) -> Result<()> {
         if !(pdl && self.pdl) {
-            self.pdl_state_writes.lock().unwrap_or_else(|e| e.into_inner()).clear();
-            // SAFETY: as in `launch`.
+            self.state_writes().clear();
+            // SAFETY: the argument slots match the kernel's parameter list (each kernel's caller
+            // builds them in order); pointers are live device allocations.
             return unsafe { dres::launch_kernel(f, grid, (block, 1, 1), smem, self.stream, params) }.map_err(|e| drv("launch", e));
         }
         // SAFETY: a zeroed attribute value is valid for every member; the config points at one live
-        // attribute for the duration of the call; params as in `launch`.
+        // attribute for the duration of the call; params as in the ordinary launch above.
         unsafe {
             let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
             attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
