@@ -21,6 +21,11 @@ pub struct ModelArgs {
     /// loads f32 checkpoints as f32 unless they would not fit in half the machine's memory.
     #[arg(long, default_value = "auto")]
     pub dtype: String,
+    /// Element type of the mLSTM states' C matrices: f32, or bf16 on CUDA (half the state's memory
+    /// and per-step traffic, as NX-AI's `inference_state_dtype`; each step's update is rounded to
+    /// bf16, so long generations drift from the f32 state's).
+    #[arg(long, default_value = "f32")]
+    pub state_dtype: String,
     /// Where to run: cpu (default), cuda (cuda:N for GPU N), vulkan / metal / dx12 (the wgpu backend
     /// on that API), gpu (CUDA if usable, else wgpu), or auto (CUDA, then a wgpu GPU, else CPU).
     #[arg(long, default_value = "cpu", env = "XLSTM_DEVICE")]
@@ -254,7 +259,18 @@ pub fn load<B: Backend>(backend: B, a: &ModelArgs) -> Result<Loaded<B>> {
             (model, Tokenizer::Bytes)
         }
     };
+    set_state_dtype(&mut model, &a.state_dtype)?;
     let mut settings = settings;
     configure(&mut model, &mut settings)?;
     Ok(Loaded { model, tokenizer, settings })
+}
+
+/// Applies `--state-dtype` (f32 or bf16; which ones the device offers is the model's check).
+pub fn set_state_dtype<B: Backend>(model: &mut Model<B>, flag: &str) -> Result<()> {
+    let dtype = match flag.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => DType::F32,
+        "bf16" | "bfloat16" => DType::BF16,
+        other => bail!("unknown --state-dtype `{other}`: use f32 or bf16"),
+    };
+    Ok(model.set_state_dtype(dtype)?)
 }

@@ -112,6 +112,7 @@ fn bench_prints_json_with_floor_and_ratio() {
     // the tiny shape's state (2 layers, 2 heads of DK 32 × DV 64: C, n, m per head), f32, read and
     // written once per step
     assert_eq!(v["decode"]["state_bytes_per_step"].as_u64().unwrap(), 2 * 4 * 2 * 2 * (32 * 64 + 32 + 1));
+    assert_eq!(v["state_dtype"], "f32");
     assert!(v["decode_floor_with_state_ms_per_step"].as_f64().unwrap() > v["decode_floor_ms_per_step"].as_f64().unwrap());
 }
 
@@ -154,6 +155,11 @@ fn bad_input_is_a_clear_error() {
     assert_clean_error(&o, "longer than");
     let o = xlstm(&["generate", "--model", &tiny, "--prompt", "hi", "--top-p", "0"]);
     assert_clean_error(&o, "top-p");
+    // a bf16 state where the device keeps f32 only, and a state dtype that does not exist
+    let o = xlstm(&["generate", "--model", &tiny, "--prompt", "hi", "--state-dtype", "bf16"]);
+    assert_clean_error(&o, "state dtype bf16 is not available on cpu");
+    let o = xlstm(&["bench", "--config", "tiny", "--state-dtype", "f8"]);
+    assert_clean_error(&o, "unknown --state-dtype `f8`");
 
     // truncated weights
     let d = scratch_case("large_tiny");

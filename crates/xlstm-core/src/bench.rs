@@ -69,8 +69,8 @@ pub struct DecodeResult {
     pub tok_s: f64,
     /// Weight bytes one step reads (every matrix once, whatever the batch).
     pub weight_bytes_per_step: usize,
-    /// Recurrent-state bytes one step reads and writes (every sequence's f32 state once each way):
-    /// with the weights, what bounds a large batch's step.
+    /// Recurrent-state bytes one step reads and writes (every sequence's state once each way, C
+    /// in its element type): with the weights, what bounds a large batch's step.
     pub state_bytes_per_step: usize,
     pub achieved_gb_s: f64,
     /// Greedy steps recorded before the previous token was read back (`Model::pipe_step`), as
@@ -146,14 +146,13 @@ pub fn decode<B: Backend>(model: &mut Model<B>, batch: usize, steps: usize, warm
 /// Read while the caller's decode state is still alive, so the backend's memory count includes it.
 fn decode_result<B: Backend>(model: &Model<B>, st: &crate::state::State<B>, steps: usize, per: f64, pipelined: bool) -> DecodeResult {
     let (bytes, batch) = (model.weight_bytes_per_token(), st.batch);
-    let state_values: usize = st.layers.iter().flat_map(|l| l.tensors(batch)).map(|(_, shape, _)| shape.iter().product::<usize>()).sum();
     DecodeResult {
         batch,
         steps: steps.max(1),
         ms_per_step: per * 1e3,
         tok_s: batch as f64 / per,
         weight_bytes_per_step: bytes,
-        state_bytes_per_step: 2 * 4 * state_values,
+        state_bytes_per_step: 2 * st.bytes(),
         achieved_gb_s: bytes as f64 / per / 1e9,
         pipelined,
         device_allocated_mb: model.backend.allocated_bytes().map(|b| b as f64 / 1e6),

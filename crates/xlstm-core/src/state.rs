@@ -6,6 +6,7 @@ use std::path::Path;
 
 use crate::backend::{Backend, MlstmState, SlstmState};
 use crate::error::{Error, Result};
+use crate::tensor::DType;
 
 /// A causal conv1d's last `taps` inputs per sequence: [B, taps, channels].
 pub struct ConvState<Buf> {
@@ -19,32 +20,33 @@ pub enum LayerState<Buf> {
     Slstm { cell: SlstmState<Buf>, conv: ConvState<Buf> },
 }
 
-/// One named state tensor: name, shape, buffer.
-pub type StateTensor<'a, Buf> = (&'static str, Vec<usize>, &'a Buf);
+/// One named state tensor: name, shape, buffer, the element type the buffer holds.
+pub type StateTensor<'a, Buf> = (&'static str, Vec<usize>, &'a Buf, DType);
 
 impl<Buf> LayerState<Buf> {
     /// The tensors of this layer at batch size `b`, in a fixed order.
     pub fn tensors(&self, b: usize) -> Vec<StateTensor<'_, Buf>> {
         let mut out = Vec::new();
+        let f32 = DType::F32;
         let conv = match self {
             LayerState::Mlstm { cell, conv } => {
                 let d = cell.dims;
-                out.push(("C", vec![b, d.heads, d.dk, d.dv], &cell.c));
-                out.push(("n", vec![b, d.heads, d.dk], &cell.n));
-                out.push(("m", vec![b, d.heads, 1], &cell.m));
+                out.push(("C", vec![b, d.heads, d.dk, d.dv], &cell.c, cell.c_dtype));
+                out.push(("n", vec![b, d.heads, d.dk], &cell.n, f32));
+                out.push(("m", vec![b, d.heads, 1], &cell.m, f32));
                 conv.as_ref()
             }
             LayerState::Slstm { cell, conv } => {
                 let w = cell.width;
-                out.push(("c", vec![b, w], &cell.c));
-                out.push(("n", vec![b, w], &cell.n));
-                out.push(("m", vec![b, w], &cell.m));
-                out.push(("h", vec![b, w], &cell.h));
+                out.push(("c", vec![b, w], &cell.c, f32));
+                out.push(("n", vec![b, w], &cell.n, f32));
+                out.push(("m", vec![b, w], &cell.m, f32));
+                out.push(("h", vec![b, w], &cell.h, f32));
                 Some(conv)
             }
         };
         if let Some(c) = conv {
-            out.push(("conv", vec![b, c.taps, c.channels], &c.buf));
+            out.push(("conv", vec![b, c.taps, c.channels], &c.buf, f32));
         }
         out
     }
@@ -85,16 +87,21 @@ impl<B: Backend> State<B> {
         Ok(State { batch: self.batch, position: self.position, fingerprint: self.fingerprint.clone(), layers })
     }
 
-    /// Named host copies of every tensor: `state_{layer}_{name}`.
+    /// Named host copies of every tensor as f32 (a bf16 C widened): `state_{layer}_{name}`.
     pub fn to_host(&self, backend: &B) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
         let mut out = Vec::new();
         for (li, l) in self.layers.iter().enumerate() {
-            for (name, shape, buf) in l.tensors(self.batch) {
+            for (name, shape, buf, dtype) in l.tensors(self.batch) {
                 let len = shape.iter().product();
-                out.push((format!("state_{li}_{name}"), shape, backend.download(buf, len)?));
+                out.push((format!("state_{li}_{name}"), shape, download_values(backend, buf, len, dtype)?));
             }
         }
         Ok(out)
+    }
+
+    /// Bytes the state's tensors take on the device (C in its element type).
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().flat_map(|l| l.tensors(self.batch)).map(|(_, shape, _, dt)| shape.iter().product::<usize>() * dt.size()).sum()
     }
 
     pub fn save(&self, backend: &B, path: &Path) -> Result<()> {
@@ -140,14 +147,14 @@ impl<B: Backend> State<B> {
         }
         let mut uploads = Vec::new();
         for (li, l) in self.layers.iter().enumerate() {
-            for (name, shape, _) in l.tensors(self.batch) {
+            for (name, shape, _, dtype) in l.tensors(self.batch) {
                 let key = format!("state_{li}_{name}");
                 let t = st.tensor(&key).map_err(|_| Error::file(path, format!("tensor `{key}` missing")))?;
                 if t.shape() != shape.as_slice() || t.dtype() != safetensors::Dtype::F32 {
                     return Err(Error::file(path, format!("tensor `{key}` has the wrong shape or dtype")));
                 }
                 let data: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-                uploads.push(backend.upload(&data)?);
+                uploads.push(upload_values(backend, &data, dtype)?);
             }
         }
         let mut it = uploads.into_iter();
@@ -167,10 +174,10 @@ fn clone_layer<B: Backend>(backend: &B, l: &LayerState<B::Buf>, batch: usize) ->
         backend.copy(buf, 0, &mut out, 0, len)?;
         Ok(out)
     };
-    let lens: Vec<usize> = l.tensors(batch).iter().map(|(_, s, _)| s.iter().product()).collect();
+    let lens: Vec<usize> = l.tensors(batch).iter().map(|(_, s, _, dt)| words(s.iter().product(), *dt)).collect();
     Ok(match l {
         LayerState::Mlstm { cell, conv } => LayerState::Mlstm {
-            cell: MlstmState { c: dup(&cell.c, lens[0])?, n: dup(&cell.n, lens[1])?, m: dup(&cell.m, lens[2])?, dims: cell.dims },
+            cell: MlstmState { c: dup(&cell.c, lens[0])?, n: dup(&cell.n, lens[1])?, m: dup(&cell.m, lens[2])?, dims: cell.dims, c_dtype: cell.c_dtype },
             conv: match conv {
                 Some(c) => Some(ConvState { buf: dup(&c.buf, lens[3])?, taps: c.taps, channels: c.channels }),
                 None => None,
@@ -190,8 +197,57 @@ fn clone_layer<B: Backend>(backend: &B, l: &LayerState<B::Buf>, batch: usize) ->
     })
 }
 
-/// A zeroed mLSTM layer state for `batch` sequences.
-pub fn mlstm_zeros<B: Backend>(backend: &B, dims: crate::backend::MlstmDims, batch: usize) -> Result<MlstmState<B::Buf>> {
+/// A zeroed mLSTM layer state for `batch` sequences, C in `c_dtype`.
+pub fn mlstm_zeros<B: Backend>(backend: &B, dims: crate::backend::MlstmDims, batch: usize, c_dtype: DType) -> Result<MlstmState<B::Buf>> {
     let u = batch * dims.heads;
-    Ok(MlstmState { c: backend.zeros(u * dims.dk * dims.dv)?, n: backend.zeros(u * dims.dk)?, m: backend.zeros(u)?, dims })
+    let c = backend.zeros(words(u * dims.dk * dims.dv, c_dtype))?;
+    Ok(MlstmState { c, n: backend.zeros(u * dims.dk)?, m: backend.zeros(u)?, dims, c_dtype })
+}
+
+/// The 4-byte buffer words `values` values of `dtype` take (16-bit ones two to a word).
+pub fn words(values: usize, dtype: DType) -> usize {
+    (values * dtype.size()).div_ceil(4)
+}
+
+/// `values` values of a buffer holding `dtype`, as f32 on the host.
+pub fn download_values<B: Backend>(backend: &B, buf: &B::Buf, values: usize, dtype: DType) -> Result<Vec<f32>> {
+    let w = backend.download(buf, words(values, dtype))?;
+    if dtype == DType::F32 {
+        return Ok(w);
+    }
+    let halves = w.iter().flat_map(|x| {
+        let b = x.to_bits();
+        [(b & 0xffff) as u16, (b >> 16) as u16]
+    });
+    Ok(halves.take(values).map(|h| half_value(h, dtype)).collect())
+}
+
+/// A new buffer holding `values` as `dtype` (16-bit: rounded to nearest even, two to a word).
+pub fn upload_values<B: Backend>(backend: &B, values: &[f32], dtype: DType) -> Result<B::Buf> {
+    if dtype == DType::F32 {
+        return backend.upload(values);
+    }
+    let packed: Vec<f32> = values
+        .chunks(2)
+        .map(|p| {
+            let lo = half_bits(p[0], dtype) as u32;
+            let hi = p.get(1).map_or(0, |&v| half_bits(v, dtype) as u32);
+            f32::from_bits(lo | (hi << 16))
+        })
+        .collect();
+    backend.upload(&packed)
+}
+
+fn half_value(h: u16, dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => half::f16::from_bits(h).to_f32(),
+        _ => half::bf16::from_bits(h).to_f32(),
+    }
+}
+
+fn half_bits(v: f32, dtype: DType) -> u16 {
+    match dtype {
+        DType::F16 => half::f16::from_f32(v).to_bits(),
+        _ => half::bf16::from_f32(v).to_bits(),
+    }
 }

@@ -143,9 +143,10 @@ pub fn assert_pipelined_greedy_matches<B: crate::Backend>(model: &mut crate::Mod
     }
     assert_eq!(st.position, host.position, "{case}: steps run");
     for (li, (a, b)) in st.layers.iter().zip(&host.layers).enumerate() {
-        for ((name, shape, x), (_, _, y)) in a.tensors(1).into_iter().zip(b.tensors(1)) {
+        for ((name, shape, x, dt), (_, _, y, _)) in a.tensors(1).into_iter().zip(b.tensors(1)) {
             let n = shape.iter().product();
-            let (x, y) = (model.backend.download(x, n).expect("download"), model.backend.download(y, n).expect("download"));
+            let get = |buf| crate::state::download_values(&model.backend, buf, n, dt).expect("download");
+            let (x, y) = (get(x), get(y));
             let err = rel_err32(&x, &y);
             assert!(err < 1e-5, "{case}: layer {li} state {name} after pipelined greedy: rel err {err:e}");
         }

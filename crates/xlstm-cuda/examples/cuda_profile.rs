@@ -103,7 +103,7 @@ fn main() {
         println!("{{\"kernel\":\"down+add\",\"rows\":{rows},\"us\":{us:.1},\"gb_s\":{:.0}}}", 2.0 * (ff * d) as f64 / us / 1e3);
         // the fused mLSTM cell (state 8 heads × 256 × 512 per sequence)
         let dims = MlstmDims { heads: nh, dk: 256, dv: 512 };
-        let mut st = MlstmState { c: buf(&g, rows * nh * 256 * 512, 0.0), n: buf(&g, rows * nh * 256, 0.0), m: buf(&g, rows * nh, 0.0), dims };
+        let mut st = MlstmState { c: buf(&g, rows * nh * 256 * 512, 0.0), n: buf(&g, rows * nh * 256, 0.0), m: buf(&g, rows * nh, 0.0), dims, c_dtype: DType::F32 };
         let (ib, fb, hw) = (buf(&g, nh, 0.0), buf(&g, nh, 3.0), buf(&g, vd, 1.0));
         let (mut h, mut hn2) = (buf(&g, rows * vd, 0.0), buf(&g, rows * vd, 0.0));
         let us = time(&g, 50, |_| {
@@ -118,7 +118,7 @@ fn main() {
         let seq = 2048;
         let (q, k, v) = (buf(&g, seq * qk, 0.1), buf(&g, seq * qk, 0.1), buf(&g, seq * vd, 0.1));
         let (i, f) = (buf(&g, seq * nh, 0.0), buf(&g, seq * nh, 3.0));
-        let mut st = MlstmState { c: buf(&g, nh * 256 * 512, 0.0), n: buf(&g, nh * 256, 0.0), m: buf(&g, nh, 0.0), dims };
+        let mut st = MlstmState { c: buf(&g, nh * 256 * 512, 0.0), n: buf(&g, nh * 256, 0.0), m: buf(&g, nh, 0.0), dims, c_dtype: DType::F32 };
         let mut h = buf(&g, seq * vd, 0.0);
         for (name, tensor_cores, weights) in [("cuda_cores", false, DType::F32), ("tc_exact", true, DType::F32), ("tc_tf32", true, DType::BF16)] {
             g.set_weight_dtype(weights);

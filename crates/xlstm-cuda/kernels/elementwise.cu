@@ -95,6 +95,13 @@ extern "C" __global__ void to_half(const float* x, u16* out, int n, int dt) {
     }
 }
 
+// f32 copy of 16-bit values (dt as for to_half): a bf16 state's C, widened for the chunkwise prefill.
+extern "C" __global__ void from_half(const u16* x, float* out, int n, int dt) {
+    for (int e = blockIdx.x * blockDim.x + threadIdx.x; e < n; e += gridDim.x * blockDim.x) {
+        out[e] = half_value(x[e], dt);
+    }
+}
+
 // Σ x over n4 float4 values, grid-stride, atomically added into *out: the bench's read-bandwidth
 // probe (each value is read once).
 extern "C" __global__ void read_sum(const float4* x, long long n4, float* out) {

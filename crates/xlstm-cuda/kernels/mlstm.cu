@@ -17,6 +17,7 @@
 //   unit, reset by that block, so the kernel can be replayed in a CUDA graph) writes n' and m', and,
 //   when `hn` is set, the normalised, gated output hn = σ(o) ⊙ LayerNorm_DV(h)·w over the unit's DV
 //   values. Limits: DK ≤ 4096 (shared memory), `counters` holds B·NH zeroed u32.
+//   The `_c16` entry points keep C in bf16 (rounded once per step; n, m stay f32).
 //   `c_early` (decode steps): the state was written by an earlier step, not by the kernel launched
 //   just before this one, so the narrow tile loads it before pdl_wait() (off with -DSTEP_EARLY_C=0).
 
@@ -36,9 +37,72 @@ __device__ __forceinline__ void store_value(float* out, long long i, float v, in
     else store_half((u16*)out, i, v, dt);
 }
 
+// A lane's CW consecutive values of one row of C, held as their raw bits in CWORDS words: f32, or
+// with C16 bf16 (two to a word, so a row of 4 takes the registers 2 f32 values take). The update runs
+// in f32; a bf16 value is rounded once, when stored.
+template <int CW, bool C16>
+struct CBits {
+    static constexpr int W = C16 ? (CW + 1) / 2 : CW;
+};
+
+template <int CW, bool C16>
+__device__ __forceinline__ void c_load(const float* C, long long i, u32* w) {
+    if constexpr (C16) {
+        const u16* p = (const u16*)C + i;
+        if constexpr (CW == 4) {
+            const uint2 t = *(const uint2*)p;
+            w[0] = t.x;
+            w[1] = t.y;
+        } else if constexpr (CW == 2) {
+            w[0] = *(const u32*)p;
+        } else {
+            w[0] = *p;
+        }
+    } else if constexpr (CW == 2) {
+        const float2 t = *(const float2*)(C + i);
+        w[0] = __float_as_uint(t.x);
+        w[1] = __float_as_uint(t.y);
+    } else {
+        w[0] = __float_as_uint(C[i]);
+    }
+}
+
+// Value c of a row held as c_load left it.
+template <bool C16>
+__device__ __forceinline__ float c_value(const u32* w, int c) {
+    if constexpr (C16) return (c & 1) ? __uint_as_float(w[c >> 1] & 0xffff0000u) : __uint_as_float(w[c >> 1] << 16);
+    else return __uint_as_float(w[c]);
+}
+
+// The raw bits of CW new values (bf16: rounded to nearest even).
+template <int CW, bool C16>
+__device__ __forceinline__ void c_pack(const float* v, u32* w) {
+    if constexpr (C16) {
+#pragma unroll
+        for (int c = 0; c < CW; c += 2) w[c >> 1] = (CW == 1) ? (u32)f32_to_bf16(v[0]) : bf16x2_bits(v[c], v[c + 1 < CW ? c + 1 : c]);
+    } else {
+#pragma unroll
+        for (int c = 0; c < CW; ++c) w[c] = __float_as_uint(v[c]);
+    }
+}
+
+template <int CW, bool C16>
+__device__ __forceinline__ void c_store(float* C, long long i, const u32* w) {
+    if constexpr (C16) {
+        u16* p = (u16*)C + i;
+        if constexpr (CW == 4) *(uint2*)p = make_uint2(w[0], w[1]);
+        else if constexpr (CW == 2) *(u32*)p = w[0];
+        else *p = (u16)w[0];
+    } else if constexpr (CW == 2) {
+        *(float2*)(C + i) = make_float2(__uint_as_float(w[0]), __uint_as_float(w[1]));
+    } else {
+        C[i] = __uint_as_float(w[0]);
+    }
+}
+
 // One block: NW warps, 32·CW columns of one unit's C (lane l owns columns l·CW .. l·CW + CW − 1),
-// PRE rows per warp loaded up front (more rows, if DK > PRE·NW, in batches of 8).
-template <int CW, int NW, int PRE, bool DEFER, bool EARLY>
+// PRE rows per warp loaded up front (more rows, if DK > PRE·NW, in batches of 8). C16: C in bf16.
+template <int CW, int NW, int PRE, bool DEFER, bool EARLY, bool C16>
 __device__ __forceinline__ void mlstm_step_body(
     int NH, int DK, int DV,
     const float* q, const float* k, const float* v, const float* ig, const float* fg,
@@ -61,7 +125,7 @@ __device__ __forceinline__ void mlstm_step_body(
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int col = blockIdx.x * 32 * CW + lane * CW;  // first of this lane's CW columns
     const bool live = col < DV;                         // DV % CW == 0 (checked on the host)
-    float* cu = C + (long long)u * DK * DV + col;
+    const long long cu = (long long)u * DK * DV + col;  // this lane's first value of C
     // q, k, v and the gates come from the kernel before this one, so they are read after pdl_wait().
     // The state (C, n, m) too when that kernel may have written it (a prompt's token-by-token loop);
     // in a decode step it was written a whole step earlier (`c_early`), and its first PRE rows per
@@ -70,17 +134,17 @@ __device__ __forceinline__ void mlstm_step_body(
     const bool early = EARLY && STEP_EARLY_C && c_early;
     const long long uk = (long long)u * DK;
     const bool one = DK <= (int)blockDim.x;
-    float cv0[PRE][CW], ne = 0.f, mo = 0.f;
+    constexpr int W = CBits<CW, C16>::W;
+    u32 cv0[PRE][W];
+    float ne = 0.f, mo = 0.f;
     auto load_state = [&]() {
 #pragma unroll
         for (int j = 0; j < PRE; ++j) {
             int a = warp + j * NW;
-            if (CW == 2) {
-                float2 t = (live && a < DK) ? *(const float2*)(cu + (long long)a * DV) : make_float2(0.f, 0.f);
-                cv0[j][0] = t.x;
-                cv0[j][CW - 1] = t.y;
-            } else {
-                cv0[j][0] = (live && a < DK) ? cu[(long long)a * DV] : 0.f;
+            if (live && a < DK) c_load<CW, C16>(C, cu + (long long)a * DV, cv0[j]);
+            else {
+#pragma unroll
+                for (int w = 0; w < W; ++w) cv0[j][w] = 0u;
             }
         }
         ne = (one && tid < DK) ? n[uk + tid] : 0.f;
@@ -136,37 +200,37 @@ __device__ __forceinline__ void mlstm_step_body(
         for (int j = 0; j < PRE; ++j) {
             int a = warp + j * NW;
             if (a < DK) {
+                float cn[CW];
 #pragma unroll
                 for (int c = 0; c < CW; ++c) {
-                    cv0[j][c] = fa * cv0[j][c] + ks[a] * vv[c];
-                    acc[c] = fmaf(qs[a], cv0[j][c], acc[c]);
+                    cn[c] = fa * c_value<C16>(cv0[j], c) + ks[a] * vv[c];
+                    acc[c] = fmaf(qs[a], cn[c], acc[c]);
                 }
-                if (!DEFER) {
-                    if (CW == 2) *(float2*)(cu + (long long)a * DV) = make_float2(cv0[j][0], cv0[j][CW - 1]);
-                    else cu[(long long)a * DV] = cv0[j][0];
-                }
+                c_pack<CW, C16>(cn, cv0[j]);
+                if (!DEFER) c_store<CW, C16>(C, cu + (long long)a * DV, cv0[j]);
             }
         }
         // Rows past the first PRE per warp (DK > PRE·NW): 8 independent loads in flight per thread
         // before any store (the stores could alias the next loads as far as the compiler knows).
         for (int a0 = warp + PRE * NW; a0 < DK; a0 += 8 * NW) {
-            float cv[8][CW];
+            u32 cv[8][W];
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 int a = a0 + j * NW;
-#pragma unroll
-                for (int c = 0; c < CW; ++c) cv[j][c] = a < DK ? cu[(long long)a * DV + c] : 0.f;
+                c_load<CW, C16>(C, cu + (long long)min(a, DK - 1) * DV, cv[j]);
             }
 #pragma unroll
             for (int j = 0; j < 8; ++j) {
                 int a = a0 + j * NW;
                 if (a < DK) {
+                    float cn[CW];
 #pragma unroll
                     for (int c = 0; c < CW; ++c) {
-                        float cn = fa * cv[j][c] + ks[a] * vv[c];
-                        cu[(long long)a * DV + c] = cn;
-                        acc[c] = fmaf(qs[a], cn, acc[c]);
+                        cn[c] = fa * c_value<C16>(cv[j], c) + ks[a] * vv[c];
+                        acc[c] = fmaf(qs[a], cn[c], acc[c]);
                     }
+                    c_pack<CW, C16>(cn, cv[j]);
+                    c_store<CW, C16>(C, cu + (long long)a * DV, cv[j]);
                 }
             }
         }
@@ -193,10 +257,7 @@ __device__ __forceinline__ void mlstm_step_body(
 #pragma unroll
         for (int j = 0; j < PRE; ++j) {
             int a = warp + j * NW;
-            if (a < DK) {
-                if (CW == 2) *(float2*)(cu + (long long)a * DV) = make_float2(cv0[j][0], cv0[j][CW - 1]);
-                else cu[(long long)a * DV] = cv0[j][0];
-            }
+            if (a < DK) c_store<CW, C16>(C, cu + (long long)a * DV, cv0[j]);
         }
     }
     __syncthreads();
@@ -262,19 +323,31 @@ __device__ __forceinline__ void mlstm_step_body(
 // goes (holding its 32 values per thread would cost it occupancy) and always loads after the wait
 // (both load paths took it from 64 to 80 registers, one block per SM less).
 extern "C" __global__ void __launch_bounds__(512) mlstm_step(MLSTM_STEP_PARAMS) {
-    mlstm_step_body<1, 16, 16, true, true>(MLSTM_STEP_ARGS);
+    mlstm_step_body<1, 16, 16, true, true, false>(MLSTM_STEP_ARGS);
 }
 // The same bounded for two blocks per SM (64 registers), for grids of more narrow blocks than SMs
 // (batches 2–4: one wave instead of two). At batch 1 (128 blocks) the unbounded one is faster:
 // bounded, out_proj's GEMV blocks fit beside a step block and wait in place, but the step itself
 // runs longer (batch 1 4.053 → 4.069 ms, batch 2 4.77 → 4.69 ms; H200, three pairs).
 extern "C" __global__ void __launch_bounds__(512, 2) mlstm_step_pair(MLSTM_STEP_PARAMS) {
-    mlstm_step_body<1, 16, 16, true, true>(MLSTM_STEP_ARGS);
+    mlstm_step_body<1, 16, 16, true, true, false>(MLSTM_STEP_ARGS);
 }
 // Wide tiles (64 columns as float2, 8 warps, 16 rows each loaded up front, the rest in batches of 8):
 // fewer, fuller blocks for larger batches. Needs DV even. 64 registers, so 4 blocks share an SM;
 // with 32 rows up front (96 registers, 2 blocks per SM) batch 64 took 6% longer per step, and
 // 8 rows, or 4 warps, were in between.
 extern "C" __global__ void __launch_bounds__(256) mlstm_step_wide(MLSTM_STEP_PARAMS) {
-    mlstm_step_body<2, 8, 16, false, false>(MLSTM_STEP_ARGS);
+    mlstm_step_body<2, 8, 16, false, false, false>(MLSTM_STEP_ARGS);
+}
+// The three with C in bf16 (`--state-dtype bf16`: half the state's bytes each way).
+extern "C" __global__ void __launch_bounds__(512) mlstm_step_c16(MLSTM_STEP_PARAMS) {
+    mlstm_step_body<1, 16, 16, true, true, true>(MLSTM_STEP_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(512, 2) mlstm_step_pair_c16(MLSTM_STEP_PARAMS) {
+    mlstm_step_body<1, 16, 16, true, true, true>(MLSTM_STEP_ARGS);
+}
+// The wide one takes 128 columns (4 bf16 a lane: a warp's row is 256 contiguous bytes, as the f32
+// tile's), in the registers the f32 tile's 64 take. Needs DV % 4 == 0.
+extern "C" __global__ void __launch_bounds__(256) mlstm_step_wide_c16(MLSTM_STEP_PARAMS) {
+    mlstm_step_body<4, 8, 16, false, false, true>(MLSTM_STEP_ARGS);
 }

@@ -17,7 +17,7 @@
 //! A signature no graph has (other buffers, batch, state) or an op that cannot be recorded (an
 //! allocation, a scratch that must grow) *breaks* the step: that op returns an error before doing
 //! anything, nothing of the step has run, and `step_end` asks for the step again — recorded after a
-//! failed replay, eager after a failed recording. Three failed recordings in a row switch capture
+//! replay no graph fits, eager after a failed recording or a replay that met an unrecordable op. Three failed recordings in a row switch capture
 //! off. `XLSTM_CUDA_GRAPHS=0` switches it off from the start.
 use cudarc::driver::sys::{self, CUgraph, CUgraphExec, CUstream};
 use xlstm_core::{Error, Result};
@@ -60,6 +60,8 @@ pub(crate) struct Capture {
     pos: usize,
     flushed: bool,
     broken: bool,
+    /// The step broke on an op that cannot be recorded (an allocation, a scratch that must grow).
+    setup: bool,
     capturing: bool,
     warm: bool,
     next: Option<Mode>,
@@ -98,6 +100,7 @@ impl Capture {
             pos: 0,
             flushed: false,
             broken: false,
+            setup: false,
             capturing: false,
             warm: false,
             next: None,
@@ -144,6 +147,7 @@ impl Capture {
         self.in_step = true;
         self.flushed = false;
         self.broken = false;
+        self.setup = false;
         self.pos = 0;
         let usable = self.enabled && self.record_failures < 3;
         self.mode = match self.next.take() {
@@ -205,6 +209,7 @@ impl Capture {
             Mode::Eager => Ok(()),
             _ => {
                 self.broken = true;
+                self.setup = true;
                 Err(broken_err())
             }
         }
@@ -314,6 +319,11 @@ impl Capture {
                     again = true;
                     if mode == Mode::Record {
                         self.record_failures += 1;
+                        self.next = Some(Mode::Eager);
+                    } else if self.setup {
+                        // a replay met an op that cannot be recorded (a new model's or batch's
+                        // first step allocates): a recording would fail the same way, and count
+                        // towards switching capture off, so the retry runs eager
                         self.next = Some(Mode::Eager);
                     } else {
                         // no graph fits this step: record it on the retry

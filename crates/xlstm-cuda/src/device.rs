@@ -75,6 +75,7 @@ pub(crate) struct Funcs {
     pub scaled_add: CUfunction,
     pub copy_cols: CUfunction,
     pub to_half: CUfunction,
+    pub from_half: CUfunction,
     pub read_sum: CUfunction,
     pub rms_norm: CUfunction,
     pub group_norm: CUfunction,
@@ -87,6 +88,8 @@ pub(crate) struct Funcs {
     pub mlstm_step: CUfunction,
     pub mlstm_step_wide: CUfunction,
     pub mlstm_step_pair: CUfunction,
+    /// The three with C in bf16: narrow, pair, wide.
+    pub mlstm_step_c16: [CUfunction; 3],
     pub chunk_states: CUfunction,
     pub chunk_out: CUfunction,
     /// Tensor-core chunk kernels: [TF32, exact (split TF32)].
@@ -126,6 +129,8 @@ pub(crate) struct Scratches {
     pub counters: Scratch,
     /// Chunkwise prefill: states entering each chunk, and each chunk's gate terms.
     pub cs: Scratch,
+    /// Chunkwise prefill of a bf16 state: its C widened to f32 for the chunk kernels.
+    pub c32: Scratch,
     pub gates: Scratch,
     pub ns: Scratch,
     pub ms: Scratch,
@@ -240,10 +245,10 @@ impl Dev {
             modules.push(module);
             Ok(fs)
         };
-        let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum", "gated_act_split", "split_cols"])?;
+        let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum", "gated_act_split", "split_cols", "from_half"])?;
         let n = get("norm", &["rms_norm", "group_norm", "group_norm_warp", "rms_gate_dots", "group_norm_warp4", "group_norm_warp4h"])?;
         let g = get("gemv", &["gemv_r1", "gemv_r2", "gemv_r3", "gemv_r4", "dots_f32"])?;
-        let m = get("mlstm", &["mlstm_step", "mlstm_step_wide", "mlstm_step_pair"])?;
+        let m = get("mlstm", &["mlstm_step", "mlstm_step_wide", "mlstm_step_pair", "mlstm_step_c16", "mlstm_step_pair_c16", "mlstm_step_wide_c16"])?;
         let mc = get(
             "mlstm_chunk",
             &[
@@ -273,6 +278,7 @@ impl Dev {
             read_sum: e[8],
             gated_act_split: e[9],
             split_cols: e[10],
+            from_half: e[11],
             rms_norm: n[0],
             group_norm: n[1],
             group_norm_warp: n[2],
@@ -284,6 +290,7 @@ impl Dev {
             mlstm_step: m[0],
             mlstm_step_wide: m[1],
             mlstm_step_pair: m[2],
+            mlstm_step_c16: [m[3], m[4], m[5]],
             chunk_states: mc[0],
             chunk_out: mc[1],
             chunk_states_tc: [mc[2], mc[3]],

@@ -219,6 +219,21 @@ impl StepLayout {
     }
 }
 
+/// An mLSTM state's device pointers, and whether its C is bf16 (`MlstmState::c_dtype`).
+#[derive(Clone, Copy)]
+struct StatePtrs {
+    c: CUdeviceptr,
+    n: CUdeviceptr,
+    m: CUdeviceptr,
+    c16: bool,
+}
+
+impl StatePtrs {
+    fn of(s: &MlstmState<CudaBuf>) -> Self {
+        StatePtrs { c: s.c.ptr, n: s.n.ptr, m: s.m.ptr, c16: s.c_dtype != DType::F32 }
+    }
+}
+
 /// `split_cols` (kernels/elementwise.cu): one output's column block.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -637,39 +652,63 @@ impl CudaBackend {
     /// One mLSTM step kernel. `pdl`: its launch may overlap the previous kernel's tail (the kernel
     /// waits for that kernel before its first read).
     #[allow(clippy::too_many_arguments)]
-    fn mstep(&self, dev: &Dev, d: MlstmDims, batch: usize, p: [CUdeviceptr; 5], gate_bias: Option<(CUdeviceptr, CUdeviceptr, f32)>, s: (CUdeviceptr, CUdeviceptr, CUdeviceptr), eps: f32, h: CUdeviceptr, fused: Option<(CUdeviceptr, CUdeviceptr, f32, CUdeviceptr)>, pdl: bool, layout: StepLayout) -> Result<()> {
+    fn mstep(&self, dev: &Dev, d: MlstmDims, batch: usize, p: [CUdeviceptr; 5], gate_bias: Option<(CUdeviceptr, CUdeviceptr, f32)>, s: StatePtrs, eps: f32, h: CUdeviceptr, fused: Option<(CUdeviceptr, CUdeviceptr, f32, CUdeviceptr)>, pdl: bool, layout: StepLayout) -> Result<()> {
         let units = batch * d.heads;
         let counters = dev.scratch(|s| &mut s.counters, units * 4, true)?;
         let (ib, fb, cap) = gate_bias.unwrap_or((0, 0, 0.0));
         let (o, hnw, neps, hn) = fused.unwrap_or((0, 0, 0.0, 0));
         let mut a = KArgs::new();
         a.i(d.heads).i(d.dk).i(d.dv).p(p[0]).p(p[1]).p(p[2]).p(p[3]).p(p[4]).p(ib).p(fb).f(cap);
-        a.p(s.0).p(s.1).p(s.2).f(eps).p(h).p(o).p(hnw).f(neps).p(hn).p(counters);
+        a.p(s.c).p(s.n).p(s.m).f(eps).p(h).p(o).p(hnw).f(neps).p(hn).p(counters);
         a.i(layout.ld[0]).i(layout.ld[1]).i(layout.ld[2]).i(layout.ld[3]).i(dt_code(layout.hn));
         // The state is read before waiting for the previous kernel when no launch it may overlap
         // wrote it (a decode step's; not the next token of a prompt's token-by-token loop).
-        let early = pdl && dev.state_settled(s.0);
+        let early = pdl && dev.state_settled(s.c);
         a.i(early as usize);
-        // Wide tiles (64 columns, 256 threads) once there are enough units to fill the GPU twice over;
-        // narrow ones (32 columns, 512 threads) give more blocks to small batches, two per SM once
-        // there are more of them than SMs.
+        // Wide tiles (64 columns, 256 threads; 128 with C in bf16) once there are enough units to
+        // fill the GPU twice over; narrow ones (32 columns, 512 threads) give more blocks to small
+        // batches, two per SM once there are more of them than SMs.
         let smem = (3 * d.dk * 4) as u32;
         let narrow = units * d.dv.div_ceil(32);
-        if d.dv % 2 == 0 && units * d.dv.div_ceil(64) >= 2 * dev.sms as usize {
-            dev.launch_pdl(dev.f.mlstm_step_wide, (d.dv.div_ceil(64) as u32, units as u32, 1), 256, smem, &mut a, pdl)?;
+        let pick = |f32_kernel, c16_kernel| if s.c16 { c16_kernel } else { f32_kernel };
+        let [narrow_c16, pair_c16, wide_c16] = dev.f.mlstm_step_c16;
+        let (wide_cols, wide_step) = if s.c16 { (128, 4) } else { (64, 2) };
+        if d.dv % wide_step == 0 && units * d.dv.div_ceil(wide_cols) >= 2 * dev.sms as usize {
+            dev.launch_pdl(pick(dev.f.mlstm_step_wide, wide_c16), (d.dv.div_ceil(wide_cols) as u32, units as u32, 1), 256, smem, &mut a, pdl)?;
         } else {
-            let f = if narrow > dev.sms as usize { dev.f.mlstm_step_pair } else { dev.f.mlstm_step };
+            let f = if narrow > dev.sms as usize { pick(dev.f.mlstm_step_pair, pair_c16) } else { pick(dev.f.mlstm_step, narrow_c16) };
             dev.launch_pdl(f, (d.dv.div_ceil(32) as u32, units as u32, 1), 512, smem, &mut a, pdl)?;
         }
-        dev.note_state_write(s.0);
+        dev.note_state_write(s.c);
         Ok(())
     }
 
     /// Chunkwise prefill of `seq` tokens (state batch 1) on gate pre-activations already capped.
     /// `qkv`: q, k, v as (pointer, row stride); strides other than NH·DK, NH·DK, NH·DV only for the
     /// tensor-core kernels (`chunk_tc`); bf16 values with `bf16` (the bf16 kernels: `chunk_bf16`).
+    /// A bf16 C is widened into an f32 scratch for the chunk kernels and rounded back after them
+    /// (once per prompt segment, as a step rounds it once per token).
     #[allow(clippy::too_many_arguments)]
-    fn mchunk(&self, dev: &Dev, d: MlstmDims, seq: usize, chunk: usize, qkv: [(CUdeviceptr, usize); 3], i: CUdeviceptr, f: CUdeviceptr, s: &MlstmState<CudaBuf>, eps: f32, h: CUdeviceptr, bf16: bool) -> Result<()> {
+    fn mchunk(&self, dev: &Dev, d: MlstmDims, seq: usize, chunk: usize, qkv: [(CUdeviceptr, usize); 3], i: CUdeviceptr, f: CUdeviceptr, s: StatePtrs, eps: f32, h: CUdeviceptr, bf16: bool) -> Result<()> {
+        if !s.c16 {
+            return self.mchunk_f32(dev, d, seq, chunk, qkv, i, f, s, eps, h, bf16);
+        }
+        let n = d.heads * d.dk * d.dv;
+        let c32 = dev.scratch(|s| &mut s.c32, n * 4, false)?;
+        let mut a = KArgs::new();
+        a.p(s.c).p(c32).i(n).i(dt_code(DType::BF16));
+        self.ew(dev, dev.f.from_half, n, &mut a)?;
+        self.mchunk_f32(dev, d, seq, chunk, qkv, i, f, StatePtrs { c: c32, c16: false, ..s }, eps, h, bf16)?;
+        let mut a = KArgs::new();
+        a.p(c32).p(s.c).i(n).i(dt_code(DType::BF16));
+        self.ew(dev, dev.f.to_half, n, &mut a)?;
+        dev.note_state_write(s.c);
+        Ok(())
+    }
+
+    /// `mchunk` on an f32 C.
+    #[allow(clippy::too_many_arguments)]
+    fn mchunk_f32(&self, dev: &Dev, d: MlstmDims, seq: usize, chunk: usize, qkv: [(CUdeviceptr, usize); 3], i: CUdeviceptr, f: CUdeviceptr, s: StatePtrs, eps: f32, h: CUdeviceptr, bf16: bool) -> Result<()> {
         let [(q, ldq), (k, ldk), (v, ldv)] = qkv;
         let l = chunk.clamp(1, 64);
         let nc = seq.div_ceil(l);
@@ -695,9 +734,9 @@ impl CudaBackend {
             // every chunk's gate terms first, which both kernels then read
             let gates = dev.scratch(|s| &mut s.gates, nc * d.heads * CHUNK_GATE_STRIDE * 4, false)?;
             let mut a = KArgs::new();
-            a.i(d.heads).i(seq).i(l).p(i).p(f).p(s.m.ptr).p(gates);
+            a.i(d.heads).i(seq).i(l).p(i).p(f).p(s.m).p(gates);
             dev.launch(dev.f.chunk_gates, (d.heads as u32, 1, 1), 1024, 0, &mut a)?;
-            sa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).i(ldk).p(v).i(ldv).p(gates).p(s.c.ptr).p(s.n.ptr).p(cs).p(ns).i(stages);
+            sa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).i(ldk).p(v).i(ldv).p(gates).p(s.c).p(s.n).p(cs).p(ns).i(stages);
             oa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(q).i(ldq).p(k).i(ldk).p(v).i(ldv).p(gates).p(cs).p(ns).f(eps).p(h);
             let out_grid = (d.dv.div_ceil(128) as u32, nc as u32, d.heads as u32);
             if bf16 {
@@ -707,14 +746,14 @@ impl CudaBackend {
             }
         } else {
             let ms = dev.scratch(|s| &mut s.ms, (nc + 1) * d.heads * 4, false)?;
-            sa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).p(v).p(i).p(f).p(s.c.ptr).p(s.n.ptr).p(s.m.ptr).p(cs).p(ns).p(ms);
-            oa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(q).p(k).p(v).p(i).p(f).p(cs).p(ns).p(ms).p(s.m.ptr).f(eps).p(h);
+            sa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(k).p(v).p(i).p(f).p(s.c).p(s.n).p(s.m).p(cs).p(ns).p(ms);
+            oa.i(d.heads).i(d.dk).i(d.dv).i(seq).i(l).p(q).p(k).p(v).p(i).p(f).p(cs).p(ns).p(ms).p(s.m).f(eps).p(h);
             (dev.f.chunk_states, 0, dev.f.chunk_out, (d.dv.div_ceil(64) as u32, nc as u32, d.heads as u32))
         };
         if choice.only != Some(ChunkPhase::Out) {
             dev.launch(states, states_grid, 256, states_smem, &mut sa)?;
             // (a decode step launched right after it must not read the state early)
-            dev.note_state_write(s.c.ptr);
+            dev.note_state_write(s.c);
         }
         if choice.only == Some(ChunkPhase::States) {
             return Ok(());
@@ -770,8 +809,9 @@ impl CudaBackend {
         let words = [
             opc::MLSTM_ADD, xp, rows as u64, width as u64, w.norm.ptr, w.eps.to_bits() as u64, q.ptr, ig.ptr, w.ibias.ptr, w.fbias.ptr,
             w.gate_cap.to_bits() as u64, state.c.ptr, state.n.ptr, state.m.ptr, w.cell_eps.to_bits() as u64, w.head_norm.ptr, w.out_proj.ptr, xnp, hp, ip, fp, 0,
+            StatePtrs::of(state).c16 as u64,
         ];
-        let st = (state.c.ptr, state.n.ptr, state.m.ptr);
+        let st = StatePtrs::of(state);
         self.op(&words, |dev| {
             let xh = dev.half_scratch(rows * width, None)?;
             self.rms(dev, xp, rows, width, w.norm.ptr, w.eps, xnp, xh, dt)?;
@@ -815,7 +855,7 @@ impl CudaBackend {
     }
 
     fn check_mlstm(op: &str, d: MlstmDims, rows: usize, batch: usize, bufs: [&CudaBuf; 6], s: &MlstmState<CudaBuf>) -> Result<()> {
-        shapes::mlstm("cuda", op, d, rows, batch, bufs.map(|b| b.len), [s.c.len, s.n.len, s.m.len])?;
+        shapes::mlstm("cuda", op, d, rows, batch, bufs.map(|b| b.len), [s.c.len, s.n.len, s.m.len], s.c_dtype, true)?;
         if d.dk == 0 || d.dv == 0 || d.dk > 4096 {
             return Err(Error::Device(format!("cuda {op}: head dims {}×{} unsupported (DK ≤ 4096)", d.dk, d.dv)));
         }
@@ -996,6 +1036,11 @@ impl Backend for CudaBackend {
 
     fn expect_matrix_bytes(&self, bytes: usize) {
         self.slab.lock().expect("slab lock").announced = bytes;
+    }
+
+    /// C in f32, or bf16 (the `_c16` step kernels; the chunkwise prefill widens it around its kernels).
+    fn state_dtypes(&self) -> &'static [DType] {
+        &[DType::F32, DType::BF16]
     }
 
     fn set_weight_dtype(&self, dtype: DType) {
@@ -1248,9 +1293,9 @@ impl Backend for CudaBackend {
     fn mlstm_step(&self, d: MlstmDims, batch: usize, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, i: &CudaBuf, f: &CudaBuf, s: &mut MlstmState<CudaBuf>, eps: f32, h: &mut CudaBuf) -> Result<()> {
         Self::check_mlstm("mlstm_step", d, batch, batch, [q, k, v, i, f, h], s)?;
         let p = [q.ptr, k.ptr, v.ptr, i.ptr, f.ptr];
-        let st = (s.c.ptr, s.n.ptr, s.m.ptr);
+        let st = StatePtrs::of(s);
         let hp = h.ptr;
-        let w = [opc::MSTEP, d.heads as u64, d.dk as u64, d.dv as u64, batch as u64, p[0], p[1], p[2], p[3], p[4], st.0, st.1, st.2, eps.to_bits() as u64, hp];
+        let w = [opc::MSTEP, d.heads as u64, d.dk as u64, d.dv as u64, batch as u64, p[0], p[1], p[2], p[3], p[4], st.c, st.n, st.m, eps.to_bits() as u64, hp, st.c16 as u64];
         self.op(&w, |dev| {
             if batch == 0 {
                 return Ok(());
@@ -1267,8 +1312,8 @@ impl Backend for CudaBackend {
             MlstmKernel::Sequence => 0,
         };
         let hp = h.ptr;
-        let w = [opc::MPREFILL, chunk as u64, d.heads as u64, d.dk as u64, d.dv as u64, seq as u64, q.ptr, k.ptr, v.ptr, i.ptr, f.ptr, s.c.ptr, s.n.ptr, s.m.ptr, eps.to_bits() as u64, hp];
-        let s: &MlstmState<CudaBuf> = s;
+        let st = StatePtrs::of(s);
+        let w = [opc::MPREFILL, chunk as u64, d.heads as u64, d.dk as u64, d.dv as u64, seq as u64, q.ptr, k.ptr, v.ptr, i.ptr, f.ptr, st.c, st.n, st.m, eps.to_bits() as u64, hp, st.c16 as u64];
         self.op(&w, |dev| {
             if seq == 0 {
                 return Ok(());
@@ -1278,12 +1323,12 @@ impl Backend for CudaBackend {
                 for t in 0..seq {
                     let off = |base: u64, width: usize| base + (4 * t * width) as u64;
                     let p = [off(q.ptr, nh * d.dk), off(k.ptr, nh * d.dk), off(v.ptr, nh * d.dv), off(i.ptr, nh), off(f.ptr, nh)];
-                    self.mstep(dev, d, 1, p, None, (s.c.ptr, s.n.ptr, s.m.ptr), eps, off(hp, nh * d.dv), None, true, StepLayout::packed(d))?;
+                    self.mstep(dev, d, 1, p, None, st, eps, off(hp, nh * d.dv), None, true, StepLayout::packed(d))?;
                 }
                 Ok(())
             } else {
                 let (qk, vw) = (d.heads * d.dk, d.heads * d.dv);
-                self.mchunk(dev, d, seq, chunk, [(q.ptr, qk), (k.ptr, qk), (v.ptr, vw)], i.ptr, f.ptr, s, eps, hp, false)
+                self.mchunk(dev, d, seq, chunk, [(q.ptr, qk), (k.ptr, qk), (v.ptr, vw)], i.ptr, f.ptr, st, eps, hp, false)
             }
         })
     }
@@ -1434,9 +1479,9 @@ impl Backend for CudaBackend {
         }
         let Some(kernel) = kernel else {
             let p = [q.ptr, k.ptr, v.ptr, i.ptr, f.ptr];
-            let st = (state.c.ptr, state.n.ptr, state.m.ptr);
+            let st = StatePtrs::of(state);
             let (hp, op, nwp, hnp, ib, fb) = (h.ptr, o.ptr, norm.ptr, hn.ptr, ibias.ptr, fbias.ptr);
-            let words = [opc::MCELL, d.heads as u64, d.dk as u64, d.dv as u64, rows as u64, p[0], p[1], p[2], p[3], p[4], ib, fb, cap.to_bits() as u64, st.0, st.1, st.2, eps.to_bits() as u64, hp, op, nwp, norm_eps.to_bits() as u64, hnp];
+            let words = [opc::MCELL, d.heads as u64, d.dk as u64, d.dv as u64, rows as u64, p[0], p[1], p[2], p[3], p[4], ib, fb, cap.to_bits() as u64, st.c, st.n, st.m, eps.to_bits() as u64, hp, op, nwp, norm_eps.to_bits() as u64, hnp, st.c16 as u64];
             return self.op(&words, |dev| self.mstep(dev, d, rows, p, Some((ib, fb, cap)), st, eps, hp, Some((op, nwp, norm_eps, hnp)), true, StepLayout::packed(d)));
         };
         // Prefill: gates, chunkwise cell, then LayerNorm and the output gate in one kernel.
@@ -1475,8 +1520,9 @@ impl Backend for CudaBackend {
         let words = [
             opc::MLSTM_ADD, xp, rows as u64, width as u64, w.norm.ptr, w.eps.to_bits() as u64, q.ptr, ig.ptr, fg.ptr, w.ibias.ptr, w.fbias.ptr,
             w.gate_cap.to_bits() as u64, state.c.ptr, state.n.ptr, state.m.ptr, w.cell_eps.to_bits() as u64, w.head_norm.ptr, w.out_proj.ptr, hp, chunk as u64,
+            StatePtrs::of(state).c16 as u64,
         ];
-        let st: &MlstmState<CudaBuf> = state;
+        let st = StatePtrs::of(state);
         self.op(&words, |dev| {
             let xh = dev.half_scratch(rows * width, None)?;
             let mut a = KArgs::new();

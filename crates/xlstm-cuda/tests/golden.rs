@@ -202,3 +202,62 @@ fn batched_step_equals_single_steps() {
         }
     }
 }
+
+/// States with C in bf16 (`--state-dtype bf16`): the golden prompt, chunkwise and step by step, stays
+/// within the bound of a bfloat16 model (3e-2; each step rounds C to bf16, 2^-9 relative), the
+/// state holds half the bytes, a saved state (written as f32, read back into bf16: exact) continues
+/// as the live one does, and decode graphs replay what eager steps compute.
+#[test]
+fn bf16_state() {
+    let Some((g, _l)) = gpu("bf16_state") else { return };
+    let exp = Expected::load("large_tiny");
+    let mut model = load(&g, "large_tiny", DType::F32);
+    let f32_bytes = model.new_state(1).unwrap().bytes();
+    model.set_state_dtype(DType::BF16).unwrap();
+    let chunk = model.chunk_size;
+    let (_, err, st) = golden_prefill(&mut model, "large_tiny", MlstmKernel::Chunkwise { chunk });
+    eprintln!("bf16 state: chunkwise logits rel err {err:.2e}");
+    assert!(err < 3e-2, "bf16 state: chunkwise logits rel err {err:e}");
+    let cells = st.to_host(&g).unwrap();
+    for (name, _, got) in &cells {
+        let e = rel_err(got, &exp.f64(name));
+        assert!(e < 3e-2, "bf16 state: {name} rel err {e:e}");
+    }
+    let dims: Vec<_> = st.layers.iter().map(|l| match l {
+        LayerState::Mlstm { cell, .. } => (cell.dims.heads * cell.dims.dk * cell.dims.dv, cell.c_dtype),
+        _ => panic!(),
+    }).collect();
+    let c_values: usize = dims.iter().map(|(n, _)| n).sum();
+    assert!(dims.iter().all(|(_, dt)| *dt == DType::BF16));
+    assert_eq!(st.bytes(), f32_bytes - 2 * c_values, "C takes 2 bytes a value");
+    let (_, err) = golden_steps(&mut model, "large_tiny");
+    eprintln!("bf16 state: step logits rel err {err:.2e}");
+    assert!(err < 3e-2, "bf16 state: step logits rel err {err:e}");
+
+    // save and restore, then one more step from each
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.safetensors");
+    st.save(&g, &path).unwrap();
+    let mut back = model.new_state(1).unwrap();
+    back.load_into(&g, &path).unwrap();
+    let mut live = st;
+    let ids = exp.ids("input_ids");
+    assert_eq!(model.step(&[ids[3]], &mut back).unwrap(), model.step(&[ids[3]], &mut live).unwrap(), "a restored bf16 state continues exactly");
+
+    // decode graphs (batch 1 and 6) against eager steps
+    for batch in [1usize, 6] {
+        let run = |model: &mut Model<CudaBackend>, graphs: bool| {
+            g.set_graphs(graphs);
+            let mut st = model.new_state(batch).unwrap();
+            let mut out = Vec::new();
+            for t in 0..8 {
+                let step: Vec<u32> = (0..batch).map(|b| ids[(t + 5 * b) % ids.len()]).collect();
+                out.extend(model.step(&step, &mut st).unwrap());
+            }
+            out
+        };
+        let eager = run(&mut model, false);
+        let graphed = run(&mut model, true);
+        assert_eq!(graphed, eager, "batch {batch}: bf16 state: graph replay differs from eager steps");
+    }
+}

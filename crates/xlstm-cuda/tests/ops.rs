@@ -6,6 +6,10 @@
 //!   1e-5 for single ops, 1e-4 for the recurrent cells over many steps (summation order differs);
 //! - cuBLAS products with 16-bit weights (activations rounded to bf16 / f16 for the tensor cores):
 //!   1e-2 for bf16 (8-bit mantissa), 2e-3 for f16.
+//! - mLSTM states with C in bf16 (`--state-dtype bf16`) against the CPU's f32 cell with its C rounded
+//!   to bf16 (nearest even) wherever the GPU rounds it: the same bounds as f32 for h, n, m; 1e-4
+//!   for C (the two sides' f32 updates may differ in the last bit, which flips a bf16 rounding for
+//!   about one value in 2^16: ~1e-5 relative; a wrong rounding mode gives ~1e-3).
 //!
 //! Without a usable GPU every test prints SKIP and passes.
 mod common;
@@ -13,6 +17,7 @@ mod common;
 use common::*;
 use xlstm_core::backend::{Activation, Backend, ConvDims, FfnScratch, HeadwiseDims, MlstmDims, MlstmHalf, MlstmKernel, MlstmScratch, MlstmState, SlstmGates, SlstmState};
 use xlstm_core::tensor::{DType, HostTensor};
+use xlstm_core::state::{download_values, upload_values};
 use xlstm_core::CpuBackend;
 use xlstm_cuda::{CudaBackend, CudaBuf};
 
@@ -270,7 +275,7 @@ fn m_inputs(rng: &mut Rng, rows: usize, d: MlstmDims) -> MInputs {
 
 fn cpu_state(c: &CpuBackend, rng: &mut Rng, d: MlstmDims, batch: usize, warm: bool) -> MlstmState<Vec<f32>> {
     let u = batch * d.heads;
-    let mut s = MlstmState { c: vec![0.0; u * d.dk * d.dv], n: vec![0.0; u * d.dk], m: vec![0.0; u], dims: d };
+    let mut s = MlstmState { c: vec![0.0; u * d.dk * d.dv], n: vec![0.0; u * d.dk], m: vec![0.0; u], dims: d, c_dtype: DType::F32 };
     if warm {
         // a few real steps so that C, n, m are non-trivial
         for _ in 0..3 {
@@ -282,12 +287,22 @@ fn cpu_state(c: &CpuBackend, rng: &mut Rng, d: MlstmDims, batch: usize, warm: bo
     s
 }
 
-fn gpu_state(g: &CudaBackend, s: &MlstmState<Vec<f32>>) -> MlstmState<CudaBuf> {
-    MlstmState { c: up(g, &s.c), n: up(g, &s.n), m: up(g, &s.m), dims: s.dims }
+/// The CPU state on the GPU with C in `c_dtype` (bf16: `cs.c` must already be rounded to it).
+fn gpu_state(g: &CudaBackend, s: &MlstmState<Vec<f32>>, c_dtype: DType) -> MlstmState<CudaBuf> {
+    let c = upload_values(g, &s.c, c_dtype).unwrap();
+    MlstmState { c, n: up(g, &s.n), m: up(g, &s.m), dims: s.dims, c_dtype }
+}
+
+/// With a bf16 GPU state: the CPU state's C rounded as the GPU rounds it (nearest even).
+fn round_c(cs: &mut MlstmState<Vec<f32>>, c_dtype: DType) {
+    if c_dtype == DType::BF16 {
+        cs.c.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+    }
 }
 
 fn assert_state(what: &str, g: &CudaBackend, gs: &MlstmState<CudaBuf>, cs: &MlstmState<Vec<f32>>, tol: f64) {
-    assert_close(&format!("{what} C"), &down(g, &gs.c), &cs.c, tol);
+    let c_tol = if gs.c_dtype == DType::F32 { tol } else { tol.max(1e-4) };
+    assert_close(&format!("{what} C ({})", gs.c_dtype), &download_values(g, &gs.c, cs.c.len(), gs.c_dtype).unwrap(), &cs.c, c_tol);
     assert_close(&format!("{what} n"), &down(g, &gs.n), &cs.n, tol);
     assert_close(&format!("{what} m"), &down(g, &gs.m), &cs.m, tol);
 }
@@ -300,22 +315,31 @@ fn mlstm_step_batched() {
     // the last four cases are large enough for the wide-tile kernel (DK 256 and 320: more rows than it
     // loads up front; DK 320: more than its threads; DV 640: the head norm's loop past the register
     // path)
-    for &(nh, dk, dv, batch) in &[(2usize, 32usize, 64usize, 1usize), (3, 16, 40, 3), (8, 256, 512, 2), (8, 64, 128, 40), (4, 256, 128, 36), (4, 320, 128, 36), (4, 32, 640, 8)] {
+    // Each with C in f32 and in bf16: 8×256×512 at batch 1 takes the narrow kernel (128 blocks), at
+    // batch 2 the pair one (256 blocks), the wide cases the wide one (DV 192: the bf16 tile's second
+    // block of 128 columns half empty).
+    let cases = [(2usize, 32usize, 64usize, 1usize), (3, 16, 40, 3), (8, 256, 512, 2), (8, 256, 512, 1), (8, 64, 128, 40), (4, 64, 192, 40), (4, 256, 128, 36), (4, 320, 128, 36), (4, 32, 640, 8)];
+    for (&(nh, dk, dv, batch), c_dtype) in cases.iter().flat_map(|c| [(c, DType::F32), (c, DType::BF16)]) {
         let d = MlstmDims { heads: nh, dk, dv };
+        let what = |op: &str| format!("{op} {nh}x{dk}x{dv} b{batch} C {c_dtype}");
         // h sums DK products and divides by max(|q·n|, e^-m), which can nearly cancel: its f32
         // rounding grows with DK (1.3e-5 relative seen at DK 256); the state is elementwise.
-        let tol_h = 1e-5 * (dk as f64 / 64.0).max(1.0);
+        // With C in bf16 a rounding the two sides take differently (one value in ~2^16, off by one
+        // bf16 step: 2^-8) reaches the next steps' h: up to 1.5e-5 seen at 4×32×640, batch 8.
+        let tol_h = 1e-5 * (dk as f64 / 64.0).max(1.0) * if c_dtype == DType::F32 { 1.0 } else { 5.0 };
         let mut cs = cpu_state(&c, &mut rng, d, batch, true);
-        let mut gs = gpu_state(&g, &cs);
+        round_c(&mut cs, c_dtype);
+        let mut gs = gpu_state(&g, &cs, c_dtype);
         for _ in 0..4 {
             let x = m_inputs(&mut rng, batch, d);
             let mut ch = vec![0f32; batch * nh * dv];
             let mut gh = up(&g, &vec![f32::NAN; batch * nh * dv]);
             c.mlstm_step(d, batch, &x.q, &x.k, &x.v, &x.i, &x.f, &mut cs, 1e-6, &mut ch).unwrap();
+            round_c(&mut cs, c_dtype);
             g.mlstm_step(d, batch, &up(&g, &x.q), &up(&g, &x.k), &up(&g, &x.v), &up(&g, &x.i), &up(&g, &x.f), &mut gs, 1e-6, &mut gh).unwrap();
-            assert_close(&format!("mlstm_step h {nh}x{dk}x{dv} b{batch}"), &down(&g, &gh), &ch, tol_h);
+            assert_close(&what("mlstm_step h"), &down(&g, &gh), &ch, tol_h);
         }
-        assert_state("mlstm_step", &g, &gs, &cs, 1e-5);
+        assert_state(&what("mlstm_step"), &g, &gs, &cs, 1e-5);
         // the fused cell (gates' bias + cap, per-head LayerNorm, output gate) on the same state
         let x = m_inputs(&mut rng, batch, d);
         let o = rng.vec(batch * nh * dv, 2.0);
@@ -323,12 +347,13 @@ fn mlstm_step_batched() {
         let (mut ci, mut cf) = (x.i.clone(), x.f.clone());
         let (mut ch, mut chn) = (vec![0f32; batch * nh * dv], vec![0f32; batch * nh * dv]);
         c.mlstm_gated_cell(None, d, batch, &x.q, &x.k, &x.v, &o, &mut ci, &mut cf, &ib, &fb, 15.0, &mut cs, 1e-6, &hw, 1e-6, &mut ch, &mut chn).unwrap();
+        round_c(&mut cs, c_dtype);
         let (mut gi, mut gf) = (up(&g, &x.i), up(&g, &x.f));
         let (mut gh, mut ghn) = (g.zeros(batch * nh * dv).unwrap(), g.zeros(batch * nh * dv).unwrap());
         g.mlstm_gated_cell(None, d, batch, &up(&g, &x.q), &up(&g, &x.k), &up(&g, &x.v), &up(&g, &o), &mut gi, &mut gf, &up(&g, &ib), &up(&g, &fb), 15.0, &mut gs, 1e-6, &up(&g, &hw), 1e-6, &mut gh, &mut ghn).unwrap();
-        assert_close(&format!("fused cell h {nh}x{dk}x{dv} b{batch}"), &down(&g, &gh), &ch, tol_h);
-        assert_close(&format!("fused cell hn {nh}x{dk}x{dv} b{batch}"), &down(&g, &ghn), &chn, 1e-4);
-        assert_state("fused cell", &g, &gs, &cs, 1e-5);
+        assert_close(&what("fused cell h"), &down(&g, &gh), &ch, tol_h);
+        assert_close(&what("fused cell hn"), &down(&g, &ghn), &chn, 1e-4);
+        assert_state(&what("fused cell"), &g, &gs, &cs, 1e-5);
     }
 }
 
@@ -366,7 +391,7 @@ fn mlstm_prefill_chunkwise_and_sequence() {
                         continue;
                     }
                     let mut cs = cpu_state(&c, &mut rng, d, 1, warm);
-                    let mut gs = gpu_state(&g, &cs);
+                    let mut gs = gpu_state(&g, &cs, DType::F32);
                     let x = m_inputs(&mut rng, seq, d);
                     let mut ch = vec![0f32; seq * nh * dv];
                     let mut gh = up(&g, &vec![f32::NAN; seq * nh * dv]);
@@ -382,6 +407,53 @@ fn mlstm_prefill_chunkwise_and_sequence() {
         g.set_weight_dtype(DType::F32);
     }
     g.set_chunk_states_stages(most);
+}
+
+/// A prompt into a state whose C is bf16: the chunkwise path widens C to f32 around the chunk kernels
+/// and rounds it once at the end; the sequence path rounds it after every token (each a step). The
+/// CPU reference rounds its f32 C at the same points.
+#[test]
+fn mlstm_prefill_bf16_state() {
+    let Some((g, _l)) = gpu("mlstm_prefill_bf16_state") else { return };
+    let c = CpuBackend::new();
+    let mut rng = Rng::fresh("mlstm_prefill_bf16_state");
+    let bf16 = DType::BF16;
+    for &(nh, dk, dv) in &[(2usize, 32usize, 64usize), (4, 128, 256), (8, 256, 512)] {
+        let d = MlstmDims { heads: nh, dk, dv };
+        for weights in [DType::F32, DType::BF16] {
+            g.set_weight_dtype(weights);
+            let tol = if weights == DType::F32 { 1e-4 } else { 1e-2 };
+            for kernel in [MlstmKernel::Chunkwise { chunk: 64 }, MlstmKernel::Sequence] {
+                for &(seq, warm) in &[(37usize, true), (130, true)] {
+                    let mut cs = cpu_state(&c, &mut rng, d, 1, warm);
+                    round_c(&mut cs, bf16);
+                    let mut gs = gpu_state(&g, &cs, bf16);
+                    let x = m_inputs(&mut rng, seq, d);
+                    let mut ch = vec![0f32; seq * nh * dv];
+                    if kernel == MlstmKernel::Sequence {
+                        let (qk, vw) = (nh * dk, nh * dv);
+                        for t in 0..seq {
+                            let row = |v: &[f32], w: usize| v[t * w..(t + 1) * w].to_vec();
+                            let mut h = vec![0f32; vw];
+                            c.mlstm_step(d, 1, &row(&x.q, qk), &row(&x.k, qk), &row(&x.v, vw), &row(&x.i, nh), &row(&x.f, nh), &mut cs, 1e-6, &mut h).unwrap();
+                            round_c(&mut cs, bf16);
+                            ch[t * vw..(t + 1) * vw].copy_from_slice(&h);
+                        }
+                    } else {
+                        c.mlstm_prefill(kernel, d, seq, &x.q, &x.k, &x.v, &x.i, &x.f, &mut cs, 1e-6, &mut ch).unwrap();
+                        round_c(&mut cs, bf16);
+                    }
+                    let mut gh = up(&g, &vec![f32::NAN; seq * nh * dv]);
+                    g.mlstm_prefill(kernel, d, seq, &up(&g, &x.q), &up(&g, &x.k), &up(&g, &x.v), &up(&g, &x.i), &up(&g, &x.f), &mut gs, 1e-6, &mut gh)
+                        .unwrap();
+                    let what = format!("mlstm_prefill {kernel:?} {nh}x{dk}x{dv} seq {seq} {weights} weights, C bf16");
+                    assert_close(&what, &down(&g, &gh), &ch, tol);
+                    assert_state(&what, &g, &gs, &cs, tol);
+                }
+            }
+        }
+        g.set_weight_dtype(DType::F32);
+    }
 }
 
 #[test]
@@ -503,8 +575,8 @@ fn fused_compositions_match_primitive_ops() {
             };
             let x = rng.vec(rows * d, 1.0);
             let mut cstate = cpu_state(&c, &mut rng, dims, batch, true);
-            let mut gstate = gpu_state(&g, &cstate);
-            let mut gstate_half = gpu_state(&g, &cstate);
+            let mut gstate = gpu_state(&g, &cstate, DType::F32);
+            let mut gstate_half = gpu_state(&g, &cstate, DType::F32);
             // CPU: the trait's default compositions (= primitive ops)
             let mut cx = x.clone();
             let z = |n: usize| vec![0f32; n];
@@ -600,7 +672,7 @@ fn norm_mlstm_add_eight_heads() {
         let fb: Vec<f32> = rng.vec(nh, 1.0).iter().map(|v| v + 3.0).collect();
         let x = rng.vec(rows * d, 1.0);
         let mut cstate = cpu_state(&c, &mut rng, dims, if kernel.is_some() { 1 } else { rows }, true);
-        let mut gstate = gpu_state(&g, &cstate);
+        let mut gstate = gpu_state(&g, &cstate, DType::F32);
         let z = |n: usize| vec![0f32; n];
         let mut cx = x.clone();
         let cw = MlstmHalf { norm: &nw, eps: 1e-6, proj: [&mats[0].1, &mats[1].1, &mats[2].1, &mats[3].1, &mats[4].1, &mats[5].1], ibias: &ib, fbias: &fb, gate_cap: 15.0, cell_eps: 1e-6, head_norm: &hw, out_proj: &mats[6].1 };

@@ -353,6 +353,7 @@ fn mlstm_out_on<B: Backend>(b: &B, d: MlstmDims, rows: usize, batch: usize, kern
         n: b.upload(&rnd(batch * nh * d.dk, seed + 10, 0.5)).unwrap(),
         m: b.upload(&rnd(batch * nh, seed + 11, 1.0)).unwrap(),
         dims: d,
+        c_dtype: DType::F32,
     };
     let mut h = b.zeros(rows * nh * d.dv).unwrap();
     let mut hn = b.zeros(rows * nh * d.dv).unwrap();

@@ -5,7 +5,7 @@ use xlstm_core::bench;
 use xlstm_core::config::{LargeConfig, ModelConfig};
 use xlstm_core::{DType, MlstmKernel, Model};
 
-use crate::load::{configure, init_workers, load, on_device, ModelArgs, OnBackend};
+use crate::load::{configure, init_workers, load, on_device, set_state_dtype, ModelArgs, OnBackend};
 use xlstm_core::Backend;
 
 #[derive(clap::Args)]
@@ -74,6 +74,7 @@ fn bench_on<B: Backend>(backend: B, a: Args) -> Result<()> {
         }
         None => load(backend, &a.model)?.model,
     };
+    set_state_dtype(&mut model, &a.model.state_dtype)?;
     let params = match &model.config {
         ModelConfig::Large(c) => c.num_params(),
         ModelConfig::Lm(c) => c.num_params(),
@@ -96,7 +97,7 @@ fn bench_on<B: Backend>(backend: B, a: Args) -> Result<()> {
     // The same weights at the read probe's rate (decode only reads them; on some devices, e.g.
     // wgpu through Vulkan, the copy probe reads far below what the kernels stream).
     let read_floor_ms = decode.weight_bytes_per_step as f64 / (bw.read_gb_s * 1e9) * 1e3;
-    // With the recurrent state read and written too (f32, every sequence): a large batch's floor.
+    // With the recurrent state read and written too (every sequence's): a large batch's floor.
     let state_floor_ms = (decode.weight_bytes_per_step + decode.state_bytes_per_step) as f64 / (bw.copy_gb_s * 1e9) * 1e3;
     let decode_1 = if a.batch == 1 { decode.clone() } else { bench::decode(&mut model, 1, a.gen_len, warmup, head)? };
     // Device memory in use after the runs (weights, states, cached activation buffers, the
@@ -107,6 +108,7 @@ fn bench_on<B: Backend>(backend: B, a: Args) -> Result<()> {
         "family": model.config.family(),
         "parameters": params,
         "dtype": model.dtype.name(),
+        "state_dtype": model.state_dtype().name(),
         "threads": rayon_threads(),
         "prompt_len": a.prompt_len,
         "gen_len": a.gen_len,

@@ -40,6 +40,10 @@ pub struct MlstmState<Buf> {
     pub n: Buf,
     pub m: Buf,
     pub dims: MlstmDims,
+    /// The element type C is kept in: f32, or bf16 where the backend offers it
+    /// ([`Backend::state_dtypes`]; two values to a 4-byte word of `c`, updated in f32 and rounded
+    /// once per step). n and m stay f32.
+    pub c_dtype: DType,
 }
 
 /// The per-sequence recurrent state of one sLSTM layer: c, n, m, h, each [B, width = NH·DH].
@@ -185,6 +189,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// arithmetic of about that precision inside its kernels (the CUDA backend's chunkwise prefill
     /// rounds operands to TF32 for 16-bit weights); f32 weights keep f32 arithmetic. Default: nothing.
     fn set_weight_dtype(&self, _dtype: DType) {}
+    /// The element types this backend keeps an mLSTM state's C in (`--state-dtype`); f32 first.
+    /// Default: f32 only.
+    fn state_dtypes(&self) -> &'static [DType] {
+        &[DType::F32]
+    }
     /// Releases cached memory the backend holds beyond live buffers (the watchdog's `empty_cache`).
     fn release_cache(&self) -> Result<()> {
         Ok(())

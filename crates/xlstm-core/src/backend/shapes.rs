@@ -2,6 +2,7 @@
 //! the op's dimensions need, so that a wrong shape is the same clear error on every device.
 //! `device` names the backend in the message ("cpu", "cuda", "wgpu").
 use super::{ConvDims, MlstmDims};
+use crate::tensor::DType;
 use crate::error::{Error, Result};
 
 /// A buffer `what` holding `have` values where the op needs `need`.
@@ -13,7 +14,15 @@ pub fn len(device: &str, op: &str, what: &str, have: usize, need: usize) -> Resu
 }
 
 /// The mLSTM cell over `rows` rows of `batch` sequences: `io` = q, k, v, i, f, h; `state` = C, n, m.
-pub fn mlstm(device: &str, op: &str, d: MlstmDims, rows: usize, batch: usize, io: [usize; 6], state: [usize; 3]) -> Result<()> {
+/// `state`: the lengths of C, n, m in 4-byte words; C holds `c_dtype` (bf16: two values a word),
+/// which the backend must take (`c16`: it takes 16-bit C).
+#[allow(clippy::too_many_arguments)]
+pub fn mlstm(device: &str, op: &str, d: MlstmDims, rows: usize, batch: usize, io: [usize; 6], state: [usize; 3], c_dtype: DType, c16: bool) -> Result<()> {
+    if c_dtype != DType::F32 && !(c16 && c_dtype == DType::BF16) {
+        return Err(Error::Device(format!("{device} {op}: this backend keeps the mLSTM state's C in f32, not {c_dtype}")));
+    }
+    let mut state = state;
+    state[0] = state[0] * 4 / c_dtype.size();
     let nh = d.heads;
     let need_io = [rows * nh * d.dk, rows * nh * d.dk, rows * nh * d.dv, rows * nh, rows * nh, rows * nh * d.dv];
     for ((what, have), need) in ["q", "k", "v", "i", "f", "h"].into_iter().zip(io).zip(need_io) {

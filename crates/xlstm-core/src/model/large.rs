@@ -166,9 +166,9 @@ impl<B: Backend> LargeNet<B> {
 }
 
 impl<B: Backend> Network<B> for LargeNet<B> {
-    fn new_state(&self, backend: &B, batch: usize) -> Result<Vec<LayerState<B::Buf>>> {
+    fn new_state(&self, backend: &B, batch: usize, c_dtype: DType) -> Result<Vec<LayerState<B::Buf>>> {
         (0..self.blocks.len())
-            .map(|_| Ok(LayerState::Mlstm { cell: mlstm_zeros(backend, self.dims, batch)?, conv: None }))
+            .map(|_| Ok(LayerState::Mlstm { cell: mlstm_zeros(backend, self.dims, batch, c_dtype)?, conv: None }))
             .collect()
     }
 

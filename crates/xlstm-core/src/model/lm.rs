@@ -960,14 +960,14 @@ fn conv_zeros<B: Backend>(b: &B, dims: ConvDims, batch: usize) -> Result<ConvSta
 }
 
 impl<B: Backend> Network<B> for LmNet<B> {
-    fn new_state(&self, b: &B, batch: usize) -> Result<Vec<LayerState<B::Buf>>> {
+    fn new_state(&self, b: &B, batch: usize, c_dtype: DType) -> Result<Vec<LayerState<B::Buf>>> {
         let dm = self.dims;
         self.blocks
             .iter()
             .map(|blk| {
                 Ok(match blk {
                     Block::M(_) => LayerState::Mlstm {
-                        cell: mlstm_zeros(b, dm.m_cell(), batch)?,
+                        cell: mlstm_zeros(b, dm.m_cell(), batch, c_dtype)?,
                         conv: Some(conv_zeros(b, ConvDims { channels: dm.inner, kernel: dm.m_k }, batch)?),
                     },
                     Block::S(_) => {

@@ -43,8 +43,8 @@ impl LogitRows {
 
 /// What a model family implements: its layers over a block of rows, and its state layout.
 pub trait Network<B: Backend>: Send {
-    /// Fresh (zero) state for `batch` sequences.
-    fn new_state(&self, backend: &B, batch: usize) -> Result<Vec<LayerState<B::Buf>>>;
+    /// Fresh (zero) state for `batch` sequences, the mLSTM cells' C in `c_dtype`.
+    fn new_state(&self, backend: &B, batch: usize, c_dtype: DType) -> Result<Vec<LayerState<B::Buf>>>;
     /// Runs `ids` (laid out as `rows` says) through every layer, advancing `state`, and returns the
     /// requested logits as host f32, row-major [n, V].
     fn forward(&mut self, backend: &B, ids: &[u32], rows: Rows, state: &mut [LayerState<B::Buf>], logits: LogitRows) -> Result<Vec<f32>>;
@@ -176,6 +176,8 @@ pub struct Model<B: Backend> {
     /// A prompt's activation buffers for up to this many rows (tokens per prefill pass) are kept
     /// for the next prompt; larger ones are freed when it is done ([`KEEP_PROMPT_ROWS`] unless set).
     pub keep_prompt_rows: usize,
+    /// The element type of the mLSTM states' C in new states (f32 unless `set_state_dtype`).
+    state_dtype: DType,
     net: Box<dyn Network<B>>,
     /// Samples memory between segments and tokens; None when switched off.
     pub watchdog: Option<crate::watchdog::Watchdog>,
@@ -202,7 +204,7 @@ impl<B: Backend> Model<B> {
             ModelConfig::Lm(c) => (Box::new(lm::LmNet::new(&backend, c, weights)?), 64),
         };
         let prefill_segment = backend.prefill_segment();
-        Ok(Model { backend, config, dtype, chunk_size, prefill_segment, keep_prompt_rows: KEEP_PROMPT_ROWS, net, watchdog: None, segments: Vec::new(), events: Vec::new() })
+        Ok(Model { backend, config, dtype, chunk_size, prefill_segment, keep_prompt_rows: KEEP_PROMPT_ROWS, state_dtype: DType::F32, net, watchdog: None, segments: Vec::new(), events: Vec::new() })
     }
 
     /// A model of `config`'s shape with random weights (for trying things out and benchmarks).
@@ -225,7 +227,29 @@ impl<B: Backend> Model<B> {
         if batch == 0 {
             return Err(Error::Input("batch size must be at least 1".into()));
         }
-        Ok(State { batch, position: 0, fingerprint: self.fingerprint(), layers: self.net.new_state(&self.backend, batch)? })
+        Ok(State { batch, position: 0, fingerprint: self.fingerprint(), layers: self.net.new_state(&self.backend, batch, self.state_dtype)? })
+    }
+
+    /// Keeps the mLSTM states' C of states made from now on in `dtype` (`--state-dtype`): f32, or
+    /// bf16 where the backend offers it (half the state's memory and traffic; every step's update
+    /// is rounded to bf16, as NX-AI's `inference_state_dtype = "bfloat16"` does).
+    pub fn set_state_dtype(&mut self, dtype: DType) -> Result<()> {
+        let offered = self.backend.state_dtypes();
+        if !offered.contains(&dtype) {
+            let names: Vec<&str> = offered.iter().map(|d| d.name()).collect();
+            return Err(Error::Input(format!(
+                "state dtype {dtype} is not available on {}: it keeps the mLSTM states' C in {}; use --state-dtype {}, or --device cuda (f32 or bf16)",
+                self.backend.name(),
+                names.join(" or "),
+                names[0]
+            )));
+        }
+        self.state_dtype = dtype;
+        Ok(())
+    }
+
+    pub fn state_dtype(&self) -> DType {
+        self.state_dtype
     }
 
     pub fn backend_name(&self) -> String {
