@@ -9,6 +9,10 @@
 //! decode steps of the 7B model from their graph and writes every traced block's record (kernel
 //! tag, grid size and block, SM, start / after-wait / prologue-done / end in ns) to FILE as CSV;
 //! `examples/trace_summary.py FILE` sums it up per kernel of a layer.
+//!
+//! With `--products` it only times the decode step's four products at the 7B shape for batches of
+//! 3–64 rows (µs and weight GB/s; each call takes the next of four copies of the weights, so that
+//! they stream from memory, not from L2).
 use std::time::Instant;
 
 use xlstm_core::backend::{Activation, Backend, MlstmDims, MlstmKernel, MlstmState};
@@ -55,6 +59,10 @@ fn main() {
     let g = CudaBackend::new(0).expect("a usable CUDA device");
     println!("{{\"device\":\"{}\"}}", g.device_name());
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--products") {
+        products(&g);
+        return;
+    }
     if let Some(path) = args.iter().position(|a| a == "--trace").and_then(|i| args.get(i + 1)) {
         return trace_decode(&g, path);
     }
@@ -203,6 +211,30 @@ fn main() {
         println!("{{\"prefill_8192_op\":\"{op}\",\"calls\":{calls},\"ms\":{:.2}}}", s * 1e3);
     }
     g.set_op_timing(false);
+}
+
+/// The decode products (q/k/v/o merged, out_proj + residual, [gate; up], down + residual) at several
+/// batch sizes, as the model calls them (`matmul`, `matmul_add`).
+fn products(g: &CudaBackend) {
+    let shapes = [("qkvo", 12288usize, 4096usize, false), ("out_proj_add", 4096, 4096, true), ("gate_up", 21888, 4096, false), ("down_add", 4096, 10944, true)];
+    for &(name, n, k, add) in &shapes {
+        let ws: Vec<CudaMat> = (0..4).map(|i| mat(g, n, k, i as u64 + 1)).collect();
+        for rows in [3usize, 4, 8, 16, 32, 64] {
+            let x = buf(g, rows * k, 0.01);
+            let mut out = buf(g, rows * n, 0.0);
+            let mut tmp = buf(g, 1, 0.0);
+            let us = time(g, 40, |i| {
+                let w = &ws[i % ws.len()];
+                if add {
+                    g.matmul_add(&x, rows, w, n, &mut tmp, &mut out).unwrap()
+                } else {
+                    g.matmul(&x, rows, w, &mut out).unwrap()
+                }
+            });
+            let gb_s = (n * k * 2) as f64 / us / 1e3;
+            println!("{{\"product\":\"{name}\",\"rows\":{rows},\"us\":{us:.1},\"weight_gb_s\":{gb_s:.0}}}");
+        }
+    }
 }
 
 /// Three graph-replayed batch-1 decode steps of the 7B model, every traced block's record to `path`.

@@ -325,8 +325,9 @@ fn mlstm_step_batched() {
         // h sums DK products and divides by max(|q·n|, e^-m), which can nearly cancel: its f32
         // rounding grows with DK (1.3e-5 relative seen at DK 256); the state is elementwise.
         // With C in bf16 a rounding the two sides take differently (one value in ~2^16, off by one
-        // bf16 step: 2^-8) reaches the next steps' h: up to 1.5e-5 seen at 4×32×640, batch 8.
-        let tol_h = 1e-5 * (dk as f64 / 64.0).max(1.0) * if c_dtype == DType::F32 { 1.0 } else { 5.0 };
+        // bf16 step: 2^-8) stays in the state and reaches the next steps' h: up to 5.2e-5 seen (8×64×128,
+        // batch 40, after five steps); a wrong rounding mode would be off by ~2^-9 ≈ 2e-3.
+        let tol_h = 1e-5 * (dk as f64 / 64.0).max(1.0) * if c_dtype == DType::F32 { 1.0 } else { 20.0 };
         let mut cs = cpu_state(&c, &mut rng, d, batch, true);
         round_c(&mut cs, c_dtype);
         let mut gs = gpu_state(&g, &cs, c_dtype);
