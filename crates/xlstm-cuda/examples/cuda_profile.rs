@@ -216,7 +216,14 @@ fn main() {
 /// The decode products (q/k/v/o merged, out_proj + residual, [gate; up], down + residual) at several
 /// batch sizes, as the model calls them (`matmul`, `matmul_add`).
 fn products(g: &CudaBackend) {
-    let shapes = [("qkvo", 12288usize, 4096usize, false), ("out_proj_add", 4096, 4096, true), ("gate_up", 21888, 4096, false), ("down_add", 4096, 10944, true)];
+    let shapes = [
+        ("qkvo", 12288usize, 4096usize, false),
+        ("out_proj_add", 4096, 4096, true),
+        ("out_proj", 4096, 4096, false),
+        ("gate_up", 21888, 4096, false),
+        ("down_add", 4096, 10944, true),
+        ("down", 4096, 10944, false),
+    ];
     for &(name, n, k, add) in &shapes {
         let ws: Vec<CudaMat> = (0..4).map(|i| mat(g, n, k, i as u64 + 1)).collect();
         for rows in [3usize, 4, 8, 16, 32, 64] {

@@ -307,6 +307,16 @@ fn assert_state(what: &str, g: &CudaBackend, gs: &MlstmState<CudaBuf>, cs: &Mlst
     assert_close(&format!("{what} m"), &down(g, &gs.m), &cs.m, tol);
 }
 
+/// The GPU's prefill of `x` (one sequence) into `gs` against the CPU's h and state (`want`).
+fn assert_gpu_prefill(what: &str, g: &CudaBackend, kernel: MlstmKernel, x: &MInputs, gs: &mut MlstmState<CudaBuf>, want: (&[f32], &MlstmState<Vec<f32>>), tol: f64) {
+    let d = gs.dims;
+    let seq = x.i.len() / d.heads;
+    let mut gh = up(g, &vec![f32::NAN; seq * d.heads * d.dv]);
+    g.mlstm_prefill(kernel, d, seq, &up(g, &x.q), &up(g, &x.k), &up(g, &x.v), &up(g, &x.i), &up(g, &x.f), gs, 1e-6, &mut gh).unwrap();
+    assert_close(what, &down(g, &gh), want.0, tol);
+    assert_state(what, g, gs, want.1, tol);
+}
+
 #[test]
 fn mlstm_step_batched() {
     let Some((g, _l)) = gpu("mlstm_step_batched") else { return };
@@ -395,13 +405,9 @@ fn mlstm_prefill_chunkwise_and_sequence() {
                     let mut gs = gpu_state(&g, &cs, DType::F32);
                     let x = m_inputs(&mut rng, seq, d);
                     let mut ch = vec![0f32; seq * nh * dv];
-                    let mut gh = up(&g, &vec![f32::NAN; seq * nh * dv]);
                     c.mlstm_prefill(kernel, d, seq, &x.q, &x.k, &x.v, &x.i, &x.f, &mut cs, 1e-6, &mut ch).unwrap();
-                    g.mlstm_prefill(kernel, d, seq, &up(&g, &x.q), &up(&g, &x.k), &up(&g, &x.v), &up(&g, &x.i), &up(&g, &x.f), &mut gs, 1e-6, &mut gh)
-                        .unwrap();
                     let what = format!("mlstm_prefill {kernel:?} {nh}x{dk}x{dv} seq {seq} warm {warm} {weights} weights, ring of {stages}");
-                    assert_close(&what, &down(&g, &gh), &ch, tol);
-                    assert_state(&what, &g, &gs, &cs, tol);
+                    assert_gpu_prefill(&what, &g, kernel, &x, &mut gs, (&ch, &cs), tol);
                 }
             }
         }
@@ -444,12 +450,8 @@ fn mlstm_prefill_bf16_state() {
                         c.mlstm_prefill(kernel, d, seq, &x.q, &x.k, &x.v, &x.i, &x.f, &mut cs, 1e-6, &mut ch).unwrap();
                         round_c(&mut cs, bf16);
                     }
-                    let mut gh = up(&g, &vec![f32::NAN; seq * nh * dv]);
-                    g.mlstm_prefill(kernel, d, seq, &up(&g, &x.q), &up(&g, &x.k), &up(&g, &x.v), &up(&g, &x.i), &up(&g, &x.f), &mut gs, 1e-6, &mut gh)
-                        .unwrap();
                     let what = format!("mlstm_prefill {kernel:?} {nh}x{dk}x{dv} seq {seq} {weights} weights, C bf16");
-                    assert_close(&what, &down(&g, &gh), &ch, tol);
-                    assert_state(&what, &g, &gs, &cs, tol);
+                    assert_gpu_prefill(&what, &g, kernel, &x, &mut gs, (&ch, &cs), tol);
                 }
             }
         }
