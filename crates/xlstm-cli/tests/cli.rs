@@ -78,6 +78,11 @@ fn generate_runs_the_builtin_default_model() {
     assert_eq!(s["prompt_tokens"], 5);
     assert_eq!(s["generated_tokens"], 12);
     assert!(s["decode_tok_s"].as_f64().unwrap() > 0.0);
+    // the state: 2 layers × 2 heads × (C 32×64, n 32, m 1) f32 values
+    assert_eq!(s["state_dtype"], "f32");
+    let want_mb = (2 * 2 * (32 * 64 + 32 + 1) * 4) as f64 / 1e6;
+    assert!((s["state_mb"].as_f64().unwrap() - want_mb).abs() < 1e-9, "state_mb {} against {want_mb}", s["state_mb"]);
+    assert!(e.contains("state 0.0 MB (f32)"), "stats line names the state: {e}");
 }
 
 #[test]

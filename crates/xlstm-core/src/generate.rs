@@ -66,6 +66,10 @@ pub struct GenerationStats {
     pub decode_ms: f64,
     pub decode_tok_s: f64,
     pub peak_rss_mb: f64,
+    /// The sequence's recurrent state (every layer's; fixed whatever the length), MB, and the
+    /// element type of its mLSTM C matrices.
+    pub state_mb: f64,
+    pub state_dtype: &'static str,
     pub stop_reason: StopReason,
     /// What the memory watchdog did (chunk shrinks), if anything.
     pub memory_events: Vec<String>,
@@ -74,8 +78,16 @@ pub struct GenerationStats {
 impl GenerationStats {
     pub fn line(&self) -> String {
         format!(
-            "prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | peak mem {:.0} MB | stop: {:?}",
-            self.prompt_tokens, self.generated_tokens, self.time_to_first_token_ms, self.prefill_tok_s, self.decode_tok_s, self.peak_rss_mb, self.stop_reason
+            "prompt {} tok | generated {} tok | ttft {:.1} ms | prefill {:.1} tok/s | decode {:.1} tok/s | peak mem {:.0} MB | state {:.1} MB ({}) | stop: {:?}",
+            self.prompt_tokens,
+            self.generated_tokens,
+            self.time_to_first_token_ms,
+            self.prefill_tok_s,
+            self.decode_tok_s,
+            self.peak_rss_mb,
+            self.state_mb,
+            self.state_dtype,
+            self.stop_reason
         )
     }
 }
@@ -252,6 +264,8 @@ pub fn generate<B: Backend>(
         decode_ms: decode_s * 1e3,
         decode_tok_s: if decode_steps > 0 { decode_steps as f64 / decode_s.max(1e-9) } else { 0.0 },
         peak_rss_mb: crate::sys::peak_rss_bytes() as f64 / 1e6,
+        state_mb: state.bytes() as f64 / 1e6,
+        state_dtype: model.state_dtype().name(),
         stop_reason: reason,
         memory_events: std::mem::take(&mut model.events),
     };

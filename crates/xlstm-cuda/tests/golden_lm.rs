@@ -1,7 +1,8 @@
 //! xlstm-lm (mLSTM + sLSTM blocks: conv1d, headwise projections, sLSTM cell, group norms, gated FFN)
 //! on CUDA against the golden case tests/data/lm_tiny (NX-AI `xlstm` 2.0.6, float64): prefill and
-//! step logits within 1e-4 relative (Frobenius), f32 weights; decode steps through the captured graph
-//! equal eager steps at batch 3. Without a usable GPU every test prints SKIP.
+//! step logits within 1e-4 relative (Frobenius), f32 weights (3e-2 with the mLSTM C in bf16); decode
+//! steps through the captured graph equal eager steps at batch 3. Without a usable GPU every test
+//! prints SKIP.
 mod common;
 
 use common::*;
@@ -20,6 +21,23 @@ fn lm_tiny_prefill_and_step() {
     let (_, e) = golden_steps(&mut model, "lm_tiny");
     eprintln!("lm_tiny step: rel err {e:.2e}");
     assert!(e < 1e-4, "lm_tiny step: rel err {e:e}");
+}
+
+/// The mLSTM blocks' C in bf16 (`--state-dtype bf16`; the sLSTM state stays f32): prefill and
+/// steps within the bound of a bfloat16 model (3e-2; each step rounds C to bf16).
+#[test]
+fn lm_tiny_bf16_state() {
+    let Some((g, _l)) = gpu("lm_tiny_bf16_state") else { return };
+    let mut model = Model::load(g.clone(), &case_dir("lm_tiny"), DType::F32).expect("lm_tiny loads on CUDA");
+    model.set_state_dtype(DType::BF16).unwrap();
+    for kernel in [MlstmKernel::Chunkwise { chunk: model.chunk_size }, MlstmKernel::Sequence] {
+        let (_, e, _) = golden_prefill(&mut model, "lm_tiny", kernel);
+        eprintln!("lm_tiny prefill {kernel:?}, bf16 C: rel err {e:.2e}");
+        assert!(e < 3e-2, "lm_tiny prefill {kernel:?}, bf16 C: rel err {e:e}");
+    }
+    let (_, e) = golden_steps(&mut model, "lm_tiny");
+    eprintln!("lm_tiny step, bf16 C: rel err {e:.2e}");
+    assert!(e < 3e-2, "lm_tiny step, bf16 C: rel err {e:e}");
 }
 
 #[test]
