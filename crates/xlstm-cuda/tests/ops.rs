@@ -664,7 +664,17 @@ fn norm_mlstm_add_eight_heads() {
     for (nh, dk, dv) in [(8usize, 64usize, 128usize), (2, 128, 512)] {
     let dims = MlstmDims { heads: nh, dk, dv };
     let (qk, vd) = (nh * dk, nh * dv);
-    for (wdt, rows, kernel) in [(DType::BF16, 300usize, prompt), (DType::F16, 300, prompt), (DType::BF16, 1100, prompt), (DType::BF16, 16, None), (DType::F16, 16, None)] {
+    // (the last two: the mLSTM C in bf16, rounded once after the prompt's chunks and after a step)
+    let bf16 = DType::BF16;
+    for (wdt, rows, kernel, c_dtype) in [
+        (bf16, 300usize, prompt, DType::F32),
+        (DType::F16, 300, prompt, DType::F32),
+        (bf16, 1100, prompt, DType::F32),
+        (bf16, 16, None, DType::F32),
+        (DType::F16, 16, None, DType::F32),
+        (bf16, 300, prompt, bf16),
+        (bf16, 16, None, bf16),
+    ] {
         let mut mats = Vec::new();
         for (r, k, dt) in [(qk, d, wdt), (qk, d, wdt), (vd, d, wdt), (vd, d, wdt), (nh, d, DType::F32), (nh, d, DType::F32), (d, vd, wdt)] {
             let w = rng.vec(r * k, 1.0 / (k as f32).sqrt());
@@ -675,13 +685,15 @@ fn norm_mlstm_add_eight_heads() {
         let fb: Vec<f32> = rng.vec(nh, 1.0).iter().map(|v| v + 3.0).collect();
         let x = rng.vec(rows * d, 1.0);
         let mut cstate = cpu_state(&c, &mut rng, dims, if kernel.is_some() { 1 } else { rows }, true);
-        let mut gstate = gpu_state(&g, &cstate, DType::F32);
+        round_c(&mut cstate, c_dtype);
+        let mut gstate = gpu_state(&g, &cstate, c_dtype);
         let z = |n: usize| vec![0f32; n];
         let mut cx = x.clone();
         let cw = MlstmHalf { norm: &nw, eps: 1e-6, proj: [&mats[0].1, &mats[1].1, &mats[2].1, &mats[3].1, &mats[4].1, &mats[5].1], ibias: &ib, fbias: &fb, gate_cap: 15.0, cell_eps: 1e-6, head_norm: &hw, out_proj: &mats[6].1 };
         let (mut a, mut b, mut q, mut k, mut v, mut o, mut i, mut f, mut h, mut hn) = (z(rows * d), z(rows * d), z(rows * qk), z(rows * qk), z(rows * vd), z(rows * vd), z(rows * nh), z(rows * nh), z(rows * vd), z(rows * vd));
         let cs = MlstmScratch { xn: &mut a, q: &mut q, k: &mut k, v: &mut v, o: &mut o, i: &mut i, f: &mut f, h: &mut h, hn: &mut hn, y: &mut b };
         xlstm_core::backend::norm_mlstm_add_composed(&c, &mut cx, rows, d, dims, kernel, &cw, &mut cstate, cs).unwrap();
+        round_c(&mut cstate, c_dtype);
         let (gnw, ghw, gib, gfb) = (up(&g, &nw), up(&g, &hw), up(&g, &ib), up(&g, &fb));
         let gw = MlstmHalf { norm: &gnw, eps: 1e-6, proj: [&mats[0].0, &mats[1].0, &mats[2].0, &mats[3].0, &mats[4].0, &mats[5].0], ibias: &gib, fbias: &gfb, gate_cap: 15.0, cell_eps: 1e-6, head_norm: &ghw, out_proj: &mats[6].0 };
         let zz = |n: usize| g.zeros(n).unwrap();
@@ -693,7 +705,7 @@ fn norm_mlstm_add_eight_heads() {
         assert!(g.op_times().iter().any(|t| t.0 == "norm_mlstm_add"), "merged path taken ({wdt}, {kernel:?})");
         g.set_op_timing(false);
         // 16-bit products through cuBLAS and TF32 chunk products: 2e-2 (as the fused compositions)
-        let what = format!("norm_mlstm_add, {nh} heads of {dk}×{dv}, width 1024, {wdt}, {rows} rows, {kernel:?}");
+        let what = format!("norm_mlstm_add, {nh} heads of {dk}×{dv}, width 1024, {wdt}, {rows} rows, {kernel:?}, C {c_dtype}");
         eprintln!("{what}: x relative error {:.2e}", rel(&down(&g, &gx), &cx));
         assert_close(&what, &down(&g, &gx), &cx, 2e-2);
         assert_state(&what, &g, &gstate, &cstate, 2e-2);
