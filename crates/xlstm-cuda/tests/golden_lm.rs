@@ -9,18 +9,24 @@ use common::*;
 use xlstm_core::testing::{golden_prefill, golden_steps, Expected};
 use xlstm_core::{DType, MlstmKernel, Model};
 
+/// lm_tiny's prompt through `kernels` and step by step, every logit within `tol` of the reference.
+fn prefill_and_steps(model: &mut Model<xlstm_cuda::CudaBackend>, kernels: &[MlstmKernel], tol: f64, what: &str) {
+    for &kernel in kernels {
+        let (_, e, _) = golden_prefill(model, "lm_tiny", kernel);
+        eprintln!("lm_tiny prefill {kernel:?}{what}: rel err {e:.2e}");
+        assert!(e < tol, "lm_tiny prefill {kernel:?}{what}: rel err {e:e}");
+    }
+    let (_, e) = golden_steps(model, "lm_tiny");
+    eprintln!("lm_tiny step{what}: rel err {e:.2e}");
+    assert!(e < tol, "lm_tiny step{what}: rel err {e:e}");
+}
+
 #[test]
 fn lm_tiny_prefill_and_step() {
     let Some((g, _l)) = gpu("lm_tiny_prefill_and_step") else { return };
     let mut model = Model::load(g.clone(), &case_dir("lm_tiny"), DType::F32).expect("lm_tiny loads on CUDA");
-    for kernel in [MlstmKernel::Chunkwise { chunk: model.chunk_size }, MlstmKernel::Chunkwise { chunk: 16 }, MlstmKernel::Sequence] {
-        let (_, e, _) = golden_prefill(&mut model, "lm_tiny", kernel);
-        eprintln!("lm_tiny prefill {kernel:?}: rel err {e:.2e}");
-        assert!(e < 1e-4, "lm_tiny prefill {kernel:?}: rel err {e:e}");
-    }
-    let (_, e) = golden_steps(&mut model, "lm_tiny");
-    eprintln!("lm_tiny step: rel err {e:.2e}");
-    assert!(e < 1e-4, "lm_tiny step: rel err {e:e}");
+    let kernels = [MlstmKernel::Chunkwise { chunk: model.chunk_size }, MlstmKernel::Chunkwise { chunk: 16 }, MlstmKernel::Sequence];
+    prefill_and_steps(&mut model, &kernels, 1e-4, "");
 }
 
 /// The mLSTM blocks' C in bf16 (`--state-dtype bf16`; the sLSTM state stays f32): prefill and
@@ -30,14 +36,8 @@ fn lm_tiny_bf16_state() {
     let Some((g, _l)) = gpu("lm_tiny_bf16_state") else { return };
     let mut model = Model::load(g.clone(), &case_dir("lm_tiny"), DType::F32).expect("lm_tiny loads on CUDA");
     model.set_state_dtype(DType::BF16).unwrap();
-    for kernel in [MlstmKernel::Chunkwise { chunk: model.chunk_size }, MlstmKernel::Sequence] {
-        let (_, e, _) = golden_prefill(&mut model, "lm_tiny", kernel);
-        eprintln!("lm_tiny prefill {kernel:?}, bf16 C: rel err {e:.2e}");
-        assert!(e < 3e-2, "lm_tiny prefill {kernel:?}, bf16 C: rel err {e:e}");
-    }
-    let (_, e) = golden_steps(&mut model, "lm_tiny");
-    eprintln!("lm_tiny step, bf16 C: rel err {e:.2e}");
-    assert!(e < 3e-2, "lm_tiny step, bf16 C: rel err {e:e}");
+    let kernels = [MlstmKernel::Chunkwise { chunk: model.chunk_size }, MlstmKernel::Sequence];
+    prefill_and_steps(&mut model, &kernels, 3e-2, ", bf16 C");
 }
 
 #[test]
