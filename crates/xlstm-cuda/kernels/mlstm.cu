@@ -37,11 +37,12 @@ __device__ __forceinline__ void store_value(float* out, long long i, float v, in
     else store_half((u16*)out, i, v, dt);
 }
 
-// A lane's CW consecutive values of one row of C, held as their raw bits in CWORDS words: f32, or
+// A lane's CW consecutive values of one row of C, held as their raw bits in CBits::W words: f32, or
 // with C16 bf16 (two to a word, so a row of 4 takes the registers 2 f32 values take). The update runs
-// in f32; a bf16 value is rounded once, when stored.
+// in f32; a bf16 value is rounded once, when stored. f32 rows take CW 1 or 2, bf16 rows 1, 2 or 4.
 template <int CW, bool C16>
 struct CBits {
+    static_assert(C16 ? (CW == 1 || CW == 2 || CW == 4) : (CW == 1 || CW == 2), "c_load / c_store take these widths");
     static constexpr int W = C16 ? (CW + 1) / 2 : CW;
 };
 

@@ -17,8 +17,9 @@
 //! A signature no graph has (other buffers, batch, state) or an op that cannot be recorded (an
 //! allocation, a scratch that must grow) *breaks* the step: that op returns an error before doing
 //! anything, nothing of the step has run, and `step_end` asks for the step again — recorded after a
-//! replay no graph fits, eager after a failed recording or a replay that met an unrecordable op. Three failed recordings in a row switch capture
-//! off. `XLSTM_CUDA_GRAPHS=0` switches it off from the start.
+//! replay no graph fits, eager after a failed recording or a replay that met an unrecordable op.
+//! Three failed recordings in a row switch capture off. `XLSTM_CUDA_GRAPHS=0` switches it off from
+//! the start.
 use cudarc::driver::sys::{self, CUgraph, CUgraphExec, CUstream};
 use xlstm_core::{Error, Result};
 

@@ -219,6 +219,10 @@ impl StepLayout {
     }
 }
 
+/// The element types a state's C may have here (`Backend::state_dtypes`): f32, or bf16 (the `_c16`
+/// step kernels; the chunkwise prefill widens it around its kernels).
+const STATE_DTYPES: &[DType] = &[DType::F32, DType::BF16];
+
 /// An mLSTM state's device pointers, and whether its C is bf16 (`MlstmState::c_dtype`).
 #[derive(Clone, Copy)]
 struct StatePtrs {
@@ -482,10 +486,15 @@ impl CudaBackend {
             return Ok(p);
         }
         let p = dev.half_scratch(n, None)?;
-        let mut a = KArgs::new();
-        a.p(x).p(p).i(n).i(dt_code(dt));
-        self.ew(dev, dev.f.to_half, n, &mut a)?;
+        self.convert(dev, dev.f.to_half, x, p, n, dt)?;
         Ok(p)
+    }
+
+    /// `n` values from `src` into `dst` through `to_half` (f32 → `dt`) or `from_half` (`dt` → f32).
+    fn convert(&self, dev: &Dev, f: cudarc::driver::sys::CUfunction, src: CUdeviceptr, dst: CUdeviceptr, n: usize, dt: DType) -> Result<()> {
+        let mut a = KArgs::new();
+        a.p(src).p(dst).i(n).i(dt_code(dt));
+        self.ew(dev, f, n, &mut a)
     }
 
     /// `out[rows, w.rows] = x · wᵀ (+ beta·out)` through cuBLAS. `xh`: the 16-bit copy of x when w
@@ -695,13 +704,9 @@ impl CudaBackend {
         }
         let n = d.heads * d.dk * d.dv;
         let c32 = dev.scratch(|s| &mut s.c32, n * 4, false)?;
-        let mut a = KArgs::new();
-        a.p(s.c).p(c32).i(n).i(dt_code(DType::BF16));
-        self.ew(dev, dev.f.from_half, n, &mut a)?;
+        self.convert(dev, dev.f.from_half, s.c, c32, n, DType::BF16)?;
         self.mchunk_f32(dev, d, seq, chunk, qkv, i, f, StatePtrs { c: c32, c16: false, ..s }, eps, h, bf16)?;
-        let mut a = KArgs::new();
-        a.p(c32).p(s.c).i(n).i(dt_code(DType::BF16));
-        self.ew(dev, dev.f.to_half, n, &mut a)?;
+        self.convert(dev, dev.f.to_half, c32, s.c, n, DType::BF16)?;
         dev.note_state_write(s.c);
         Ok(())
     }
@@ -855,7 +860,7 @@ impl CudaBackend {
     }
 
     fn check_mlstm(op: &str, d: MlstmDims, rows: usize, batch: usize, bufs: [&CudaBuf; 6], s: &MlstmState<CudaBuf>) -> Result<()> {
-        shapes::mlstm("cuda", op, d, rows, batch, bufs.map(|b| b.len), [s.c.len, s.n.len, s.m.len], s.c_dtype, true)?;
+        shapes::mlstm("cuda", op, d, rows, batch, bufs.map(|b| b.len), [s.c.len, s.n.len, s.m.len], s.c_dtype, STATE_DTYPES)?;
         if d.dk == 0 || d.dv == 0 || d.dk > 4096 {
             return Err(Error::Device(format!("cuda {op}: head dims {}×{} unsupported (DK ≤ 4096)", d.dk, d.dv)));
         }
@@ -1038,9 +1043,8 @@ impl Backend for CudaBackend {
         self.slab.lock().expect("slab lock").announced = bytes;
     }
 
-    /// C in f32, or bf16 (the `_c16` step kernels; the chunkwise prefill widens it around its kernels).
     fn state_dtypes(&self) -> &'static [DType] {
-        &[DType::F32, DType::BF16]
+        STATE_DTYPES
     }
 
     fn set_weight_dtype(&self, dtype: DType) {

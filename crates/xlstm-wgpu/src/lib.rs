@@ -923,7 +923,7 @@ impl WgpuBackend {
     fn mlstm_steps(&self, d: MlstmDims, batch: usize, rows: usize, q: &WgpuBuf, k: &WgpuBuf, v: &WgpuBuf, i: &WgpuBuf, f: &WgpuBuf, bias: Option<(&WgpuBuf, &WgpuBuf, f32)>, s: &mut MlstmState<WgpuBuf>, eps: f32, h: &mut WgpuBuf) -> Result<()> {
         let op = "mlstm";
         let nh = d.heads;
-        shapes::mlstm("wgpu", op, d, rows, batch, [q.len, k.len, v.len, i.len, f.len, h.len], [s.c.len, s.n.len, s.m.len], s.c_dtype, false)?;
+        shapes::mlstm("wgpu", op, d, rows, batch, [q.len, k.len, v.len, i.len, f.len, h.len], [s.c.len, s.n.len, s.m.len], s.c_dtype, &[DType::F32])?;
         let units = batch * nh;
         let scal = self.scratch("mlstm_scal", units * 4)?;
         let (ib, fb, cap, gb) = match bias {
@@ -994,7 +994,7 @@ impl WgpuBackend {
     #[allow(clippy::too_many_arguments)]
     fn mlstm_chunkwise(&self, d: MlstmDims, seq: usize, chunk: usize, q: &WgpuBuf, k: &WgpuBuf, v: &WgpuBuf, i: &WgpuBuf, f: &WgpuBuf, s: &mut MlstmState<WgpuBuf>, eps: f32, h: &mut WgpuBuf) -> Result<()> {
         let nh = d.heads;
-        shapes::mlstm("wgpu", "mlstm", d, seq, 1, [q.len, k.len, v.len, i.len, f.len, h.len], [s.c.len, s.n.len, s.m.len], s.c_dtype, false)?;
+        shapes::mlstm("wgpu", "mlstm", d, seq, 1, [q.len, k.len, v.len, i.len, f.len, h.len], [s.c.len, s.n.len, s.m.len], s.c_dtype, &[DType::F32])?;
         if seq == 0 || d.dk == 0 || d.dv == 0 {
             return Ok(());
         }
@@ -1613,7 +1613,7 @@ impl WgpuBackend {
         let op = "mlstm";
         let nh = d.heads;
         let width = nh * d.dv;
-        shapes::mlstm("wgpu", op, d, batch, batch, [q.len, k.len, v.len, i.len, f.len, h.len], [s.c.len, s.n.len, s.m.len], s.c_dtype, false)?;
+        shapes::mlstm("wgpu", op, d, batch, batch, [q.len, k.len, v.len, i.len, f.len, h.len], [s.c.len, s.n.len, s.m.len], s.c_dtype, &[DType::F32])?;
         check(op, "o", o.len, batch * width)?;
         check(op, "ibias", ibias.len, nh)?;
         check(op, "fbias", fbias.len, nh)?;

@@ -15,13 +15,12 @@ pub fn len(device: &str, op: &str, what: &str, have: usize, need: usize) -> Resu
 
 /// The mLSTM cell over `rows` rows of `batch` sequences: `io` = q, k, v, i, f, h; `state` = C, n, m.
 /// `state`: the lengths of C, n, m in 4-byte words; C holds `c_dtype` (bf16: two values a word),
-/// which the backend must take (`c16`: it takes 16-bit C).
+/// which must be one the backend keeps C in (`offered`: its `Backend::state_dtypes`).
 #[allow(clippy::too_many_arguments)]
-pub fn mlstm(device: &str, op: &str, d: MlstmDims, rows: usize, batch: usize, io: [usize; 6], state: [usize; 3], c_dtype: DType, c16: bool) -> Result<()> {
-    if c_dtype != DType::F32 && !(c16 && c_dtype == DType::BF16) {
-        return Err(Error::Device(format!("{device} {op}: this backend keeps the mLSTM state's C in f32, not {c_dtype}")));
+pub fn mlstm(device: &str, op: &str, d: MlstmDims, rows: usize, batch: usize, io: [usize; 6], mut state: [usize; 3], c_dtype: DType, offered: &[DType]) -> Result<()> {
+    if !offered.contains(&c_dtype) {
+        return Err(Error::Device(format!("{device} {op}: this backend does not keep the mLSTM state's C in {c_dtype}")));
     }
-    let mut state = state;
     state[0] = state[0] * 4 / c_dtype.size();
     let nh = d.heads;
     let need_io = [rows * nh * d.dk, rows * nh * d.dk, rows * nh * d.dv, rows * nh, rows * nh, rows * nh * d.dv];

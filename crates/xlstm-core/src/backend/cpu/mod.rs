@@ -268,7 +268,7 @@ impl Backend for CpuBackend {
 
 #[allow(clippy::too_many_arguments)]
 fn check_mlstm(op: &str, d: MlstmDims, rows: usize, batch: usize, q: &[f32], k: &[f32], v: &[f32], i: &[f32], f: &[f32], s: &MlstmState<Vec<f32>>, h: &[f32]) -> Result<()> {
-    shapes::mlstm("cpu", op, d, rows, batch, [q.len(), k.len(), v.len(), i.len(), f.len(), h.len()], [s.c.len(), s.n.len(), s.m.len()], s.c_dtype, false)
+    shapes::mlstm("cpu", op, d, rows, batch, [q.len(), k.len(), v.len(), i.len(), f.len(), h.len()], [s.c.len(), s.n.len(), s.m.len()], s.c_dtype, &[DType::F32])
 }
 
 #[allow(clippy::too_many_arguments)]
