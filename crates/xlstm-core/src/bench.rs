@@ -70,7 +70,8 @@ pub struct DecodeResult {
     /// Weight bytes one step reads (every matrix once, whatever the batch).
     pub weight_bytes_per_step: usize,
     /// Recurrent-state bytes one step reads and writes (every sequence's state once each way, C
-    /// in its element type): with the weights, what bounds a large batch's step.
+    /// in its element type, written once per `Backend::mlstm_steps_per_write` steps where the
+    /// backend defers its updates): with the weights, what bounds a large batch's step.
     pub state_bytes_per_step: usize,
     pub achieved_gb_s: f64,
     /// Greedy steps recorded before the previous token was read back (`Model::pipe_step`), as
@@ -152,7 +153,7 @@ fn decode_result<B: Backend>(model: &Model<B>, st: &crate::state::State<B>, step
         ms_per_step: per * 1e3,
         tok_s: batch as f64 / per,
         weight_bytes_per_step: bytes,
-        state_bytes_per_step: 2 * st.bytes(),
+        state_bytes_per_step: st.step_traffic(&model.backend) as usize,
         achieved_gb_s: bytes as f64 / per / 1e9,
         pipelined,
         device_allocated_mb: model.backend.allocated_bytes().map(|b| b as f64 / 1e6),

@@ -80,6 +80,7 @@ const STATE_FORMAT: &str = "xlstm-state/1";
 impl<B: Backend> State<B> {
     /// A deep copy (e.g. to branch a conversation from a cached prompt).
     pub fn try_clone(&self, backend: &B) -> Result<Self> {
+        self.settle(backend)?;
         let mut layers = Vec::with_capacity(self.layers.len());
         for l in &self.layers {
             layers.push(clone_layer(backend, l, self.batch)?);
@@ -90,6 +91,7 @@ impl<B: Backend> State<B> {
     /// Named host copies of every tensor as f32 (a bf16 C widened): `state_{layer}_{name}`.
     pub fn to_host(&self, backend: &B) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
         let mut out = Vec::new();
+        self.settle(backend)?;
         for (li, l) in self.layers.iter().enumerate() {
             for (name, shape, buf, dtype) in l.tensors(self.batch) {
                 let len = shape.iter().product();
@@ -99,9 +101,33 @@ impl<B: Backend> State<B> {
         Ok(out)
     }
 
-    /// Bytes the state's tensors take on the device (C in its element type).
+    /// Bytes the state's tensors take on the device (C in its element type; not the room for
+    /// deferred updates).
     pub fn bytes(&self) -> usize {
         self.layers.iter().flat_map(|l| l.tensors(self.batch)).map(|(_, shape, _, dt)| shape.iter().product::<usize>() * dt.size()).sum()
+    }
+
+    /// Bytes a decode step moves to and from the state: every tensor read and written, except that
+    /// with deferred updates a C is written once in `Backend::mlstm_steps_per_write` steps.
+    pub fn step_traffic(&self, backend: &B) -> f64 {
+        let mut saved = 0.0;
+        for l in &self.layers {
+            if let LayerState::Mlstm { cell, .. } = l {
+                let c_bytes = (self.batch * cell.dims.heads * cell.dims.dk * cell.dims.dv * cell.c_dtype.size()) as f64;
+                saved += c_bytes * (1.0 - 1.0 / backend.mlstm_steps_per_write(cell).max(1) as f64);
+            }
+        }
+        2.0 * self.bytes() as f64 - saved
+    }
+
+    /// Folds every mLSTM layer's deferred updates into its C (`Backend::mlstm_settle`).
+    pub fn settle(&self, backend: &B) -> Result<()> {
+        for l in &self.layers {
+            if let LayerState::Mlstm { cell, .. } = l {
+                backend.mlstm_settle(cell)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn save(&self, backend: &B, path: &Path) -> Result<()> {
@@ -162,6 +188,10 @@ impl<B: Backend> State<B> {
             for slot in l.tensors_mut() {
                 *slot = it.next().expect("one upload per tensor");
             }
+            // the new C is whole: nothing deferred stays
+            if let LayerState::Mlstm { cell, .. } = l {
+                cell.pending = pending_room(backend, cell.dims, self.batch, cell.c_dtype)?;
+            }
         }
         self.position = md.get("position").and_then(|p| p.parse().ok()).unwrap_or(0);
         Ok(())
@@ -177,7 +207,14 @@ fn clone_layer<B: Backend>(backend: &B, l: &LayerState<B::Buf>, batch: usize) ->
     let lens: Vec<usize> = l.tensors(batch).iter().map(|(_, s, _, dt)| words(s.iter().product(), *dt)).collect();
     Ok(match l {
         LayerState::Mlstm { cell, conv } => LayerState::Mlstm {
-            cell: MlstmState { c: dup(&cell.c, lens[0])?, n: dup(&cell.n, lens[1])?, m: dup(&cell.m, lens[2])?, dims: cell.dims, c_dtype: cell.c_dtype },
+            cell: MlstmState {
+                c: dup(&cell.c, lens[0])?,
+                n: dup(&cell.n, lens[1])?,
+                m: dup(&cell.m, lens[2])?,
+                dims: cell.dims,
+                c_dtype: cell.c_dtype,
+                pending: pending_room(backend, cell.dims, batch, cell.c_dtype)?,
+            },
             conv: match conv {
                 Some(c) => Some(ConvState { buf: dup(&c.buf, lens[3])?, taps: c.taps, channels: c.channels }),
                 None => None,
@@ -201,7 +238,15 @@ fn clone_layer<B: Backend>(backend: &B, l: &LayerState<B::Buf>, batch: usize) ->
 pub fn mlstm_zeros<B: Backend>(backend: &B, dims: crate::backend::MlstmDims, batch: usize, c_dtype: DType) -> Result<MlstmState<B::Buf>> {
     let u = batch * dims.heads;
     let c = backend.zeros(words(u * dims.dk * dims.dv, c_dtype))?;
-    Ok(MlstmState { c, n: backend.zeros(u * dims.dk)?, m: backend.zeros(u)?, dims, c_dtype })
+    Ok(MlstmState { c, n: backend.zeros(u * dims.dk)?, m: backend.zeros(u)?, dims, c_dtype, pending: pending_room(backend, dims, batch, c_dtype)? })
+}
+
+/// Empty room for the deferred updates of C the backend keeps (`Backend::mlstm_pending_words`).
+fn pending_room<B: Backend>(backend: &B, dims: crate::backend::MlstmDims, batch: usize, c_dtype: DType) -> Result<Option<B::Buf>> {
+    match backend.mlstm_pending_words(dims, batch, c_dtype) {
+        0 => Ok(None),
+        w => backend.zeros(w).map(Some),
+    }
 }
 
 /// The 4-byte buffer words `values` values of `dtype` take (16-bit ones two to a word).

@@ -142,6 +142,9 @@ pub fn assert_pipelined_greedy_matches<B: crate::Backend>(model: &mut crate::Mod
         model.step_top_k(&[t], &mut host, 1).expect("step");
     }
     assert_eq!(st.position, host.position, "{case}: steps run");
+    // C alone (deferred updates folded in) on both sides
+    st.settle(&model.backend).expect("settle");
+    host.settle(&model.backend).expect("settle");
     for (li, (a, b)) in st.layers.iter().zip(&host.layers).enumerate() {
         for ((name, shape, x, dt), (_, _, y, _)) in a.tensors(1).into_iter().zip(b.tensors(1)) {
             let n = shape.iter().product();

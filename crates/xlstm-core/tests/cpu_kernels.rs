@@ -71,7 +71,7 @@ fn case(seed: u64, seq: usize, d: MlstmDims) -> Case {
 }
 
 fn zeros(d: MlstmDims) -> MlstmState<Vec<f32>> {
-    MlstmState { c: vec![0.0; d.heads * d.dk * d.dv], n: vec![0.0; d.heads * d.dk], m: vec![0.0; d.heads], dims: d, c_dtype: DType::F32 }
+    MlstmState { c: vec![0.0; d.heads * d.dk * d.dv], n: vec![0.0; d.heads * d.dk], m: vec![0.0; d.heads], dims: d, c_dtype: DType::F32, pending: None }
 }
 
 fn run(c: &Case, seq: usize, kernel: Option<MlstmKernel>) -> (Vec<f32>, MlstmState<Vec<f32>>) {
@@ -172,10 +172,10 @@ fn mlstm_step_is_batch_invariant() {
     let v = rand_vec(&mut r, b * 24, 1.0);
     let i = rand_vec(&mut r, b * 2, 3.0);
     let f = rand_vec(&mut r, b * 2, 3.0);
-    let mut st = MlstmState { c: rand_vec(&mut r, b * 2 * 96, 0.5), n: rand_vec(&mut r, b * 16, 0.5), m: rand_vec(&mut r, b * 2, 1.0), dims: d, c_dtype: DType::F32 };
+    let mut st = MlstmState { c: rand_vec(&mut r, b * 2 * 96, 0.5), n: rand_vec(&mut r, b * 16, 0.5), m: rand_vec(&mut r, b * 2, 1.0), dims: d, c_dtype: DType::F32, pending: None };
     let mut singles = Vec::new();
     for s in 0..b {
-        let mut one = MlstmState { c: st.c[s * 192..(s + 1) * 192].to_vec(), n: st.n[s * 16..(s + 1) * 16].to_vec(), m: st.m[s * 2..(s + 1) * 2].to_vec(), dims: d, c_dtype: DType::F32 };
+        let mut one = MlstmState { c: st.c[s * 192..(s + 1) * 192].to_vec(), n: st.n[s * 16..(s + 1) * 16].to_vec(), m: st.m[s * 2..(s + 1) * 2].to_vec(), dims: d, c_dtype: DType::F32, pending: None };
         let mut h = vec![0.0; 24];
         be.mlstm_step(d, 1, &q[s * 16..].to_vec(), &k[s * 16..].to_vec(), &v[s * 24..].to_vec(), &i[s * 2..].to_vec(), &f[s * 2..].to_vec(), &mut one, 1e-6, &mut h).unwrap();
         singles.extend(h);

@@ -13,6 +13,10 @@
 //! With `--products` it only times the decode step's four products at the 7B shape for batches of
 //! 3–64 rows (µs and weight GB/s; each call takes the next of four copies of the weights, so that
 //! they stream from memory, not from L2).
+//!
+//! With `--cell [BATCH]` it only times the fused mLSTM cell step at the 7B shape (8 heads × 256 × 512) for
+//! batches of 1–256, C in f32 and bf16, written every step and deferred (the default ring): µs per
+//! step over 64 steps (so write-backs are included) and the state's bytes read per µs.
 use std::time::Instant;
 
 use xlstm_core::backend::{Activation, Backend, MlstmDims, MlstmKernel, MlstmState};
@@ -63,6 +67,11 @@ fn main() {
         products(&g);
         return;
     }
+    if let Some(i) = args.iter().position(|a| a == "--cell") {
+        let rows: Vec<usize> = args.get(i + 1).and_then(|r| r.parse().ok()).map_or(vec![1, 16, 64, 256], |r| vec![r]);
+        cell_steps(&g, &rows);
+        return;
+    }
     if let Some(path) = args.iter().position(|a| a == "--trace").and_then(|i| args.get(i + 1)) {
         return trace_decode(&g, path);
     }
@@ -111,7 +120,7 @@ fn main() {
         println!("{{\"kernel\":\"down+add\",\"rows\":{rows},\"us\":{us:.1},\"gb_s\":{:.0}}}", 2.0 * (ff * d) as f64 / us / 1e3);
         // the fused mLSTM cell (state 8 heads × 256 × 512 per sequence)
         let dims = MlstmDims { heads: nh, dk: 256, dv: 512 };
-        let mut st = MlstmState { c: buf(&g, rows * nh * 256 * 512, 0.0), n: buf(&g, rows * nh * 256, 0.0), m: buf(&g, rows * nh, 0.0), dims, c_dtype: DType::F32 };
+        let mut st = MlstmState { c: buf(&g, rows * nh * 256 * 512, 0.0), n: buf(&g, rows * nh * 256, 0.0), m: buf(&g, rows * nh, 0.0), dims, c_dtype: DType::F32, pending: None };
         let (ib, fb, hw) = (buf(&g, nh, 0.0), buf(&g, nh, 3.0), buf(&g, vd, 1.0));
         let (mut h, mut hn2) = (buf(&g, rows * vd, 0.0), buf(&g, rows * vd, 0.0));
         let us = time(&g, 50, |_| {
@@ -126,7 +135,7 @@ fn main() {
         let seq = 2048;
         let (q, k, v) = (buf(&g, seq * qk, 0.1), buf(&g, seq * qk, 0.1), buf(&g, seq * vd, 0.1));
         let (i, f) = (buf(&g, seq * nh, 0.0), buf(&g, seq * nh, 3.0));
-        let mut st = MlstmState { c: buf(&g, nh * 256 * 512, 0.0), n: buf(&g, nh * 256, 0.0), m: buf(&g, nh, 0.0), dims, c_dtype: DType::F32 };
+        let mut st = MlstmState { c: buf(&g, nh * 256 * 512, 0.0), n: buf(&g, nh * 256, 0.0), m: buf(&g, nh, 0.0), dims, c_dtype: DType::F32, pending: None };
         let mut h = buf(&g, seq * vd, 0.0);
         for (name, tensor_cores, weights) in [("cuda_cores", false, DType::F32), ("tc_exact", true, DType::F32), ("tc_tf32", true, DType::BF16)] {
             g.set_weight_dtype(weights);
@@ -215,6 +224,28 @@ fn main() {
 
 /// The decode products (q/k/v/o merged, out_proj + residual, [gate; up], down + residual) at several
 /// batch sizes, as the model calls them (`matmul`, `matmul_add`).
+fn cell_steps(g: &CudaBackend, batches: &[usize]) {
+    let (nh, vd) = (8usize, 4096usize);
+    let dims = MlstmDims { heads: nh, dk: 256, dv: 512 };
+    let default_cap = g.set_pending_cap(0);
+    for &rows in batches {
+        let (q, k, v, o) = (buf(g, rows * 2048, 0.1), buf(g, rows * 2048, 0.1), buf(g, rows * vd, 0.1), buf(g, rows * vd, 0.1));
+        let (mut i, mut f) = (buf(g, rows * nh, 0.0), buf(g, rows * nh, 3.0));
+        let (ib, fb, hw) = (buf(g, nh, 0.0), buf(g, nh, 3.0), buf(g, vd, 1.0));
+        let (mut h, mut hn) = (buf(g, rows * vd, 0.0), buf(g, rows * vd, 0.0));
+        for c_dtype in [DType::F32, DType::BF16] {
+            for cap in [0, default_cap] {
+                g.set_pending_cap(cap);
+                let mut st = xlstm_core::state::mlstm_zeros(g, dims, rows, c_dtype).unwrap();
+                let us = time(g, 64, |_| g.mlstm_gated_cell(None, dims, rows, &q, &k, &v, &o, &mut i, &mut f, &ib, &fb, 15.0, &mut st, 1e-6, &hw, 1e-6, &mut h, &mut hn).unwrap());
+                let c_bytes = (rows * nh * 256 * 512 * c_dtype.size()) as f64;
+                println!("{{\"kernel\":\"mlstm_cell_step\",\"rows\":{rows},\"c_dtype\":\"{c_dtype}\",\"pending_cap\":{cap},\"us\":{us:.1},\"c_read_gb_s\":{:.0}}}", c_bytes / us / 1e3);
+            }
+        }
+    }
+    g.set_pending_cap(default_cap);
+}
+
 fn products(g: &CudaBackend) {
     let shapes = [
         ("qkvo", 12288usize, 4096usize, false),

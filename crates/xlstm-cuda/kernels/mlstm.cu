@@ -20,7 +20,23 @@
 //   The `_c16` entry points keep C in bf16 (rounded once per step; n, m stay f32).
 //   `c_early` (decode steps): the state was written by an earlier step, not by the kernel launched
 //   just before this one, so the narrow tile loads it before pdl_wait() (off with -DSTEP_EARLY_C=0).
+//
+// Pending updates (the `_pend` entry points): a step reads C but does not write it. Its update v kᵀ joins a
+// ring of up to `pcap` per unit, and h adds the ring's terms to the stored C's:
+//   C_t = e^a · C + Σ_s e^(e_s + a) v_s k_sᵀ,
+// a = the log of the forget factors since C was last written (n, m stay current every step),
+// e_s = ĩ_s − m_s − a_s (the entry's input factor, relative to a when it joined). The step that
+// finds the ring full writes C_t (the ring folded in) and empties it: C's bytes go out once per
+// pcap + 1 steps instead of every step. Layout of `pend`, U units: count [U] u32, a [U],
+// e [U, pcap], k [U, pcap, DK], v [U, pcap, DV]. Anything else that reads or
+// writes C first runs mlstm_settle, which folds the ring in and (the host) zeroes count and a.
 
+
+#ifndef PEND_WIDE_BLOCKS
+#define PEND_WIDE_BLOCKS 3
+#endif
+// The most entries a ring holds (`pcap` ≤ this; a multiple of 4).
+#define PEND_MAX 8
 #ifndef STEP_EARLY_C
 #define STEP_EARLY_C 1
 #endif
@@ -101,25 +117,65 @@ __device__ __forceinline__ void c_store(float* C, long long i, const u32* w) {
     }
 }
 
+// A row's CW new values of C from its stored ones (`w`, as c_load left them): f·C + (ia·k_a)·v
+// (`ks_a` = ia·k_a); with PEND the stored ones unchanged (a step that only reads C), or, when
+// `flush`, e^a·C + the new entry's term + the ring's Σ_s kp[s]·vr[s] (kp: the row's PEND_MAX
+// factors × k_s[a] in shared memory, 16-byte aligned; vr: the lane's v_s in registers; unused
+// entries zero).
+template <int CW, bool C16, bool PEND>
+__device__ __forceinline__ void c_row(const u32* w, float f, float ks_a, const float* vv, bool flush, const float* kp,
+                                      const float (*vr)[CW], float* cn) {
+    if (PEND && !flush) {
+#pragma unroll
+        for (int c = 0; c < CW; ++c) cn[c] = c_value<C16>(w, c);
+        return;
+    }
+#pragma unroll
+    for (int c = 0; c < CW; ++c) cn[c] = f * c_value<C16>(w, c) + ks_a * vv[c];
+    if (PEND) {
+#pragma unroll
+        for (int e4 = 0; e4 < PEND_MAX; e4 += 4) {
+            const float4 k4 = *(const float4*)(kp + e4);
+#pragma unroll
+            for (int c = 0; c < CW; ++c) {
+                cn[c] = fmaf(k4.x, vr[e4][c], cn[c]);
+                cn[c] = fmaf(k4.y, vr[e4 + 1][c], cn[c]);
+                cn[c] = fmaf(k4.z, vr[e4 + 2][c], cn[c]);
+                cn[c] = fmaf(k4.w, vr[e4 + 3][c], cn[c]);
+            }
+        }
+    }
+}
+
 // One block: NW warps, 32·CW columns of one unit's C (lane l owns columns l·CW .. l·CW + CW − 1),
 // PRE rows per warp loaded up front (more rows, if DK > PRE·NW, in batches of 8). C16: C in bf16.
-template <int CW, int NW, int PRE, bool DEFER, bool EARLY, bool C16>
+template <int CW, int NW, int PRE, bool DEFER, bool EARLY, bool C16, bool PEND>
 __device__ __forceinline__ void mlstm_step_body(
     int NH, int DK, int DV,
     const float* q, const float* k, const float* v, const float* ig, const float* fg,
     const float* ibias, const float* fbias, float cap,
     float* C, float* n, float* m, float eps, float* h,
     const float* o, const float* hnw, float neps, float* hn,
-    u32* counters, int ldq, int ldk, int ldv, int ldo, int hn_dt, int c_early) {
+    u32* counters, int ldq, int ldk, int ldv, int ldo, int hn_dt, int c_early, float* pend, int pcap) {
     const u64 tr0 = trace_now();
     extern __shared__ float sm[];
     float* qs = sm;
     float* ks = sm + DK;
     float* nn = sm + 2 * DK;
+    float* kp = sm + 3 * DK;  // PEND, a full ring: its k times each entry's factor [DK][PEND_MAX]
     __shared__ float hred[NW][32 * CW + 1];
     __shared__ float red[32];
     __shared__ int last;
     const int u = blockIdx.y, hd = u % NH;
+    // PEND: the ring (see the header)
+    const int U = gridDim.y;
+    u32* pcount = (u32*)pend;
+    float* plog = pend + U;
+    float* pe = pend + 2 * U;
+    float* pk = pe + (long long)U * pcap;
+    float* pv = pk + (long long)U * pcap * DK;
+    int pt = 0;      // entries pending
+    float pa = 0.f;  // their a
     // this unit's q, k, v, o: sequence u / NH's rows lie ldq, ldk, ldv, ldo values apart
     const long long bq = u / NH, qo = bq * ldq + (long long)hd * DK, ko = bq * ldk + (long long)hd * DK;
     const long long vo = bq * ldv + (long long)hd * DV, oo = bq * ldo + (long long)hd * DV;
@@ -150,6 +206,10 @@ __device__ __forceinline__ void mlstm_step_body(
         }
         ne = (one && tid < DK) ? n[uk + tid] : 0.f;
         mo = m[u];
+        if constexpr (PEND) {
+            pt = (int)pcount[u];
+            pa = plog[u];
+        }
     };
     if (early) load_state();
     pdl_wait();
@@ -169,6 +229,10 @@ __device__ __forceinline__ void mlstm_step_body(
     const float lf = log_sigmoid(fp);
     const float mn = fmaxf(lf + mo, ip);
     const float fa = expf(lf + mo - mn), ia = expf(ip - mn);
+    // PEND: a after this step, and whether this step writes C (the ring is full)
+    const float anew = pa + (lf + mo - mn);
+    const bool flush = PEND && pt >= pcap;
+    const float cfac = PEND ? expf(anew) : fa;  // the factor on the stored C
     const float scale = 1.f / sqrtf((float)DK);
     if (one) {
         if (tid < DK) {
@@ -190,6 +254,22 @@ __device__ __forceinline__ void mlstm_step_body(
     float part = 0.f;
     for (int a = tid; a < DK; a += blockDim.x) part = fmaf(qs[a], nn[a], part);
     const float qn = block_sum(part, red);
+    // A full ring, folded into every value of C the pass below writes: its k times each entry's
+    // factor (shared), its v in this lane's columns (registers).
+    float vr[PEND ? PEND_MAX : 1][CW];
+    if (flush) {
+        for (int i = tid; i < DK * PEND_MAX; i += blockDim.x) {
+            const int a = i / PEND_MAX, e = i - a * PEND_MAX;
+            const long long slot = (long long)u * pcap + e;
+            kp[i] = e < pt ? expf(pe[slot] + anew) * pk[slot * DK + a] : 0.f;
+        }
+#pragma unroll
+        for (int e = 0; e < (PEND ? PEND_MAX : 1); ++e) {
+#pragma unroll
+            for (int c = 0; c < CW; ++c) vr[e][c] = (e < pt && live) ? pv[((long long)u * pcap + e) * DV + col + c] : 0.f;
+        }
+        __syncthreads();
+    }
 
     float acc[CW];
 #pragma unroll
@@ -202,13 +282,13 @@ __device__ __forceinline__ void mlstm_step_body(
             int a = warp + j * NW;
             if (a < DK) {
                 float cn[CW];
+                c_row<CW, C16, PEND>(cv0[j], cfac, ks[a], vv, flush, kp + a * PEND_MAX, vr, cn);
 #pragma unroll
-                for (int c = 0; c < CW; ++c) {
-                    cn[c] = fa * c_value<C16>(cv0[j], c) + ks[a] * vv[c];
-                    acc[c] = fmaf(qs[a], cn[c], acc[c]);
+                for (int c = 0; c < CW; ++c) acc[c] = fmaf(qs[a], cn[c], acc[c]);
+                if (!PEND || flush) {
+                    c_pack<CW, C16>(cn, cv0[j]);
+                    if (!DEFER) c_store<CW, C16>(C, cu + (long long)a * DV, cv0[j]);
                 }
-                c_pack<CW, C16>(cn, cv0[j]);
-                if (!DEFER) c_store<CW, C16>(C, cu + (long long)a * DV, cv0[j]);
             }
         }
         // Rows past the first PRE per warp (DK > PRE·NW): 8 independent loads in flight per thread
@@ -225,15 +305,49 @@ __device__ __forceinline__ void mlstm_step_body(
                 int a = a0 + j * NW;
                 if (a < DK) {
                     float cn[CW];
+                    c_row<CW, C16, PEND>(cv[j], cfac, ks[a], vv, flush, kp + a * PEND_MAX, vr, cn);
 #pragma unroll
-                    for (int c = 0; c < CW; ++c) {
-                        cn[c] = fa * c_value<C16>(cv[j], c) + ks[a] * vv[c];
-                        acc[c] = fmaf(qs[a], cn[c], acc[c]);
+                    for (int c = 0; c < CW; ++c) acc[c] = fmaf(qs[a], cn[c], acc[c]);
+                    if (!PEND || flush) {
+                        c_pack<CW, C16>(cn, cv[j]);
+                        c_store<CW, C16>(C, cu + (long long)a * DV, cv[j]);
                     }
-                    c_pack<CW, C16>(cn, cv[j]);
-                    c_store<CW, C16>(C, cu + (long long)a * DV, cv[j]);
                 }
             }
+        }
+    }
+    if (PEND && !flush) {
+        // h = e^a·(C q) + Σ_s e^(e_s + a)·(k_s·q)·v_s, the new entry's (ks = ia·k, vv) last: warp w
+        // adds entries w, w + NW, ... to its part of the sum
+#pragma unroll
+        for (int c = 0; c < CW; ++c) acc[c] *= cfac;
+        for (int e = warp; e <= pt; e += NW) {
+            const long long slot = (long long)u * pcap + e;
+            float d = 0.f, ve[CW];
+            if (e < pt) {
+#pragma unroll
+                for (int c = 0; c < CW; ++c) ve[c] = live ? pv[slot * DV + col + c] : 0.f;
+                const float* kg = pk + slot * DK;
+                for (int a = lane; a < DK; a += 32) d = fmaf(kg[a], qs[a], d);
+            } else {
+#pragma unroll
+                for (int c = 0; c < CW; ++c) ve[c] = vv[c];
+                for (int a = lane; a < DK; a += 32) d = fmaf(ks[a], qs[a], d);
+            }
+            d = warp_sum(d);
+            const float w = e < pt ? expf(pe[slot] + anew) * d : d;
+#pragma unroll
+            for (int c = 0; c < CW; ++c) acc[c] = fmaf(w, ve[c], acc[c]);
+        }
+        // the new entry: k and e once per unit, v by every block for its columns
+        const long long slot = (long long)u * pcap + pt;
+        if (blockIdx.x == 0) {
+            for (int a = tid; a < DK; a += blockDim.x) pk[slot * DK + a] = k[ko + a];
+            if (tid == 0) pe[slot] = ip - mn - anew;
+        }
+        if (warp == 0 && live) {
+#pragma unroll
+            for (int c = 0; c < CW; ++c) pv[slot * DV + col + c] = vv[c];
         }
     }
 #pragma unroll
@@ -254,7 +368,7 @@ __device__ __forceinline__ void mlstm_step_body(
         u32 prev = atomicAdd(&counters[u], 1u);
         last = (prev == gridDim.x - 1);
     }
-    if (DEFER && live) {
+    if (DEFER && live && (!PEND || flush)) {
 #pragma unroll
         for (int j = 0; j < PRE; ++j) {
             int a = warp + j * NW;
@@ -269,6 +383,10 @@ __device__ __forceinline__ void mlstm_step_body(
     __threadfence();
     for (int a = tid; a < DK; a += blockDim.x) n[uk + a] = nn[a];
     if (tid == 0) { m[u] = mn; counters[u] = 0u; }
+    if (PEND && tid == 0) {
+        pcount[u] = flush ? 0u : (u32)(pt + 1);
+        plog[u] = flush ? 0.f : anew;
+    }
     if (hn && DV <= 2 * (int)blockDim.x) {
         // One read of the unit's h (from L2: other blocks wrote it), o and w, held in registers
         // through both reductions.
@@ -315,8 +433,8 @@ __device__ __forceinline__ void mlstm_step_body(
     int NH, int DK, int DV, const float *q, const float *k, const float *v, const float *ig,     \
         const float *fg, const float *ibias, const float *fbias, float cap, float *C, float *n,    \
         float *m, float eps, float *h, const float *o, const float *hnw, float neps, float *hn,    \
-        u32 *counters, int ldq, int ldk, int ldv, int ldo, int hn_dt, int c_early
-#define MLSTM_STEP_ARGS NH, DK, DV, q, k, v, ig, fg, ibias, fbias, cap, C, n, m, eps, h, o, hnw, neps, hn, counters, ldq, ldk, ldv, ldo, hn_dt, c_early
+        u32 *counters, int ldq, int ldk, int ldv, int ldo, int hn_dt, int c_early, float *pend, int pcap
+#define MLSTM_STEP_ARGS NH, DK, DV, q, k, v, ig, fg, ibias, fbias, cap, C, n, m, eps, h, o, hnw, neps, hn, counters, ldq, ldk, ldv, ldo, hn_dt, c_early, pend, pcap
 
 // Narrow tiles (32 columns, 16 warps): many blocks when there are few units (batch 1..2). Their C
 // stores wait until h is published (DEFER), and with `c_early` their C loads go out before the wait
@@ -324,31 +442,77 @@ __device__ __forceinline__ void mlstm_step_body(
 // goes (holding its 32 values per thread would cost it occupancy) and always loads after the wait
 // (both load paths took it from 64 to 80 registers, one block per SM less).
 extern "C" __global__ void __launch_bounds__(512) mlstm_step(MLSTM_STEP_PARAMS) {
-    mlstm_step_body<1, 16, 16, true, true, false>(MLSTM_STEP_ARGS);
+    mlstm_step_body<1, 16, 16, true, true, false, false>(MLSTM_STEP_ARGS);
 }
 // The same bounded for two blocks per SM (64 registers), for grids of more narrow blocks than SMs
 // (batches 2–4: one wave instead of two). At batch 1 (128 blocks) the unbounded one is faster:
 // bounded, out_proj's GEMV blocks fit beside a step block and wait in place, but the step itself
 // runs longer (batch 1 4.053 → 4.069 ms, batch 2 4.77 → 4.69 ms; H200, three pairs).
 extern "C" __global__ void __launch_bounds__(512, 2) mlstm_step_pair(MLSTM_STEP_PARAMS) {
-    mlstm_step_body<1, 16, 16, true, true, false>(MLSTM_STEP_ARGS);
+    mlstm_step_body<1, 16, 16, true, true, false, false>(MLSTM_STEP_ARGS);
 }
 // Wide tiles (64 columns as float2, 8 warps, 16 rows each loaded up front, the rest in batches of 8):
 // fewer, fuller blocks for larger batches. Needs DV even. 64 registers, so 4 blocks share an SM;
 // with 32 rows up front (96 registers, 2 blocks per SM) batch 64 took 6% longer per step, and
 // 8 rows, or 4 warps, were in between.
 extern "C" __global__ void __launch_bounds__(256) mlstm_step_wide(MLSTM_STEP_PARAMS) {
-    mlstm_step_body<2, 8, 16, false, false, false>(MLSTM_STEP_ARGS);
+    mlstm_step_body<2, 8, 16, false, false, false, false>(MLSTM_STEP_ARGS);
 }
 // The three with C in bf16 (`--state-dtype bf16`: half the state's bytes each way).
 extern "C" __global__ void __launch_bounds__(512) mlstm_step_c16(MLSTM_STEP_PARAMS) {
-    mlstm_step_body<1, 16, 16, true, true, true>(MLSTM_STEP_ARGS);
+    mlstm_step_body<1, 16, 16, true, true, true, false>(MLSTM_STEP_ARGS);
 }
 extern "C" __global__ void __launch_bounds__(512, 2) mlstm_step_pair_c16(MLSTM_STEP_PARAMS) {
-    mlstm_step_body<1, 16, 16, true, true, true>(MLSTM_STEP_ARGS);
+    mlstm_step_body<1, 16, 16, true, true, true, false>(MLSTM_STEP_ARGS);
 }
 // The wide one takes 128 columns (4 bf16 a lane: a warp's row is 256 contiguous bytes, as the f32
 // tile's), in the registers the f32 tile's 64 take. Needs DV % 4 == 0.
 extern "C" __global__ void __launch_bounds__(256) mlstm_step_wide_c16(MLSTM_STEP_PARAMS) {
-    mlstm_step_body<4, 8, 16, false, false, true>(MLSTM_STEP_ARGS);
+    mlstm_step_body<4, 8, 16, false, false, true, false>(MLSTM_STEP_ARGS);
+}
+
+// With deferred updates of C (`pend`: see the header): the wide f32 tile only (where C's bytes
+// dominate; a bf16 C's write-back costs more arithmetic per byte than the step saves). Bounded to
+// 80 registers (3 blocks an SM): unbounded it takes more, and at 64 (4 blocks) it spills (batch
+// 64: 98.5 µs a step at 3 blocks, 101.2 at 4; H200).
+extern "C" __global__ void __launch_bounds__(256, PEND_WIDE_BLOCKS) mlstm_step_wide_pend(MLSTM_STEP_PARAMS) {
+    mlstm_step_body<2, 8, 16, false, false, false, true>(MLSTM_STEP_ARGS);
+}
+
+// mlstm_settle: writes a state's pending updates into C (see the header) before anything other than
+// a step reads or writes it. grid = (ceil(DV / 32), U), block = 256, dynamic shared memory
+// pcap·DK floats. The host zeroes the counts and a after it (they are read by every block).
+template <bool C16>
+__device__ __forceinline__ void mlstm_settle_body(int DK, int DV, float* C, const float* pend, int pcap) {
+    extern __shared__ float sm[];
+    const int U = gridDim.y, u = blockIdx.y;
+    const float* pe = pend + 2 * U;
+    const float* pk = pe + (long long)U * pcap;
+    const float* pv = pk + (long long)U * pcap * DK;
+    const int t = (int)((const u32*)pend)[u];
+    if (t == 0) return;
+    const float a = pend[U + u];
+    for (int i = threadIdx.x; i < t * DK; i += blockDim.x) {
+        const int e = i / DK;
+        const long long slot = (long long)u * pcap + e;
+        sm[i] = expf(pe[slot] + a) * pk[slot * DK + (i - e * DK)];
+    }
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int col = blockIdx.x * 32 + lane;
+    if (col >= DV) return;
+    const float f = expf(a);
+    for (int r = warp; r < DK; r += nw) {
+        const long long i = ((long long)u * DK + r) * DV + col;
+        u32 w[1];
+        c_load<1, C16>(C, i, w);
+        float c = f * c_value<C16>(w, 0);
+        for (int e = 0; e < t; ++e) c = fmaf(sm[e * DK + r], pv[((long long)u * pcap + e) * DV + col], c);
+        c_pack<1, C16>(&c, w);
+        c_store<1, C16>(C, i, w);
+    }
+}
+extern "C" __global__ void __launch_bounds__(256) mlstm_settle(int DK, int DV, float* C, const float* pend, int pcap, int c16) {
+    if (c16) mlstm_settle_body<true>(DK, DV, C, pend, pcap);
+    else mlstm_settle_body<false>(DK, DV, C, pend, pcap);
 }

@@ -85,11 +85,12 @@ pub(crate) struct Funcs {
     pub rms_gate_dots: CUfunction,
     pub gemv: [CUfunction; 4],
     pub dots_f32: CUfunction,
-    pub mlstm_step: CUfunction,
-    pub mlstm_step_wide: CUfunction,
-    pub mlstm_step_pair: CUfunction,
-    /// The three with C in bf16: narrow, pair, wide.
-    pub mlstm_step_c16: [CUfunction; 3],
+    /// The step kernels (kernels/mlstm.cu): [C in bf16][narrow, pair, wide].
+    pub mlstm_step: [[CUfunction; 3]; 2],
+    /// The wide one with deferred updates of C (f32 C).
+    pub mlstm_step_wide_pend: CUfunction,
+    /// Folds a state's deferred updates into C.
+    pub mlstm_settle: CUfunction,
     pub chunk_states: CUfunction,
     pub chunk_out: CUfunction,
     /// Tensor-core chunk kernels: [TF32, exact (split TF32)].
@@ -248,7 +249,19 @@ impl Dev {
         let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum", "gated_act_split", "split_cols", "from_half"])?;
         let n = get("norm", &["rms_norm", "group_norm", "group_norm_warp", "rms_gate_dots", "group_norm_warp4", "group_norm_warp4h"])?;
         let g = get("gemv", &["gemv_r1", "gemv_r2", "gemv_r3", "gemv_r4", "dots_f32"])?;
-        let m = get("mlstm", &["mlstm_step", "mlstm_step_wide", "mlstm_step_pair", "mlstm_step_c16", "mlstm_step_pair_c16", "mlstm_step_wide_c16"])?;
+        let m = get(
+            "mlstm",
+            &[
+                "mlstm_step",
+                "mlstm_step_pair",
+                "mlstm_step_wide",
+                "mlstm_step_c16",
+                "mlstm_step_pair_c16",
+                "mlstm_step_wide_c16",
+                "mlstm_step_wide_pend",
+                "mlstm_settle",
+            ],
+        )?;
         let mc = get(
             "mlstm_chunk",
             &[
@@ -287,10 +300,9 @@ impl Dev {
             group_norm_warp4h: n[5],
             gemv: [g[0], g[1], g[2], g[3]],
             dots_f32: g[4],
-            mlstm_step: m[0],
-            mlstm_step_wide: m[1],
-            mlstm_step_pair: m[2],
-            mlstm_step_c16: [m[3], m[4], m[5]],
+            mlstm_step: [[m[0], m[1], m[2]], [m[3], m[4], m[5]]],
+            mlstm_step_wide_pend: m[6],
+            mlstm_settle: m[7],
             chunk_states: mc[0],
             chunk_out: mc[1],
             chunk_states_tc: [mc[2], mc[3]],

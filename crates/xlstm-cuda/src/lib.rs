@@ -131,7 +131,16 @@ pub struct CudaBackend {
     topk_out: Arc<std::sync::Mutex<Option<CudaBuf>>>,
     /// Greedy decoding kept on the device: its picks and their read-back (greedy.rs).
     chosen: Arc<std::sync::Mutex<greedy::Chosen>>,
+    /// Deferred updates of C a new mLSTM state makes room for (kernels/mlstm.cu: a step reads C
+    /// and writes it once per cap + 1 steps); 0: every step writes C.
+    pending_cap: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// `pending_cap`'s default (`XLSTM_CUDA_PENDING=N` sets it, 0 switches deferral off): C written
+/// every 8th step.
+const PENDING_CAP: usize = 7;
+/// The most entries a ring holds (`PEND_MAX` in kernels/mlstm.cu).
+const PENDING_CAP_MAX: usize = 8;
 
 /// Largest k the device selection takes (more: the logits come back and the host selects).
 const TOP_K_MAX: usize = 256;
@@ -164,13 +173,14 @@ mod opc {
     pub const TOPK: u64 = 22;
     pub const FFN: u64 = 23;
     pub const MLSTM_ADD: u64 = 24;
+    pub const SETTLE: u64 = 25;
 
     /// The op's name, for `CudaBackend::op_times`.
     pub fn name(code: u64) -> &'static str {
-        const NAMES: [&str; 25] = [
+        const NAMES: [&str; 26] = [
             "?", "copy", "embed", "matmul", "rms_norm", "group_norm", "bias_soft_cap", "add", "gated_act", "sigmoid_gate", "scaled_add",
             "copy_cols", "headwise", "conv1d_prefill", "conv1d_step", "mlstm_step", "mlstm_prefill", "slstm", "norm_matmuls", "matmul_add",
-            "norm_gated_up", "mlstm_gated_cell", "head_top_k", "norm_gated_ffn_add", "norm_mlstm_add",
+            "norm_gated_up", "mlstm_gated_cell", "head_top_k", "norm_gated_ffn_add", "norm_mlstm_add", "mlstm_settle",
         ];
         NAMES.get(code as usize).copied().unwrap_or("?")
     }
@@ -223,20 +233,49 @@ impl StepLayout {
 /// step kernels; the chunkwise prefill widens it around its kernels).
 const STATE_DTYPES: &[DType] = &[DType::F32, DType::BF16];
 
-/// An mLSTM state's device pointers, and whether its C is bf16 (`MlstmState::c_dtype`).
+/// An mLSTM state's device pointers, whether its C is bf16 (`MlstmState::c_dtype`), and its
+/// deferred updates' room (0 when none) and capacity.
 #[derive(Clone, Copy)]
 struct StatePtrs {
     c: CUdeviceptr,
     n: CUdeviceptr,
     m: CUdeviceptr,
     c16: bool,
+    pend: CUdeviceptr,
+    pcap: usize,
 }
 
 impl StatePtrs {
     fn of(s: &MlstmState<CudaBuf>) -> Self {
-        StatePtrs { c: s.c.ptr, n: s.n.ptr, m: s.m.ptr, c16: s.c_dtype != DType::F32 }
+        let units = s.m.len;
+        let (pend, pcap) = match &s.pending {
+            Some(p) if units > 0 => (p.ptr, pending_cap_of(p.len / units, s.dims)),
+            _ => (0, 0),
+        };
+        StatePtrs { c: s.c.ptr, n: s.n.ptr, m: s.m.ptr, c16: s.c_dtype != DType::F32, pend, pcap }
     }
 }
+
+/// 4-byte words of deferred-update room per unit for `cap` entries (kernels/mlstm.cu: count, a,
+/// then e, k, v per entry).
+fn pending_unit_words(cap: usize, d: MlstmDims) -> usize {
+    2 + cap * (1 + d.dk + d.dv)
+}
+
+/// The capacity a unit's `words` of room hold (inverse of `pending_unit_words`).
+fn pending_cap_of(words: usize, d: MlstmDims) -> usize {
+    words.saturating_sub(2) / (1 + d.dk + d.dv)
+}
+
+/// Dynamic shared memory of a step kernel: q, k, n', and with deferred updates a full ring's
+/// factors × k for the write-back.
+fn step_smem(d: MlstmDims, pend: bool) -> usize {
+    4 * (3 * d.dk + if pend { PENDING_CAP_MAX * d.dk } else { 0 })
+}
+
+/// Without opting in, a kernel gets 48 KiB of shared memory; the step kernels' static arrays take
+/// up to ~4.3 KiB of it, the rest is for `step_smem`.
+const STEP_SMEM_MAX: usize = 40 * 1024;
 
 /// `split_cols` (kernels/elementwise.cu): one output's column block.
 #[repr(C)]
@@ -296,7 +335,9 @@ impl CudaBackend {
             Ok(r) => {
                 let dev = Arc::new(r?);
                 let chosen = Arc::new(std::sync::Mutex::new(greedy::Chosen::new(dev.clone())));
-                Ok(CudaBackend { dev, slab: Arc::default(), topk_out: Arc::default(), chosen })
+                let cap = std::env::var("XLSTM_CUDA_PENDING").ok().and_then(|v| v.parse().ok()).unwrap_or(PENDING_CAP);
+                let pending_cap = Arc::new(cap.min(PENDING_CAP_MAX).into());
+                Ok(CudaBackend { dev, slab: Arc::default(), topk_out: Arc::default(), chosen, pending_cap })
             }
             Err(p) => {
                 let msg = p
@@ -318,6 +359,12 @@ impl CudaBackend {
     /// switching on also forgets earlier failures.
     pub fn set_graphs(&self, on: bool) {
         self.dev.cap.lock().expect("capture lock").set_enabled(on);
+    }
+
+    /// Sets how many updates of C the mLSTM states created from now on may defer (0: none, every
+    /// step writes C; at most 8); states made earlier keep theirs. Returns the previous setting.
+    pub fn set_pending_cap(&self, cap: usize) -> usize {
+        self.pending_cap.swap(cap.min(PENDING_CAP_MAX), std::sync::atomic::Ordering::Relaxed)
     }
 
     /// (replayed, recorded, eager) decode steps so far.
@@ -673,21 +720,49 @@ impl CudaBackend {
         // The state is read before waiting for the previous kernel when no launch it may overlap
         // wrote it (a decode step's; not the next token of a prompt's token-by-token loop).
         let early = pdl && dev.state_settled(s.c);
-        a.i(early as usize);
+        a.i(early as usize).p(s.pend).i(s.pcap);
         // Wide tiles (64 columns, 256 threads; 128 with C in bf16) once there are enough units to
         // fill the GPU twice over; narrow ones (32 columns, 512 threads) give more blocks to small
         // batches, two per SM once there are more of them than SMs.
-        let smem = (3 * d.dk * 4) as u32;
         let narrow = units * d.dv.div_ceil(32);
-        let pick = |f32_kernel, c16_kernel| if s.c16 { c16_kernel } else { f32_kernel };
-        let [narrow_c16, pair_c16, wide_c16] = dev.f.mlstm_step_c16;
+        let [narrow_f, pair_f, wide_f] = dev.f.mlstm_step[s.c16 as usize];
         let (wide_cols, wide_step) = if s.c16 { (128, 4) } else { (64, 2) };
-        if d.dv % wide_step == 0 && units * d.dv.div_ceil(wide_cols) >= 2 * dev.sms as usize {
-            dev.launch_pdl(pick(dev.f.mlstm_step_wide, wide_c16), (d.dv.div_ceil(wide_cols) as u32, units as u32, 1), 256, smem, &mut a, pdl)?;
+        if s.pend != 0 && Self::wide_pend(dev, d, units, s.c16) {
+            dev.launch_pdl(dev.f.mlstm_step_wide_pend, (d.dv.div_ceil(64) as u32, units as u32, 1), 256, step_smem(d, true) as u32, &mut a, pdl)?;
+        } else if s.pend != 0 {
+            // (not a shape `mlstm_pending_words` gives room to) C alone, stepped as usual
+            Self::settle(dev, d, batch, s)?;
+            return self.mstep(dev, d, batch, p, gate_bias, StatePtrs { pend: 0, pcap: 0, ..s }, eps, h, fused, false, layout);
+        } else if d.dv % wide_step == 0 && units * d.dv.div_ceil(wide_cols) >= 2 * dev.sms as usize {
+            dev.launch_pdl(wide_f, (d.dv.div_ceil(wide_cols) as u32, units as u32, 1), 256, step_smem(d, false) as u32, &mut a, pdl)?;
         } else {
-            let f = if narrow > dev.sms as usize { pick(dev.f.mlstm_step_pair, pair_c16) } else { pick(dev.f.mlstm_step, narrow_c16) };
-            dev.launch_pdl(f, (d.dv.div_ceil(32) as u32, units as u32, 1), 512, smem, &mut a, pdl)?;
+            let f = if narrow > dev.sms as usize { pair_f } else { narrow_f };
+            dev.launch_pdl(f, (d.dv.div_ceil(32) as u32, units as u32, 1), 512, step_smem(d, false) as u32, &mut a, pdl)?;
         }
+        dev.note_state_write(s.c);
+        Ok(())
+    }
+
+    /// Whether a step of `units` takes the wide tile with deferred updates: an f32 C, batches the
+    /// plain wide tile takes (where C's bytes dominate the step; a bf16 C's write-back costs more
+    /// arithmetic per byte than the step saves), and DK within its shared memory.
+    fn wide_pend(dev: &Dev, d: MlstmDims, units: usize, c16: bool) -> bool {
+        !c16 && d.dv % 2 == 0 && units * d.dv.div_ceil(64) >= 2 * dev.sms as usize && step_smem(d, true) <= STEP_SMEM_MAX
+    }
+
+    /// Folds the deferred updates of a state of `batch` sequences into C and empties their rings
+    /// (kernels/mlstm.cu `mlstm_settle`); nothing without room for them.
+    fn settle(dev: &Dev, d: MlstmDims, batch: usize, s: StatePtrs) -> Result<()> {
+        let units = batch * d.heads;
+        if s.pend == 0 || units == 0 {
+            return Ok(());
+        }
+        let mut a = KArgs::new();
+        a.i(d.dk).i(d.dv).p(s.c).p(s.pend).i(s.pcap).i(s.c16 as usize);
+        dev.launch(dev.f.mlstm_settle, (d.dv.div_ceil(32) as u32, units as u32, 1), 256, (4 * s.pcap * d.dk) as u32, &mut a)?;
+        // every unit's count and a (the room's first 2·units words)
+        // SAFETY: the room holds at least 2·units words (`pending_unit_words`); queued on the stream.
+        unsafe { dres::memset_d8_async(s.pend, 0, 8 * units, dev.stream) }.map_err(|e| drv("memset", e))?;
         dev.note_state_write(s.c);
         Ok(())
     }
@@ -699,6 +774,8 @@ impl CudaBackend {
     /// (once per prompt segment, as a step rounds it once per token).
     #[allow(clippy::too_many_arguments)]
     fn mchunk(&self, dev: &Dev, d: MlstmDims, seq: usize, chunk: usize, qkv: [(CUdeviceptr, usize); 3], i: CUdeviceptr, f: CUdeviceptr, s: StatePtrs, eps: f32, h: CUdeviceptr, bf16: bool) -> Result<()> {
+        // the chunk kernels read C alone: deferred updates first
+        Self::settle(dev, d, 1, s)?;
         if !s.c16 {
             return self.mchunk_f32(dev, d, seq, chunk, qkv, i, f, s, eps, h, bf16);
         }
@@ -863,6 +940,13 @@ impl CudaBackend {
         shapes::mlstm("cuda", op, d, rows, batch, bufs.map(|b| b.len), [s.c.len, s.n.len, s.m.len], s.c_dtype, STATE_DTYPES)?;
         if d.dk == 0 || d.dv == 0 || d.dk > 4096 {
             return Err(Error::Device(format!("cuda {op}: head dims {}×{} unsupported (DK ≤ 4096)", d.dk, d.dv)));
+        }
+        if let Some(p) = &s.pending {
+            let units = batch * d.heads;
+            let cap = pending_cap_of(p.len / units.max(1), d);
+            if cap == 0 || cap > PENDING_CAP_MAX || p.len != units * pending_unit_words(cap, d) {
+                return Err(Error::Input(format!("cuda {op}: the state's room for deferred updates ({} words) fits no ring for {units} units of {}×{}", p.len, d.dk, d.dv)));
+            }
         }
         Ok(())
     }
@@ -1045,6 +1129,29 @@ impl Backend for CudaBackend {
 
     fn state_dtypes(&self) -> &'static [DType] {
         STATE_DTYPES
+    }
+
+    fn mlstm_pending_words(&self, d: MlstmDims, batch: usize, c_dtype: DType) -> usize {
+        let cap = self.pending_cap.load(std::sync::atomic::Ordering::Relaxed);
+        let units = batch * d.heads;
+        if cap == 0 || !Self::wide_pend(&self.dev, d, units, c_dtype != DType::F32) {
+            return 0;
+        }
+        units * pending_unit_words(cap, d)
+    }
+
+    fn mlstm_settle(&self, s: &MlstmState<CudaBuf>) -> Result<()> {
+        let st = StatePtrs::of(s);
+        if st.pend == 0 {
+            return Ok(());
+        }
+        let d = s.dims;
+        let batch = s.m.len / d.heads.max(1);
+        self.op(&[opc::SETTLE, st.c, st.pend, d.dk as u64, d.dv as u64, batch as u64], |dev| Self::settle(dev, d, batch, st))
+    }
+
+    fn mlstm_steps_per_write(&self, s: &MlstmState<CudaBuf>) -> usize {
+        StatePtrs::of(s).pcap + 1
     }
 
     fn set_weight_dtype(&self, dtype: DType) {

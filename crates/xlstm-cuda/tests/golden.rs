@@ -27,6 +27,7 @@ fn parallel_and_state(g: &CudaBackend, case: &str, dt: DType, tol: f64) {
     assert!(err < tol, "{case} {dt}: chunkwise logits rel err {err:e}");
     for (li, layer) in st.layers.iter().enumerate() {
         let LayerState::Mlstm { cell, .. } = layer else { panic!() };
+        g.mlstm_settle(cell).unwrap();
         for (name, buf) in [("C", &cell.c), ("n", &cell.n), ("m", &cell.m)] {
             let got = g.download(buf, buf.len()).unwrap();
             let e = rel_err(&got, &exp.f64(&format!("state_{li}_{name}")));

@@ -10,6 +10,8 @@
 //!   to bf16 (nearest even) wherever the GPU rounds it: the same bounds as f32 for h, n, m; 1e-4
 //!   for C (the two sides' f32 updates may differ in the last bit, which flips a bf16 rounding for
 //!   about one value in 2^16: ~1e-5 relative; a wrong rounding mode gives ~1e-3).
+//! - Deferred updates of C (the GPU's default: a step reads C and writes it, ring folded in, once in
+//!   cap + 1 steps): the same bounds; a bf16 C is rounded where the GPU writes it (`Rounding`).
 //!
 //! Without a usable GPU every test prints SKIP and passes.
 mod common;
@@ -275,7 +277,7 @@ fn m_inputs(rng: &mut Rng, rows: usize, d: MlstmDims) -> MInputs {
 
 fn cpu_state(c: &CpuBackend, rng: &mut Rng, d: MlstmDims, batch: usize, warm: bool) -> MlstmState<Vec<f32>> {
     let u = batch * d.heads;
-    let mut s = MlstmState { c: vec![0.0; u * d.dk * d.dv], n: vec![0.0; u * d.dk], m: vec![0.0; u], dims: d, c_dtype: DType::F32 };
+    let mut s = MlstmState { c: vec![0.0; u * d.dk * d.dv], n: vec![0.0; u * d.dk], m: vec![0.0; u], dims: d, c_dtype: DType::F32, pending: None };
     if warm {
         // a few real steps so that C, n, m are non-trivial
         for _ in 0..3 {
@@ -287,10 +289,15 @@ fn cpu_state(c: &CpuBackend, rng: &mut Rng, d: MlstmDims, batch: usize, warm: bo
     s
 }
 
-/// The CPU state on the GPU with C in `c_dtype` (bf16: `cs.c` must already be rounded to it).
+/// The CPU state on the GPU with C in `c_dtype` (bf16: `cs.c` must already be rounded to it), with
+/// room for as many deferred updates as the backend now gives a new state.
 fn gpu_state(g: &CudaBackend, s: &MlstmState<Vec<f32>>, c_dtype: DType) -> MlstmState<CudaBuf> {
     let c = upload_values(g, &s.c, c_dtype).unwrap();
-    MlstmState { c, n: up(g, &s.n), m: up(g, &s.m), dims: s.dims, c_dtype }
+    let pending = match g.mlstm_pending_words(s.dims, s.m.len() / s.dims.heads, c_dtype) {
+        0 => None,
+        w => Some(g.zeros(w).unwrap()),
+    };
+    MlstmState { c, n: up(g, &s.n), m: up(g, &s.m), dims: s.dims, c_dtype, pending }
 }
 
 /// With a bf16 GPU state: the CPU state's C rounded as the GPU rounds it (nearest even).
@@ -300,7 +307,40 @@ fn round_c(cs: &mut MlstmState<Vec<f32>>, c_dtype: DType) {
     }
 }
 
-fn assert_state(what: &str, g: &CudaBackend, gs: &MlstmState<CudaBuf>, cs: &MlstmState<Vec<f32>>, tol: f64) {
+/// Where the GPU writes C, and so where a bf16 C is rounded: after every step without deferred
+/// updates, else on the step that finds the ring full (every cap + 1 steps) and on settling.
+struct Rounding {
+    every: usize,
+    since: usize,
+}
+
+impl Rounding {
+    /// For a GPU state `gs` (its room sets the cap: count, a, then e, k, v per entry and unit).
+    fn of(gs: &MlstmState<CudaBuf>) -> Self {
+        let words = gs.pending.as_ref().map_or(0, |p| p.len() / gs.m.len());
+        let cap = words.saturating_sub(2) / (1 + gs.dims.dk + gs.dims.dv);
+        Rounding { every: cap + 1, since: 0 }
+    }
+    fn step(&mut self, cs: &mut MlstmState<Vec<f32>>, c_dtype: DType) {
+        self.since += 1;
+        if self.since == self.every {
+            round_c(cs, c_dtype);
+            self.since = 0;
+        }
+    }
+    /// After `assert_state` settled the GPU state (and rounded the CPU's C).
+    fn settled(&mut self) {
+        self.since = 0;
+    }
+}
+
+/// Compares after settling the GPU state (its deferred updates folded into C: a bf16 C rounded,
+/// and so the CPU's too).
+fn assert_state(what: &str, g: &CudaBackend, gs: &MlstmState<CudaBuf>, cs: &mut MlstmState<Vec<f32>>, tol: f64) {
+    g.mlstm_settle(gs).unwrap();
+    if gs.pending.is_some() {
+        round_c(cs, gs.c_dtype);
+    }
     let c_tol = if gs.c_dtype == DType::F32 { tol } else { tol.max(1e-4) };
     assert_close(&format!("{what} C ({})", gs.c_dtype), &download_values(g, &gs.c, cs.c.len(), gs.c_dtype).unwrap(), &cs.c, c_tol);
     assert_close(&format!("{what} n"), &down(g, &gs.n), &cs.n, tol);
@@ -308,7 +348,7 @@ fn assert_state(what: &str, g: &CudaBackend, gs: &MlstmState<CudaBuf>, cs: &Mlst
 }
 
 /// The GPU's prefill of `x` (one sequence) into `gs` against the CPU's h and state (`want`).
-fn assert_gpu_prefill(what: &str, g: &CudaBackend, kernel: MlstmKernel, x: &MInputs, gs: &mut MlstmState<CudaBuf>, want: (&[f32], &MlstmState<Vec<f32>>), tol: f64) {
+fn assert_gpu_prefill(what: &str, g: &CudaBackend, kernel: MlstmKernel, x: &MInputs, gs: &mut MlstmState<CudaBuf>, want: (&[f32], &mut MlstmState<Vec<f32>>), tol: f64) {
     let d = gs.dims;
     let seq = x.i.len() / d.heads;
     let mut gh = up(g, &vec![f32::NAN; seq * d.heads * d.dv]);
@@ -328,10 +368,21 @@ fn mlstm_step_batched() {
     // Each with C in f32 and in bf16: 8×256×512 at batch 1 takes the narrow kernel (128 blocks), at
     // batch 2 the pair one (256 blocks), the wide cases the wide one (DV 192: the bf16 tile's second
     // block of 128 columns half empty).
+    // Each with C written every step (no deferred updates), every 4th (cap 3: two write-backs in
+    // the nine steps) and every 8th (cap 7, the default: one, then a ring of one and the fused
+    // cell's). Deferred updates are for an f32 C at the wide tile's batches (the last five cases);
+    // the others get no room for them and so run as without.
     let cases = [(2usize, 32usize, 64usize, 1usize), (3, 16, 40, 3), (8, 256, 512, 2), (8, 256, 512, 1), (8, 64, 128, 40), (4, 64, 192, 40), (4, 256, 128, 36), (4, 320, 128, 36), (4, 32, 640, 8)];
-    for (&(nh, dk, dv, batch), c_dtype) in cases.iter().flat_map(|c| [(c, DType::F32), (c, DType::BF16)]) {
+    let default_cap = g.set_pending_cap(7);
+    let variants = cases.iter().flat_map(|c| [(c, DType::F32), (c, DType::BF16)]).flat_map(|(c, dt)| [(c, dt, 0usize), (c, dt, 3), (c, dt, 7)]);
+    for (&(nh, dk, dv, batch), c_dtype, cap) in variants {
+        g.set_pending_cap(cap);
         let d = MlstmDims { heads: nh, dk, dv };
-        let what = |op: &str| format!("{op} {nh}x{dk}x{dv} b{batch} C {c_dtype}");
+        let deferred = g.mlstm_pending_words(d, batch, c_dtype) > 0;
+        if cap > 0 && !deferred {
+            continue; // the same as cap 0
+        }
+        let what = |op: &str| format!("{op} {nh}x{dk}x{dv} b{batch} C {c_dtype} cap {cap}");
         // h sums DK products and divides by max(|q·n|, e^-m), which can nearly cancel: its f32
         // rounding grows with DK (1.3e-5 relative seen at DK 256); the state is elementwise.
         // With C in bf16 a rounding the two sides take differently (one value in ~2^16, off by one
@@ -341,16 +392,21 @@ fn mlstm_step_batched() {
         let mut cs = cpu_state(&c, &mut rng, d, batch, true);
         round_c(&mut cs, c_dtype);
         let mut gs = gpu_state(&g, &cs, c_dtype);
-        for _ in 0..4 {
+        let mut rounding = Rounding::of(&gs);
+        for t in 0..if deferred { 9 } else { 4 } {
             let x = m_inputs(&mut rng, batch, d);
             let mut ch = vec![0f32; batch * nh * dv];
             let mut gh = up(&g, &vec![f32::NAN; batch * nh * dv]);
             c.mlstm_step(d, batch, &x.q, &x.k, &x.v, &x.i, &x.f, &mut cs, 1e-6, &mut ch).unwrap();
-            round_c(&mut cs, c_dtype);
+            rounding.step(&mut cs, c_dtype);
             g.mlstm_step(d, batch, &up(&g, &x.q), &up(&g, &x.k), &up(&g, &x.v), &up(&g, &x.i), &up(&g, &x.f), &mut gs, 1e-6, &mut gh).unwrap();
             assert_close(&what("mlstm_step h"), &down(&g, &gh), &ch, tol_h);
+            if t == 4 {
+                // settled with rings part full, then stepped on
+                assert_state(&what("mlstm_step"), &g, &gs, &mut cs, 1e-5);
+                rounding.settled();
+            }
         }
-        assert_state(&what("mlstm_step"), &g, &gs, &cs, 1e-5);
         // the fused cell (gates' bias + cap, per-head LayerNorm, output gate) on the same state
         let x = m_inputs(&mut rng, batch, d);
         let o = rng.vec(batch * nh * dv, 2.0);
@@ -358,14 +414,15 @@ fn mlstm_step_batched() {
         let (mut ci, mut cf) = (x.i.clone(), x.f.clone());
         let (mut ch, mut chn) = (vec![0f32; batch * nh * dv], vec![0f32; batch * nh * dv]);
         c.mlstm_gated_cell(None, d, batch, &x.q, &x.k, &x.v, &o, &mut ci, &mut cf, &ib, &fb, 15.0, &mut cs, 1e-6, &hw, 1e-6, &mut ch, &mut chn).unwrap();
-        round_c(&mut cs, c_dtype);
+        rounding.step(&mut cs, c_dtype);
         let (mut gi, mut gf) = (up(&g, &x.i), up(&g, &x.f));
         let (mut gh, mut ghn) = (g.zeros(batch * nh * dv).unwrap(), g.zeros(batch * nh * dv).unwrap());
         g.mlstm_gated_cell(None, d, batch, &up(&g, &x.q), &up(&g, &x.k), &up(&g, &x.v), &up(&g, &o), &mut gi, &mut gf, &up(&g, &ib), &up(&g, &fb), 15.0, &mut gs, 1e-6, &up(&g, &hw), 1e-6, &mut gh, &mut ghn).unwrap();
         assert_close(&what("fused cell h"), &down(&g, &gh), &ch, tol_h);
         assert_close(&what("fused cell hn"), &down(&g, &ghn), &chn, 1e-4);
-        assert_state(&what("fused cell"), &g, &gs, &cs, 1e-5);
+        assert_state(&what("fused cell"), &g, &gs, &mut cs, 1e-5);
     }
+    g.set_pending_cap(default_cap);
 }
 
 #[test]
@@ -407,7 +464,7 @@ fn mlstm_prefill_chunkwise_and_sequence() {
                     let mut ch = vec![0f32; seq * nh * dv];
                     c.mlstm_prefill(kernel, d, seq, &x.q, &x.k, &x.v, &x.i, &x.f, &mut cs, 1e-6, &mut ch).unwrap();
                     let what = format!("mlstm_prefill {kernel:?} {nh}x{dk}x{dv} seq {seq} warm {warm} {weights} weights, ring of {stages}");
-                    assert_gpu_prefill(&what, &g, kernel, &x, &mut gs, (&ch, &cs), tol);
+                    assert_gpu_prefill(&what, &g, kernel, &x, &mut gs, (&ch, &mut cs), tol);
                 }
             }
         }
@@ -417,8 +474,8 @@ fn mlstm_prefill_chunkwise_and_sequence() {
 }
 
 /// A prompt into a state whose C is bf16: the chunkwise path widens C to f32 around the chunk kernels
-/// and rounds it once at the end; the sequence path rounds it after every token (each a step). The
-/// CPU reference rounds its f32 C at the same points.
+/// and rounds it once at the end; the sequence path rounds it where its steps write C (`Rounding`).
+/// The CPU reference rounds its f32 C at the same points.
 #[test]
 fn mlstm_prefill_bf16_state() {
     let Some((g, _l)) = gpu("mlstm_prefill_bf16_state") else { return };
@@ -435,6 +492,7 @@ fn mlstm_prefill_bf16_state() {
                     let mut cs = cpu_state(&c, &mut rng, d, 1, warm);
                     round_c(&mut cs, bf16);
                     let mut gs = gpu_state(&g, &cs, bf16);
+                    let mut rounding = Rounding::of(&gs);
                     let x = m_inputs(&mut rng, seq, d);
                     let mut ch = vec![0f32; seq * nh * dv];
                     if kernel == MlstmKernel::Sequence {
@@ -443,7 +501,7 @@ fn mlstm_prefill_bf16_state() {
                             let row = |v: &[f32], w: usize| v[t * w..(t + 1) * w].to_vec();
                             let mut h = vec![0f32; vw];
                             c.mlstm_step(d, 1, &row(&x.q, qk), &row(&x.k, qk), &row(&x.v, vw), &row(&x.i, nh), &row(&x.f, nh), &mut cs, 1e-6, &mut h).unwrap();
-                            round_c(&mut cs, bf16);
+                            rounding.step(&mut cs, bf16);
                             ch[t * vw..(t + 1) * vw].copy_from_slice(&h);
                         }
                     } else {
@@ -451,7 +509,7 @@ fn mlstm_prefill_bf16_state() {
                         round_c(&mut cs, bf16);
                     }
                     let what = format!("mlstm_prefill {kernel:?} {nh}x{dk}x{dv} seq {seq} {weights} weights, C bf16");
-                    assert_gpu_prefill(&what, &g, kernel, &x, &mut gs, (&ch, &cs), tol);
+                    assert_gpu_prefill(&what, &g, kernel, &x, &mut gs, (&ch, &mut cs), tol);
                 }
             }
         }
@@ -614,7 +672,7 @@ fn fused_compositions_match_primitive_ops() {
             c.group_norm(&down(&g, &gh), rows, vd, dv, &hw, None, 1e-6, &mut want).unwrap();
             c.sigmoid_gate(&down(&g, &goo), &mut want, rows * vd).unwrap();
             assert_close(&format!("mlstm_gated_cell hn {what}"), &down(&g, &ghn), &want, 1e-4);
-            assert_state(&format!("mlstm_gated_cell {what}"), &g, &gstate, &cstate, tol);
+            assert_state(&format!("mlstm_gated_cell {what}"), &g, &gstate, &mut cstate, tol);
             let mut gy = zz(rows * d);
             g.matmul_add(&ghn, rows, &gout, d, &mut gy, &mut gx).unwrap();
             // the whole mLSTM half as one composition (a bf16 prompt past the GEMV's rows: the
@@ -630,7 +688,7 @@ fn fused_compositions_match_primitive_ops() {
             // merged: a bf16 prompt or decode batch past the GEMV's 2 rows (decode: up to 64)
             assert_eq!(merged, dt == DType::BF16 && rows > 2 && (prefill || rows <= 64), "merged mLSTM path taken {what}");
             assert_close(&format!("norm_mlstm_add {what}"), &down(&g, &gx_half), &cx_mid, tol);
-            assert_state(&format!("norm_mlstm_add {what}"), &g, &gstate_half, &cstate, tol);
+            assert_state(&format!("norm_mlstm_add {what}"), &g, &gstate_half, &mut cstate, tol);
             // the whole FFN as one composition (16-bit intermediates only in a bf16 prefill), from
             // the CPU's residual stream before the FFN
             let mut gx_ffn = up(&g, &cx_mid);
@@ -708,7 +766,7 @@ fn norm_mlstm_add_eight_heads() {
         let what = format!("norm_mlstm_add, {nh} heads of {dk}×{dv}, width 1024, {wdt}, {rows} rows, {kernel:?}, C {c_dtype}");
         eprintln!("{what}: x relative error {:.2e}", rel(&down(&g, &gx), &cx));
         assert_close(&what, &down(&g, &gx), &cx, 2e-2);
-        assert_state(&what, &g, &gstate, &cstate, 2e-2);
+        assert_state(&what, &g, &gstate, &mut cstate, 2e-2);
     }
     }
     g.set_weight_dtype(DType::F32);

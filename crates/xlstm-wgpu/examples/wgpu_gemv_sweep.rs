@@ -200,7 +200,7 @@ fn cells(api: Api) {
         let z = |n: usize| b.zeros(n).unwrap();
         let (q, k, vv, o) = (z(nh * d.dk), z(nh * d.dk), z(w), z(w));
         let (mut i, mut f, ib, fb, norm) = (z(nh), z(nh), z(nh), z(nh), z(w));
-        let mut s = MlstmState { c: z(nh * d.dk * d.dv), n: z(nh * d.dk), m: z(nh), dims: d, c_dtype: DType::F32 };
+        let mut s = MlstmState { c: z(nh * d.dk * d.dv), n: z(nh * d.dk), m: z(nh), dims: d, c_dtype: DType::F32, pending: None };
         let (mut h, mut hn) = (z(w), z(w));
         let reps = 50;
         let mut best = f64::MAX;

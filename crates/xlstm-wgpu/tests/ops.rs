@@ -354,6 +354,7 @@ fn mlstm_out_on<B: Backend>(b: &B, d: MlstmDims, rows: usize, batch: usize, kern
         m: b.upload(&rnd(batch * nh, seed + 11, 1.0)).unwrap(),
         dims: d,
         c_dtype: DType::F32,
+        pending: None,
     };
     let mut h = b.zeros(rows * nh * d.dv).unwrap();
     let mut hn = b.zeros(rows * nh * d.dv).unwrap();

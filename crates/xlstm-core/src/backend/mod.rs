@@ -44,6 +44,9 @@ pub struct MlstmState<Buf> {
     /// ([`Backend::state_dtypes`]; two values to a 4-byte word of `c`, updated in f32 and rounded
     /// once per step). n and m stay f32.
     pub c_dtype: DType,
+    /// Updates of C the backend has deferred ([`Backend::mlstm_pending_words`]): C alone is the
+    /// state only after [`Backend::mlstm_settle`]. None where every step writes C.
+    pub pending: Option<Buf>,
 }
 
 /// The per-sequence recurrent state of one sLSTM layer: c, n, m, h, each [B, width = NH·DH].
@@ -193,6 +196,22 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Default: f32 only.
     fn state_dtypes(&self) -> &'static [DType] {
         &[DType::F32]
+    }
+    /// 4-byte words of room for deferred updates of C that an mLSTM state of `batch` sequences
+    /// with C in `c_dtype` gets (`MlstmState::pending`). 0 (the default): every step writes C. A
+    /// backend that defers settles a state itself before its other ops read or write C.
+    fn mlstm_pending_words(&self, _dims: MlstmDims, _batch: usize, _c_dtype: DType) -> usize {
+        0
+    }
+    /// Folds a state's deferred updates into C (before C is read, copied or replaced outside the
+    /// backend's ops). Default: nothing deferred, nothing to do.
+    fn mlstm_settle(&self, _state: &MlstmState<Self::Buf>) -> Result<()> {
+        Ok(())
+    }
+    /// Decode steps per write of this state's C (with deferred updates a step reads C and writes
+    /// it once in this many steps); 1 (the default): every step reads and writes it.
+    fn mlstm_steps_per_write(&self, _state: &MlstmState<Self::Buf>) -> usize {
+        1
     }
     /// Releases cached memory the backend holds beyond live buffers (the watchdog's `empty_cache`).
     fn release_cache(&self) -> Result<()> {
