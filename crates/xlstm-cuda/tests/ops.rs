@@ -8,8 +8,9 @@
 //!   1e-2 for bf16 (8-bit mantissa), 2e-3 for f16.
 //! - mLSTM states with C in bf16 (`--state-dtype bf16`) against the CPU's f32 cell with its C rounded
 //!   to bf16 (nearest even) wherever the GPU rounds it: the same bounds as f32 for h, n, m; 1e-4
-//!   for C (the two sides' f32 updates may differ in the last bit, which flips a bf16 rounding for
-//!   about one value in 2^16: ~1e-5 relative; a wrong rounding mode gives ~1e-3).
+//!   for C, or 16 values off by one bf16 step in small states (the two sides' f32 updates may
+//!   differ in the last bit, which flips a bf16 rounding for about one value in 2^16: ~1e-5
+//!   relative; a wrong rounding mode gives ~1e-3).
 //! - Deferred updates of C (the GPU's default: a step reads C and writes it, ring folded in, once in
 //!   cap + 1 steps): the same bounds; a bf16 C is rounded where the GPU writes it (`Rounding`).
 //!
@@ -341,7 +342,11 @@ fn assert_state(what: &str, g: &CudaBackend, gs: &MlstmState<CudaBuf>, cs: &mut 
     if gs.pending.is_some() {
         round_c(cs, gs.c_dtype);
     }
-    let c_tol = if gs.c_dtype == DType::F32 { tol } else { tol.max(1e-4) };
+    // A bf16 C: each rounding the two sides take differently is one value off by 2^-8 relative; up
+    // to 16 of them pass (1.24e-4 seen over the 4,096 values of 2×32×64, three flips), a wrong
+    // rounding mode (half the values off by ~2^-9) does not.
+    let flips = 2f64.powi(-8) * (16.0 / cs.c.len() as f64).sqrt();
+    let c_tol = if gs.c_dtype == DType::F32 { tol } else { tol.max(1e-4).max(flips) };
     assert_close(&format!("{what} C ({})", gs.c_dtype), &download_values(g, &gs.c, cs.c.len(), gs.c_dtype).unwrap(), &cs.c, c_tol);
     assert_close(&format!("{what} n"), &down(g, &gs.n), &cs.n, tol);
     assert_close(&format!("{what} m"), &down(g, &gs.m), &cs.m, tol);
@@ -369,12 +374,12 @@ fn mlstm_step_batched() {
     // batch 2 the pair one (256 blocks), the wide cases the wide one (DV 192: the bf16 tile's second
     // block of 128 columns half empty).
     // Each with C written every step (no deferred updates), every 4th (cap 3: two write-backs in
-    // the nine steps) and every 8th (cap 7, the default: one, then a ring of one and the fused
-    // cell's). Deferred updates are for an f32 C at the wide tile's batches (the last five cases);
+    // the nine steps) and every 9th (cap 8, the default and the most: the ninth step folds a full
+    // ring, then the fused cell starts a new one). Deferred updates are for an f32 C at the wide tile's batches (the last five cases);
     // the others get no room for them and so run as without.
     let cases = [(2usize, 32usize, 64usize, 1usize), (3, 16, 40, 3), (8, 256, 512, 2), (8, 256, 512, 1), (8, 64, 128, 40), (4, 64, 192, 40), (4, 256, 128, 36), (4, 320, 128, 36), (4, 32, 640, 8)];
-    let default_cap = g.set_pending_cap(7);
-    let variants = cases.iter().flat_map(|c| [(c, DType::F32), (c, DType::BF16)]).flat_map(|(c, dt)| [(c, dt, 0usize), (c, dt, 3), (c, dt, 7)]);
+    let default_cap = g.set_pending_cap(8);
+    let variants = cases.iter().flat_map(|c| [(c, DType::F32), (c, DType::BF16)]).flat_map(|(c, dt)| [(c, dt, 0usize), (c, dt, 3), (c, dt, 8)]);
     for (&(nh, dk, dv, batch), c_dtype, cap) in variants {
         g.set_pending_cap(cap);
         let d = MlstmDims { heads: nh, dk, dv };
@@ -419,7 +424,8 @@ fn mlstm_step_batched() {
         let (mut gh, mut ghn) = (g.zeros(batch * nh * dv).unwrap(), g.zeros(batch * nh * dv).unwrap());
         g.mlstm_gated_cell(None, d, batch, &up(&g, &x.q), &up(&g, &x.k), &up(&g, &x.v), &up(&g, &o), &mut gi, &mut gf, &up(&g, &ib), &up(&g, &fb), 15.0, &mut gs, 1e-6, &up(&g, &hw), 1e-6, &mut gh, &mut ghn).unwrap();
         assert_close(&what("fused cell h"), &down(&g, &gh), &ch, tol_h);
-        assert_close(&what("fused cell hn"), &down(&g, &ghn), &chn, 1e-4);
+        // hn = LayerNorm(h)·w·σ(o) carries h's error (a bf16 C's too: 1.6e-4 seen at 8×256×512)
+        assert_close(&what("fused cell hn"), &down(&g, &ghn), &chn, tol_h.max(1e-4));
         assert_state(&what("fused cell"), &g, &gs, &mut cs, 1e-5);
     }
     g.set_pending_cap(default_cap);
