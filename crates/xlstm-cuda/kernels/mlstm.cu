@@ -124,7 +124,7 @@ __device__ __forceinline__ void c_store(float* C, long long i, const u32* w) {
 // entries zero).
 template <int CW, bool C16, bool PEND>
 __device__ __forceinline__ void c_row(const u32* w, float f, float ks_a, const float* vv, bool flush, const float* kp,
-                                      const float (*vr)[CW], float* cn) {
+                                      const float* vr, float* cn) {
     if (PEND && !flush) {
 #pragma unroll
         for (int c = 0; c < CW; ++c) cn[c] = c_value<C16>(w, c);
@@ -138,10 +138,10 @@ __device__ __forceinline__ void c_row(const u32* w, float f, float ks_a, const f
             const float4 k4 = *(const float4*)(kp + e4);
 #pragma unroll
             for (int c = 0; c < CW; ++c) {
-                cn[c] = fmaf(k4.x, vr[e4][c], cn[c]);
-                cn[c] = fmaf(k4.y, vr[e4 + 1][c], cn[c]);
-                cn[c] = fmaf(k4.z, vr[e4 + 2][c], cn[c]);
-                cn[c] = fmaf(k4.w, vr[e4 + 3][c], cn[c]);
+                cn[c] = fmaf(k4.x, vr[e4 * CW + c], cn[c]);
+                cn[c] = fmaf(k4.y, vr[(e4 + 1) * CW + c], cn[c]);
+                cn[c] = fmaf(k4.z, vr[(e4 + 2) * CW + c], cn[c]);
+                cn[c] = fmaf(k4.w, vr[(e4 + 3) * CW + c], cn[c]);
             }
         }
     }
@@ -256,14 +256,15 @@ __device__ __forceinline__ void mlstm_step_body(
     const float qn = block_sum(part, red);
     // A full ring, folded into every value of C the pass below writes: its k times each entry's
     // factor (shared), its v in this lane's columns (registers).
-    float vr[PEND ? PEND_MAX : 1][CW];
+    constexpr int KPRE = 8;
+    constexpr int VR = !PEND ? 1 : (PEND_MAX * CW > KPRE + CW + 1 ? PEND_MAX * CW : KPRE + CW + 1);
+    float vr[VR];  // folding: the ring's v in this lane's columns, [entry][column]
     // Not folding: this warp's ring entry (warp < pt; each warp has at most one, pt < pcap ≤ NW)
     // goes to the registers vr leaves free here (its first KPRE values of k, its v, its e), to be
     // used after the C pass: their loads wait behind C's instead of after it (batch 64: 98.5 →
     // 96.0 µs a step, batch 256: 366.5 → 357.9; H200).
-    constexpr int KPRE = 8;
-    static_assert(!PEND || (PEND_MAX * CW >= KPRE + CW + 1 && PEND_MAX <= NW), "room for a ring entry in vr");
-    float* pre = &vr[0][0];
+    static_assert(!PEND || PEND_MAX <= NW, "one ring entry a warp");
+    float* pre = vr;
     if (PEND && !flush && warp < pt) {
         const long long slot = (long long)u * pcap + warp;
 #pragma unroll
@@ -283,7 +284,7 @@ __device__ __forceinline__ void mlstm_step_body(
 #pragma unroll
         for (int e = 0; e < (PEND ? PEND_MAX : 1); ++e) {
 #pragma unroll
-            for (int c = 0; c < CW; ++c) vr[e][c] = (e < pt && live) ? pv[((long long)u * pcap + e) * DV + col + c] : 0.f;
+            for (int c = 0; c < CW; ++c) vr[e * CW + c] = (e < pt && live) ? pv[((long long)u * pcap + e) * DV + col + c] : 0.f;
         }
         __syncthreads();
     }
@@ -496,6 +497,10 @@ extern "C" __global__ void __launch_bounds__(256) mlstm_step_wide_c16(MLSTM_STEP
 // 64: 98.5 µs a step at 3 blocks, 101.2 at 4; H200).
 extern "C" __global__ void __launch_bounds__(256, PEND_WIDE_BLOCKS) mlstm_step_wide_pend(MLSTM_STEP_PARAMS) {
     mlstm_step_body<2, 8, 16, false, false, false, true>(MLSTM_STEP_ARGS);
+}
+// And the narrow one (batch 1 of the 7B shape: a block an SM).
+extern "C" __global__ void __launch_bounds__(512) mlstm_step_pend(MLSTM_STEP_PARAMS) {
+    mlstm_step_body<1, 16, 16, true, true, false, true>(MLSTM_STEP_ARGS);
 }
 
 // mlstm_settle: writes a state's pending updates into C (see the header) before anything other than

@@ -87,8 +87,8 @@ pub(crate) struct Funcs {
     pub dots_f32: CUfunction,
     /// The step kernels (kernels/mlstm.cu): [C in bf16][narrow, pair, wide].
     pub mlstm_step: [[CUfunction; 3]; 2],
-    /// The wide one with deferred updates of C (f32 C).
-    pub mlstm_step_wide_pend: CUfunction,
+    /// With deferred updates of C (f32 C): narrow, wide.
+    pub mlstm_step_pend: [CUfunction; 2],
     /// Folds a state's deferred updates into C.
     pub mlstm_settle: CUfunction,
     pub chunk_states: CUfunction,
@@ -258,6 +258,7 @@ impl Dev {
                 "mlstm_step_c16",
                 "mlstm_step_pair_c16",
                 "mlstm_step_wide_c16",
+                "mlstm_step_pend",
                 "mlstm_step_wide_pend",
                 "mlstm_settle",
             ],
@@ -301,8 +302,8 @@ impl Dev {
             gemv: [g[0], g[1], g[2], g[3]],
             dots_f32: g[4],
             mlstm_step: [[m[0], m[1], m[2]], [m[3], m[4], m[5]]],
-            mlstm_step_wide_pend: m[6],
-            mlstm_settle: m[7],
+            mlstm_step_pend: [m[6], m[7]],
+            mlstm_settle: m[8],
             chunk_states: mc[0],
             chunk_out: mc[1],
             chunk_states_tc: [mc[2], mc[3]],

@@ -727,8 +727,10 @@ impl CudaBackend {
         let narrow = units * d.dv.div_ceil(32);
         let [narrow_f, pair_f, wide_f] = dev.f.mlstm_step[s.c16 as usize];
         let (wide_cols, wide_step) = if s.c16 { (128, 4) } else { (64, 2) };
-        if s.pend != 0 && Self::wide_pend(dev, d, units, s.c16) {
-            dev.launch_pdl(dev.f.mlstm_step_wide_pend, (d.dv.div_ceil(64) as u32, units as u32, 1), 256, step_smem(d, true) as u32, &mut a, pdl)?;
+        let pend = if s.pend != 0 { Self::pend_tile(dev, d, units, s.c16) } else { None };
+        if let Some(wide) = pend {
+            let (f, cols, threads) = if wide { (dev.f.mlstm_step_pend[1], 64, 256) } else { (dev.f.mlstm_step_pend[0], 32, 512) };
+            dev.launch_pdl(f, (d.dv.div_ceil(cols) as u32, units as u32, 1), threads, step_smem(d, true) as u32, &mut a, pdl)?;
         } else if s.pend != 0 {
             // (not a shape `mlstm_pending_words` gives room to) C alone, stepped as usual
             Self::settle(dev, d, batch, s)?;
@@ -743,11 +745,22 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Whether a step of `units` takes the wide tile with deferred updates: an f32 C, batches the
-    /// plain wide tile takes (where C's bytes dominate the step; a bf16 C's write-back costs more
-    /// arithmetic per byte than the step saves), and DK within its shared memory.
-    fn wide_pend(dev: &Dev, d: MlstmDims, units: usize, c16: bool) -> bool {
-        !c16 && d.dv % 2 == 0 && units * d.dv.div_ceil(64) >= 2 * dev.sms as usize && step_smem(d, true) <= STEP_SMEM_MAX
+    /// The tile a step of `units` takes with deferred updates (Some(true): wide, Some(false):
+    /// narrow), or None: an f32 C with DK within the kernels' shared memory, at the batches the
+    /// plain wide tile takes (where C's bytes dominate the step) or the narrow one at a block an
+    /// SM at most (batch 1 of the 7B shape); not the paired narrow tile (64 registers), and not a
+    /// bf16 C, whose write-back costs more arithmetic per byte than the step saves.
+    fn pend_tile(dev: &Dev, d: MlstmDims, units: usize, c16: bool) -> Option<bool> {
+        let sms = dev.sms as usize;
+        if c16 || step_smem(d, true) > STEP_SMEM_MAX {
+            None
+        } else if d.dv % 2 == 0 && units * d.dv.div_ceil(64) >= 2 * sms {
+            Some(true)
+        } else if units * d.dv.div_ceil(32) <= sms {
+            Some(false)
+        } else {
+            None
+        }
     }
 
     /// Folds the deferred updates of a state of `batch` sequences into C and empties their rings
@@ -1134,7 +1147,7 @@ impl Backend for CudaBackend {
     fn mlstm_pending_words(&self, d: MlstmDims, batch: usize, c_dtype: DType) -> usize {
         let cap = self.pending_cap.load(std::sync::atomic::Ordering::Relaxed);
         let units = batch * d.heads;
-        if cap == 0 || !Self::wide_pend(&self.dev, d, units, c_dtype != DType::F32) {
+        if cap == 0 || Self::pend_tile(&self.dev, d, units, c_dtype != DType::F32).is_none() {
             return 0;
         }
         units * pending_unit_words(cap, d)

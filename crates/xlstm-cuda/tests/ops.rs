@@ -375,8 +375,9 @@ fn mlstm_step_batched() {
     // block of 128 columns half empty).
     // Each with C written every step (no deferred updates), every 4th (cap 3: two write-backs in
     // the nine steps) and every 9th (cap 8, the default and the most: the ninth step folds a full
-    // ring, then the fused cell starts a new one). Deferred updates are for an f32 C at the wide tile's batches (the last five cases);
-    // the others get no room for them and so run as without.
+    // ring, then the fused cell starts a new one). Deferred updates are for an f32 C at the wide
+    // tile's batches (the last five cases) and the narrow tile's up to a block an SM (the first,
+    // second and fourth); the third (the paired narrow tile) gets no room for them.
     let cases = [(2usize, 32usize, 64usize, 1usize), (3, 16, 40, 3), (8, 256, 512, 2), (8, 256, 512, 1), (8, 64, 128, 40), (4, 64, 192, 40), (4, 256, 128, 36), (4, 320, 128, 36), (4, 32, 640, 8)];
     let default_cap = g.set_pending_cap(8);
     let variants = cases.iter().flat_map(|c| [(c, DType::F32), (c, DType::BF16)]).flat_map(|(c, dt)| [(c, dt, 0usize), (c, dt, 3), (c, dt, 8)]);
