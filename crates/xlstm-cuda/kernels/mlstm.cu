@@ -21,16 +21,18 @@
 //   `c_early` (decode steps): the state was written by an earlier step, not by the kernel launched
 //   just before this one, so the narrow tile loads it before pdl_wait() (off with -DSTEP_EARLY_C=0).
 //
-// Pending updates (the `_pend` entry points): a step reads C but does not write it. Its update v kᵀ joins a
-// ring of up to `pcap` per unit, and h adds the ring's terms to the stored C's:
+// Deferred updates (the `_pend` entry points, f32 C): a step reads C but does not write it. Its
+// update v kᵀ joins a ring of up to `pcap` (≤ PEND_MAX) per unit, and h adds the ring's terms to
+// the stored C's:
 //   C_t = e^a · C + Σ_s e^(e_s + a) v_s k_sᵀ,
 // a = the log of the forget factors since C was last written (n, m stay current every step),
-// e_s = ĩ_s − m_s − a_s (the entry's input factor, relative to a when it joined). The step that
-// finds the ring full writes C_t (the ring folded in) and empties it: C's bytes go out once per
-// pcap + 1 steps instead of every step. Layout of `pend`, U units: count [U] u32, a [U],
-// e [U, pcap], k [U, pcap, DK], v [U, pcap, DV]. Anything else that reads or
-// writes C first runs mlstm_settle, which folds the ring in and (the host) zeroes count and a.
-
+// e_s = ĩ_s − m_s − a_s (the entry's input factor, relative to a when it joined; e_s + a ≤ 0, so
+// no factor overflows). The step that finds the ring full folds it into C while it streams C and
+// writes C_t once: C's bytes go out once per pcap + 1 steps instead of every step. Each warp of a
+// reading step takes one entry's part of h (PEND_MAX ≤ the tile's warps). Layout of `pend`, U units:
+// count [U] u32, a [U], e [U, pcap], k [U, pcap, DK], v [U, pcap, DV]. Anything else that reads
+// or writes C first runs mlstm_settle, which folds the ring in, after which the host zeroes count
+// and a.
 
 #ifndef PEND_WIDE_BLOCKS
 #define PEND_WIDE_BLOCKS 3
