@@ -34,8 +34,11 @@
 // or writes C first runs mlstm_settle, which folds the ring in, after which the host zeroes count
 // and a.
 
+#ifndef PEND_WIDE_PRE
+#define PEND_WIDE_PRE 8
+#endif
 #ifndef PEND_WIDE_BLOCKS
-#define PEND_WIDE_BLOCKS 3
+#define PEND_WIDE_BLOCKS 4
 #endif
 // The most entries a ring holds (`pcap` ≤ this; a multiple of 4).
 #define PEND_MAX 8
@@ -494,11 +497,12 @@ extern "C" __global__ void __launch_bounds__(256) mlstm_step_wide_c16(MLSTM_STEP
 }
 
 // With deferred updates of C (`pend`: see the header): the wide f32 tile only (where C's bytes
-// dominate; a bf16 C's write-back costs more arithmetic per byte than the step saves). Bounded to
-// 80 registers (3 blocks an SM): unbounded it takes more, and at 64 (4 blocks) it spills (batch
-// 64: 98.5 µs a step at 3 blocks, 101.2 at 4; H200).
+// dominate; a bf16 C's write-back costs more arithmetic per byte than the step saves). 8 rows a
+// warp up front and bounded to 64 registers (4 blocks an SM; a 24-byte spill): batch 64 / 256
+// 93.1 / 345.0 µs a step, against 94.0 / 352.1 with 16 rows and 80 registers (3 blocks), 95.5 /
+// 353.5 with 16 rows at 64, 98.7 / 367.9 with 8 rows at 80 (H200, two rounds alike).
 extern "C" __global__ void __launch_bounds__(256, PEND_WIDE_BLOCKS) mlstm_step_wide_pend(MLSTM_STEP_PARAMS) {
-    mlstm_step_body<2, 8, 16, false, false, false, true>(MLSTM_STEP_ARGS);
+    mlstm_step_body<2, 8, PEND_WIDE_PRE, false, false, false, true>(MLSTM_STEP_ARGS);
 }
 // And the narrow one (batch 1 of the 7B shape: a block an SM).
 extern "C" __global__ void __launch_bounds__(512) mlstm_step_pend(MLSTM_STEP_PARAMS) {
