@@ -167,7 +167,8 @@ __device__ __forceinline__ void mlstm_step_body(
     float* qs = sm;
     float* ks = sm + DK;
     float* nn = sm + 2 * DK;
-    float* kp = sm + 3 * DK;  // PEND, a full ring: its k times each entry's factor [DK][PEND_MAX]
+    // PEND, a full ring: its k times each entry's factor [DK][PEND_MAX] (16-byte aligned: float4 reads)
+    float* kp = sm + ((3 * DK + 3) & ~3);
     __shared__ float hred[NW][32 * CW + 1];
     __shared__ float red[32];
     __shared__ int last;

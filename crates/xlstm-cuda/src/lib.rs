@@ -268,9 +268,9 @@ fn pending_cap_of(words: usize, d: MlstmDims) -> usize {
 }
 
 /// Dynamic shared memory of a step kernel: q, k, n', and with deferred updates a full ring's
-/// factors × k for the write-back.
+/// factors × k for the write-back (from the next 16-byte boundary).
 fn step_smem(d: MlstmDims, pend: bool) -> usize {
-    4 * (3 * d.dk + if pend { PENDING_CAP_MAX * d.dk } else { 0 })
+    4 * if pend { (3 * d.dk).next_multiple_of(4) + PENDING_CAP_MAX * d.dk } else { 3 * d.dk }
 }
 
 /// Without opting in, a kernel gets 48 KiB of shared memory; the step kernels' static arrays take
