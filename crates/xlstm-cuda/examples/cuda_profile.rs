@@ -240,6 +240,15 @@ fn cell_steps(g: &CudaBackend, batches: &[usize]) {
                 let us = time(g, 64, |_| g.mlstm_gated_cell(None, dims, rows, &q, &k, &v, &o, &mut i, &mut f, &ib, &fb, 15.0, &mut st, 1e-6, &hw, 1e-6, &mut h, &mut hn).unwrap());
                 let c_bytes = (rows * nh * 256 * 512 * c_dtype.size()) as f64;
                 println!("{{\"kernel\":\"mlstm_cell_step\",\"rows\":{rows},\"c_dtype\":\"{c_dtype}\",\"pending_cap\":{cap},\"us\":{us:.1},\"c_read_gb_s\":{:.0}}}", c_bytes / us / 1e3);
+                if st.pending.is_some() {
+                    // folding what the 67 steps left in the rings (67 mod (cap + 1) entries)
+                    g.synchronize().unwrap();
+                    let t = Instant::now();
+                    g.mlstm_settle(&st).unwrap();
+                    g.synchronize().unwrap();
+                    let us = t.elapsed().as_secs_f64() * 1e6;
+                    println!("{{\"kernel\":\"mlstm_settle\",\"rows\":{rows},\"entries\":{},\"us\":{us:.1}}}", 67 % (cap + 1));
+                }
             }
         }
     }

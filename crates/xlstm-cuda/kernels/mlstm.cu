@@ -512,7 +512,7 @@ extern "C" __global__ void __launch_bounds__(512) mlstm_step_pend(MLSTM_STEP_PAR
 
 // mlstm_settle: writes a state's pending updates into C (see the header) before anything other than
 // a step reads or writes it. grid = (ceil(DV / 32), U), block = 256, dynamic shared memory
-// pcap·DK floats. The host zeroes the counts and a after it (they are read by every block).
+// PEND_MAX·DK floats. The host zeroes the counts and a after it (they are read by every block).
 template <bool C16>
 __device__ __forceinline__ void mlstm_settle_body(int DK, int DV, float* C, const float* pend, int pcap) {
     extern __shared__ float sm[];
@@ -523,24 +523,37 @@ __device__ __forceinline__ void mlstm_settle_body(int DK, int DV, float* C, cons
     const int t = (int)((const u32*)pend)[u];
     if (t == 0) return;
     const float a = pend[U + u];
-    for (int i = threadIdx.x; i < t * DK; i += blockDim.x) {
+    // the ring's k times each entry's factor (entries past t zero), its v in this lane's column
+    for (int i = threadIdx.x; i < PEND_MAX * DK; i += blockDim.x) {
         const int e = i / DK;
         const long long slot = (long long)u * pcap + e;
-        sm[i] = expf(pe[slot] + a) * pk[slot * DK + (i - e * DK)];
+        sm[i] = e < t ? expf(pe[slot] + a) * pk[slot * DK + (i - e * DK)] : 0.f;
     }
-    __syncthreads();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int col = blockIdx.x * 32 + lane;
-    if (col >= DV) return;
+    const bool live = col < DV;
+    float vr[PEND_MAX];
+#pragma unroll
+    for (int e = 0; e < PEND_MAX; ++e) vr[e] = (e < t && live) ? pv[((long long)u * pcap + e) * DV + col] : 0.f;
+    __syncthreads();
+    if (!live) return;
     const float f = expf(a);
-    for (int r = warp; r < DK; r += nw) {
-        const long long i = ((long long)u * DK + r) * DV + col;
-        u32 w[1];
-        c_load<1, C16>(C, i, w);
-        float c = f * c_value<C16>(w, 0);
-        for (int e = 0; e < t; ++e) c = fmaf(sm[e * DK + r], pv[((long long)u * pcap + e) * DV + col], c);
-        c_pack<1, C16>(&c, w);
-        c_store<1, C16>(C, i, w);
+    // rows in batches of 8 loads in flight before any store
+    for (int r0 = warp; r0 < DK; r0 += 8 * nw) {
+        u32 w[8][1];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) c_load<1, C16>(C, ((long long)u * DK + min(r0 + j * nw, DK - 1)) * DV + col, w[j]);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const int r = r0 + j * nw;
+            if (r < DK) {
+                float c = f * c_value<C16>(w[j], 0);
+#pragma unroll
+                for (int e = 0; e < PEND_MAX; ++e) c = fmaf(sm[e * DK + r], vr[e], c);
+                c_pack<1, C16>(&c, w[j]);
+                c_store<1, C16>(C, ((long long)u * DK + r) * DV + col, w[j]);
+            }
+        }
     }
 }
 extern "C" __global__ void __launch_bounds__(256) mlstm_settle(int DK, int DV, float* C, const float* pend, int pcap, int c16) {

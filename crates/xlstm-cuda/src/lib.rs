@@ -772,7 +772,7 @@ impl CudaBackend {
         }
         let mut a = KArgs::new();
         a.i(d.dk).i(d.dv).p(s.c).p(s.pend).i(s.pcap).i(s.c16 as usize);
-        dev.launch(dev.f.mlstm_settle, (d.dv.div_ceil(32) as u32, units as u32, 1), 256, (4 * s.pcap * d.dk) as u32, &mut a)?;
+        dev.launch(dev.f.mlstm_settle, (d.dv.div_ceil(32) as u32, units as u32, 1), 256, (4 * PENDING_CAP_MAX * d.dk) as u32, &mut a)?;
         // every unit's count and a (the room's first 2·units words)
         // SAFETY: the room holds at least 2·units words (`pending_unit_words`); queued on the stream.
         unsafe { dres::memset_d8_async(s.pend, 0, 8 * units, dev.stream) }.map_err(|e| drv("memset", e))?;
