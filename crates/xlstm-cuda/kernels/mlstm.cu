@@ -152,6 +152,39 @@ __device__ __forceinline__ void c_row(const u32* w, float f, float ks_a, const f
     }
 }
 
+// A state's deferred updates laid out as the header says (U units, `pcap` entries each).
+struct Ring {
+    u32* count;
+    float* a;
+    float* e;
+    float* k;
+    float* v;
+    __device__ Ring(float* pend, int U, int pcap, int DK)
+        : count((u32*)pend), a(pend + U), e(pend + 2 * U), k(e + (long long)U * pcap), v(k + (long long)U * pcap * DK) {}
+};
+
+// The operands c_row folds a ring in with: kp [DK][PEND_MAX] = e^(e_s + a)·k_s (shared memory,
+// 16-byte aligned; zero past `count` entries) and vr [PEND_MAX][CW] = v_s in this lane's columns
+// (registers). `slot0`: the unit's first entry (u·pcap). Contains __syncthreads.
+template <int CW>
+__device__ __forceinline__ void ring_fold_operands(const Ring& r, long long slot0, int count, float a, int DK, int DV,
+                                                   int col, bool live, float* kp, float* vr) {
+    __shared__ float fac[PEND_MAX];
+    const int tid = threadIdx.x;
+    if (tid < PEND_MAX) fac[tid] = tid < count ? expf(r.e[slot0 + tid] + a) : 0.f;
+    __syncthreads();
+    for (int i = tid; i < DK * PEND_MAX; i += blockDim.x) {
+        const int row = i / PEND_MAX, e = i - row * PEND_MAX;
+        kp[i] = e < count ? fac[e] * r.k[(slot0 + e) * DK + row] : 0.f;
+    }
+#pragma unroll
+    for (int e = 0; e < PEND_MAX; ++e) {
+#pragma unroll
+        for (int c = 0; c < CW; ++c) vr[e * CW + c] = (e < count && live) ? r.v[(slot0 + e) * DV + col + c] : 0.f;
+    }
+    __syncthreads();
+}
+
 // One block: NW warps, 32·CW columns of one unit's C (lane l owns columns l·CW .. l·CW + CW − 1),
 // PRE rows per warp loaded up front (more rows, if DK > PRE·NW, in batches of 8). C16: C in bf16.
 template <int CW, int NW, int PRE, bool DEFER, bool EARLY, bool C16, bool PEND>
@@ -174,12 +207,7 @@ __device__ __forceinline__ void mlstm_step_body(
     __shared__ int last;
     const int u = blockIdx.y, hd = u % NH;
     // PEND: the ring (see the header)
-    const int U = gridDim.y;
-    u32* pcount = (u32*)pend;
-    float* plog = pend + U;
-    float* pe = pend + 2 * U;
-    float* pk = pe + (long long)U * pcap;
-    float* pv = pk + (long long)U * pcap * DK;
+    const Ring ring(pend, gridDim.y, pcap, DK);
     int pt = 0;      // entries pending
     float pa = 0.f;  // their a
     // this unit's q, k, v, o: sequence u / NH's rows lie ldq, ldk, ldv, ldo values apart
@@ -213,8 +241,8 @@ __device__ __forceinline__ void mlstm_step_body(
         ne = (one && tid < DK) ? n[uk + tid] : 0.f;
         mo = m[u];
         if constexpr (PEND) {
-            pt = (int)pcount[u];
-            pa = plog[u];
+            pt = (int)ring.count[u];
+            pa = ring.a[u];
         }
     };
     if (early) load_state();
@@ -274,25 +302,13 @@ __device__ __forceinline__ void mlstm_step_body(
     if (PEND && !flush && warp < pt) {
         const long long slot = (long long)u * pcap + warp;
 #pragma unroll
-        for (int j = 0; j < KPRE; ++j) pre[j] = lane + 32 * j < DK ? pk[slot * DK + lane + 32 * j] : 0.f;
+        for (int j = 0; j < KPRE; ++j) pre[j] = lane + 32 * j < DK ? ring.k[slot * DK + lane + 32 * j] : 0.f;
 #pragma unroll
-        for (int c = 0; c < CW; ++c) pre[KPRE + c] = live ? pv[slot * DV + col + c] : 0.f;
-        pre[KPRE + CW] = pe[slot];
+        for (int c = 0; c < CW; ++c) pre[KPRE + c] = live ? ring.v[slot * DV + col + c] : 0.f;
+        pre[KPRE + CW] = ring.e[slot];
     }
-    if (flush) {
-        __shared__ float fac[PEND_MAX];
-        if (tid < PEND_MAX) fac[tid] = tid < pt ? expf(pe[(long long)u * pcap + tid] + anew) : 0.f;
-        __syncthreads();
-        for (int i = tid; i < DK * PEND_MAX; i += blockDim.x) {
-            const int a = i / PEND_MAX, e = i - a * PEND_MAX;
-            kp[i] = e < pt ? fac[e] * pk[((long long)u * pcap + e) * DK + a] : 0.f;
-        }
-#pragma unroll
-        for (int e = 0; e < (PEND ? PEND_MAX : 1); ++e) {
-#pragma unroll
-            for (int c = 0; c < CW; ++c) vr[e * CW + c] = (e < pt && live) ? pv[((long long)u * pcap + e) * DV + col + c] : 0.f;
-        }
-        __syncthreads();
+    if constexpr (PEND) {
+        if (flush) ring_fold_operands<CW>(ring, (long long)u * pcap, pt, anew, DK, DV, col, live, kp, vr);
     }
 
     float acc[CW];
@@ -353,7 +369,7 @@ __device__ __forceinline__ void mlstm_step_body(
                 for (int c = 0; c < CW; ++c) ve[c] = pre[KPRE + c];
 #pragma unroll
                 for (int j = 0; j < KPRE; ++j) d = lane + 32 * j < DK ? fmaf(pre[j], qs[lane + 32 * j], d) : d;
-                const float* kg = pk + slot * DK;
+                const float* kg = ring.k + slot * DK;
                 for (int a = lane + 32 * KPRE; a < DK; a += 32) d = fmaf(kg[a], qs[a], d);
             } else {
 #pragma unroll
@@ -368,12 +384,12 @@ __device__ __forceinline__ void mlstm_step_body(
         // the new entry: k and e once per unit, v by every block for its columns
         const long long slot = (long long)u * pcap + pt;
         if (blockIdx.x == 0) {
-            for (int a = tid; a < DK; a += blockDim.x) pk[slot * DK + a] = k[ko + a];
-            if (tid == 0) pe[slot] = ip - mn - anew;
+            for (int a = tid; a < DK; a += blockDim.x) ring.k[slot * DK + a] = k[ko + a];
+            if (tid == 0) ring.e[slot] = ip - mn - anew;
         }
         if (warp == 0 && live) {
 #pragma unroll
-            for (int c = 0; c < CW; ++c) pv[slot * DV + col + c] = vv[c];
+            for (int c = 0; c < CW; ++c) ring.v[slot * DV + col + c] = vv[c];
         }
     }
 #pragma unroll
@@ -410,8 +426,8 @@ __device__ __forceinline__ void mlstm_step_body(
     for (int a = tid; a < DK; a += blockDim.x) n[uk + a] = nn[a];
     if (tid == 0) { m[u] = mn; counters[u] = 0u; }
     if (PEND && tid == 0) {
-        pcount[u] = flush ? 0u : (u32)(pt + 1);
-        plog[u] = flush ? 0.f : anew;
+        ring.count[u] = flush ? 0u : (u32)(pt + 1);
+        ring.a[u] = flush ? 0.f : anew;
     }
     if (hn && DV <= 2 * (int)blockDim.x) {
         // One read of the unit's h (from L2: other blocks wrote it), o and w, held in registers
@@ -514,30 +530,20 @@ extern "C" __global__ void __launch_bounds__(512) mlstm_step_pend(MLSTM_STEP_PAR
 // a step reads or writes it. grid = (ceil(DV / 32), U), block = 256, dynamic shared memory
 // PEND_MAX·DK floats. The host zeroes the counts and a after it (they are read by every block).
 template <bool C16>
-__device__ __forceinline__ void mlstm_settle_body(int DK, int DV, float* C, const float* pend, int pcap) {
-    extern __shared__ float sm[];
-    const int U = gridDim.y, u = blockIdx.y;
-    const float* pe = pend + 2 * U;
-    const float* pk = pe + (long long)U * pcap;
-    const float* pv = pk + (long long)U * pcap * DK;
-    const int t = (int)((const u32*)pend)[u];
+__device__ __forceinline__ void mlstm_settle_body(int DK, int DV, float* C, float* pend, int pcap) {
+    extern __shared__ float kp[];
+    const int u = blockIdx.y;
+    const Ring ring(pend, gridDim.y, pcap, DK);
+    const int t = (int)ring.count[u];
     if (t == 0) return;
-    const float a = pend[U + u];
-    // the ring's k times each entry's factor (entries past t zero), its v in this lane's column
-    for (int i = threadIdx.x; i < PEND_MAX * DK; i += blockDim.x) {
-        const int e = i / DK;
-        const long long slot = (long long)u * pcap + e;
-        sm[i] = e < t ? expf(pe[slot] + a) * pk[slot * DK + (i - e * DK)] : 0.f;
-    }
+    const float a = ring.a[u];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const int col = blockIdx.x * 32 + lane;
     const bool live = col < DV;
     float vr[PEND_MAX];
-#pragma unroll
-    for (int e = 0; e < PEND_MAX; ++e) vr[e] = (e < t && live) ? pv[((long long)u * pcap + e) * DV + col] : 0.f;
-    __syncthreads();
+    ring_fold_operands<1>(ring, (long long)u * pcap, t, a, DK, DV, col, live, kp, vr);
     if (!live) return;
-    const float f = expf(a);
+    const float f = expf(a), none[1] = {0.f};  // (no new entry)
     // rows in batches of 8 loads in flight before any store
     for (int r0 = warp; r0 < DK; r0 += 8 * nw) {
         u32 w[8][1];
@@ -547,16 +553,15 @@ __device__ __forceinline__ void mlstm_settle_body(int DK, int DV, float* C, cons
         for (int j = 0; j < 8; ++j) {
             const int r = r0 + j * nw;
             if (r < DK) {
-                float c = f * c_value<C16>(w[j], 0);
-#pragma unroll
-                for (int e = 0; e < PEND_MAX; ++e) c = fmaf(sm[e * DK + r], vr[e], c);
+                float c;
+                c_row<1, C16, true>(w[j], f, 0.f, none, true, kp + r * PEND_MAX, vr, &c);
                 c_pack<1, C16>(&c, w[j]);
                 c_store<1, C16>(C, ((long long)u * DK + r) * DV + col, w[j]);
             }
         }
     }
 }
-extern "C" __global__ void __launch_bounds__(256) mlstm_settle(int DK, int DV, float* C, const float* pend, int pcap, int c16) {
+extern "C" __global__ void __launch_bounds__(256) mlstm_settle(int DK, int DV, float* C, float* pend, int pcap, int c16) {
     if (c16) mlstm_settle_body<true>(DK, DV, C, pend, pcap);
     else mlstm_settle_body<false>(DK, DV, C, pend, pcap);
 }
