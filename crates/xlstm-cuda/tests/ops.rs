@@ -495,7 +495,9 @@ fn mlstm_prefill_bf16_state() {
         let d = MlstmDims { heads: nh, dk, dv };
         for weights in [DType::F32, DType::BF16] {
             g.set_weight_dtype(weights);
-            let tol = if weights == DType::F32 { 1e-4 } else { 1e-2 };
+            // f32 weights: the step's bound for a bf16 C (`mlstm_step_batched`: roundings the two
+            // sides take differently carry into later steps; 1.07e-4 seen at 2×32×64 over 37 steps)
+            let tol = if weights == DType::F32 { 2e-4 * (dk as f64 / 64.0).max(1.0) } else { 1e-2 };
             for kernel in [MlstmKernel::Chunkwise { chunk: 64 }, MlstmKernel::Sequence] {
                 for &(seq, warm) in &[(37usize, true), (130, true)] {
                     let mut cs = cpu_state(&c, &mut rng, d, 1, warm);
