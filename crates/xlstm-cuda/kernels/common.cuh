@@ -173,6 +173,28 @@ __device__ __forceinline__ void mma_f32(float* d, const Tf<4>& a, const Tf<2>& b
     mma_tf32(d, a.hi, b.hi);
 }
 
+// Hopper's asynchronous bulk copies (TMA) complete on an mbarrier in shared memory. Callers run
+// them on sm_90+ only.
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n\tfence.proxy.async.shared::cta;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+#endif
+}
+// Arrives on `bar` (one of its `count`), announcing `bytes` of copies that complete it.
+__device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile(
+        "{\n\t.reg .pred p;\n\tWAIT_%=:\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n\t@!p bra WAIT_%=;\n\t}" ::"r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+#endif
+}
+
 // Tensor cores, bf16 mma.sync m16n8k16 (sm_80+), f32 accumulation. Fragments (g = lane / 4,
 // q = lane % 4; two bf16 per register, the lower k first): A (16×16) a0 (g, 2q..), a1 (g+8, 2q..),
 // a2 (g, 2q+8..), a3 (g+8, 2q+8..); B (16×8) b0 (k 2q.., n g), b1 (k 2q+8.., n g); C as m16n8k8.

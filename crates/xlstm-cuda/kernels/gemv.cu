@@ -334,3 +334,153 @@ extern "C" __global__ void __launch_bounds__(128) dots_f32(const float* W, const
         *o = beta != 0.f ? fmaf(beta, *o, s) : s;
     }
 }
+
+// skinny_mma: out[m, n] = Σ_k X[m, k]·W[n, k] (+ beta·out[m, n]) for up to 16 rows of x (a decode
+// batch of 3–16) and many bf16 weight rows, on Hopper's warpgroup tensor cores: one warpgroup (a
+// block of 4 warps) computes a 64 weight rows × 16 rows tile (wgmma m64n16k16, W as the A operand,
+// x as B, both read from shared memory), streaming its weight rows × its slice of K through a ring
+// of SK_STAGES stages, each filled by two TMA tile copies (W's [64 × 64 values], x's [16 × 64],
+// rows past M zero-filled; 128-byte swizzle) completing on the stage's mbarrier; one thread issues
+// them and refills a stage once every warp is past it. grid = (N / 64, splits): split s takes
+// k-tiles [s·T/splits, (s+1)·T/splits) of T = K / 64. With splits > 1 each block leaves its
+// partial [M, 64] in `parts` ([splits, M, N]) and the last of a column tile's blocks (a counter per
+// tile, reset by it) adds them in split order (deterministic) and writes out. Needs sm_90a (the
+// host compiles for it on sm_90), K % 64 == 0, N % 64 == 0, 16-byte aligned out.
+// (With more rows of x — n32 / n64 tiles — it lost to cuBLASLt: the split products' partial sums
+// grow with the rows; see BENCHMARKS.md.)
+#define SK_KT 64
+#define SK_ROWS 64
+#define SK_MAX_SPLITS 8  // (the host's most)
+#ifndef SK_STAGES
+#define SK_STAGES 4
+#endif
+struct __align__(64) TmaMap {
+    unsigned long long v[16];
+};
+struct SkinnyArgs {
+    TmaMap wmap;  // W [N, K], box 64 × 64
+    TmaMap xmap;  // x [M, K], box 16 × 64
+    float* out;
+    float* parts;
+    u32* counters;
+    int M, N, K, ldo, splits;
+    float beta;
+};
+
+// Element offset of 16-byte chunk c of row r in a [rows][64] tile written with the 128-byte swizzle.
+__device__ __forceinline__ int sk_off(int r, int c) { return r * SK_KT + ((c ^ (r & 7)) << 3); }
+
+__device__ __forceinline__ void tma_tile(void* dst, const TmaMap* map, int k, int row, u64* bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(smem_addr(dst)),
+                 "l"((unsigned long long)map), "r"(k), "r"(row), "r"(smem_addr(bar))
+                 : "memory");
+#endif
+}
+
+// A wgmma shared-memory matrix descriptor: a K-major tile of 128-byte rows with the 128-byte swizzle
+// (8-row groups 1,024 bytes apart), 1,024-byte aligned; a k16 step is +32 bytes.
+__device__ __forceinline__ u64 wg_desc(const void* p) {
+    return (u64)((smem_addr(p) & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+__device__ __forceinline__ void wg_fence() {
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wg_commit_wait() {
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    asm volatile("wgmma.commit_group.sync.aligned;\n\twgmma.wait_group.sync.aligned 0;" ::: "memory");
+#endif
+}
+// d[64 × 16] += A[64 × 16] · B[16 × 16] (bf16, f32 accumulation), both from shared memory.
+__device__ __forceinline__ void wgmma_k16(float* d, u64 da, u64 db) {
+#ifdef __CUDA_ARCH_FEAT_SM90_ALL
+    asm volatile("wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7}, %8, %9, 1, 1, 1, 0, 0;"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+                 : "l"(da), "l"(db));
+#endif
+}
+#define SK_NP 16  // rows of x a tile (M ≤ SK_NP)
+extern "C" __global__ void __launch_bounds__(128) skinny_mma(const __grid_constant__ SkinnyArgs a) {
+    constexpr int NP = SK_NP;
+    extern __shared__ u16 sk_raw[];
+    __shared__ __align__(8) u64 full[SK_STAGES];
+    u16* sk = (u16*)(((size_t)sk_raw + 1023) & ~(size_t)1023);  // the swizzle's 1024-byte atoms
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
+    const int n0 = blockIdx.x * SK_ROWS, T = a.K / SK_KT;
+    const int tb = blockIdx.y * T / a.splits, te = (blockIdx.y + 1) * T / a.splits;
+    constexpr int STAGE = (SK_ROWS + NP) * SK_KT;  // W tile, then x's
+    const u32 bytes = (u32)(SK_ROWS + NP) * SK_KT * 2;
+    auto issue = [&](int t) {
+        u16* ws = sk + ((t - tb) % SK_STAGES) * STAGE;
+        u64* bar = full + (t - tb) % SK_STAGES;
+        mbar_expect_tx(bar, bytes);
+        tma_tile(ws, &a.wmap, t * SK_KT, n0, bar);
+        tma_tile(ws + SK_ROWS * SK_KT, &a.xmap, t * SK_KT, 0, bar);
+    };
+    if (tid == 0) {
+        for (int s = 0; s < SK_STAGES; ++s) mbar_init(full + s, 1);
+        for (int t = tb; t < min(te, tb + SK_STAGES); ++t) issue(t);
+    }
+    __syncthreads();
+    float d[NP / 2];
+#pragma unroll
+    for (int i = 0; i < NP / 2; ++i) d[i] = 0.f;
+    for (int t = tb; t < te; ++t) {
+        const int slot = (t - tb) % SK_STAGES;
+        mbar_wait(full + slot, ((t - tb) / SK_STAGES) & 1);
+        const u16* ws = sk + slot * STAGE;
+        const u64 da = wg_desc(ws), db = wg_desc(ws + SK_ROWS * SK_KT);
+        wg_fence();
+#pragma unroll
+        for (int s = 0; s < SK_KT / 16; ++s) wgmma_k16(d, da + 2 * s, db + 2 * s);
+        wg_commit_wait();
+        __syncthreads();  // every warp is done with this slot: refill it
+        if (tid == 0 && t + SK_STAGES < te) issue(t + SK_STAGES);
+    }
+    // d[4j + e]: weight row n0 + warp·16 + g (+ 8 for e ≥ 2), x row 8j + 2q (+ 1 for odd e)
+    const int nr = n0 + warp * 16 + g;
+    float* dst = a.splits == 1 ? a.out : a.parts + (long long)blockIdx.y * a.M * a.N;
+    const long long ld = a.splits == 1 ? a.ldo : a.N;
+#pragma unroll
+    for (int i = 0; i < NP / 2; ++i) {
+        const int m = (i >> 2) * 8 + 2 * q + (i & 1), n = nr + ((i >> 1) & 1) * 8;
+        if (m < a.M) {
+            float* o = dst + (long long)m * ld + n;
+            *o = (a.splits == 1 && a.beta != 0.f) ? fmaf(a.beta, *o, d[i]) : d[i];
+        }
+    }
+    if (a.splits == 1) return;
+    __threadfence();
+    __syncthreads();
+    __shared__ int last;
+    if (tid == 0) last = atomicAdd(a.counters + blockIdx.x, 1u) == (u32)a.splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    // the splits' partial sums of this tile, 4 columns a thread, every split's load in flight
+    // before any is added; added in split order
+    for (int i = tid; i < a.M * (SK_ROWS / 4); i += 128) {
+        const int m = i / (SK_ROWS / 4), n = n0 + (i % (SK_ROWS / 4)) * 4;
+        float4 v[SK_MAX_SPLITS];
+#pragma unroll
+        for (int p = 0; p < SK_MAX_SPLITS; ++p)
+            v[p] = p < a.splits ? __ldcg((const float4*)(a.parts + ((long long)p * a.M + m) * a.N + n)) : make_float4(0.f, 0.f, 0.f, 0.f);
+        float4 s = v[0];
+#pragma unroll
+        for (int p = 1; p < SK_MAX_SPLITS; ++p) {
+            s.x += v[p].x;
+            s.y += v[p].y;
+            s.z += v[p].z;
+            s.w += v[p].w;
+        }
+        float4* o = (float4*)(a.out + (long long)m * a.ldo + n);
+        if (a.beta != 0.f) {
+            const float4 b = *o;
+            s = make_float4(fmaf(a.beta, b.x, s.x), fmaf(a.beta, b.y, s.y), fmaf(a.beta, b.z, s.z), fmaf(a.beta, b.w, s.w));
+        }
+        *o = s;
+    }
+    if (tid == 0) a.counters[blockIdx.x] = 0u;
+}

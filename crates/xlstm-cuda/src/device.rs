@@ -85,6 +85,8 @@ pub(crate) struct Funcs {
     pub rms_gate_dots: CUfunction,
     pub gemv: [CUfunction; 4],
     pub dots_f32: CUfunction,
+    /// A decode batch's bf16 products on Hopper's tensor cores, 3–16 rows (kernels/gemv.cu).
+    pub skinny_mma: CUfunction,
     /// The step kernels (kernels/mlstm.cu): [C in bf16][narrow, pair, wide].
     pub mlstm_step: [[CUfunction; 3]; 2],
     /// With deferred updates of C (f32 C): narrow, wide.
@@ -128,6 +130,9 @@ pub(crate) struct Scratches {
     pub wide: Scratch,
     /// mLSTM step: one u32 counter per unit (zeroed).
     pub counters: Scratch,
+    /// skinny_mma with split K: a counter per column tile (zeroed), and the splits' partial sums.
+    pub sk_counters: Scratch,
+    pub sk_parts: Scratch,
     /// Chunkwise prefill: states entering each chunk, and each chunk's gate terms.
     pub cs: Scratch,
     /// Chunkwise prefill of a bf16 state: its C widened to f32 for the chunk kernels.
@@ -144,8 +149,8 @@ pub(crate) struct Scratches {
 
 impl Scratches {
     /// Every device allocation of the set.
-    fn device_buffers(&mut self) -> [&mut Scratch; 8] {
-        [&mut self.half, &mut self.wide, &mut self.counters, &mut self.cs, &mut self.gates, &mut self.ns, &mut self.ms, &mut self.ids]
+    fn device_buffers(&mut self) -> [&mut Scratch; 10] {
+        [&mut self.half, &mut self.wide, &mut self.counters, &mut self.sk_counters, &mut self.sk_parts, &mut self.cs, &mut self.gates, &mut self.ns, &mut self.ms, &mut self.ids]
     }
 }
 
@@ -180,6 +185,9 @@ pub(crate) struct Dev {
     pub chunk_stages: Mutex<usize>,
     /// Programmatic dependent launch for the decode kernels (sm_90+, `XLSTM_CUDA_PDL=0` turns it off).
     pub pdl: bool,
+    /// A decode batch's bf16 products of 3–16 rows through skinny_mma rather than cuBLASLt
+    /// (`XLSTM_CUDA_SKINNY=0` keeps cuBLASLt).
+    pub skinny: bool,
     /// The model's weight dtype (`Backend::set_weight_dtype`). For 16-bit weights the chunkwise
     /// prefill rounds its operands to TF32 (otherwise its tensor-core products are exact, split
     /// TF32) and ops may leave 16-bit copies of their outputs for the next product.
@@ -210,6 +218,9 @@ unsafe impl Sync for Dev {}
 
 /// Largest dynamic shared memory the GEMV kernels are allowed (x staged as f32: rows·K·4 bytes).
 pub(crate) const GEMV_SMEM: usize = 96 * 1024;
+/// skinny_mma's ring: SK_STAGES (4) stages of 64 weight rows and 16 rows of x, 64 values of K each,
+/// bf16, from a 1,024-byte boundary (its 128-byte swizzle's atoms).
+pub(crate) const SKINNY_SMEM: usize = 4 * (64 + 16) * 64 * 2 + 1024;
 /// One stage of the tensor-core chunk-states kernels' shared-memory ring (kernels/mlstm_chunk.cu's
 /// CS_STAGE: 64 × 72 keys, as many values, 68 gate terms; f32).
 pub(crate) const CHUNK_STATE_STAGE: usize = (2 * 64 * 72 + 68) * 4;
@@ -233,7 +244,8 @@ impl Dev {
         let smem_optin = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).map_err(|e| drv("device", e))?;
         let chunk_stages = if smem_optin as usize >= 3 * CHUNK_STATE_STAGE { 3 } else { 2 };
         let stream = dres::stream::create(dres::stream::StreamKind::NonBlocking).map_err(|e| drv("stream", e))?;
-        let arch = format!("compute_{}{}", cc.0, cc.1);
+        // sm_90 exactly: its arch-specific PTX (wgmma, in skinny_mma)
+        let arch = if cc == (9, 0) { "compute_90a".to_string() } else { format!("compute_{}{}", cc.0, cc.1) };
         let mut modules = Vec::new();
         let mut get = |family: &str, names: &[&str]| -> Result<Vec<CUfunction>> {
             let src = kernels::SOURCES.iter().find(|(n, _)| *n == family).expect("known family").1;
@@ -248,7 +260,7 @@ impl Dev {
         };
         let e = get("elementwise", &["embed", "bias_soft_cap", "add", "sigmoid_gate", "gated_act", "scaled_add", "copy_cols", "to_half", "read_sum", "gated_act_split", "split_cols", "from_half"])?;
         let n = get("norm", &["rms_norm", "group_norm", "group_norm_warp", "rms_gate_dots", "group_norm_warp4", "group_norm_warp4h"])?;
-        let g = get("gemv", &["gemv_r1", "gemv_r2", "gemv_r3", "gemv_r4", "dots_f32"])?;
+        let g = get("gemv", &["gemv_r1", "gemv_r2", "gemv_r3", "gemv_r4", "dots_f32", "skinny_mma"])?;
         let m = get(
             "mlstm",
             &[
@@ -301,6 +313,7 @@ impl Dev {
             group_norm_warp4h: n[5],
             gemv: [g[0], g[1], g[2], g[3]],
             dots_f32: g[4],
+            skinny_mma: g[5],
             mlstm_step: [[m[0], m[1], m[2]], [m[3], m[4], m[5]]],
             mlstm_step_pend: [m[6], m[7]],
             mlstm_settle: m[8],
@@ -319,7 +332,7 @@ impl Dev {
             topk_rows: tk[0],
         };
         let big_smem = f.gemv.iter().map(|&gf| (gf, GEMV_SMEM)).chain(f.chunk_states_tc.iter().map(|&cf| (cf, chunk_stages * CHUNK_STATE_STAGE)));
-        let big_smem = big_smem.chain(std::iter::once((f.chunk_states_bf16, chunk_stages * CHUNK_BF16_STAGE)));
+        let big_smem = big_smem.chain([(f.chunk_states_bf16, chunk_stages * CHUNK_BF16_STAGE), (f.skinny_mma, SKINNY_SMEM)]);
         for (func, bytes) in big_smem {
             // SAFETY: valid function handle; raises the dynamic shared-memory limit.
             unsafe {
@@ -372,6 +385,7 @@ impl Dev {
             max_chunk_stages: chunk_stages,
             chunk_stages: Mutex::new(chunk_stages),
             pdl: cc.0 >= 9 && std::env::var("XLSTM_CUDA_PDL").map_or(true, |v| v != "0"),
+            skinny: cc == (9, 0) && std::env::var("XLSTM_CUDA_SKINNY").map_or(true, |v| v != "0"),
             weight_dtype: Mutex::new(DType::F32),
             half_tag: Mutex::new(HalfTag::default()),
             chunk_kernels: Mutex::new(ChunkKernels::from_env()),

@@ -277,6 +277,41 @@ fn step_smem(d: MlstmDims, pend: bool) -> usize {
 /// up to ~4.3 KiB of it, the rest is for `step_smem`.
 const STEP_SMEM_MAX: usize = 40 * 1024;
 
+/// `skinny_mma`'s argument (kernels/gemv.cu `SkinnyArgs`).
+#[repr(C)]
+#[repr(align(64))]
+struct SkinnyArgs {
+    wmap: cudarc::driver::sys::CUtensorMap,
+    xmap: cudarc::driver::sys::CUtensorMap,
+    out: u64,
+    parts: u64,
+    counters: u64,
+    m: i32,
+    n: i32,
+    k: i32,
+    ldo: i32,
+    splits: i32,
+    beta: f32,
+}
+
+/// A TMA tensor map of a row-major bf16 matrix [rows, cols] read in tiles of `box_rows` × 64
+/// values with the 128-byte swizzle (skinny_mma's shared-memory layout).
+fn tile_map(ptr: CUdeviceptr, rows: usize, cols: usize, box_rows: usize) -> Result<cudarc::driver::sys::CUtensorMap> {
+    use cudarc::driver::sys as s;
+    let mut map = s::CUtensorMap { opaque: [0; 16] };
+    let (dims, strides, boxd, elem) = ([cols as u64, rows as u64], [(cols * 2) as u64], [64u32, box_rows as u32], [1u32, 1]);
+    // SAFETY: plain descriptors of a live allocation; the map is written in place.
+    let r = unsafe {
+        s::cuTensorMapEncodeTiled(
+            &mut map, s::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, ptr as *mut c_void, dims.as_ptr(), strides.as_ptr(), boxd.as_ptr(),
+            elem.as_ptr(), s::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE, s::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            s::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B, s::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    r.result().map_err(|e| drv("tensor map", e))?;
+    Ok(map)
+}
+
 /// `split_cols` (kernels/elementwise.cu): one output's column block.
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -614,6 +649,9 @@ impl CudaBackend {
                         Some(p) => p,
                         None => self.half_copy(dev, x, rows * w.cols, dt)?,
                     };
+                    if Self::skinny_fits(dev, rows, &w, half_out, xh, out) {
+                        return self.skinny(dev, rows, &w, xh, out, beta);
+                    }
                     if let Some(lt) = &dev.lt {
                         let p = lt::Product { m: rows, n: w.rows, k: w.cols, dtype: dt, out16: half_out, w: w.ptr, x: xh, out, beta };
                         if !lt.knows(&p) {
@@ -635,6 +673,28 @@ impl CudaBackend {
                 }
             }
         }
+    }
+
+    /// Whether a bf16 product of a decode batch goes through skinny_mma (kernels/gemv.cu) rather
+    /// than cuBLASLt: 3–16 rows (fewer take the GEMV; from 32 on it lost to cuBLASLt), f32 output,
+    /// K and N multiples of 64, 16-byte aligned operands, sm_90 (wgmma), the setting on.
+    fn skinny_fits(dev: &Dev, rows: usize, w: &MatView, half_out: bool, xh: CUdeviceptr, out: CUdeviceptr) -> bool {
+        dev.skinny && w.dtype == DType::BF16 && !half_out && (3..=16).contains(&rows) && w.cols % 64 == 0 && w.rows % 64 == 0 && out % 16 == 0 && (w.ptr | xh) % 16 == 0
+    }
+
+    /// out [rows, N] (+)= xh [rows, K] · Wᵀ on tensor cores (skinny_mma): a block a 64-row column
+    /// tile, K split so that there are about two blocks an SM.
+    fn skinny(&self, dev: &Dev, rows: usize, w: &MatView, xh: CUdeviceptr, out: CUdeviceptr, beta: f32) -> Result<()> {
+        let (tiles, steps, sms) = (w.rows / 64, w.cols / 64, dev.sms as usize);
+        let splits = if tiles >= sms { 1 } else { (2 * sms / tiles).clamp(1, (steps / 2).clamp(1, 8)) };
+        let (counters, parts) = if splits > 1 {
+            (dev.scratch(|s| &mut s.sk_counters, tiles * 4, true)?, dev.scratch(|s| &mut s.sk_parts, splits * rows * w.rows * 4, false)?)
+        } else {
+            (0, 0)
+        };
+        let (wmap, xmap) = (tile_map(w.ptr, w.rows, w.cols, 64)?, tile_map(xh, rows, w.cols, 16)?);
+        let mut a = SkinnyArgs { wmap, xmap, out, parts, counters, m: rows as i32, n: w.rows as i32, k: w.cols as i32, ldo: w.rows as i32, splits: splits as i32, beta };
+        dev.launch_struct(dev.f.skinny_mma, (tiles as u32, splits as u32, 1), 128, device::SKINNY_SMEM as u32, &mut a, false)
     }
 
     /// Whether an f32 product goes through dots_f32 (kernels/gemv.cu) rather than cuBLAS's SGEMM,

@@ -1,4 +1,5 @@
-//! Every kernel source compiles with NVRTC (for Hopper, compute_90, and Ampere, compute_80), without
+//! Every kernel source compiles with NVRTC (for Hopper, compute_90a as the backend compiles for sm_90
+//! and compute_90, and Ampere, compute_80), without
 //! a GPU: only libnvrtc is needed (CI installs the `nvidia-cuda-nvrtc` wheel for this; see .ci/run).
 //! Skips with a message when libnvrtc cannot be loaded, unless XLSTM_REQUIRE_NVRTC=1.
 use xlstm_cuda::kernels;
@@ -18,7 +19,7 @@ fn every_kernel_source_compiles_with_nvrtc() {
         let files = dir.filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "cu")).count();
         assert_eq!(kernels::SOURCES.len(), files, "every kernels/*.cu file is in kernels::SOURCES");
     }
-    for arch in ["compute_90", "compute_80"] {
+    for arch in ["compute_90a", "compute_90", "compute_80"] {
         for (name, src) in kernels::SOURCES {
             let ptx = kernels::compile(name, src, arch, false).unwrap_or_else(|e| panic!("{e}"));
             assert!(ptx.contains(".entry"), "{name}.cu ({arch}): PTX without kernels");

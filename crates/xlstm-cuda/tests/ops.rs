@@ -90,8 +90,11 @@ fn matmul_all_dtypes_paths_and_shapes() {
     let c = CpuBackend::new();
     let mut rng = Rng::fresh("matmul");
     // f32 weights past the GEMV's rows: up to 64 rows of weights and of x with K % 4 == 0 (40×64,
-    // 8×4096, 64×1024) take dots_f32, the others cuBLAS's SGEMM; 16-bit weights cuBLAS(Lt)
-    for &(n, k) in &[(40usize, 64usize), (24, 72), (33, 50), (520, 256), (8, 4096), (96, 160), (64, 1024)] {
+    // 8×4096, 64×1024) take dots_f32, the others cuBLAS's SGEMM; 16-bit weights cuBLAS(Lt), except
+    // bf16 for 3–16 rows (3, 4, 5) where N and K are multiples of 64 on sm_90: skinny_mma (64×1024:
+    // K split 8 ways across blocks, 192×640: 5 ways, two k-tiles each; 8448×128: unsplit, a block
+    // a column tile)
+    for &(n, k) in &[(40usize, 64usize), (24, 72), (33, 50), (520, 256), (8, 4096), (96, 160), (64, 1024), (192, 640), (8448, 128)] {
         let w = rng.vec(n * k, 1.0 / (k as f32).sqrt());
         for dt in [DType::F32, DType::BF16, DType::F16] {
             let gw = g.matrix(HostTensor::f32(vec![n, k], w.clone()), dt).unwrap();
