@@ -344,7 +344,8 @@ extern "C" __global__ void __launch_bounds__(128) dots_f32(const float* W, const
 // them and refills a stage once every warp is past it. grid = (N / 64, splits): split s takes
 // k-tiles [s·T/splits, (s+1)·T/splits) of T = K / 64. With splits > 1 each block leaves its
 // partial [M, 64] in `parts` ([splits, M, N]) and the last of a column tile's blocks (a counter per
-// tile, reset by it) adds them in split order (deterministic) and writes out. Needs sm_90a (the
+// tile, reset by it) adds them in split order (deterministic) and writes out. With `gated`, the
+// FFN's [gate; up] with its activation: act(g)·u in 16 bits, unsplit. Needs sm_90a (the
 // host compiles for it on sm_90), K % 64 == 0, N % 64 == 0, 16-byte aligned out.
 // (With more rows of x — n32 / n64 tiles — it lost to cuBLASLt: the split products' partial sums
 // grow with the rows; see BENCHMARKS.md.)
@@ -365,6 +366,10 @@ struct SkinnyArgs {
     u32* counters;
     int M, N, K, ldo, splits;
     float beta;
+    // gated (a FFN's [gate; up], W = the two stacked, N = 2·ff): a block takes 32 gate rows and the
+    // same 32 up rows (wmap's box 32 × 64) and writes act(g)·u as 16-bit `gated_out` [M, ff]
+    u16* gated_out;
+    int gated, act, ff, out_dt;
 };
 
 // Element offset of 16-byte chunk c of row r in a [rows][64] tile written with the 128-byte swizzle.
@@ -408,7 +413,7 @@ extern "C" __global__ void __launch_bounds__(128) skinny_mma(const __grid_consta
     __shared__ __align__(8) u64 full[SK_STAGES];
     u16* sk = (u16*)(((size_t)sk_raw + 1023) & ~(size_t)1023);  // the swizzle's 1024-byte atoms
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
-    const int n0 = blockIdx.x * SK_ROWS, T = a.K / SK_KT;
+    const int n0 = blockIdx.x * (a.gated ? SK_ROWS / 2 : SK_ROWS), T = a.K / SK_KT;
     const int tb = blockIdx.y * T / a.splits, te = (blockIdx.y + 1) * T / a.splits;
     constexpr int STAGE = (SK_ROWS + NP) * SK_KT;  // W tile, then x's
     const u32 bytes = (u32)(SK_ROWS + NP) * SK_KT * 2;
@@ -417,6 +422,7 @@ extern "C" __global__ void __launch_bounds__(128) skinny_mma(const __grid_consta
         u64* bar = full + (t - tb) % SK_STAGES;
         mbar_expect_tx(bar, bytes);
         tma_tile(ws, &a.wmap, t * SK_KT, n0, bar);
+        if (a.gated) tma_tile(ws + SK_ROWS / 2 * SK_KT, &a.wmap, t * SK_KT, a.ff + n0, bar);
         tma_tile(ws + SK_ROWS * SK_KT, &a.xmap, t * SK_KT, 0, bar);
     };
     if (tid == 0) {
@@ -440,6 +446,24 @@ extern "C" __global__ void __launch_bounds__(128) skinny_mma(const __grid_consta
         if (tid == 0 && t + SK_STAGES < te) issue(t + SK_STAGES);
     }
     // d[4j + e]: weight row n0 + warp·16 + g (+ 8 for e ≥ 2), x row 8j + 2q (+ 1 for odd e)
+    if (a.gated) {
+        // warps 2–3 hold the up rows of warps 0–1's gate rows: through shared memory
+        __shared__ float ups[SK_ROWS / 2][NP + 1];
+        const int r0 = (warp & 1) * 16 + g;
+        if (warp >= 2) {
+#pragma unroll
+            for (int i = 0; i < NP / 2; ++i) ups[r0 + ((i >> 1) & 1) * 8][(i >> 2) * 8 + 2 * q + (i & 1)] = d[i];
+        }
+        __syncthreads();
+        if (warp < 2) {
+#pragma unroll
+            for (int i = 0; i < NP / 2; ++i) {
+                const int r = r0 + ((i >> 1) & 1) * 8, m = (i >> 2) * 8 + 2 * q + (i & 1);
+                if (m < a.M) store_half(a.gated_out, (long long)m * a.ff + n0 + r, act_apply16(a.act, d[i]) * ups[r][m], a.out_dt);
+            }
+        }
+        return;
+    }
     const int nr = n0 + warp * 16 + g;
     float* dst = a.splits == 1 ? a.out : a.parts + (long long)blockIdx.y * a.M * a.N;
     const long long ld = a.splits == 1 ? a.ldo : a.N;

@@ -292,6 +292,11 @@ struct SkinnyArgs {
     ldo: i32,
     splits: i32,
     beta: f32,
+    gated_out: u64,
+    gated: i32,
+    act: i32,
+    ff: i32,
+    out_dt: i32,
 }
 
 /// A TMA tensor map of a row-major bf16 matrix [rows, cols] read in tiles of `box_rows` × 64
@@ -693,8 +698,23 @@ impl CudaBackend {
             (0, 0)
         };
         let (wmap, xmap) = (tile_map(w.ptr, w.rows, w.cols, 64)?, tile_map(xh, rows, w.cols, 16)?);
-        let mut a = SkinnyArgs { wmap, xmap, out, parts, counters, m: rows as i32, n: w.rows as i32, k: w.cols as i32, ldo: w.rows as i32, splits: splits as i32, beta };
+        let mut a = SkinnyArgs {
+            wmap, xmap, out, parts, counters, m: rows as i32, n: w.rows as i32, k: w.cols as i32, ldo: w.rows as i32, splits: splits as i32, beta,
+            gated_out: 0, gated: 0, act: 0, ff: 0, out_dt: 0,
+        };
         dev.launch_struct(dev.f.skinny_mma, (tiles as u32, splits as u32, 1), 128, device::SKINNY_SMEM as u32, &mut a, false)
+    }
+
+    /// A FFN's [gate; up] product (`gate_up`: the two stacked, 2·ff rows) and its activation in one
+    /// skinny_mma launch: act(g)·u written in bf16 to `out16` [rows, ff]; a block 32 gate rows and
+    /// the same up rows. Same conditions as `skinny_fits`, and ff % 32 == 0.
+    fn skinny_gated(&self, dev: &Dev, rows: usize, gate_up: &MatView, xh: CUdeviceptr, out16: CUdeviceptr, ff: usize, act: Activation) -> Result<()> {
+        let (wmap, xmap) = (tile_map(gate_up.ptr, gate_up.rows, gate_up.cols, 32)?, tile_map(xh, rows, gate_up.cols, 16)?);
+        let mut a = SkinnyArgs {
+            wmap, xmap, out: 0, parts: 0, counters: 0, m: rows as i32, n: gate_up.rows as i32, k: gate_up.cols as i32, ldo: 0, splits: 1, beta: 0.0,
+            gated_out: out16, gated: 1, act: act_code(act) as i32, ff: ff as i32, out_dt: dt_code(DType::BF16) as i32,
+        };
+        dev.launch_struct(dev.f.skinny_mma, ((ff / 32) as u32, 1, 1), 128, device::SKINNY_SMEM as u32, &mut a, false)
     }
 
     /// Whether an f32 product goes through dots_f32 (kernels/gemv.cu) rather than cuBLAS's SGEMM,
@@ -750,8 +770,14 @@ impl CudaBackend {
     fn gated_up_adjacent(&self, dev: &Dev, rows: usize, width: usize, xn: CUdeviceptr, xh: Option<CUdeviceptr>, gate: &CudaMat, ff: usize, act: Activation, out: CUdeviceptr) -> Result<CUdeviceptr> {
         let hdt = (gate.dtype != DType::F32).then_some(gate.dtype);
         let wide_dt = hdt.unwrap_or(DType::F32);
-        let wide = dev.scratch(|s| &mut s.wide, rows * 2 * ff * wide_dt.size(), false)?;
         let view = MatView { ptr: gate.ptr, rows: 2 * ff, cols: width, dtype: gate.dtype };
+        if let Some(h) = xh.filter(|&h| out == 0 && ff % 32 == 0 && Self::skinny_fits(dev, rows, &view, false, h, 0)) {
+            // a decode batch of 3–16: the activation in the product's epilogue
+            let oh = dev.half_scratch(rows * ff, None)?;
+            self.skinny_gated(dev, rows, &view, h, oh, ff, act)?;
+            return Ok(oh);
+        }
+        let wide = dev.scratch(|s| &mut s.wide, rows * 2 * ff * wide_dt.size(), false)?;
         self.gemm_view(dev, rows, view, xn, xh, wide, 0.0, hdt.is_some())?;
         let oh = match hdt {
             Some(dt) => dev.half_scratch(rows * ff, (out != 0).then_some((out, rows * ff, dt)))?,
