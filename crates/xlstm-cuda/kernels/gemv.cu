@@ -352,9 +352,7 @@ extern "C" __global__ void __launch_bounds__(128) dots_f32(const float* W, const
 #define SK_KT 64
 #define SK_ROWS 64
 #define SK_MAX_SPLITS 8  // (the host's most)
-#ifndef SK_STAGES
-#define SK_STAGES 4
-#endif
+#define SK_STAGES 4  // (the host's SKINNY_SMEM counts them)
 struct __align__(64) TmaMap {
     unsigned long long v[16];
 };

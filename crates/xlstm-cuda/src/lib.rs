@@ -771,6 +771,7 @@ impl CudaBackend {
         let hdt = (gate.dtype != DType::F32).then_some(gate.dtype);
         let wide_dt = hdt.unwrap_or(DType::F32);
         let view = MatView { ptr: gate.ptr, rows: 2 * ff, cols: width, dtype: gate.dtype };
+        // (its 16-bit output is stored value by value: any alignment, so `out` 0 for the check)
         if let Some(h) = xh.filter(|&h| out == 0 && ff % 32 == 0 && Self::skinny_fits(dev, rows, &view, false, h, 0)) {
             // a decode batch of 3–16: the activation in the product's epilogue
             let oh = dev.half_scratch(rows * ff, None)?;
