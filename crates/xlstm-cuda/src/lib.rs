@@ -299,6 +299,17 @@ struct SkinnyArgs {
     out_dt: i32,
 }
 
+impl SkinnyArgs {
+    /// The product of `rows` rows of x (its tensor map `xmap`) and `w` (`wmap`); nothing written
+    /// yet (the caller sets the output: `out` with `ldo`, or the gated one).
+    fn new(wmap: cudarc::driver::sys::CUtensorMap, xmap: cudarc::driver::sys::CUtensorMap, rows: usize, w: &MatView) -> Self {
+        SkinnyArgs {
+            wmap, xmap, out: 0, parts: 0, counters: 0, m: rows as i32, n: w.rows as i32, k: w.cols as i32, ldo: 0, splits: 1, beta: 0.0,
+            gated_out: 0, gated: 0, act: 0, ff: 0, out_dt: 0,
+        }
+    }
+}
+
 /// A TMA tensor map of a row-major bf16 matrix [rows, cols] read in tiles of `box_rows` × 64
 /// values with the 128-byte swizzle (skinny_mma's shared-memory layout).
 fn tile_map(ptr: CUdeviceptr, rows: usize, cols: usize, box_rows: usize) -> Result<cudarc::driver::sys::CUtensorMap> {
@@ -654,7 +665,7 @@ impl CudaBackend {
                         Some(p) => p,
                         None => self.half_copy(dev, x, rows * w.cols, dt)?,
                     };
-                    if Self::skinny_fits(dev, rows, &w, half_out, xh, out) {
+                    if out % 16 == 0 && Self::skinny_fits(dev, rows, &w, half_out, xh) {
                         return self.skinny(dev, rows, &w, xh, out, beta);
                     }
                     if let Some(lt) = &dev.lt {
@@ -682,9 +693,11 @@ impl CudaBackend {
 
     /// Whether a bf16 product of a decode batch goes through skinny_mma (kernels/gemv.cu) rather
     /// than cuBLASLt: 3–16 rows (fewer take the GEMV; from 32 on it lost to cuBLASLt), f32 output,
-    /// K and N multiples of 64, 16-byte aligned operands, sm_90 (wgmma), the setting on.
-    fn skinny_fits(dev: &Dev, rows: usize, w: &MatView, half_out: bool, xh: CUdeviceptr, out: CUdeviceptr) -> bool {
-        dev.skinny && w.dtype == DType::BF16 && !half_out && (3..=16).contains(&rows) && w.cols % 64 == 0 && w.rows % 64 == 0 && out % 16 == 0 && (w.ptr | xh) % 16 == 0
+    /// K and N multiples of 64, 16-byte aligned operands, sm_90 (wgmma), the setting on. (An f32
+    /// output is also stored four values at a time when K is split: 16-byte aligned, the caller's
+    /// check.)
+    fn skinny_fits(dev: &Dev, rows: usize, w: &MatView, half_out: bool, xh: CUdeviceptr) -> bool {
+        dev.skinny && w.dtype == DType::BF16 && !half_out && (3..=16).contains(&rows) && w.cols % 64 == 0 && w.rows % 64 == 0 && (w.ptr | xh) % 16 == 0
     }
 
     /// out [rows, N] (+)= xh [rows, K] · Wᵀ on tensor cores (skinny_mma): a block a 64-row column
@@ -698,22 +711,17 @@ impl CudaBackend {
             (0, 0)
         };
         let (wmap, xmap) = (tile_map(w.ptr, w.rows, w.cols, 64)?, tile_map(xh, rows, w.cols, 16)?);
-        let mut a = SkinnyArgs {
-            wmap, xmap, out, parts, counters, m: rows as i32, n: w.rows as i32, k: w.cols as i32, ldo: w.rows as i32, splits: splits as i32, beta,
-            gated_out: 0, gated: 0, act: 0, ff: 0, out_dt: 0,
-        };
+        let mut a = SkinnyArgs { out, parts, counters, ldo: w.rows as i32, splits: splits as i32, beta, ..SkinnyArgs::new(wmap, xmap, rows, w) };
         dev.launch_struct(dev.f.skinny_mma, (tiles as u32, splits as u32, 1), 128, device::SKINNY_SMEM as u32, &mut a, false)
     }
 
     /// A FFN's [gate; up] product (`gate_up`: the two stacked, 2·ff rows) and its activation in one
     /// skinny_mma launch: act(g)·u written in bf16 to `out16` [rows, ff]; a block 32 gate rows and
     /// the same up rows. Same conditions as `skinny_fits`, and ff % 32 == 0.
+    #[allow(clippy::too_many_arguments)]
     fn skinny_gated(&self, dev: &Dev, rows: usize, gate_up: &MatView, xh: CUdeviceptr, out16: CUdeviceptr, ff: usize, act: Activation) -> Result<()> {
         let (wmap, xmap) = (tile_map(gate_up.ptr, gate_up.rows, gate_up.cols, 32)?, tile_map(xh, rows, gate_up.cols, 16)?);
-        let mut a = SkinnyArgs {
-            wmap, xmap, out: 0, parts: 0, counters: 0, m: rows as i32, n: gate_up.rows as i32, k: gate_up.cols as i32, ldo: 0, splits: 1, beta: 0.0,
-            gated_out: out16, gated: 1, act: act_code(act) as i32, ff: ff as i32, out_dt: dt_code(DType::BF16) as i32,
-        };
+        let mut a = SkinnyArgs { gated_out: out16, gated: 1, act: act_code(act) as i32, ff: ff as i32, out_dt: dt_code(DType::BF16) as i32, ..SkinnyArgs::new(wmap, xmap, rows, gate_up) };
         dev.launch_struct(dev.f.skinny_mma, ((ff / 32) as u32, 1, 1), 128, device::SKINNY_SMEM as u32, &mut a, false)
     }
 
@@ -771,8 +779,7 @@ impl CudaBackend {
         let hdt = (gate.dtype != DType::F32).then_some(gate.dtype);
         let wide_dt = hdt.unwrap_or(DType::F32);
         let view = MatView { ptr: gate.ptr, rows: 2 * ff, cols: width, dtype: gate.dtype };
-        // (its 16-bit output is stored value by value: any alignment, so `out` 0 for the check)
-        if let Some(h) = xh.filter(|&h| out == 0 && ff % 32 == 0 && Self::skinny_fits(dev, rows, &view, false, h, 0)) {
+        if let Some(h) = xh.filter(|&h| out == 0 && ff % 32 == 0 && Self::skinny_fits(dev, rows, &view, false, h)) {
             // a decode batch of 3–16: the activation in the product's epilogue
             let oh = dev.half_scratch(rows * ff, None)?;
             self.skinny_gated(dev, rows, &view, h, oh, ff, act)?;
