@@ -109,6 +109,8 @@ pub(crate) struct Funcs {
     pub conv_step: CUfunction,
     pub slstm_run: CUfunction,
     pub topk_rows: CUfunction,
+    /// A whole xlstm-large stack's decode step for one sequence in one persistent launch (kernels/stack.cu).
+    pub stack_step1: CUfunction,
 }
 
 /// A grow-only device allocation owned by the device (scratch the ops need internally).
@@ -142,6 +144,9 @@ pub(crate) struct Scratches {
     pub ms: Scratch,
     /// Token ids on the device.
     pub ids: Scratch,
+    /// stack_step1: its intermediates and grid barrier count, and its layer table.
+    pub stack_io: Scratch,
+    pub stack_table: Scratch,
     /// Pinned host staging for token ids.
     pub ids_host: usize,
     pub ids_host_ptr: usize,
@@ -149,8 +154,8 @@ pub(crate) struct Scratches {
 
 impl Scratches {
     /// Every device allocation of the set.
-    fn device_buffers(&mut self) -> [&mut Scratch; 10] {
-        [&mut self.half, &mut self.wide, &mut self.counters, &mut self.sk_counters, &mut self.sk_parts, &mut self.cs, &mut self.gates, &mut self.ns, &mut self.ms, &mut self.ids]
+    fn device_buffers(&mut self) -> [&mut Scratch; 12] {
+        [&mut self.half, &mut self.wide, &mut self.counters, &mut self.sk_counters, &mut self.sk_parts, &mut self.cs, &mut self.gates, &mut self.ns, &mut self.ms, &mut self.ids, &mut self.stack_io, &mut self.stack_table]
     }
 }
 
@@ -188,6 +193,15 @@ pub(crate) struct Dev {
     /// A decode batch's bf16 products of 3–16 rows through skinny_mma rather than cuBLASLt
     /// (`XLSTM_CUDA_SKINNY=0` keeps cuBLASLt).
     pub skinny: bool,
+    /// Batch-1 decode of an xlstm-large stack through `stack_step1` (sm_90+ with the shared memory
+    /// it needs; `XLSTM_CUDA_STACK=0` keeps the per-op kernels).
+    pub stack: std::sync::atomic::AtomicBool,
+    /// Whether this device can run stack_step1 at all.
+    pub stack_avail: bool,
+    /// Decode steps run through stack_step1 (`CudaBackend::stack_steps`).
+    pub stack_steps: std::sync::atomic::AtomicU64,
+    /// The layer table last uploaded for stack_step1: (where, its words).
+    pub stack_table: Mutex<(CUdeviceptr, Vec<u64>)>,
     /// The model's weight dtype (`Backend::set_weight_dtype`). For 16-bit weights the chunkwise
     /// prefill rounds its operands to TF32 (otherwise its tensor-core products are exact, split
     /// TF32) and ops may leave 16-bit copies of their outputs for the next product.
@@ -215,6 +229,14 @@ pub(crate) const TRACE_CAP: usize = 1 << 18;
 // behind the device's locks where state is shared; CUDA handles may be used from any thread.
 unsafe impl Send for Dev {}
 unsafe impl Sync for Dev {}
+
+/// stack_step1's dynamic shared memory: its ring (ST_STAGES × ST_STAGE_BYTES), the cell's q, k, n'
+/// (ST_DK_MAX floats each) and a phase's partial sums (ST_PART_ROWS × 17 floats).
+pub(crate) const STACK_SMEM: usize = 6 * 32768 + 3 * 512 * 4 + STACK_PART_ROWS * 17 * 4;
+/// ST_PART_ROWS in kernels/stack.cu.
+pub(crate) const STACK_PART_ROWS: usize = 320;
+/// stack_step1's threads: 16 consumer warps and the producer.
+pub(crate) const STACK_THREADS: u32 = 544;
 
 /// Largest dynamic shared memory the GEMV kernels are allowed (x staged as f32: rows·K·4 bytes).
 pub(crate) const GEMV_SMEM: usize = 96 * 1024;
@@ -292,6 +314,7 @@ impl Dev {
         let c = get("conv", &["headwise", "conv_seq_out", "conv_seq_state", "conv_step"])?;
         let s = get("slstm", &["slstm_run"])?;
         let tk = get("topk", &["topk_rows"])?;
+        let st = get("stack", &["stack_step1"])?;
         let f = Funcs {
             embed: e[0],
             bias_soft_cap: e[1],
@@ -330,9 +353,13 @@ impl Dev {
             conv_step: c[3],
             slstm_run: s[0],
             topk_rows: tk[0],
+            stack_step1: st[0],
         };
         let big_smem = f.gemv.iter().map(|&gf| (gf, GEMV_SMEM)).chain(f.chunk_states_tc.iter().map(|&cf| (cf, chunk_stages * CHUNK_STATE_STAGE)));
         let big_smem = big_smem.chain([(f.chunk_states_bf16, chunk_stages * CHUNK_BF16_STAGE), (f.skinny_mma, SKINNY_SMEM)]);
+        let stack_avail = cc.0 >= 9 && smem_optin as usize >= STACK_SMEM;
+        let stack = stack_avail && std::env::var("XLSTM_CUDA_STACK").map_or(true, |v| v != "0");
+        let big_smem = big_smem.chain(stack_avail.then_some((f.stack_step1, STACK_SMEM)));
         for (func, bytes) in big_smem {
             // SAFETY: valid function handle; raises the dynamic shared-memory limit.
             unsafe {
@@ -386,6 +413,10 @@ impl Dev {
             chunk_stages: Mutex::new(chunk_stages),
             pdl: cc.0 >= 9 && std::env::var("XLSTM_CUDA_PDL").map_or(true, |v| v != "0"),
             skinny: cc == (9, 0) && std::env::var("XLSTM_CUDA_SKINNY").map_or(true, |v| v != "0"),
+            stack: stack.into(),
+            stack_avail,
+            stack_steps: 0.into(),
+            stack_table: Mutex::new((0, Vec::new())),
             weight_dtype: Mutex::new(DType::F32),
             half_tag: Mutex::new(HalfTag::default()),
             chunk_kernels: Mutex::new(ChunkKernels::from_env()),

@@ -19,6 +19,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("conv", include_str!("../kernels/conv.cu")),
     ("slstm", include_str!("../kernels/slstm.cu")),
     ("topk", include_str!("../kernels/topk.cu")),
+    ("stack", include_str!("../kernels/stack.cu")),
 ];
 
 /// The compilable text of one family: the common header, then the file (line numbers restart so

@@ -15,6 +15,7 @@ mod capture;
 mod device;
 mod greedy;
 mod lt;
+mod stack;
 pub mod kernels;
 
 use std::ffi::c_void;
@@ -25,7 +26,7 @@ use cudarc::driver::result as dres;
 use cudarc::driver::sys::CUdeviceptr;
 use xlstm_core::backend::{
     norm_gated_ffn_add_composed, norm_mlstm_add_composed, shapes, Activation, Backend, ConvDims, FfnScratch, HeadwiseDims, MlstmDims, MlstmHalf, MlstmKernel, MlstmScratch, MlstmState, SlstmGates,
-    SlstmState, CHOSEN_ID,
+    SlstmState, StackBlock, CHOSEN_ID,
 };
 use xlstm_core::bench::Bandwidth;
 use xlstm_core::tensor::{DType, HostData, HostTensor};
@@ -174,6 +175,7 @@ mod opc {
     pub const FFN: u64 = 23;
     pub const MLSTM_ADD: u64 = 24;
     pub const SETTLE: u64 = 25;
+    pub const STACK: u64 = 26;
 
     /// The op's name, for `CudaBackend::op_times`.
     pub fn name(code: u64) -> &'static str {
@@ -1241,7 +1243,9 @@ impl Backend for CudaBackend {
     fn mlstm_pending_words(&self, d: MlstmDims, batch: usize, c_dtype: DType) -> usize {
         let cap = self.pending_cap.load(std::sync::atomic::Ordering::Relaxed);
         let units = batch * d.heads;
-        if cap == 0 || Self::pend_tile(&self.dev, d, units, c_dtype != DType::F32).is_none() {
+        // batch 1 on the stack kernel writes C every step (its cell is not the step's tail there)
+        let stacked = batch == 1 && self.dev.stack.load(std::sync::atomic::Ordering::Relaxed);
+        if cap == 0 || stacked || Self::pend_tile(&self.dev, d, units, c_dtype != DType::F32).is_none() {
             return 0;
         }
         units * pending_unit_words(cap, d)
@@ -1657,6 +1661,10 @@ impl Backend for CudaBackend {
             a.i(act_code(act)).p(gp).p(upp).p(op).i(rows * ff);
             self.ew(dev, dev.f.gated_act, rows * ff, &mut a)
         })
+    }
+
+    fn decode_stack(&self, x: &mut CudaBuf, width: usize, d: MlstmDims, blocks: &[StackBlock<'_, Self>], states: &mut [&mut MlstmState<CudaBuf>]) -> Result<bool> {
+        self.stack_step(x, width, d, blocks, states)
     }
 
     fn norm_gated_ffn_add(&self, x: &mut CudaBuf, rows: usize, width: usize, weight: &CudaBuf, eps: f32, gate: &CudaMat, up: &CudaMat, down: &CudaMat, ff: usize, act: Activation, s: FfnScratch<'_, CudaBuf>) -> Result<()> {

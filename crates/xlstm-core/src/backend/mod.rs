@@ -94,6 +94,17 @@ pub struct MlstmHalf<'a, B: Backend> {
     pub out_proj: &'a B::Mat,
 }
 
+/// One xlstm-large block for [`Backend::decode_stack`]: its mLSTM half, then its FFN (the RMSNorm
+/// weight, gate and up `[ff, width]`, down `[width, ff]`, SiLU).
+pub struct StackBlock<'a, B: Backend> {
+    pub mlstm: MlstmHalf<'a, B>,
+    pub norm_ffn: &'a B::Buf,
+    pub gate: &'a B::Mat,
+    pub up: &'a B::Mat,
+    pub down: &'a B::Mat,
+    pub ff: usize,
+}
+
 /// Scratch of [`Backend::norm_mlstm_add`]: `xn`, `y` [rows, width]; `q`, `k` [rows, NH·DK];
 /// `v`, `o`, `h`, `hn` [rows, NH·DV]; `i`, `f` [rows, NH].
 pub struct MlstmScratch<'a, Buf> {
@@ -405,6 +416,17 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Brackets one decode step (`Model::step` calls it before running the layers): a backend may
     /// record the device work of a step once and replay it on later steps (the CUDA backend captures
     /// a CUDA graph). Default: nothing.
+    /// One decode step of one sequence through a whole xlstm-large stack: for each block in order,
+    /// what `norm_mlstm_add` and `norm_gated_ffn_add` (SiLU) do to the row `x` [width], where the
+    /// backend has that as one operation (the CUDA backend: one persistent kernel). Ok(false): it
+    /// has not, nothing ran, and the caller runs the blocks one by one.
+    fn decode_stack(&self, _x: &mut Self::Buf, _width: usize, _dims: MlstmDims, _blocks: &[StackBlock<'_, Self>], _states: &mut [&mut MlstmState<Self::Buf>]) -> Result<bool>
+    where
+        Self: Sized,
+    {
+        Ok(false)
+    }
+
     fn step_begin(&self) -> Result<()> {
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! x = Embedding(ids); per block: x += mLSTMLayer(RMSNorm(x)); x += SwiGLU-FFN(RMSNorm(x));
 //! logits = 30·tanh(lm_head(RMSNorm(x)) / 30). The mLSTM layer: q, k, v, o, ĩ, f̃ projections,
 //! gates soft-capped at 15, the mLSTM cell per head, per-head LayerNorm, sigmoid(o) gate, out_proj.
-use crate::backend::{Activation, Backend, FfnScratch, MlstmDims, MlstmHalf, MlstmKernel, MlstmScratch};
+use crate::backend::{Activation, Backend, FfnScratch, MlstmDims, MlstmHalf, MlstmKernel, MlstmScratch, StackBlock};
 use crate::config::LargeConfig;
 use crate::error::Result;
 use crate::model::{ActivationCache, GrowBuf, LogitRows, Network, Rows};
@@ -199,7 +199,23 @@ impl<B: Backend> Network<B> for LargeNet<B> {
         let (d, ff, eps) = (c.hidden_size, c.ffn_dim(), c.norm_eps);
         let s = self.scratch.get(rows, n, |n| Self::make_scratch(b, c, n))?;
         b.embed(&self.embedding, ids, &mut s.x)?;
-        for (blk, layer) in self.blocks.iter().zip(state.iter_mut()) {
+        // One sequence's decode step: the whole stack at once where the backend can.
+        let whole = matches!(rows, Rows::Step) && n == 1 && {
+            let blocks: Vec<StackBlock<'_, B>> = self
+                .blocks
+                .iter()
+                .map(|blk| StackBlock { mlstm: mlstm_half(blk, c), norm_ffn: &blk.norm_ffn, gate: &blk.up_gate, up: &blk.up, down: &blk.down, ff })
+                .collect();
+            let mut cells: Vec<_> = state
+                .iter_mut()
+                .map(|l| match l {
+                    LayerState::Mlstm { cell, .. } => cell,
+                    _ => unreachable!("xlstm-large state holds mLSTM layers only"),
+                })
+                .collect();
+            b.decode_stack(&mut s.x, d, self.dims, &blocks, &mut cells)?
+        };
+        for (blk, layer) in self.blocks.iter().zip(state.iter_mut()).filter(|_| !whole) {
             let LayerState::Mlstm { cell, .. } = layer else { unreachable!("xlstm-large state holds mLSTM layers only") };
             // mLSTM sub-block: x += out_proj(σ(o) ⊙ LN_head(mLSTM(q, k, v, ĩ, f̃))) on RMSNorm(x).
             // The compositions below are the primitive ops in order (Backend defaults); a backend
@@ -208,17 +224,7 @@ impl<B: Backend> Network<B> for LargeNet<B> {
                 Rows::Sequence(kernel) => Some(kernel),
                 Rows::Step => None,
             };
-            let half = MlstmHalf {
-                norm: &blk.norm_mlstm,
-                eps,
-                proj: [&blk.q, &blk.k, &blk.v, &blk.o, &blk.igate, &blk.fgate], // q, k [n, qk]; v, o [n, v]; ĩ, f̃ [n, NH]
-                ibias: &blk.igate_bias,
-                fbias: &blk.fgate_bias,
-                gate_cap: c.gate_soft_cap,
-                cell_eps: c.eps,
-                head_norm: &blk.head_norm,
-                out_proj: &blk.out_proj,
-            };
+            let half = mlstm_half(blk, c);
             let mlstm_scratch = MlstmScratch { xn: &mut s.xn, q: &mut s.q, k: &mut s.k, v: &mut s.v, o: &mut s.o, i: &mut s.i, f: &mut s.f, h: &mut s.h, hn: &mut s.hn, y: &mut s.y };
             b.norm_mlstm_add(&mut s.x, n, d, self.dims, kernel, &half, cell, mlstm_scratch)?; // x += [n, D]
             // FFN sub-block (SwiGLU): x += down(silu(up_gate(RMSNorm(x))) ⊙ up(RMSNorm(x)))
@@ -313,4 +319,19 @@ pub fn weight_specs(c: &LargeConfig) -> Vec<crate::model::random::WeightSpec> {
         s.push(W::new("lm_head.weight", &[voc, d], Init::fan_in(d)));
     }
     s
+}
+
+/// A block's mLSTM half as the backend takes it.
+fn mlstm_half<'a, B: Backend>(blk: &'a Block<B>, c: &LargeConfig) -> MlstmHalf<'a, B> {
+    MlstmHalf {
+        norm: &blk.norm_mlstm,
+        eps: c.norm_eps,
+        proj: [&blk.q, &blk.k, &blk.v, &blk.o, &blk.igate, &blk.fgate], // q, k [n, qk]; v, o [n, v]; ĩ, f̃ [n, NH]
+        ibias: &blk.igate_bias,
+        fbias: &blk.fgate_bias,
+        gate_cap: c.gate_soft_cap,
+        cell_eps: c.eps,
+        head_norm: &blk.head_norm,
+        out_proj: &blk.out_proj,
+    }
 }

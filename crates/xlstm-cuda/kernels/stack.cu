@@ -1,0 +1,639 @@
+// stack.cu — one decode step of a whole xlstm-large block stack for one sequence, in one persistent
+// launch (sm_90: bulk copies and mbarriers).
+//
+// Why: at batch 1 the step is a stream of bf16 weights (13.3 GB for the 7B shape), and separate
+// kernels pay a gap, a prologue and a tail at each of their five boundaries per layer (~25 µs a
+// layer of 120). Here one block per SM streams its share of every product through a ring of
+// shared-memory stages filled by a producer warp with bulk copies. The weights depend on nothing the
+// step computes, so the producer runs ahead across the data dependencies: while the blocks wait at a
+// grid barrier, or run the mLSTM cell, the ring keeps filling with the next product's rows.
+//
+// Per layer (x: the residual [D], f32; all products f32-accumulated dot products):
+//   P0  xn = RMSNorm(x)·w1; qkvo = [Wq; Wk; Wv; Wo] xn (bf16 rows), ĩf̃ = [Wi; Wf] xn (f32 rows)
+//   P1  the mLSTM cell (mlstm.cu's step, f32 C written every step): unit u = (head, 32 columns of DV)
+//       on block u; h [NH·DV]
+//   P2  hn = σ(o) ⊙ LayerNorm_DV(h)·w_head (each cell block leaves its 32 values' mean and centred sum
+//       of squares; every block merges a head's in a fixed order); x += Wout hn
+//   P3  xn = RMSNorm(x)·w2; act[f] = act(Wg[f]·xn) · (Wu[f]·xn)
+//   P4  x += Wdown act
+// with a grid barrier after each phase (none after the last layer's P4).
+//
+// Work: a phase's rows are cut into items of whole rows that fit one stage (at most 16 rows; an up
+// item takes P gate rows and the same P up rows). Items are numbered through the launch, phase after
+// phase, and item g belongs to block g mod gridDim, so the blocks' shares even out across phases.
+// Consumers: 16 warps; thread t holds chunks t, t + 512, ... (8 values each) of the phase's input in
+// registers. Each warp runs through the block's items at its own pace, leaving its shuffled partial
+// sum of every row in shared memory; at the phase's end one thread per row adds the 16 in warp order
+// (deterministic). What a phase's input needs that does not depend on the barrier before it (the
+// cell's state, P2's o and head-norm weights) is loaded between arriving at the barrier and waiting.
+// The producer keeps at most ST_INFLIGHT copies in flight: a deeper queue slows every other access.
+//
+// Limits (checked on the host): D, NH·DV, FF multiples of 8 and ≤ 12,288 (3 chunks a thread);
+// DK ≤ 512; DV a multiple of 8, ≤ 1,024; NH·ceil(DV / 32) ≤ gridDim.x (one unit a block, its state read before
+// the barrier that precedes the cell); 16-byte aligned pointers; f32 C, no deferred updates.
+// Launch: grid = SMs (one block each: all must be resident for the grid barriers), block = 544
+// (16 consumer warps + the producer), dynamic shared memory STACK_SMEM; `bar` zeroed before.
+
+#define ST_CONSUMERS 512
+// ST_STAGES × ST_STAGE_BYTES: the ring (196,608 bytes: STACK_SMEM on the host)
+#ifndef ST_STAGES
+#define ST_STAGES 6
+#endif
+#ifndef ST_STAGE_BYTES
+#define ST_STAGE_BYTES 32768
+#endif
+// copies in flight at most (the rest of the ring holds arrived stages): more only queue in the
+// memory system and lengthen every other access's latency (barriers, inputs, the cell's state).
+// H200, 7B batch-1 step: 1 / 2 / 3 / 4 / 6 in flight of 6 stages: 4.29 / 3.89 / 3.93 / 3.95 / 3.97 ms.
+#ifndef ST_INFLIGHT
+#define ST_INFLIGHT 2
+#endif
+#ifndef ST_WAIT_LANE0
+#define ST_WAIT_LANE0 0
+#endif
+#define ST_MAX_ROWS 16
+#define ST_CHUNKS 3
+#define ST_DK_MAX 512
+// local rows of partial sums a block's share of one phase may have
+#define ST_PART_ROWS 320
+
+struct StackLayer {
+    const float* norm1;   // [D]
+    const u16* wqkvo;     // [2·NH·DK + 2·NH·DV, D] bf16: q, k, v, o rows
+    const float* wgates;  // [2·NH, D] f32: ĩ rows, then f̃ rows
+    const float* ibias;   // [NH] (may be null)
+    const float* fbias;   // [NH] (may be null)
+    const float* hnw;     // [NH·DV] head LayerNorm weight
+    const u16* wout;      // [D, NH·DV]
+    const float* norm2;   // [D]
+    const u16* wup;       // [2·FF, D]: gate rows, then up rows
+    const u16* wdown;     // [D, FF]
+    float* C;             // [NH, DK, DV]
+    float* n;             // [NH, DK]
+    float* m;             // [NH]
+};
+
+struct StackArgs {
+    const StackLayer* layers;
+    int nlayers, D, NH, DK, DV, FF, act;
+    float eps, cap, cell_eps, neps;
+    float* x;      // [D]
+    float* qkvo;   // [2·NH·DK + 2·NH·DV]
+    float* gates;  // [2·NH]
+    float* h;      // [NH·DV]
+    float* hst;    // [NH·ceil(DV / 32)][2]: each unit's mean and centred sum of squares of its h
+    float* a;      // [FF]
+    u32* bar;      // grid barrier count, zero at launch
+};
+
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, u32 bytes, u64* bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_addr(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_addr(bar))
+                 : "memory");
+#endif
+}
+// Barrier of the 16 consumer warps only (the producer warp runs on).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(ST_CONSUMERS) : "memory"); }
+__device__ __forceinline__ u32 ld_acquire(const u32* p) {
+    u32 v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+// A grid barrier in two halves: this block's consumers arrive (their writes published), and later
+// wait until all gridDim.x blocks have arrived at the `k`-th barrier. Between the two a block may
+// issue loads that do not depend on the barrier: a fence after them would wait for them.
+__device__ __forceinline__ void grid_arrive(u32* bar) {
+    consumers_sync();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(bar, 1u);
+    }
+}
+__device__ __forceinline__ void grid_wait(const u32* bar, u32 k) {
+    if (threadIdx.x == 0) {
+        const u32 target = k * gridDim.x;
+        while (ld_acquire(bar) < target) {
+        }
+    }
+    consumers_sync();
+}
+
+// A phase's work: `items` items, the first global item number `g0`.
+struct Phase {
+    int items, g0;
+    // this block's first item of the phase
+    __device__ int first() const {
+        const int nb = gridDim.x;
+        return (int)(((long long)blockIdx.x - g0 % nb + nb) % nb);
+    }
+};
+
+// Rows of a bf16 [rows, K] matrix per item, and of an f32 one.
+__device__ __forceinline__ int rows16(int K) { return min(ST_MAX_ROWS, ST_STAGE_BYTES / (2 * K)); }
+__device__ __forceinline__ int rows32(int K) { return min(ST_MAX_ROWS, ST_STAGE_BYTES / (4 * K)); }
+// gate/up pairs per item
+__device__ __forceinline__ int pairs16(int K) { return min(ST_MAX_ROWS / 2, ST_STAGE_BYTES / (4 * K)); }
+
+struct Shape {
+    int nqkvo, nb16, nb32, items0, items2, items3, items4;
+    __device__ Shape(const StackArgs& a) {
+        nqkvo = 2 * a.NH * (a.DK + a.DV);
+        const int r0 = rows16(a.D), rg = rows32(a.D);
+        nb16 = (nqkvo + r0 - 1) / r0;
+        nb32 = (2 * a.NH + rg - 1) / rg;
+        items0 = nb16 + nb32;
+        items2 = (a.D + rows16(a.NH * a.DV) - 1) / rows16(a.NH * a.DV);
+        items3 = (a.FF + pairs16(a.D) - 1) / pairs16(a.D);
+        items4 = (a.D + rows16(a.FF) - 1) / rows16(a.FF);
+    }
+    __device__ int per_layer() const { return items0 + items2 + items3 + items4; }
+};
+
+// The producer: every item of this block, in the consumers' order, into the ring.
+__device__ void stack_produce(const StackArgs& a, const Shape& s, char* ring, u64* full, u64* empty) {
+    const int nb = gridDim.x;
+    u32 seq = 0;
+    auto put = [&](const void* src, u32 bytes, const void* src2, u32 bytes2) {
+        const u32 slot = seq % ST_STAGES;
+        if (seq >= ST_STAGES) mbar_wait(&empty[slot], ((seq / ST_STAGES) - 1) & 1);
+        if (ST_INFLIGHT < ST_STAGES && seq >= ST_INFLIGHT) {
+            const u32 f = seq - ST_INFLIGHT;  // that stage's next fill comes after this one
+            mbar_wait(&full[f % ST_STAGES], (f / ST_STAGES) & 1);
+        }
+        char* dst = ring + (size_t)slot * ST_STAGE_BYTES;
+        mbar_expect_tx(&full[slot], bytes + bytes2);
+        bulk_copy(dst, src, bytes, &full[slot]);
+        if (bytes2) bulk_copy(dst + bytes, src2, bytes2, &full[slot]);
+        ++seq;
+    };
+    int g = 0;  // the global number of the phase's first item
+    for (int l = 0; l < a.nlayers; ++l) {
+        const StackLayer& L = a.layers[l];
+        {
+            const Phase p{s.items0, g};
+            const int r0 = rows16(a.D), rg = rows32(a.D);
+            for (int i = p.first(); i < p.items; i += nb) {
+                if (i < s.nb16) {
+                    const int row = i * r0, n = min(r0, s.nqkvo - row);
+                    put(L.wqkvo + (long long)row * a.D, (u32)(n * a.D * 2), nullptr, 0);
+                } else {
+                    const int row = (i - s.nb16) * rg, n = min(rg, 2 * a.NH - row);
+                    put(L.wgates + (long long)row * a.D, (u32)(n * a.D * 4), nullptr, 0);
+                }
+            }
+            g += p.items;
+        }
+        {
+            const Phase p{s.items2, g};
+            const int K = a.NH * a.DV, r = rows16(K);
+            for (int i = p.first(); i < p.items; i += nb) {
+                const int row = i * r, n = min(r, a.D - row);
+                put(L.wout + (long long)row * K, (u32)(n * K * 2), nullptr, 0);
+            }
+            g += p.items;
+        }
+        {
+            const Phase p{s.items3, g};
+            const int r = pairs16(a.D);
+            for (int i = p.first(); i < p.items; i += nb) {
+                const int f = i * r, n = min(r, a.FF - f);
+                const u32 bytes = (u32)(n * a.D * 2);
+                put(L.wup + (long long)f * a.D, bytes, L.wup + (long long)(a.FF + f) * a.D, bytes);
+            }
+            g += p.items;
+        }
+        {
+            const Phase p{s.items4, g};
+            const int r = rows16(a.FF);
+            for (int i = p.first(); i < p.items; i += nb) {
+                const int row = i * r, n = min(r, a.D - row);
+                put(L.wdown + (long long)row * a.FF, (u32)(n * a.FF * 2), nullptr, 0);
+            }
+            g += p.items;
+        }
+    }
+}
+
+// Σ over the 16 consumer warps of one value each, in warp order; every consumer thread gets it.
+__device__ __forceinline__ float consumers_sum(float v, float* red) {
+    v = warp_sum(v);
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    if (lane == 0) red[w] = v;
+    consumers_sync();
+    float t = 0.f;
+#pragma unroll
+    for (int i = 0; i < ST_CONSUMERS / 32; ++i) t += red[i];
+    consumers_sync();  // red is free again
+    return t;
+}
+
+// Consumer side of the ring. With XLSTM_TRACE, thread 0 sums the time it waits for stages.
+struct Ring {
+    char* base;
+    u64* full;
+    u64* empty;
+    u32 seq;
+    u64 waited;
+    __device__ const char* take() {
+        const u32 slot = seq % ST_STAGES;
+        const u64 t0 = trace_now();
+        if (!ST_WAIT_LANE0 || (threadIdx.x & 31) == 0) mbar_wait(&full[slot], (seq / ST_STAGES) & 1);
+        if (ST_WAIT_LANE0) __syncwarp();
+        waited += trace_now() - t0;
+        return base + (size_t)slot * ST_STAGE_BYTES;
+    }
+    // this warp is done with the stage take() returned
+    __device__ void release() {
+        __syncwarp();
+        if ((threadIdx.x & 31) == 0) mbar_arrive(&empty[seq % ST_STAGES]);
+        ++seq;
+    }
+};
+
+// This thread's part of one row of `K` values in the stage (bf16 or f32) against its input chunks.
+template <bool F32>
+__device__ __forceinline__ float row_part(const char* row, int K, const float (&xin)[ST_CHUNKS][8]) {
+    const int t = threadIdx.x, c8 = K >> 3;
+    float s = 0.f;
+#pragma unroll
+    for (int j = 0; j < ST_CHUNKS; ++j) {
+        const int c = t + j * ST_CONSUMERS;
+        if (c < c8) {
+            if constexpr (F32) {
+                const float4 w0 = ((const float4*)row)[2 * c], w1 = ((const float4*)row)[2 * c + 1];
+                s = fmaf(w0.x, xin[j][0], s); s = fmaf(w0.y, xin[j][1], s); s = fmaf(w0.z, xin[j][2], s); s = fmaf(w0.w, xin[j][3], s);
+                s = fmaf(w1.x, xin[j][4], s); s = fmaf(w1.y, xin[j][5], s); s = fmaf(w1.z, xin[j][6], s); s = fmaf(w1.w, xin[j][7], s);
+            } else {
+                const uint4 w = ((const uint4*)row)[c];
+                const u32 q[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    s = fmaf(__uint_as_float(q[e] << 16), xin[j][2 * e], s);
+                    s = fmaf(__uint_as_float(q[e] & 0xffff0000u), xin[j][2 * e + 1], s);
+                }
+            }
+        }
+    }
+    return s;
+}
+
+// One stage's `n` rows: this warp's partial dot products into part[r·17 + warp] (four rows at a
+// time, their loads and shuffles independent). No barrier: each warp runs through the items at its
+// own pace, and the partial sums are added once per phase (`phase_sums`).
+template <bool F32>
+__device__ __forceinline__ void stage_parts(Ring& ring, int n, int K, const float (&xin)[ST_CHUNKS][8], float* part) {
+    const char* st = ring.take();
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const size_t rb = (size_t)K * (F32 ? 4 : 2);
+    for (int r0 = 0; r0 < n; r0 += 4) {
+        float s[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) s[q] = r0 + q < n ? row_part<F32>(st + (r0 + q) * rb, K, xin) : 0.f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) s[q] += __shfl_xor_sync(0xffffffffu, s[q], o);
+        }
+        if (lane == 0) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+                if (r0 + q < n) part[(r0 + q) * 17 + w] = s[q];
+        }
+    }
+    ring.release();
+}
+
+// The sum of local row r's 16 partial sums, in warp order.
+__device__ __forceinline__ float part_sum(const float* part, int r) {
+    float t = 0.f;
+#pragma unroll
+    for (int i = 0; i < ST_CONSUMERS / 32; ++i) t += part[r * 17 + i];
+    return t;
+}
+
+// With XLSTM_TRACE: one record per block and phase (tag 100 + phase): its start, the end of its
+// items, the time thread 0 waited for stages, and the layer. Thread 0 only (no block barrier:
+// the producer warp has left).
+__device__ __forceinline__ void stack_trace(int phase, u64 t0, u64 t1, u64 waited, int layer) {
+#ifdef XLSTM_TRACE
+    if (threadIdx.x == 0 && xlstm_trace_buf && xlstm_trace_cap) {
+        const u64 t3 = trace_now();
+        u32 sm;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        const u64 slot = atomicAdd((unsigned long long*)xlstm_trace_buf, 1ull) % xlstm_trace_cap;
+        u64* r = xlstm_trace_buf + 8 + slot * 8;
+        r[0] = 100 + phase; r[1] = ((u64)gridDim.x << 32) | blockIdx.x; r[2] = sm; r[3] = t0; r[4] = t1; r[5] = waited; r[6] = t3; r[7] = layer;
+    }
+#endif
+}
+
+// This thread's chunks of a vector of K values in global memory (written by other blocks: read
+// past L1), times `scale` · w (w may be null).
+__device__ __forceinline__ void load_input(const float* v, int K, float scale, const float* w, float (&xin)[ST_CHUNKS][8]) {
+    const int c8 = K >> 3;
+#pragma unroll
+    for (int j = 0; j < ST_CHUNKS; ++j) {
+        const int c = threadIdx.x + j * ST_CONSUMERS;
+#pragma unroll
+        for (int e = 0; e < 8; e += 4) {
+            float4 x = make_float4(0.f, 0.f, 0.f, 0.f), g = make_float4(1.f, 1.f, 1.f, 1.f);
+            if (c < c8) {
+                x = __ldcg((const float4*)(v + 8 * c + e));
+                if (w) g = *(const float4*)(w + 8 * c + e);
+            }
+            xin[j][e] = x.x * scale * g.x;
+            xin[j][e + 1] = x.y * scale * g.y;
+            xin[j][e + 2] = x.z * scale * g.z;
+            xin[j][e + 3] = x.w * scale * g.w;
+        }
+    }
+}
+
+// RMSNorm(x)·w into this thread's chunks.
+__device__ __forceinline__ void load_normed(const float* x, int D, const float* w, float eps, float (&xin)[ST_CHUNKS][8], float* red) {
+    load_input(x, D, 1.f, nullptr, xin);
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < ST_CHUNKS; ++j)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) ss = fmaf(xin[j][e], xin[j][e], ss);
+    const float r = rsqrtf(consumers_sum(ss, red) / (float)D + eps);
+    const int c8 = D >> 3;
+#pragma unroll
+    for (int j = 0; j < ST_CHUNKS; ++j) {
+        const int c = threadIdx.x + j * ST_CONSUMERS;
+        if (c < c8) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) xin[j][e] = xin[j][e] * r * w[8 * c + e];
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(const __grid_constant__ StackArgs a) {
+    extern __shared__ __align__(128) char smem[];
+    char* ring_base = smem;
+    __shared__ __align__(8) u64 full[ST_STAGES], empty[ST_STAGES];
+    __shared__ float red[32];
+    __shared__ float hstat[2][64];  // per head: mean, rstd (P2; NH ≤ 64)
+    float* qs = (float*)(smem + ST_STAGES * ST_STAGE_BYTES);  // cell: [DK] each
+    float* ks = qs + ST_DK_MAX;
+    float* nn = ks + ST_DK_MAX;
+    float* part = nn + ST_DK_MAX;  // [ST_PART_ROWS][17]: a phase's partial sums
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (tid == 0) {
+        for (int i = 0; i < ST_STAGES; ++i) {
+            mbar_init(&full[i], 1);
+            mbar_init(&empty[i], ST_CONSUMERS / 32);
+        }
+    }
+    __syncthreads();
+    const Shape s(a);
+    if (warp == ST_CONSUMERS / 32) {
+        if (lane == 0) stack_produce(a, s, ring_base, full, empty);
+        return;
+    }
+    Ring ring{ring_base, full, empty, 0, 0};
+    const int nb = gridDim.x;
+    const int NH = a.NH, DK = a.DK, DV = a.DV, D = a.D, K2 = NH * DV;
+    const int tiles = (DV + 31) / 32, units = NH * tiles;
+    float xin[ST_CHUNKS][8];
+    u32 nbar = 0;
+    int g = 0;  // global item number of the phase's first item
+    u64 t0 = trace_now();
+    auto end_phase = [&](int phase, int layer) {
+        stack_trace(phase, t0, trace_now(), ring.waited, layer);
+        ring.waited = 0;
+    };
+    auto barrier = [&]() {
+        grid_arrive(a.bar);
+        grid_wait(a.bar, ++nbar);
+        t0 = trace_now();
+    };
+    for (int l = 0; l < a.nlayers; ++l) {
+        const StackLayer& L = a.layers[l];
+        // ---- P0: RMSNorm, q/k/v/o and the gate rows (local slots of r0 rows an item)
+        load_normed(a.x, D, L.norm1, a.eps, xin, red);
+        {
+            const Phase p{s.items0, g};
+            const int r0 = rows16(D), rg = rows32(D);
+            int k = 0;
+            for (int i = p.first(); i < p.items; i += nb, ++k) {
+                if (i < s.nb16) stage_parts<false>(ring, min(r0, s.nqkvo - i * r0), D, xin, part + k * r0 * 17);
+                else stage_parts<true>(ring, min(rg, 2 * NH - (i - s.nb16) * rg), D, xin, part + k * r0 * 17);
+            }
+            consumers_sync();
+            for (int r = tid; r < k * r0; r += ST_CONSUMERS) {
+                const int i = p.first() + (r / r0) * nb, j = r % r0;
+                if (i < s.nb16) {
+                    const int row = i * r0 + j;
+                    if (j < r0 && row < s.nqkvo) a.qkvo[row] = part_sum(part, r);
+                } else {
+                    const int row = (i - s.nb16) * rg + j;
+                    if (j < rg && row < 2 * NH) a.gates[row] = part_sum(part, r);
+                }
+            }
+            g += p.items;
+        }
+        end_phase(0, l);
+        // ---- P1: the cell. This block's unit's state goes out before the barrier (it was written
+        // by this block a step ago, or by the prompt).
+        grid_arrive(a.bar);
+        const int u = blockIdx.x;
+        const bool cell = u < units;
+        const int hd = cell ? u / tiles : 0, col = (cell ? u % tiles : 0) * 32 + lane;
+        const bool live = cell && col < DV;
+        float* C = L.C + (long long)hd * DK * DV + col;
+        constexpr int PRE = 16;
+        float cv[PRE];
+#pragma unroll
+        for (int j = 0; j < PRE; ++j) {
+            const int r = warp + 16 * j;
+            cv[j] = (live && r < DK) ? C[(long long)r * DV] : 0.f;
+        }
+        const float ne = (cell && tid < DK) ? L.n[hd * DK + tid] : 0.f;
+        const float mo = cell ? L.m[hd] : 0.f;
+        grid_wait(a.bar, ++nbar);
+        t0 = trace_now();
+        if (cell) {
+            const float* q = a.qkvo + hd * DK;
+            const float* k = a.qkvo + NH * DK + hd * DK;
+            const float* v = a.qkvo + 2 * NH * DK + hd * DV;
+            float ip = __ldcg(a.gates + hd), fp = __ldcg(a.gates + NH + hd);
+            if (L.ibias) ip += L.ibias[hd];
+            if (L.fbias) fp += L.fbias[hd];
+            if (a.cap > 0.f) { ip = a.cap * tanhf(ip / a.cap); fp = a.cap * tanhf(fp / a.cap); }
+            const float lf = log_sigmoid(fp);
+            const float mn = fmaxf(lf + mo, ip);
+            const float fa = expf(lf + mo - mn), ia = expf(ip - mn);
+            const float scale = 1.f / sqrtf((float)DK);
+            const float vv = live ? __ldcg(v + col) : 0.f;
+            if (tid < DK) {
+                qs[tid] = __ldcg(q + tid) * scale;
+                const float kk = ia * __ldcg(k + tid);
+                ks[tid] = kk;
+                nn[tid] = fa * ne + kk;
+            }
+            consumers_sync();
+            float pn = 0.f;
+            if (tid < DK) pn = qs[tid] * nn[tid];
+            const float qn = consumers_sum(pn, red);
+            float acc = 0.f;
+            if (live) {
+#pragma unroll
+                for (int j = 0; j < PRE; ++j) {
+                    const int r = warp + 16 * j;
+                    if (r < DK) {
+                        const float c = fmaf(fa, cv[j], ks[r] * vv);
+                        acc = fmaf(qs[r], c, acc);
+                        C[(long long)r * DV] = c;
+                    }
+                }
+                for (int r0 = warp + 16 * PRE; r0 < DK; r0 += 16 * 8) {
+                    float cw[8];
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) cw[j] = C[(long long)min(r0 + 16 * j, DK - 1) * DV];
+#pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        const int r = r0 + 16 * j;
+                        if (r < DK) {
+                            const float c = fmaf(fa, cw[j], ks[r] * vv);
+                            acc = fmaf(qs[r], c, acc);
+                            C[(long long)r * DV] = c;
+                        }
+                    }
+                }
+            }
+            // h: the 16 warps' sums for these 32 columns
+            part[warp * 32 + lane] = acc;
+            consumers_sync();
+            if (warp == 0) {
+                float hv = 0.f;
+                if (live) {
+                    float t = 0.f;
+#pragma unroll
+                    for (int w = 0; w < ST_CONSUMERS / 32; ++w) t += part[w * 32 + lane];
+                    hv = t / (fmaxf(fabsf(qn), expf(-mn)) + a.cell_eps);
+                    a.h[hd * DV + col] = hv;
+                }
+                // the unit's mean and centred sum of squares (merged per head in P2)
+                const int nl = min(32, DV - (u % tiles) * 32);
+                const float mean = warp_sum(hv) / (float)nl;
+                const float d = live ? hv - mean : 0.f;
+                const float m2 = warp_sum(d * d);
+                if (lane == 0) { a.hst[2 * u] = mean; a.hst[2 * u + 1] = m2; }
+            }
+            // n and m: every block of the head read them before the barrier
+            if (u % tiles == 0) {
+                if (tid < DK) L.n[hd * DK + tid] = nn[tid];
+                if (tid == 0) L.m[hd] = mn;
+            }
+        }
+        end_phase(1, l);
+        // P2's input is w·σ(o)·LayerNorm(h): o (from P0) and w go into xin before the barrier
+        grid_arrive(a.bar);
+        {
+            const float* o = a.qkvo + 2 * NH * DK + NH * DV;
+            const int c8 = K2 >> 3;
+#pragma unroll
+            for (int j = 0; j < ST_CHUNKS; ++j) {
+                const int c = tid + j * ST_CONSUMERS;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) xin[j][e] = c < c8 ? L.hnw[8 * c + e] * sigmoid_exact(__ldcg(o + 8 * c + e)) : 0.f;
+            }
+        }
+        grid_wait(a.bar, ++nbar);
+        t0 = trace_now();
+        // ---- P2: head LayerNorm and output gate, out_proj + residual. Warp w takes heads w, w + 16, ...:
+        // lane j holds unit j's statistics, merged pairwise (Chan et al.) in a fixed order.
+        for (int hh = warp; hh < NH; hh += ST_CONSUMERS / 32) {
+            const int uu = hh * tiles + lane;
+            float n = lane < tiles ? (float)min(32, DV - lane * 32) : 0.f;
+            float mean = lane < tiles ? __ldcg(a.hst + 2 * uu) : 0.f, m2 = lane < tiles ? __ldcg(a.hst + 2 * uu + 1) : 0.f;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const float n2 = __shfl_xor_sync(0xffffffffu, n, o), mean2 = __shfl_xor_sync(0xffffffffu, mean, o), m22 = __shfl_xor_sync(0xffffffffu, m2, o);
+                const float nt = n + n2;
+                // the lower lane's half first, so both lanes of a pair compute the same sums
+                const bool lo = (lane & o) == 0;
+                const float na = lo ? n : n2, nb2 = lo ? n2 : n, ma = lo ? mean : mean2, mb = lo ? mean2 : mean;
+                const float sa = lo ? m2 : m22, sb = lo ? m22 : m2;
+                const float dl = mb - ma;
+                if (nt > 0.f) {
+                    mean = ma + dl * (nb2 / nt);
+                    m2 = sa + sb + dl * dl * (na * nb2 / nt);
+                }
+                n = nt;
+            }
+            if (lane == 0) { hstat[0][hh] = mean; hstat[1][hh] = rsqrtf(m2 / (float)DV + a.neps); }
+        }
+        consumers_sync();
+        {
+            const int c8 = K2 >> 3;
+#pragma unroll
+            for (int j = 0; j < ST_CHUNKS; ++j) {
+                const int c = tid + j * ST_CONSUMERS;
+                if (c < c8) {
+                    const int hh = 8 * c / DV;  // DV % 8 == 0: a chunk lies in one head
+                    const float4 h0 = __ldcg((const float4*)(a.h + 8 * c)), h1 = __ldcg((const float4*)(a.h + 8 * c + 4));
+                    const float hv[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) xin[j][e] *= (hv[e] - hstat[0][hh]) * hstat[1][hh];
+                }
+            }
+        }
+        {
+            const Phase p{s.items2, g};
+            const int r = rows16(K2);
+            int k = 0;
+            for (int i = p.first(); i < p.items; i += nb, ++k) stage_parts<false>(ring, min(r, D - i * r), K2, xin, part + k * r * 17);
+            consumers_sync();
+            for (int lr = tid; lr < k * r; lr += ST_CONSUMERS) {
+                const int row = (p.first() + (lr / r) * nb) * r + lr % r;
+                if (row < D) a.x[row] = __ldcg(a.x + row) + part_sum(part, lr);
+            }
+            g += p.items;
+        }
+        end_phase(2, l);
+        barrier();
+        // ---- P3: RMSNorm, [gate; up] and the activation (an item's slots: n gate rows, n up rows)
+        load_normed(a.x, D, L.norm2, a.eps, xin, red);
+        {
+            const Phase p{s.items3, g};
+            const int r = pairs16(D);
+            int k = 0;
+            for (int i = p.first(); i < p.items; i += nb, ++k) stage_parts<false>(ring, 2 * min(r, a.FF - i * r), D, xin, part + k * 2 * r * 17);
+            consumers_sync();
+            for (int lr = tid; lr < k * r; lr += ST_CONSUMERS) {
+                const int i = p.first() + (lr / r) * nb, j = lr % r, n = min(r, a.FF - i * r);
+                const float* pk = part + (lr / r) * 2 * r * 17;
+                if (j < n) a.a[i * r + j] = act_apply(a.act, part_sum(pk, j)) * part_sum(pk, n + j);
+            }
+            g += p.items;
+        }
+        end_phase(3, l);
+        barrier();
+        // ---- P4: down + residual
+        load_input(a.a, a.FF, 1.f, nullptr, xin);
+        {
+            const Phase p{s.items4, g};
+            const int r = rows16(a.FF);
+            int k = 0;
+            for (int i = p.first(); i < p.items; i += nb, ++k) stage_parts<false>(ring, min(r, D - i * r), a.FF, xin, part + k * r * 17);
+            consumers_sync();
+            for (int lr = tid; lr < k * r; lr += ST_CONSUMERS) {
+                const int row = (p.first() + (lr / r) * nb) * r + lr % r;
+                if (row < D) a.x[row] = __ldcg(a.x + row) + part_sum(part, lr);
+            }
+            g += p.items;
+        }
+        end_phase(4, l);
+        if (l + 1 < a.nlayers) barrier();
+    }
+}
