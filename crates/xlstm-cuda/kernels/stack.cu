@@ -356,23 +356,28 @@ __device__ __forceinline__ void load_input(const float* v, int K, float scale, c
     }
 }
 
-// RMSNorm(x)·w into this thread's chunks.
-__device__ __forceinline__ void load_normed(const float* x, int D, const float* w, float eps, float (&xin)[ST_CHUNKS][8], float* red) {
-    load_input(x, D, 1.f, nullptr, xin);
-    float ss = 0.f;
-#pragma unroll
-    for (int j = 0; j < ST_CHUNKS; ++j)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) ss = fmaf(xin[j][e], xin[j][e], ss);
-    const float r = rsqrtf(consumers_sum(ss, red) / (float)D + eps);
+// RMSNorm(x)·w into this thread's chunks, which hold w already (loaded before the barrier that
+// precedes x: the weights do not wait for it).
+__device__ __forceinline__ void normed_in_place(const float* x, int D, float eps, float (&xin)[ST_CHUNKS][8], float* red) {
     const int c8 = D >> 3;
+    float ss = 0.f;
 #pragma unroll
     for (int j = 0; j < ST_CHUNKS; ++j) {
         const int c = threadIdx.x + j * ST_CONSUMERS;
         if (c < c8) {
 #pragma unroll
-            for (int e = 0; e < 8; ++e) xin[j][e] = xin[j][e] * r * w[8 * c + e];
+            for (int e = 0; e < 8; e += 4) {
+                const float4 v = __ldcg((const float4*)(x + 8 * c + e));
+                ss = fmaf(v.x, v.x, ss); ss = fmaf(v.y, v.y, ss); ss = fmaf(v.z, v.z, ss); ss = fmaf(v.w, v.w, ss);
+                xin[j][e] *= v.x; xin[j][e + 1] *= v.y; xin[j][e + 2] *= v.z; xin[j][e + 3] *= v.w;
+            }
         }
+    }
+    const float r = rsqrtf(consumers_sum(ss, red) / (float)D + eps);
+#pragma unroll
+    for (int j = 0; j < ST_CHUNKS; ++j) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) xin[j][e] *= r;
     }
 }
 
@@ -416,10 +421,18 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
         grid_wait(a.bar, ++nbar);
         t0 = trace_now();
     };
+    // a barrier before an RMSNorm: its weights go into xin in between
+    auto barrier_norm = [&](const float* w) {
+        grid_arrive(a.bar);
+        load_input(w, D, 1.f, nullptr, xin);
+        grid_wait(a.bar, ++nbar);
+        t0 = trace_now();
+    };
+    load_input(a.layers[0].norm1, D, 1.f, nullptr, xin);
     for (int l = 0; l < a.nlayers; ++l) {
         const StackLayer& L = a.layers[l];
         // ---- P0: RMSNorm, q/k/v/o and the gate rows (local slots of r0 rows an item)
-        load_normed(a.x, D, L.norm1, a.eps, xin, red);
+        normed_in_place(a.x, D, a.eps, xin, red);
         {
             const Phase p{s.items0, g};
             const int r0 = rows16(D), rg = rows32(D);
@@ -601,9 +614,9 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
             g += p.items;
         }
         end_phase(2, l);
-        barrier();
+        barrier_norm(L.norm2);
         // ---- P3: RMSNorm, [gate; up] and the activation (an item's slots: n gate rows, n up rows)
-        load_normed(a.x, D, L.norm2, a.eps, xin, red);
+        normed_in_place(a.x, D, a.eps, xin, red);
         {
             const Phase p{s.items3, g};
             const int r = pairs16(D);
@@ -634,6 +647,6 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
             g += p.items;
         }
         end_phase(4, l);
-        if (l + 1 < a.nlayers) barrier();
+        if (l + 1 < a.nlayers) barrier_norm(a.layers[l + 1].norm1);
     }
 }
