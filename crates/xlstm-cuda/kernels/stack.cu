@@ -56,6 +56,7 @@
 #define ST_DK_MAX 512
 // local rows of partial sums a block's share of one phase may have
 #define ST_PART_ROWS 320
+static_assert(ST_PART_ROWS <= ST_CONSUMERS, "a residual phase's local rows: one a thread");
 
 struct StackLayer {
     const float* norm1;   // [D]
@@ -111,10 +112,9 @@ __device__ __forceinline__ u32 ld_acquire(const u32* p) {
 // issue loads that do not depend on the barrier: a fence after them would wait for them.
 __device__ __forceinline__ void grid_arrive(u32* bar) {
     consumers_sync();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        atomicAdd(bar, 1u);
-    }
+    // a release reduction: the block's writes (ordered before it by the barrier above) are visible
+    // to whoever acquires the count
+    if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
 }
 __device__ __forceinline__ void grid_wait(const u32* bar, u32 k) {
     if (threadIdx.x == 0) {
@@ -428,6 +428,22 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
         grid_wait(a.bar, ++nbar);
         t0 = trace_now();
     };
+    // P2 and P4: x += W·xin over `items` items of rows with K inputs. A block's local rows are
+    // fewer than its threads (ST_PART_ROWS < ST_CONSUMERS): thread r owns local row r, whose old x
+    // it reads before the items.
+    auto residual_phase = [&](int items, int K) {
+        const Phase p{items, g};
+        const int r = rows16(K), first = p.first();
+        const int mine = first < items ? (items - first + nb - 1) / nb : 0;
+        const int row = (first + (tid / r) * nb) * r + tid % r;
+        const bool own = tid < mine * r && row < D;
+        const float xo = own ? __ldcg(a.x + row) : 0.f;
+        int k = 0;
+        for (int i = first; i < items; i += nb, ++k) stage_parts<false>(ring, min(r, D - i * r), K, xin, part + k * r * 17);
+        consumers_sync();
+        if (own) a.x[row] = xo + part_sum(part, tid);
+        g += items;
+    };
     load_input(a.layers[0].norm1, D, 1.f, nullptr, xin);
     for (int l = 0; l < a.nlayers; ++l) {
         const StackLayer& L = a.layers[l];
@@ -601,18 +617,7 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
                 }
             }
         }
-        {
-            const Phase p{s.items2, g};
-            const int r = rows16(K2);
-            int k = 0;
-            for (int i = p.first(); i < p.items; i += nb, ++k) stage_parts<false>(ring, min(r, D - i * r), K2, xin, part + k * r * 17);
-            consumers_sync();
-            for (int lr = tid; lr < k * r; lr += ST_CONSUMERS) {
-                const int row = (p.first() + (lr / r) * nb) * r + lr % r;
-                if (row < D) a.x[row] = __ldcg(a.x + row) + part_sum(part, lr);
-            }
-            g += p.items;
-        }
+        residual_phase(s.items2, K2);
         end_phase(2, l);
         barrier_norm(L.norm2);
         // ---- P3: RMSNorm, [gate; up] and the activation (an item's slots: n gate rows, n up rows)
@@ -634,18 +639,7 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
         barrier();
         // ---- P4: down + residual
         load_input(a.a, a.FF, 1.f, nullptr, xin);
-        {
-            const Phase p{s.items4, g};
-            const int r = rows16(a.FF);
-            int k = 0;
-            for (int i = p.first(); i < p.items; i += nb, ++k) stage_parts<false>(ring, min(r, D - i * r), a.FF, xin, part + k * r * 17);
-            consumers_sync();
-            for (int lr = tid; lr < k * r; lr += ST_CONSUMERS) {
-                const int row = (p.first() + (lr / r) * nb) * r + lr % r;
-                if (row < D) a.x[row] = __ldcg(a.x + row) + part_sum(part, lr);
-            }
-            g += p.items;
-        }
+        residual_phase(s.items4, a.FF);
         end_phase(4, l);
         if (l + 1 < a.nlayers) barrier_norm(a.layers[l + 1].norm1);
     }
