@@ -8,7 +8,9 @@
 //! With `--trace FILE` (kernels built with `XLSTM_CUDA_TRACE=1`) it only replays three batch-1
 //! decode steps of the 7B model from their graph and writes every traced block's record (kernel
 //! tag, grid size and block, SM, start / after-wait / prologue-done / end in ns) to FILE as CSV;
-//! `examples/trace_summary.py FILE` sums it up per kernel of a layer.
+//! `examples/trace_summary.py FILE` sums it up per kernel of a layer (the per-op kernels:
+//! `XLSTM_CUDA_STACK=0`), `examples/stack_trace.py FILE` per phase of the stack kernel (the default on
+//! sm_90 for a bf16 model).
 //!
 //! With `--products` it only times the decode step's four products at the 7B shape for batches of
 //! 3–64 rows (µs and weight GB/s; each call takes the next of four copies of the weights, so that
