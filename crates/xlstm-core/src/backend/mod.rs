@@ -420,10 +420,7 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// what `norm_mlstm_add` and `norm_gated_ffn_add` (SiLU) do to the row `x` [width], where the
     /// backend has that as one operation (the CUDA backend: one persistent kernel). Ok(false): it
     /// has not, nothing ran, and the caller runs the blocks one by one.
-    fn decode_stack(&self, _x: &mut Self::Buf, _width: usize, _dims: MlstmDims, _blocks: &[StackBlock<'_, Self>], _states: &mut [&mut MlstmState<Self::Buf>]) -> Result<bool>
-    where
-        Self: Sized,
-    {
+    fn decode_stack(&self, _x: &mut Self::Buf, _width: usize, _dims: MlstmDims, _blocks: &[StackBlock<'_, Self>], _states: &mut [&mut MlstmState<Self::Buf>]) -> Result<bool> {
         Ok(false)
     }
 
