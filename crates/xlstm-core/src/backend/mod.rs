@@ -413,9 +413,6 @@ pub trait Backend: Send + Sync + Sized + 'static {
         norm_mlstm_add_composed(self, x, rows, width, dims, kernel, w, state, s)
     }
     // ---- decode-step capture (optional) --------------------------------------------------------
-    /// Brackets one decode step (`Model::step` calls it before running the layers): a backend may
-    /// record the device work of a step once and replay it on later steps (the CUDA backend captures
-    /// a CUDA graph). Default: nothing.
     /// One decode step of one sequence through a whole xlstm-large stack: for each block in order,
     /// what `norm_mlstm_add` and `norm_gated_ffn_add` (SiLU) do to the row `x` [width], where the
     /// backend has that as one operation (the CUDA backend: one persistent kernel). Ok(false): it
@@ -424,6 +421,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
         Ok(false)
     }
 
+    /// Brackets one decode step (`Model::step` calls it before running the layers): a backend may
+    /// record the device work of a step once and replay it on later steps (the CUDA backend captures
+    /// a CUDA graph). Default: nothing.
     fn step_begin(&self) -> Result<()> {
         Ok(())
     }
