@@ -25,7 +25,8 @@
 // registers. Each warp runs through the block's items at its own pace, leaving its shuffled partial
 // sum of every row in shared memory; at the phase's end one thread per row adds the 16 in warp order
 // (deterministic). What a phase's input needs that does not depend on the barrier before it (the
-// cell's state, P2's o and head-norm weights) is loaded between arriving at the barrier and waiting.
+// RMSNorms' weights, the cell's state, P2's o and head-norm weights) is loaded between arriving at
+// the barrier and waiting.
 // The producer keeps at most ST_INFLIGHT copies in flight: a deeper queue slows every other access.
 //
 // Limits (checked on the host): D, NH·DV, FF multiples of 8 and ≤ 12,288 (3 chunks a thread);
@@ -47,9 +48,6 @@
 // H200, 7B batch-1 step: 1 / 2 / 3 / 4 / 6 in flight of 6 stages: 4.29 / 3.89 / 3.93 / 3.95 / 3.97 ms.
 #ifndef ST_INFLIGHT
 #define ST_INFLIGHT 2
-#endif
-#ifndef ST_WAIT_LANE0
-#define ST_WAIT_LANE0 0
 #endif
 #define ST_MAX_ROWS 16
 #define ST_CHUNKS 3
@@ -153,7 +151,6 @@ struct Shape {
         items3 = (a.FF + pairs16(a.D) - 1) / pairs16(a.D);
         items4 = (a.D + rows16(a.FF) - 1) / rows16(a.FF);
     }
-    __device__ int per_layer() const { return items0 + items2 + items3 + items4; }
 };
 
 // The producer: every item of this block, in the consumers' order, into the ring.
@@ -244,8 +241,7 @@ struct Ring {
     __device__ const char* take() {
         const u32 slot = seq % ST_STAGES;
         const u64 t0 = trace_now();
-        if (!ST_WAIT_LANE0 || (threadIdx.x & 31) == 0) mbar_wait(&full[slot], (seq / ST_STAGES) & 1);
-        if (ST_WAIT_LANE0) __syncwarp();
+        mbar_wait(&full[slot], (seq / ST_STAGES) & 1);
         waited += trace_now() - t0;
         return base + (size_t)slot * ST_STAGE_BYTES;
     }
@@ -286,7 +282,7 @@ __device__ __forceinline__ float row_part(const char* row, int K, const float (&
 
 // One stage's `n` rows: this warp's partial dot products into part[r·17 + warp] (four rows at a
 // time, their loads and shuffles independent). No barrier: each warp runs through the items at its
-// own pace, and the partial sums are added once per phase (`phase_sums`).
+// own pace, and the partial sums are added once per phase (`part_sum`).
 template <bool F32>
 __device__ __forceinline__ void stage_parts(Ring& ring, int n, int K, const float (&xin)[ST_CHUNKS][8], float* part) {
     const char* st = ring.take();
@@ -335,23 +331,19 @@ __device__ __forceinline__ void stack_trace(int phase, u64 t0, u64 t1, u64 waite
 }
 
 // This thread's chunks of a vector of K values in global memory (written by other blocks: read
-// past L1), times `scale` · w (w may be null).
-__device__ __forceinline__ void load_input(const float* v, int K, float scale, const float* w, float (&xin)[ST_CHUNKS][8]) {
+// past L1); zero past K.
+__device__ __forceinline__ void load_input(const float* v, int K, float (&xin)[ST_CHUNKS][8]) {
     const int c8 = K >> 3;
 #pragma unroll
     for (int j = 0; j < ST_CHUNKS; ++j) {
         const int c = threadIdx.x + j * ST_CONSUMERS;
 #pragma unroll
         for (int e = 0; e < 8; e += 4) {
-            float4 x = make_float4(0.f, 0.f, 0.f, 0.f), g = make_float4(1.f, 1.f, 1.f, 1.f);
-            if (c < c8) {
-                x = __ldcg((const float4*)(v + 8 * c + e));
-                if (w) g = *(const float4*)(w + 8 * c + e);
-            }
-            xin[j][e] = x.x * scale * g.x;
-            xin[j][e + 1] = x.y * scale * g.y;
-            xin[j][e + 2] = x.z * scale * g.z;
-            xin[j][e + 3] = x.w * scale * g.w;
+            const float4 x = c < c8 ? __ldcg((const float4*)(v + 8 * c + e)) : make_float4(0.f, 0.f, 0.f, 0.f);
+            xin[j][e] = x.x;
+            xin[j][e + 1] = x.y;
+            xin[j][e + 2] = x.z;
+            xin[j][e + 3] = x.w;
         }
     }
 }
@@ -424,7 +416,7 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
     // a barrier before an RMSNorm: its weights go into xin in between
     auto barrier_norm = [&](const float* w) {
         grid_arrive(a.bar);
-        load_input(w, D, 1.f, nullptr, xin);
+        load_input(w, D, xin);
         grid_wait(a.bar, ++nbar);
         t0 = trace_now();
     };
@@ -444,7 +436,7 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
         if (own) a.x[row] = xo + part_sum(part, tid);
         g += items;
     };
-    load_input(a.layers[0].norm1, D, 1.f, nullptr, xin);
+    load_input(a.layers[0].norm1, D, xin);
     for (int l = 0; l < a.nlayers; ++l) {
         const StackLayer& L = a.layers[l];
         // ---- P0: RMSNorm, q/k/v/o and the gate rows (local slots of r0 rows an item)
@@ -462,7 +454,7 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
                 const int i = p.first() + (r / r0) * nb, j = r % r0;
                 if (i < s.nb16) {
                     const int row = i * r0 + j;
-                    if (j < r0 && row < s.nqkvo) a.qkvo[row] = part_sum(part, r);
+                    if (row < s.nqkvo) a.qkvo[row] = part_sum(part, r);
                 } else {
                     const int row = (i - s.nb16) * rg + j;
                     if (j < rg && row < 2 * NH) a.gates[row] = part_sum(part, r);
@@ -638,7 +630,7 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
         end_phase(3, l);
         barrier();
         // ---- P4: down + residual
-        load_input(a.a, a.FF, 1.f, nullptr, xin);
+        load_input(a.a, a.FF, xin);
         residual_phase(s.items4, a.FF);
         end_phase(4, l);
         if (l + 1 < a.nlayers) barrier_norm(a.layers[l + 1].norm1);

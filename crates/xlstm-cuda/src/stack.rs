@@ -15,7 +15,6 @@ const LAYER_WORDS: usize = 13;
 
 /// `StackArgs` in kernels/stack.cu.
 #[repr(C)]
-#[derive(Default)]
 struct StackArgs {
     layers: u64,
     nlayers: i32,
