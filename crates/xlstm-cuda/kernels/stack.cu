@@ -49,6 +49,16 @@
 #ifndef ST_INFLIGHT
 #define ST_INFLIGHT 2
 #endif
+// While this block's consumers are between phases (from their arrival at a grid barrier to the end
+// of its wait, or with ST_QUIET_END=0 to their next stage) the producer issues no copy (ST_QUIET=2)
+// or keeps one in flight (1): the barrier's round trips are on every block's critical path, and
+// meet a shorter queue. H200, 7B batch-1 step: 0 / 1 / 2: 3.704 / 3.649 / 3.644 ms.
+#ifndef ST_QUIET
+#define ST_QUIET 2
+#endif
+#ifndef ST_QUIET_END
+#define ST_QUIET_END 1
+#endif
 #define ST_MAX_ROWS 16
 #define ST_CHUNKS 3
 #define ST_DK_MAX 512
@@ -105,11 +115,18 @@ __device__ __forceinline__ u32 ld_acquire(const u32* p) {
     return v;
 }
 
+// Set while this block's consumers are between phases (ST_QUIET): the producer holds back.
+__device__ volatile u32* quiet_flag() {
+    __shared__ volatile u32 q;
+    return &q;
+}
+
 // A grid barrier in two halves: this block's consumers arrive (their writes published), and later
 // wait until all gridDim.x blocks have arrived at the `k`-th barrier. Between the two a block may
 // issue loads that do not depend on the barrier: a fence after them would wait for them.
 __device__ __forceinline__ void grid_arrive(u32* bar) {
     consumers_sync();
+    if (ST_QUIET && threadIdx.x == 0) *quiet_flag() = 1;
     // a release reduction: the block's writes (ordered before it by the barrier above) are visible
     // to whoever acquires the count
     if (threadIdx.x == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(bar) : "memory");
@@ -119,6 +136,7 @@ __device__ __forceinline__ void grid_wait(const u32* bar, u32 k) {
         const u32 target = k * gridDim.x;
         while (ld_acquire(bar) < target) {
         }
+        if (ST_QUIET && ST_QUIET_END) *quiet_flag() = 0;
     }
     consumers_sync();
 }
@@ -164,6 +182,10 @@ __device__ void stack_produce(const StackArgs& a, const Shape& s, char* ring, u6
             const u32 f = seq - ST_INFLIGHT;  // that stage's next fill comes after this one
             mbar_wait(&full[f % ST_STAGES], (f / ST_STAGES) & 1);
         }
+        if (ST_QUIET == 1 && seq >= 1 && *quiet_flag()) mbar_wait(&full[(seq - 1) % ST_STAGES], ((seq - 1) / ST_STAGES) & 1);
+        if (ST_QUIET == 2)
+            while (*quiet_flag()) {
+            }
         char* dst = ring + (size_t)slot * ST_STAGE_BYTES;
         mbar_expect_tx(&full[slot], bytes + bytes2);
         bulk_copy(dst, src, bytes, &full[slot]);
@@ -239,6 +261,7 @@ struct Ring {
     u32 seq;
     u64 waited;
     __device__ const char* take() {
+        if (ST_QUIET && !ST_QUIET_END && threadIdx.x == 0) *quiet_flag() = 0;
         const u32 slot = seq % ST_STAGES;
         const u64 t0 = trace_now();
         mbar_wait(&full[slot], (seq / ST_STAGES) & 1);
@@ -385,6 +408,7 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
     float* part = nn + ST_DK_MAX;  // [ST_PART_ROWS][17]: a phase's partial sums
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     if (tid == 0) {
+        *quiet_flag() = 0;
         for (int i = 0; i < ST_STAGES; ++i) {
             mbar_init(&full[i], 1);
             mbar_init(&empty[i], ST_CONSUMERS / 32);
