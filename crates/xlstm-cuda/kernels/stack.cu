@@ -27,7 +27,8 @@
 // (deterministic). What a phase's input needs that does not depend on the barrier before it (the
 // RMSNorms' weights, the cell's state, P2's o and head-norm weights) is loaded between arriving at
 // the barrier and waiting.
-// The producer keeps at most ST_INFLIGHT copies in flight: a deeper queue slows every other access.
+// The producer keeps at most ST_INFLIGHT copies in flight, and none while its block's consumers are
+// between phases (ST_QUIET): a deeper queue slows every other access, the barriers' above all.
 //
 // Limits (checked on the host): D, NH·DV, FF multiples of 8 and ≤ 12,288 (3 chunks a thread);
 // DK ≤ 512; DV a multiple of 8, ≤ 1,024; NH·ceil(DV / 32) ≤ gridDim.x (one unit a block, its state read before
