@@ -27,7 +27,7 @@
 // (deterministic). What a phase's input needs that does not depend on the barrier before it (the
 // RMSNorms' weights, the cell's state, P2's o and head-norm weights) is loaded between arriving at
 // the barrier and waiting.
-// The producer keeps at most ST_INFLIGHT copies in flight, and none while its block's consumers are
+// The producer keeps at most ST_INFLIGHT copies in flight, and one while its block's consumers are
 // between phases (ST_QUIET): a deeper queue slows every other access, the barriers' above all.
 //
 // Limits (checked on the host): D, NH·DV, FF multiples of 8 and ≤ 12,288 (3 chunks a thread);
@@ -50,15 +50,21 @@
 #ifndef ST_INFLIGHT
 #define ST_INFLIGHT 2
 #endif
-// While this block's consumers are between phases (from their arrival at a grid barrier to the end
-// of its wait, or with ST_QUIET_END=0 to their next stage) the producer issues no copy (ST_QUIET=2)
-// or keeps one in flight (1): the barrier's round trips are on every block's critical path, and
-// meet a shorter queue. H200, 7B batch-1 step: 0 / 1 / 2: 3.704 / 3.649 / 3.644 ms.
+// While this block's consumers are between phases — from the moment a warp takes the block's last
+// stage of a phase (ST_QUIET_START=1; every stage of the phase has been issued then) or from their
+// arrival at the grid barrier (0), to the end of its wait (or with ST_QUIET_END=0 to their next
+// stage) — the producer keeps one copy in flight (ST_QUIET=1) or issues none (2): the phase's last
+// stores, the barrier's round trips and the next input's loads are on every block's critical path,
+// and meet a shorter queue. H200, 7B batch-1 step (ms): no pause 3.704; from the arrival, one / none
+// in flight 3.649 / 3.616; from the last stage 3.600 / 3.674.
 #ifndef ST_QUIET
-#define ST_QUIET 2
+#define ST_QUIET 1
 #endif
 #ifndef ST_QUIET_END
 #define ST_QUIET_END 1
+#endif
+#ifndef ST_QUIET_START
+#define ST_QUIET_START 1
 #endif
 #define ST_MAX_ROWS 16
 #define ST_CHUNKS 3
@@ -308,8 +314,9 @@ __device__ __forceinline__ float row_part(const char* row, int K, const float (&
 // time, their loads and shuffles independent). No barrier: each warp runs through the items at its
 // own pace, and the partial sums are added once per phase (`part_sum`).
 template <bool F32>
-__device__ __forceinline__ void stage_parts(Ring& ring, int n, int K, const float (&xin)[ST_CHUNKS][8], float* part) {
+__device__ __forceinline__ void stage_parts(Ring& ring, int n, int K, const float (&xin)[ST_CHUNKS][8], float* part, bool last) {
     const char* st = ring.take();
+    if (ST_QUIET && ST_QUIET_START && last && (threadIdx.x & 31) == 0) *quiet_flag() = 1;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const size_t rb = (size_t)K * (F32 ? 4 : 2);
     for (int r0 = 0; r0 < n; r0 += 4) {
@@ -456,7 +463,7 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
         const bool own = tid < mine * r && row < D;
         const float xo = own ? __ldcg(a.x + row) : 0.f;
         int k = 0;
-        for (int i = first; i < items; i += nb, ++k) stage_parts<false>(ring, min(r, D - i * r), K, xin, part + k * r * 17);
+        for (int i = first; i < items; i += nb, ++k) stage_parts<false>(ring, min(r, D - i * r), K, xin, part + k * r * 17, i + nb >= items);
         consumers_sync();
         if (own) a.x[row] = xo + part_sum(part, tid);
         g += items;
@@ -471,8 +478,9 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
             const int r0 = rows16(D), rg = rows32(D);
             int k = 0;
             for (int i = p.first(); i < p.items; i += nb, ++k) {
-                if (i < s.nb16) stage_parts<false>(ring, min(r0, s.nqkvo - i * r0), D, xin, part + k * r0 * 17);
-                else stage_parts<true>(ring, min(rg, 2 * NH - (i - s.nb16) * rg), D, xin, part + k * r0 * 17);
+                const bool last = i + nb >= p.items;
+                if (i < s.nb16) stage_parts<false>(ring, min(r0, s.nqkvo - i * r0), D, xin, part + k * r0 * 17, last);
+                else stage_parts<true>(ring, min(rg, 2 * NH - (i - s.nb16) * rg), D, xin, part + k * r0 * 17, last);
             }
             consumers_sync();
             for (int r = tid; r < k * r0; r += ST_CONSUMERS) {
@@ -643,7 +651,7 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
             const Phase p{s.items3, g};
             const int r = pairs16(D);
             int k = 0;
-            for (int i = p.first(); i < p.items; i += nb, ++k) stage_parts<false>(ring, 2 * min(r, a.FF - i * r), D, xin, part + k * 2 * r * 17);
+            for (int i = p.first(); i < p.items; i += nb, ++k) stage_parts<false>(ring, 2 * min(r, a.FF - i * r), D, xin, part + k * 2 * r * 17, i + nb >= p.items);
             consumers_sync();
             for (int lr = tid; lr < k * r; lr += ST_CONSUMERS) {
                 const int i = p.first() + (lr / r) * nb, j = lr % r, n = min(r, a.FF - i * r);
