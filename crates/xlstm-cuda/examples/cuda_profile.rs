@@ -286,20 +286,25 @@ fn products(g: &CudaBackend) {
     }
 }
 
-/// Three graph-replayed batch-1 decode steps of the 7B model, every traced block's record to `path`.
+/// Three graph-replayed batch-1 greedy decode steps of the 7B model (the bench's: the token chosen
+/// on the device), every traced block's record to `path`.
 fn trace_decode(g: &CudaBackend, path: &str) {
     let mut model = Model::random(g.clone(), ModelConfig::Large(LargeConfig::xlstm_7b()), DType::BF16, 0).unwrap();
     g.set_graphs(true);
     let mut st = model.new_state(1).unwrap();
+    let mut step = |st: &mut xlstm_core::State<CudaBackend>| {
+        let ticket = model.pipe_step(Some(17), st).unwrap();
+        model.pipe_token(ticket).unwrap();
+    };
     for _ in 0..6 {
-        model.step(&[17], &mut st).unwrap();
+        step(&mut st);
     }
     if g.trace_take().unwrap().is_none() {
         eprintln!("kernels were built without the trace (set XLSTM_CUDA_TRACE=1): timing the steps only");
     }
     let t = Instant::now();
     for _ in 0..3 {
-        model.step(&[17], &mut st).unwrap();
+        step(&mut st);
     }
     g.synchronize().unwrap();
     let ms = t.elapsed().as_secs_f64() * 1e3 / 3.0;

@@ -85,6 +85,28 @@ __device__ __forceinline__ float block_max(float v, float* red) {
     float t = lane < nw ? red[lane] : NEG_INF;
     return warp_max(t);
 }
+// A logit and its index as one 64-bit key whose unsigned order is the host's `top_k_of` order:
+// values by IEEE total order, ties to the lower index (topk.cu, the stack kernel's LM head).
+__device__ __forceinline__ unsigned long long order_key(float v, u32 i) {
+    u32 u = __float_as_uint(v);
+    u32 t = u ^ ((u32)((int)u >> 31) & 0x7fffffffu);  // signed total order
+    return ((unsigned long long)(t ^ 0x80000000u) << 32) | (u32)~i;  // as unsigned; 0 = no key
+}
+// The value and index of a key (order_key's inverse: the transform keeps the sign bit).
+__device__ __forceinline__ float key_value(unsigned long long key) {
+    const u32 t = (u32)(key >> 32) ^ 0x80000000u;
+    return __uint_as_float(t ^ ((u32)((int)t >> 31) & 0x7fffffffu));
+}
+__device__ __forceinline__ u32 key_index(unsigned long long key) { return ~(u32)key; }
+__device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        u32 lo = __shfl_xor_sync(0xffffffffu, (u32)v, o), hi = __shfl_xor_sync(0xffffffffu, (u32)(v >> 32), o);
+        unsigned long long w = ((unsigned long long)hi << 32) | lo;
+        v = w > v ? w : v;
+    }
+    return v;
+}
 __device__ __forceinline__ float sigmoid_exact(float x) { return 1.f / (1.f + expf(-x)); }
 // σ(x) through the fast exponential and division (relative error ~1e-6, against 2^-9 for the bf16
 // rounding that follows): for results written in 16 bits only, where expf's and the IEEE

@@ -16,7 +16,15 @@
 //       of squares; every block merges a head's in a fixed order); x += Wout hn
 //   P3  xn = RMSNorm(x)·w2; act[f] = act(Wg[f]·xn) · (Wu[f]·xn)
 //   P4  x += Wdown act
-// with a grid barrier after each phase (none after the last layer's P4).
+// with a grid barrier after each phase (none after the last layer's P4 when no head follows), then
+// with `head` set:
+//   P5  xn = RMSNorm(x)·w_out; the LM head's logits cap·tanh((Whead xn)/cap), never stored: each
+//       block keeps its best (value, index) key, merged by an atomic maximum (order-independent),
+//       and the last block to finish writes the best id and logit to `picked` (greedy decoding's
+//       pick, kept on the device). In place of the separate norm, product, soft cap and top-1
+//       launches: 7B step, H100 4.693 → 4.661 ms; H200 3.626 → 3.625 (P5 streams the head at
+//       4.4 TB/s, but the layers' code loses about as much to the longer kernel).
+// The last block to finish also zeroes the barrier count and the pick's key for the next launch.
 //
 // Work: a phase's rows are cut into items of whole rows that fit one stage (at most 16 rows; an up
 // item takes P gate rows and the same P up rows). Items are numbered through the launch, phase after
@@ -60,6 +68,11 @@
 #ifndef ST_QUIET
 #define ST_QUIET 1
 #endif
+// P5 (the LM head) has no barrier after it: up to the whole ring in flight (H200: 2, 4 and 6
+// measured the same)
+#ifndef ST_HEAD_INFLIGHT
+#define ST_HEAD_INFLIGHT ST_STAGES
+#endif
 #ifndef ST_QUIET_END
 #define ST_QUIET_END 1
 #endif
@@ -99,7 +112,14 @@ struct StackArgs {
     float* h;      // [NH·DV]
     float* hst;    // [NH·ceil(DV / 32)][2]: each unit's mean and centred sum of squares of its h
     float* a;      // [FF]
-    u32* bar;      // grid barrier count, zero at launch
+    u32* bar;      // grid barrier count, zero at launch (the last block leaves it so)
+    u32* done;     // blocks finished, zero at launch (likewise)
+    unsigned long long* best;  // P5: the best key so far, zero at launch (likewise)
+    const float* fnorm;        // P5: the final RMSNorm's weight [D], or null for none
+    const u16* head;           // [V, D] bf16: the LM head, or null for no P5
+    int V;
+    float hcap, heps;          // P5: soft cap (0: none), the final norm's eps
+    u32* picked;               // P5: the best id, then its logit's bits
 };
 
 __device__ __forceinline__ void mbar_arrive(u64* bar) {
@@ -165,7 +185,7 @@ __device__ __forceinline__ int rows32(int K) { return min(ST_MAX_ROWS, ST_STAGE_
 __device__ __forceinline__ int pairs16(int K) { return min(ST_MAX_ROWS / 2, ST_STAGE_BYTES / (4 * K)); }
 
 struct Shape {
-    int nqkvo, nb16, nb32, items0, items2, items3, items4;
+    int nqkvo, nb16, nb32, items0, items2, items3, items4, items5;
     __device__ Shape(const StackArgs& a) {
         nqkvo = 2 * a.NH * (a.DK + a.DV);
         const int r0 = rows16(a.D), rg = rows32(a.D);
@@ -175,18 +195,38 @@ struct Shape {
         items2 = (a.D + rows16(a.NH * a.DV) - 1) / rows16(a.NH * a.DV);
         items3 = (a.FF + pairs16(a.D) - 1) / pairs16(a.D);
         items4 = (a.D + rows16(a.FF) - 1) / rows16(a.FF);
+        items5 = a.head ? (a.V + rows16(a.D) - 1) / rows16(a.D) : 0;
     }
 };
 
+// What the producer reads of StackArgs, by value: through a reference every field would be loaded
+// again after each copy's asm (its memory clobber).
+struct ProducerArgs {
+    const StackLayer* layers;
+    const u16* head;
+    int nlayers, D, NH, DV, FF, V;
+};
+// Out of line (ST_PRODUCER_INLINE=0), the producer's registers do not crowd the consumers' (the
+// kernel is at its 96-register cap; inline, ptxas spills more: H200 7B step 3.674 against 3.625
+// ms); the shape by value (a reference would keep the consumers' copy in local memory).
+#ifndef ST_PRODUCER_INLINE
+#define ST_PRODUCER_INLINE 0
+#endif
+#if ST_PRODUCER_INLINE
+#define ST_PRODUCER_ATTR __forceinline__
+#else
+#define ST_PRODUCER_ATTR __noinline__
+#endif
+
 // The producer: every item of this block, in the consumers' order, into the ring.
-__device__ void stack_produce(const StackArgs& a, const Shape& s, char* ring, u64* full, u64* empty) {
+__device__ ST_PRODUCER_ATTR void stack_produce(const ProducerArgs a, const Shape s, char* ring, u64* full, u64* empty) {
     const int nb = gridDim.x;
     u32 seq = 0;
-    auto put = [&](const void* src, u32 bytes, const void* src2, u32 bytes2) {
+    auto put = [&](const void* src, u32 bytes, const void* src2, u32 bytes2, u32 inflight) {
         const u32 slot = seq % ST_STAGES;
         if (seq >= ST_STAGES) mbar_wait(&empty[slot], ((seq / ST_STAGES) - 1) & 1);
-        if (ST_INFLIGHT < ST_STAGES && seq >= ST_INFLIGHT) {
-            const u32 f = seq - ST_INFLIGHT;  // that stage's next fill comes after this one
+        if (inflight < ST_STAGES && seq >= inflight) {
+            const u32 f = seq - inflight;  // that stage's next fill comes after this one
             mbar_wait(&full[f % ST_STAGES], (f / ST_STAGES) & 1);
         }
         if (ST_QUIET == 1 && seq >= 1 && *quiet_flag()) mbar_wait(&full[(seq - 1) % ST_STAGES], ((seq - 1) / ST_STAGES) & 1);
@@ -208,10 +248,10 @@ __device__ void stack_produce(const StackArgs& a, const Shape& s, char* ring, u6
             for (int i = p.first(); i < p.items; i += nb) {
                 if (i < s.nb16) {
                     const int row = i * r0, n = min(r0, s.nqkvo - row);
-                    put(L.wqkvo + (long long)row * a.D, (u32)(n * a.D * 2), nullptr, 0);
+                    put(L.wqkvo + (long long)row * a.D, (u32)(n * a.D * 2), nullptr, 0, ST_INFLIGHT);
                 } else {
                     const int row = (i - s.nb16) * rg, n = min(rg, 2 * a.NH - row);
-                    put(L.wgates + (long long)row * a.D, (u32)(n * a.D * 4), nullptr, 0);
+                    put(L.wgates + (long long)row * a.D, (u32)(n * a.D * 4), nullptr, 0, ST_INFLIGHT);
                 }
             }
             g += p.items;
@@ -221,7 +261,7 @@ __device__ void stack_produce(const StackArgs& a, const Shape& s, char* ring, u6
             const int K = a.NH * a.DV, r = rows16(K);
             for (int i = p.first(); i < p.items; i += nb) {
                 const int row = i * r, n = min(r, a.D - row);
-                put(L.wout + (long long)row * K, (u32)(n * K * 2), nullptr, 0);
+                put(L.wout + (long long)row * K, (u32)(n * K * 2), nullptr, 0, ST_INFLIGHT);
             }
             g += p.items;
         }
@@ -231,7 +271,7 @@ __device__ void stack_produce(const StackArgs& a, const Shape& s, char* ring, u6
             for (int i = p.first(); i < p.items; i += nb) {
                 const int f = i * r, n = min(r, a.FF - f);
                 const u32 bytes = (u32)(n * a.D * 2);
-                put(L.wup + (long long)f * a.D, bytes, L.wup + (long long)(a.FF + f) * a.D, bytes);
+                put(L.wup + (long long)f * a.D, bytes, L.wup + (long long)(a.FF + f) * a.D, bytes, ST_INFLIGHT);
             }
             g += p.items;
         }
@@ -240,10 +280,16 @@ __device__ void stack_produce(const StackArgs& a, const Shape& s, char* ring, u6
             const int r = rows16(a.FF);
             for (int i = p.first(); i < p.items; i += nb) {
                 const int row = i * r, n = min(r, a.D - row);
-                put(L.wdown + (long long)row * a.FF, (u32)(n * a.FF * 2), nullptr, 0);
+                put(L.wdown + (long long)row * a.FF, (u32)(n * a.FF * 2), nullptr, 0, ST_INFLIGHT);
             }
             g += p.items;
         }
+    }
+    const Phase p{s.items5, g};
+    const int r = rows16(a.D);
+    for (int i = p.first(); i < p.items; i += nb) {
+        const int row = i * r, n = min(r, a.V - row);
+        put(a.head + (long long)row * a.D, (u32)(n * a.D * 2), nullptr, 0, ST_HEAD_INFLIGHT);
     }
 }
 
@@ -404,6 +450,65 @@ __device__ __forceinline__ void normed_in_place(const float* x, int D, float eps
     }
 }
 
+// P5 (see the header), after the last layer: out of line, so that its registers do not crowd the
+// layers' loops.
+// (Its arguments by value: a reference would hold the layers' values in local memory.)
+__device__ __noinline__ void stack_head(const StackArgs& a, Ring ring, u32 nbar, int g, float* part, float* red) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nb = gridDim.x, D = a.D;
+    float xin[ST_CHUNKS][8];
+    grid_arrive(a.bar);
+    if (a.fnorm) load_input(a.fnorm, D, xin);
+    grid_wait(a.bar, nbar + 1);
+    const u64 t0 = trace_now();
+    if (a.fnorm) normed_in_place(a.x, D, a.heps, xin, red);
+    else load_input(a.x, D, xin);
+    // a block's rows may be more than its partial sums hold: its items go in groups
+    const int r = rows16(D);
+    const Phase p{(a.V + r - 1) / r, g};
+    unsigned long long key = 0;  // this thread's best
+    for (int i = p.first(); i < p.items;) {
+        const int i0 = i;
+        int k = 0;
+        for (; i < p.items && (k + 1) * r <= ST_PART_ROWS; i += nb, ++k) stage_parts<false>(ring, min(r, a.V - i * r), D, xin, part + k * r * 17, i + nb >= p.items);
+        consumers_sync();
+        for (int lr = tid; lr < k * r; lr += ST_CONSUMERS) {
+            const int row = (i0 + (lr / r) * nb) * r + lr % r;
+            if (row < a.V) {
+                float v = part_sum(part, lr);
+                if (a.hcap > 0.f) v = a.hcap * tanhf(v / a.hcap);  // as bias_soft_cap
+                const unsigned long long kv = order_key(v, (u32)row);
+                key = kv > key ? kv : key;
+            }
+        }
+        consumers_sync();  // part is free again
+    }
+    stack_trace(5, t0, trace_now(), ring.waited, a.nlayers);
+    key = warp_max_u64(key);
+    __shared__ unsigned long long kred[ST_CONSUMERS / 32];
+    if (lane == 0) kred[warp] = key;
+    consumers_sync();
+    if (tid < 32) key = warp_max_u64(tid < ST_CONSUMERS / 32 ? kred[tid] : 0ull);
+    if (tid == 0) atomicMax(a.best, key);
+}
+
+// The launch's end, thread 0 of each block: the last block to get here writes the head's pick and
+// leaves the counters zero for the next launch.
+__device__ __noinline__ void stack_finish(const StackArgs& a) {
+    __threadfence();
+    if (atomicAdd(a.done, 1u) == gridDim.x - 1) {
+        // every block has passed its last barrier and left its key
+        __threadfence();
+        if (a.head) {
+            const unsigned long long b = atomicMax(a.best, 0ull);
+            a.picked[0] = key_index(b);
+            a.picked[1] = __float_as_uint(key_value(b));
+            *a.best = 0;
+        }
+        *a.bar = 0;
+        *a.done = 0;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(const __grid_constant__ StackArgs a) {
     extern __shared__ __align__(128) char smem[];
     char* ring_base = smem;
@@ -425,7 +530,7 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
     __syncthreads();
     const Shape s(a);
     if (warp == ST_CONSUMERS / 32) {
-        if (lane == 0) stack_produce(a, s, ring_base, full, empty);
+        if (lane == 0) stack_produce(ProducerArgs{a.layers, a.head, a.nlayers, a.D, a.NH, a.DV, a.FF, a.V}, s, ring_base, full, empty);
         return;
     }
     Ring ring{ring_base, full, empty, 0, 0};
@@ -668,4 +773,6 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
         end_phase(4, l);
         if (l + 1 < a.nlayers) barrier_norm(a.layers[l + 1].norm1);
     }
+    if (a.head) stack_head(a, ring, nbar, g, part, red);
+    if (tid == 0) stack_finish(a);
 }

@@ -8,22 +8,6 @@
 // and one reduction.
 // Writes ids[row·k + j], vals[row·k + j] (the value's bits as stored).
 
-__device__ __forceinline__ unsigned long long order_key(float v, u32 i) {
-    u32 u = __float_as_uint(v);
-    u32 t = u ^ ((u32)((int)u >> 31) & 0x7fffffffu);  // signed total order
-    return ((unsigned long long)(t ^ 0x80000000u) << 32) | (u32)~i;  // as unsigned; 0 = no key
-}
-
-__device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        u32 lo = __shfl_xor_sync(0xffffffffu, (u32)v, o), hi = __shfl_xor_sync(0xffffffffu, (u32)(v >> 32), o);
-        unsigned long long w = ((unsigned long long)hi << 32) | lo;
-        v = w > v ? w : v;
-    }
-    return v;
-}
-
 extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int V, int k, u32* ids, float* vals) {
     __shared__ unsigned long long red[32];
     const float* row = x + (long long)blockIdx.x * V;

@@ -144,8 +144,9 @@ pub(crate) struct Scratches {
     pub ms: Scratch,
     /// Token ids on the device.
     pub ids: Scratch,
-    /// stack_step1: its intermediates and grid barrier count, and its layer table.
+    /// stack_step1: its intermediates, its counters (zero between launches), its layer table.
     pub stack_io: Scratch,
+    pub stack_sync: Scratch,
     pub stack_table: Scratch,
     /// Pinned host staging for token ids.
     pub ids_host: usize,
@@ -154,8 +155,8 @@ pub(crate) struct Scratches {
 
 impl Scratches {
     /// Every device allocation of the set.
-    fn device_buffers(&mut self) -> [&mut Scratch; 12] {
-        [&mut self.half, &mut self.wide, &mut self.counters, &mut self.sk_counters, &mut self.sk_parts, &mut self.cs, &mut self.gates, &mut self.ns, &mut self.ms, &mut self.ids, &mut self.stack_io, &mut self.stack_table]
+    fn device_buffers(&mut self) -> [&mut Scratch; 13] {
+        [&mut self.half, &mut self.wide, &mut self.counters, &mut self.sk_counters, &mut self.sk_parts, &mut self.cs, &mut self.gates, &mut self.ns, &mut self.ms, &mut self.ids, &mut self.stack_io, &mut self.stack_sync, &mut self.stack_table]
     }
 }
 
@@ -198,8 +199,12 @@ pub(crate) struct Dev {
     pub stack: std::sync::atomic::AtomicBool,
     /// Whether this device can run stack_step1 at all.
     pub stack_avail: bool,
+    /// Greedy decoding's LM head in the same launch (`XLSTM_CUDA_STACK_HEAD=0`: its own kernels).
+    pub stack_head: bool,
     /// Decode steps run through stack_step1 (`CudaBackend::stack_steps`).
     pub stack_steps: std::sync::atomic::AtomicU64,
+    /// Of those, steps that also chose the next token (the LM head in the same launch).
+    pub stack_heads: std::sync::atomic::AtomicU64,
     /// The layer table last uploaded for stack_step1: (where, its words).
     pub stack_table: Mutex<(CUdeviceptr, Vec<u64>)>,
     /// The model's weight dtype (`Backend::set_weight_dtype`). For 16-bit weights the chunkwise
@@ -415,7 +420,9 @@ impl Dev {
             skinny: cc == (9, 0) && std::env::var("XLSTM_CUDA_SKINNY").map_or(true, |v| v != "0"),
             stack: stack.into(),
             stack_avail,
+            stack_head: std::env::var("XLSTM_CUDA_STACK_HEAD").map_or(true, |v| v != "0"),
             stack_steps: 0.into(),
+            stack_heads: 0.into(),
             stack_table: Mutex::new((0, Vec::new())),
             weight_dtype: Mutex::new(DType::F32),
             half_tag: Mutex::new(HalfTag::default()),

@@ -26,7 +26,7 @@ use cudarc::driver::result as dres;
 use cudarc::driver::sys::CUdeviceptr;
 use xlstm_core::backend::{
     norm_gated_ffn_add_composed, norm_mlstm_add_composed, shapes, Activation, Backend, ConvDims, FfnScratch, HeadwiseDims, MlstmDims, MlstmHalf, MlstmKernel, MlstmScratch, MlstmState, SlstmGates,
-    SlstmState, StackBlock, CHOSEN_ID,
+    SlstmState, StackBlock, StackHead, CHOSEN_ID,
 };
 use xlstm_core::bench::Bandwidth;
 use xlstm_core::tensor::{DType, HostData, HostTensor};
@@ -1344,6 +1344,10 @@ impl Backend for CudaBackend {
         chosen.start_readback(rows)
     }
 
+    fn chosen_readback(&self, rows: usize) -> Result<u64> {
+        self.chosen.lock().expect("chosen ids lock").start_readback(rows)
+    }
+
     fn chosen_ids(&self, ticket: u64) -> Result<Vec<u32>> {
         self.dev.bind()?;
         self.chosen.lock().expect("chosen ids lock").take(ticket)
@@ -1663,8 +1667,8 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn decode_stack(&self, x: &mut CudaBuf, width: usize, d: MlstmDims, blocks: &[StackBlock<'_, Self>], states: &mut [&mut MlstmState<CudaBuf>]) -> Result<bool> {
-        self.stack_step(x, width, d, blocks, states)
+    fn decode_stack(&self, x: &mut CudaBuf, width: usize, d: MlstmDims, blocks: &[StackBlock<'_, Self>], states: &mut [&mut MlstmState<CudaBuf>], head: Option<StackHead<'_, Self>>) -> Result<bool> {
+        self.stack_step(x, width, d, blocks, states, head)
     }
 
     fn norm_gated_ffn_add(&self, x: &mut CudaBuf, rows: usize, width: usize, weight: &CudaBuf, eps: f32, gate: &CudaMat, up: &CudaMat, down: &CudaMat, ff: usize, act: Activation, s: FfnScratch<'_, CudaBuf>) -> Result<()> {

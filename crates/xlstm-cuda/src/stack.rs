@@ -2,7 +2,7 @@
 //! applies, the per-layer table it reads, and its launch.
 use cudarc::driver::result as dres;
 use cudarc::driver::sys::CUdeviceptr;
-use xlstm_core::backend::{Activation, MlstmDims, MlstmState, StackBlock};
+use xlstm_core::backend::{Activation, MlstmDims, MlstmState, StackBlock, StackHead};
 use xlstm_core::tensor::DType;
 use xlstm_core::Result;
 use std::sync::atomic::Ordering::Relaxed;
@@ -35,6 +35,14 @@ struct StackArgs {
     hst: u64,
     a: u64,
     bar: u64,
+    done: u64,
+    best: u64,
+    fnorm: u64,
+    head: u64,
+    vocab: i32,
+    hcap: f32,
+    heps: f32,
+    picked: u64,
 }
 
 /// The kernel's limits (kernels/stack.cu's header): inputs of at most 3 chunks of 8 values per
@@ -101,26 +109,40 @@ impl CudaBackend {
     }
 
     /// `Backend::decode_stack` on the device (see there); Ok(false) where the kernel does not apply.
-    pub(crate) fn stack_step(&self, x: &mut CudaBuf, width: usize, d: MlstmDims, blocks: &[StackBlock<'_, Self>], states: &mut [&mut MlstmState<CudaBuf>]) -> Result<bool> {
+    pub(crate) fn stack_step(&self, x: &mut CudaBuf, width: usize, d: MlstmDims, blocks: &[StackBlock<'_, Self>], states: &mut [&mut MlstmState<CudaBuf>], head: Option<StackHead<'_, Self>>) -> Result<bool> {
         let Some(table) = self.stack_table(x, width, d, blocks, states) else {
             return Ok(false);
         };
+        // the head: bf16 rows of `width`, the norm's weight as wide (the kernel's P5)
+        let head = match head {
+            None => None,
+            Some(_) if !self.dev.stack_head => return Ok(false),
+            Some(h) if h.w.dtype == DType::BF16 && h.w.rows == h.n && h.n > 0 && h.n < u32::MAX as usize && h.w.cols == width && h.w.ptr % 16 == 0 && h.norm.is_none_or(|w| w.len == width && w.ptr % 16 == 0) => Some(h),
+            Some(_) => return Ok(false),
+        };
+        // where the pick goes (ids, then logits: greedy.rs's buffer, which the next embed reads)
+        let picked = match &head {
+            Some(_) => self.chosen.lock().expect("chosen ids lock").picked_for(1)?,
+            None => 0,
+        };
+        let (fnorm, hw, vocab, hcap, heps) = head.as_ref().map_or((0, 0, 0, 0.0, 0.0), |h| (h.norm.map_or(0, |w| w.ptr), h.w.ptr, h.n, h.cap, h.eps));
         let w0 = &blocks[0].mlstm;
         let ff = blocks[0].ff;
         let mut words = vec![opc::STACK, x.ptr, width as u64, d.heads as u64, d.dk as u64, d.dv as u64, ff as u64, w0.eps.to_bits() as u64, w0.gate_cap.to_bits() as u64, w0.cell_eps.to_bits() as u64];
+        words.extend([fnorm, hw, vocab as u64, hcap.to_bits() as u64, heps.to_bits() as u64, picked]);
         words.extend(&table);
         let xp = x.ptr;
         self.op(&words, |dev| {
             let nq = 2 * d.heads * (d.dk + d.dv);
-            // q, k, v, o; ĩ, f̃; h; act(g)·u; the units' h statistics; then the barrier's count (the
-            // last 16 bytes)
+            // q, k, v, o; ĩ, f̃; h; act(g)·u; the units' h statistics
             let units = d.heads * d.dv.div_ceil(32);
             let floats = nq + 2 * d.heads + d.heads * d.dv + ff + 2 * units;
-            let io_floats = floats.div_ceil(4) * 4;
-            let io = dev.scratch(|s| &mut s.stack_io, 4 * io_floats + 16, false)?;
+            let io = dev.scratch(|s| &mut s.stack_io, 4 * floats, false)?;
+            // the barrier's count, the blocks done, the head's best key: zeroed once, and left zero
+            // by every launch's last block
+            let sync = dev.scratch(|s| &mut s.stack_sync, 16, true)?;
             let tbl = self.stack_upload(dev, &table)?;
             let at = |n: usize| io + 4 * n as u64;
-            let bar = at(io_floats);
             let mut a = StackArgs {
                 layers: tbl,
                 nlayers: blocks.len() as i32,
@@ -140,13 +162,22 @@ impl CudaBackend {
                 h: at(nq + 2 * d.heads),
                 a: at(nq + 2 * d.heads + d.heads * d.dv),
                 hst: at(nq + 2 * d.heads + d.heads * d.dv + ff),
-                bar,
+                bar: sync,
+                done: sync + 4,
+                best: sync + 8,
+                fnorm,
+                head: hw,
+                vocab: vocab as i32,
+                hcap,
+                heps,
+                picked,
             };
-            // SAFETY: 16 bytes inside the io scratch; queued on the stream (recordable).
-            unsafe { dres::memset_d8_async(bar, 0, 16, dev.stream) }.map_err(|e| drv("memset", e))?;
             dev.launch_struct(dev.f.stack_step1, (dev.sms as u32, 1, 1), STACK_THREADS, STACK_SMEM as u32, &mut a, false)
         })?;
         self.dev.stack_steps.fetch_add(1, Relaxed);
+        if hw != 0 {
+            self.dev.stack_heads.fetch_add(1, Relaxed);
+        }
         Ok(true)
     }
 
@@ -162,6 +193,11 @@ impl CudaBackend {
     /// How many decode steps ran through the persistent kernel (graph replays included).
     pub fn stack_steps(&self) -> u64 {
         self.dev.stack_steps.load(Relaxed)
+    }
+
+    /// How many of those also chose the next token (greedy decoding's LM head in the same launch).
+    pub fn stack_heads(&self) -> u64 {
+        self.dev.stack_heads.load(Relaxed)
     }
 
     /// The layer table on the device: uploaded when it differs from the one there (outside graph

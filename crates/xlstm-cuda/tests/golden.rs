@@ -131,16 +131,25 @@ fn decode_graph_matches_eager() {
 
 /// Greedy decoding with the chosen token kept on the device (each step's graph launched before the
 /// previous token is read back) gives the reference continuation and the state of host-fed steps.
+/// With bf16 weights on sm_90 the whole step — the block stack, the final norm, the LM head and
+/// its top-1 — is one launch of the stack kernel.
 #[test]
 fn pipelined_greedy() {
     let Some((g, _l)) = gpu("pipelined_greedy") else { return };
-    for case in ["large_tiny", "large_tiny_bf16_sharded"] {
-        let mut model = load(&g, case, DType::F32);
+    let stack = g.set_stack_decode(true);
+    for (case, dt) in [("large_tiny", DType::F32), ("large_tiny_bf16_sharded", DType::F32), ("large_tiny_bf16_sharded", DType::BF16)] {
+        let mut model = load(&g, case, dt);
         let chunk = model.chunk_size;
         let (r0, _, _) = g.graph_stats();
+        let heads = g.stack_heads();
         xlstm_core::testing::assert_pipelined_greedy_matches(&mut model, case, chunk);
         let (r1, _, _) = g.graph_stats();
         assert!(r1 > r0, "{case}: no decode step was replayed from a graph");
+        let fused = g.stack_heads() - heads;
+        eprintln!("{case} {dt:?}: {fused} steps chose their token in the stack kernel");
+        if dt == DType::BF16 && stack {
+            assert!(fused > 0, "{case} bf16: the stack kernel did not take the LM head");
+        }
     }
 }
 
@@ -309,5 +318,31 @@ fn stack_step_matches_layer_kernels() {
         let e = rel(a, b);
         eprintln!("step {t}: stack vs layer kernels rel err {e:.2e}");
         assert!(e < 1e-3, "step {t}: stack vs layer kernels rel err {e:e}");
+    }
+    // Greedy decoding with the LM head in the same launch: each token it chose is the best of the
+    // logits the layer kernels give for that step (within their 1e-3 relative difference).
+    assert!(g.set_stack_decode(true));
+    let mut model = Model::random(g.clone(), xlstm_core::ModelConfig::Large(cfg.clone()), DType::BF16, 7).unwrap();
+    let chunk = model.chunk_size;
+    let mut st = model.new_state(1).unwrap();
+    let kernel = MlstmKernel::Chunkwise { chunk };
+    let first = model.prefill(&prompt, &mut st, kernel, xlstm_core::LogitRows::Last).unwrap();
+    let first = first.iter().enumerate().fold(0, |b, (i, v)| if *v > first[b] { i } else { b }) as u32;
+    let heads = g.stack_heads();
+    let mut chosen = vec![first];
+    for _ in 0..12 {
+        let ticket = model.pipe_step(Some(*chosen.last().unwrap()), &mut st).unwrap();
+        chosen.push(model.pipe_token(ticket).unwrap());
+    }
+    assert_eq!(g.stack_heads() - heads, 12, "every greedy step chose its token in the stack kernel");
+    assert!(!g.set_stack_decode(false));
+    let mut st = model.new_state(1).unwrap();
+    model.prefill(&prompt, &mut st, kernel, xlstm_core::LogitRows::Last).unwrap();
+    for t in 0..12 {
+        let logits = model.step(&[chosen[t]], &mut st).unwrap();
+        let best = logits.iter().cloned().fold(f32::MIN, f32::max);
+        let got = logits[chosen[t + 1] as usize];
+        eprintln!("greedy step {t}: chose {} (logit {got}), best logit {best}", chosen[t + 1]);
+        assert!(best - got <= 1e-3 * best.abs().max(1.0), "greedy step {t}: the stack kernel chose {} (logit {got}), the best logit is {best}", chosen[t + 1]);
     }
 }

@@ -105,6 +105,18 @@ pub struct StackBlock<'a, B: Backend> {
     pub ff: usize,
 }
 
+/// The LM head a [`Backend::decode_stack`] may end with, for greedy decoding on the device: the
+/// final RMSNorm (`norm`, `eps`; None: x as it is), then what [`Backend::head_top1_chosen`] does
+/// with `w` [n, width] and soft cap `cap`: the best id kept on the device, its copy back started
+/// by [`Backend::chosen_readback`].
+pub struct StackHead<'a, B: Backend> {
+    pub norm: Option<&'a B::Buf>,
+    pub eps: f32,
+    pub w: &'a B::Mat,
+    pub n: usize,
+    pub cap: f32,
+}
+
 /// Scratch of [`Backend::norm_mlstm_add`]: `xn`, `y` [rows, width]; `q`, `k` [rows, NH·DK];
 /// `v`, `o`, `h`, `hn` [rows, NH·DV]; `i`, `f` [rows, NH].
 pub struct MlstmScratch<'a, Buf> {
@@ -270,6 +282,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn head_top1_chosen(&self, _x: &Self::Buf, _rows: usize, _w: &Self::Mat, _n: usize, _cap: f32, _scratch: &mut Self::Buf) -> Result<u64> {
         Err(crate::Error::Device("this backend keeps no chosen ids on the device".into()))
     }
+    /// Starts the copy back of the ids the last [`Backend::decode_stack`] with a head chose, as
+    /// [`Backend::head_top1_chosen`] does for its own; returns the ticket. Default: unsupported.
+    fn chosen_readback(&self, _rows: usize) -> Result<u64> {
+        Err(crate::Error::Device("this backend keeps no chosen ids on the device".into()))
+    }
     /// The ids of a [`Backend::head_top1_chosen`] ticket (waits for that selection only). Each
     /// ticket is read once. Default: unsupported.
     fn chosen_ids(&self, _ticket: u64) -> Result<Vec<u32>> {
@@ -416,8 +433,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// One decode step of one sequence through a whole xlstm-large stack: for each block in order,
     /// what `norm_mlstm_add` and `norm_gated_ffn_add` (SiLU) do to the row `x` [width], where the
     /// backend has that as one operation (the CUDA backend: one persistent kernel). Ok(false): it
-    /// has not, nothing ran, and the caller runs the blocks one by one.
-    fn decode_stack(&self, _x: &mut Self::Buf, _width: usize, _dims: MlstmDims, _blocks: &[StackBlock<'_, Self>], _states: &mut [&mut MlstmState<Self::Buf>]) -> Result<bool> {
+    /// has not, nothing ran, and the caller runs the blocks one by one. With `head`, the same
+    /// operation also picks the next token as `head_top1_chosen` would (Ok(false) where it cannot:
+    /// the caller may ask again without the head).
+    #[allow(clippy::too_many_arguments)]
+    fn decode_stack(&self, _x: &mut Self::Buf, _width: usize, _dims: MlstmDims, _blocks: &[StackBlock<'_, Self>], _states: &mut [&mut MlstmState<Self::Buf>], _head: Option<StackHead<'_, Self>>) -> Result<bool> {
         Ok(false)
     }
 

@@ -3,7 +3,7 @@
 //! x = Embedding(ids); per block: x += mLSTMLayer(RMSNorm(x)); x += SwiGLU-FFN(RMSNorm(x));
 //! logits = 30·tanh(lm_head(RMSNorm(x)) / 30). The mLSTM layer: q, k, v, o, ĩ, f̃ projections,
 //! gates soft-capped at 15, the mLSTM cell per head, per-head LayerNorm, sigmoid(o) gate, out_proj.
-use crate::backend::{Activation, Backend, FfnScratch, MlstmDims, MlstmHalf, MlstmKernel, MlstmScratch, StackBlock};
+use crate::backend::{Activation, Backend, FfnScratch, MlstmDims, MlstmHalf, MlstmKernel, MlstmScratch, StackBlock, StackHead};
 use crate::config::LargeConfig;
 use crate::error::Result;
 use crate::model::{ActivationCache, GrowBuf, LogitRows, Network, Rows};
@@ -58,6 +58,9 @@ pub struct LargeNet<B: Backend> {
     lm_head: B::Mat,
     scratch: ActivationCache<Scratch<B>>,
     logits: GrowBuf<B::Buf>,
+    /// The last forward's decode stack also chose the next token (`head_top1_chosen` only starts
+    /// its copy back).
+    chosen_in_stack: bool,
 }
 
 fn vector<B: Backend>(b: &B, t: HostTensor) -> Result<B::Buf> {
@@ -138,6 +141,7 @@ impl<B: Backend> LargeNet<B> {
             lm_head: mat(lm_head)?,
             scratch: ActivationCache::new(),
             logits: GrowBuf::new(),
+            chosen_in_stack: false,
         };
         w.finish()?;
         Ok(net)
@@ -199,7 +203,9 @@ impl<B: Backend> Network<B> for LargeNet<B> {
         let (d, ff, eps) = (c.hidden_size, c.ffn_dim(), c.norm_eps);
         let s = self.scratch.get(rows, n, |n| Self::make_scratch(b, c, n))?;
         b.embed(&self.embedding, ids, &mut s.x)?;
-        // One sequence's decode step: the whole stack at once where the backend can.
+        self.chosen_in_stack = false;
+        // One sequence's decode step: the whole stack at once where the backend can, with the
+        // greedy head that follows where it can take that too.
         let whole = matches!(rows, Rows::Step) && n == 1 && {
             let blocks: Vec<StackBlock<'_, B>> = self
                 .blocks
@@ -213,7 +219,9 @@ impl<B: Backend> Network<B> for LargeNet<B> {
                     _ => unreachable!("xlstm-large state holds mLSTM layers only"),
                 })
                 .collect();
-            b.decode_stack(&mut s.x, d, self.dims, &blocks, &mut cells)?
+            let head = || StackHead { norm: self.out_norm.as_ref(), eps, w: &self.lm_head, n: c.vocab_size, cap: c.output_logit_soft_cap };
+            self.chosen_in_stack = matches!(logits, LogitRows::Chosen) && b.decode_stack(&mut s.x, d, self.dims, &blocks, &mut cells, Some(head()))?;
+            self.chosen_in_stack || b.decode_stack(&mut s.x, d, self.dims, &blocks, &mut cells, None)?
         };
         for (blk, layer) in self.blocks.iter().zip(state.iter_mut()).filter(|_| !whole) {
             let LayerState::Mlstm { cell, .. } = layer else { unreachable!("xlstm-large state holds mLSTM layers only") };
@@ -246,6 +254,9 @@ impl<B: Backend> Network<B> for LargeNet<B> {
     }
 
     fn head_top1_chosen(&mut self, b: &B, rows: usize) -> Result<u64> {
+        if std::mem::take(&mut self.chosen_in_stack) && rows == 1 {
+            return b.chosen_readback(rows);
+        }
         self.final_norm(b, 0, rows)?;
         let (c, s) = (&self.cfg, self.scratch.last());
         let logits = self.logits.get(b, rows * c.vocab_size)?;
@@ -265,10 +276,16 @@ impl<B: Backend> LargeNet<B> {
     fn final_norm(&mut self, b: &B, first: usize, count: usize) -> Result<()> {
         let d = self.cfg.hidden_size;
         let s = self.scratch.last();
-        b.copy(&s.x, first * d, &mut s.last, 0, count * d)?;
+        // rows from the first need no copy of their own
+        let rows = if first == 0 {
+            &s.x
+        } else {
+            b.copy(&s.x, first * d, &mut s.last, 0, count * d)?;
+            &s.last
+        };
         match &self.out_norm {
-            Some(w) => b.rms_norm(&s.last, count, d, w, self.cfg.norm_eps, &mut s.xn),
-            None => b.copy(&s.last, 0, &mut s.xn, 0, count * d),
+            Some(w) => b.rms_norm(rows, count, d, w, self.cfg.norm_eps, &mut s.xn),
+            None => b.copy(rows, 0, &mut s.xn, 0, count * d),
         }
     }
 

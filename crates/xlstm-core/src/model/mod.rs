@@ -28,13 +28,15 @@ pub enum LogitRows {
     All,
     Last,
     None,
+    /// None, and the caller asks `Network::head_top1_chosen` next (a backend may do both at once).
+    Chosen,
 }
 
 impl LogitRows {
     /// The rows (first, count) of an `n`-row forward that get logits; None for none.
     pub fn range(self, n: usize) -> Option<(usize, usize)> {
         match self {
-            LogitRows::None => None,
+            LogitRows::None | LogitRows::Chosen => None,
             LogitRows::All => Some((0, n)),
             LogitRows::Last => Some((n - 1, 1)),
         }
@@ -381,7 +383,7 @@ impl<B: Backend> Model<B> {
         if let Some(t) = token {
             self.check_ids(&[t])?;
         }
-        self.step_layers_of(&[token.unwrap_or(crate::backend::CHOSEN_ID)], state, LogitRows::None)?;
+        self.step_layers_of(&[token.unwrap_or(crate::backend::CHOSEN_ID)], state, LogitRows::Chosen)?;
         self.net.head_top1_chosen(&self.backend, 1)
     }
 
