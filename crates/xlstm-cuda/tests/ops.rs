@@ -710,7 +710,9 @@ fn fused_compositions_match_primitive_ops() {
             let ffn_scratch = FfnScratch { xn: &mut gxn, g: &mut gg, u: &mut gu, a: &mut ga, y: &mut gy };
             g.norm_gated_ffn_add(&mut gx_ffn, rows, d, &gnw, 1e-6, &gug, &gup, &gdn, ff, Activation::Silu, ffn_scratch).unwrap();
             assert_close(&format!("norm_gated_ffn_add {what}"), &down(&g, &gx_ffn), &cx, tol);
-            g.norm_gated_up(&gx, rows, d, &gnw, 1e-6, &mut gxn, &gug, &gup, ff, Activation::Silu, &mut gg, &mut gu, &mut ga).unwrap();
+            // from the CPU's residual stream too: the GPU's own carries the mLSTM half's error
+            // (up to tol), which a 9-row bf16 batch once compounded to 2.15e-2 here
+            g.norm_gated_up(&up(&g, &cx_mid), rows, d, &gnw, 1e-6, &mut gxn, &gug, &gup, ff, Activation::Silu, &mut gg, &mut gu, &mut ga).unwrap();
             assert_close(&format!("norm_gated_up {what}"), &down(&g, &ga), &ca, tol);
             g.matmul_add(&ga, rows, &gdn, d, &mut gy, &mut gx).unwrap();
             assert_close(&format!("residual after the block {what}"), &down(&g, &gx), &cx, tol);
