@@ -1,4 +1,4 @@
-# Summarise stack_step1's trace (kernels/stack.cu; tags 100 + phase), written by `XLSTM_CUDA_TRACE=1 cuda_profile --trace FILE`:
+# Summarise stack_step1's trace (kernels/stack.cu; tags 100 + phase, P5 the LM head), written by `XLSTM_CUDA_TRACE=1 cuda_profile --trace FILE`:
 # busy = items (start → end of items), waited = thread 0's waits for stages within it,
 # span = the phase's first start → last end over blocks, after = end → the block's next phase start (barrier).
 import csv, sys, statistics as st
@@ -24,5 +24,6 @@ print("phase  busy(med/max)   waited(med)  span(med)  after(med/max)  n")
 for ph in sorted(busy):
     print(f"P{ph}  {med(busy[ph]):6.2f}/{max(busy[ph]):6.2f}  {med(waited[ph]):6.2f}  {med(span[ph]):6.2f}  {med(after[ph]):6.2f}/{max(after[ph]) if after[ph] else 0:6.2f}  {len(busy[ph])}")
 allt = [t for recs in by_block.values() for r in recs for t in r[:2]]
-n_layers = len(inst) / 5
-print(f"records {len(rows)}, wall {(max(allt) - min(allt)) / 1e3:.1f} us over {n_layers:.0f} layer instances: {(max(allt) - min(allt)) / 1e3 / n_layers:.2f} us a layer")
+# layer instances: P0 … P4 each (P5, the LM head after the last layer, is not a layer)
+n_layers = sum(1 for (ph, _) in inst if ph == 0)
+print(f"records {len(rows)}, wall {(max(allt) - min(allt)) / 1e3:.1f} us over {n_layers} layer instances (and {sum(1 for (ph, _) in inst if ph == 5)} heads): {(max(allt) - min(allt)) / 1e3 / n_layers:.2f} us a layer")
