@@ -219,8 +219,8 @@ impl<B: Backend> Network<B> for LargeNet<B> {
                     _ => unreachable!("xlstm-large state holds mLSTM layers only"),
                 })
                 .collect();
-            let head = || StackHead { norm: self.out_norm.as_ref(), eps, w: &self.lm_head, n: c.vocab_size, cap: c.output_logit_soft_cap };
-            self.chosen_in_stack = matches!(logits, LogitRows::Chosen) && b.decode_stack(&mut s.x, d, self.dims, &blocks, &mut cells, Some(head()))?;
+            let head = StackHead { norm: self.out_norm.as_ref(), eps, w: &self.lm_head, n: c.vocab_size, cap: c.output_logit_soft_cap };
+            self.chosen_in_stack = matches!(logits, LogitRows::Chosen) && b.decode_stack(&mut s.x, d, self.dims, &blocks, &mut cells, Some(head))?;
             self.chosen_in_stack || b.decode_stack(&mut s.x, d, self.dims, &blocks, &mut cells, None)?
         };
         for (blk, layer) in self.blocks.iter().zip(state.iter_mut()).filter(|_| !whole) {
