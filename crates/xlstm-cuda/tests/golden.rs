@@ -326,8 +326,7 @@ fn stack_step_matches_layer_kernels() {
     let chunk = model.chunk_size;
     let mut st = model.new_state(1).unwrap();
     let kernel = MlstmKernel::Chunkwise { chunk };
-    let first = model.prefill(&prompt, &mut st, kernel, xlstm_core::LogitRows::Last).unwrap();
-    let first = first.iter().enumerate().fold(0, |b, (i, v)| if *v > first[b] { i } else { b }) as u32;
+    let first = xlstm_core::sampling::argmax(&model.prefill(&prompt, &mut st, kernel, xlstm_core::LogitRows::Last).unwrap());
     let heads = g.stack_heads();
     let mut chosen = vec![first];
     for _ in 0..12 {
