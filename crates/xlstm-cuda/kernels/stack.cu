@@ -450,21 +450,27 @@ __device__ __forceinline__ void normed_in_place(const float* x, int D, float eps
     }
 }
 
+// A grid barrier (the k-th) before an RMSNorm: its weight, if any, goes into xin between arriving
+// and waiting (it does not wait for the barrier).
+__device__ __forceinline__ void barrier_norm_weights(u32* bar, u32 k, const float* w, int D, float (&xin)[ST_CHUNKS][8]) {
+    grid_arrive(bar);
+    if (w) load_input(w, D, xin);
+    grid_wait(bar, k);
+}
+
 // P5 (see the header), after the last layer: out of line, so that its registers do not crowd the
 // layers' loops.
 // (Its arguments by value: a reference would hold the layers' values in local memory.)
-__device__ __noinline__ void stack_head(const StackArgs& a, Ring ring, u32 nbar, int g, float* part, float* red) {
+__device__ __noinline__ void stack_head(const StackArgs& a, Ring ring, u32 nbar, int g, int items, float* part, float* red) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nb = gridDim.x, D = a.D;
     float xin[ST_CHUNKS][8];
-    grid_arrive(a.bar);
-    if (a.fnorm) load_input(a.fnorm, D, xin);
-    grid_wait(a.bar, nbar + 1);
+    barrier_norm_weights(a.bar, nbar + 1, a.fnorm, D, xin);
     const u64 t0 = trace_now();
     if (a.fnorm) normed_in_place(a.x, D, a.heps, xin, red);
     else load_input(a.x, D, xin);
     // a block's rows may be more than its partial sums hold: its items go in groups
     const int r = rows16(D);
-    const Phase p{(a.V + r - 1) / r, g};
+    const Phase p{items, g};
     unsigned long long key = 0;  // this thread's best
     for (int i = p.first(); i < p.items;) {
         const int i0 = i;
@@ -552,9 +558,7 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
     };
     // a barrier before an RMSNorm: its weights go into xin in between
     auto barrier_norm = [&](const float* w) {
-        grid_arrive(a.bar);
-        load_input(w, D, xin);
-        grid_wait(a.bar, ++nbar);
+        barrier_norm_weights(a.bar, ++nbar, w, D, xin);
         t0 = trace_now();
     };
     // P2 and P4: x += W·xin over `items` items of rows with K inputs. A block's local rows are
@@ -773,6 +777,6 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
         end_phase(4, l);
         if (l + 1 < a.nlayers) barrier_norm(a.layers[l + 1].norm1);
     }
-    if (a.head) stack_head(a, ring, nbar, g, part, red);
+    if (a.head) stack_head(a, ring, nbar, g, s.items5, part, red);
     if (tid == 0) stack_finish(a);
 }
