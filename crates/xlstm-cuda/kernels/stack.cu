@@ -79,6 +79,14 @@
 #ifndef ST_QUIET_START
 #define ST_QUIET_START 1
 #endif
+// The consumers read the layer table's pointers from a shared-memory copy of this layer's row and
+// the next's (ST_LAYER_SMEM=1): from the table in global memory, every asm with a memory clobber
+// makes the compiler load them again, so each load between a barrier's arrival and wait (the
+// norms' weights, the cell's state, the head norm's weight) and the cell's gate biases waited on
+// two dependent round trips, the pointer's and the data's.
+#ifndef ST_LAYER_SMEM
+#define ST_LAYER_SMEM 1
+#endif
 #define ST_MAX_ROWS 16
 #define ST_CHUNKS 3
 #define ST_DK_MAX 512
@@ -533,6 +541,10 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
             mbar_init(&empty[i], ST_CONSUMERS / 32);
         }
     }
+    // layer table rows 0 and 1 (ST_LAYER_SMEM); row l + 1 goes into slot (l + 1) & 1 during layer l
+    __shared__ __align__(16) StackLayer lay[2];
+    constexpr int LW = sizeof(StackLayer) / 8;
+    if (ST_LAYER_SMEM && tid < 2 * LW && tid / LW < a.nlayers) ((u64*)lay)[tid] = ((const u64*)a.layers)[tid];
     __syncthreads();
     const Shape s(a);
     if (warp == ST_CONSUMERS / 32) {
@@ -577,9 +589,10 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
         if (own) a.x[row] = xo + part_sum(part, tid);
         g += items;
     };
-    load_input(a.layers[0].norm1, D, xin);
+    auto layer = [&](int l) -> const StackLayer& { return ST_LAYER_SMEM ? lay[l & 1] : a.layers[l]; };
+    load_input(layer(0).norm1, D, xin);
     for (int l = 0; l < a.nlayers; ++l) {
-        const StackLayer& L = a.layers[l];
+        const StackLayer& L = layer(l);
         // ---- P0: RMSNorm, q/k/v/o and the gate rows (local slots of r0 rows an item)
         normed_in_place(a.x, D, a.eps, xin, red);
         {
@@ -622,6 +635,9 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
         }
         const float ne = (cell && tid < DK) ? L.n[hd * DK + tid] : 0.f;
         const float mo = cell ? L.m[hd] : 0.f;
+        // the next layer's row into the slot layer l − 1 had (read next at this layer's end)
+        // (by warp 1: thread 0 polls the barrier)
+        if (ST_LAYER_SMEM && l >= 1 && l + 1 < a.nlayers && tid >= 32 && tid < 32 + LW) ((u64*)&lay[(l + 1) & 1])[tid - 32] = ((const u64*)(a.layers + l + 1))[tid - 32];
         grid_wait(a.bar, ++nbar);
         t0 = trace_now();
         if (cell) {
@@ -775,7 +791,7 @@ extern "C" __global__ void __launch_bounds__(ST_CONSUMERS + 32, 1) stack_step1(c
         load_input(a.a, a.FF, xin);
         residual_phase(s.items4, a.FF);
         end_phase(4, l);
-        if (l + 1 < a.nlayers) barrier_norm(a.layers[l + 1].norm1);
+        if (l + 1 < a.nlayers) barrier_norm(layer(l + 1).norm1);
     }
     if (a.head) stack_head(a, ring, nbar, g, s.items5, part, red);
     if (tid == 0) stack_finish(a);
