@@ -37,7 +37,7 @@ extern "C" __global__ void __launch_bounds__(1024) topk_rows(const float* x, int
         __syncthreads();
         best = warp_max_u64(lane < nw ? red[lane] : 0ull);
         if (threadIdx.x == 0) {
-            const u32 i = ~(u32)best;
+            const u32 i = key_index(best);
             ids[(long long)blockIdx.x * k + j] = i;
             vals[(long long)blockIdx.x * k + j] = row[i];
         }
