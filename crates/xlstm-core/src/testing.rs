@@ -82,6 +82,27 @@ pub fn golden_prefill<B: crate::Backend>(model: &mut crate::Model<B>, case: &str
     (logits, err, st)
 }
 
+/// `case`'s prompt prefilled from a fresh state asking for the last row's logits only
+/// (`LogitRows::Last`) or for none (`LogitRows::None`), where a model may skip its last block's work
+/// for the other rows: the relative error of what came back against the reference's last row (none
+/// asked: panics unless nothing came back, and gives 0), and the state after it.
+pub fn golden_prefill_pruned<B: crate::Backend>(model: &mut crate::Model<B>, case: &str, kernel: crate::MlstmKernel, logits: crate::LogitRows) -> (f64, crate::State<B>) {
+    let exp = Expected::load(case);
+    let mut st = model.new_state(1).expect("state");
+    let got = model.prefill(&exp.ids("input_ids"), &mut st, kernel, logits).expect("prefill");
+    let err = match logits {
+        crate::LogitRows::None => {
+            assert!(got.is_empty(), "{case}: logits came back though none were asked");
+            0.0
+        }
+        _ => {
+            let want = exp.f64("logits_f64");
+            rel_err(&got, &want[want.len() - model.vocab_size()..])
+        }
+    };
+    (err, st)
+}
+
 /// `case`'s prompt run token by token with recurrent steps from a fresh state: every step's
 /// logits and their relative error against the reference's `logits_f64`.
 pub fn golden_steps<B: crate::Backend>(model: &mut crate::Model<B>, case: &str) -> (Vec<f32>, f64) {

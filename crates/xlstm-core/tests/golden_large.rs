@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use xlstm_core::state::LayerState;
-use xlstm_core::{CpuBackend, DType, MlstmKernel, Model};
+use xlstm_core::{CpuBackend, DType, LogitRows, MlstmKernel, Model};
 
 const TOL: f64 = 1e-4;
 
@@ -17,9 +17,20 @@ fn check_parallel_and_state(case: &str) {
     let exp = Expected::load(case);
     let mut model = load(case);
     let chunk = model.chunk_size;
-    let (_, err, st) = golden_prefill(&mut model, case, MlstmKernel::Chunkwise { chunk });
+    let kernel = MlstmKernel::Chunkwise { chunk };
+    let (_, err, st) = golden_prefill(&mut model, case, kernel);
     assert!(err < TOL, "{case}: chunkwise logits rel err {err:e}");
-    for (li, layer) in st.layers.iter().enumerate() {
+    check_state(&exp, case, &st.layers);
+    // the last row's logits alone, or none: the last block pruned, the same logits and state
+    for logits in [LogitRows::Last, LogitRows::None] {
+        let (err, st) = golden_prefill_pruned(&mut model, case, kernel, logits);
+        assert!(err < TOL, "{case}: {logits:?} logits rel err {err:e}");
+        check_state(&exp, case, &st.layers);
+    }
+}
+
+fn check_state(exp: &Expected, case: &str, layers: &[LayerState<Vec<f32>>]) {
+    for (li, layer) in layers.iter().enumerate() {
         let LayerState::Mlstm { cell, .. } = layer else { panic!() };
         for (name, buf) in [("C", &cell.c), ("n", &cell.n), ("m", &cell.m)] {
             let want = exp.f64(&format!("state_{li}_{name}"));

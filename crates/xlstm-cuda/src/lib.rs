@@ -176,13 +176,15 @@ mod opc {
     pub const MLSTM_ADD: u64 = 24;
     pub const SETTLE: u64 = 25;
     pub const STACK: u64 = 26;
+    pub const MLSTM_STATE: u64 = 27;
 
     /// The op's name, for `CudaBackend::op_times`.
     pub fn name(code: u64) -> &'static str {
-        const NAMES: [&str; 26] = [
+        const NAMES: [&str; 28] = [
             "?", "copy", "embed", "matmul", "rms_norm", "group_norm", "bias_soft_cap", "add", "gated_act", "sigmoid_gate", "scaled_add",
             "copy_cols", "headwise", "conv1d_prefill", "conv1d_step", "mlstm_step", "mlstm_prefill", "slstm", "norm_matmuls", "matmul_add",
-            "norm_gated_up", "mlstm_gated_cell", "head_top_k", "norm_gated_ffn_add", "norm_mlstm_add", "mlstm_settle",
+            "norm_gated_up", "mlstm_gated_cell", "head_top_k", "norm_gated_ffn_add", "norm_mlstm_add", "mlstm_settle", "decode_stack",
+            "norm_mlstm_state",
         ];
         NAMES.get(code as usize).copied().unwrap_or("?")
     }
@@ -880,9 +882,10 @@ impl CudaBackend {
     /// `qkv`: q, k, v as (pointer, row stride); strides other than NH·DK, NH·DK, NH·DV only for the
     /// tensor-core kernels (`chunk_tc`); bf16 values with `bf16` (the bf16 kernels: `chunk_bf16`).
     /// A bf16 C is widened into an f32 scratch for the chunk kernels and rounded back after them
-    /// (once per prompt segment, as a step rounds it once per token).
+    /// (once per prompt segment, as a step rounds it once per token). `h` None: the state only
+    /// (the tensor-core kernels: the chunk-output kernel is not launched).
     #[allow(clippy::too_many_arguments)]
-    fn mchunk(&self, dev: &Dev, d: MlstmDims, seq: usize, chunk: usize, qkv: [(CUdeviceptr, usize); 3], i: CUdeviceptr, f: CUdeviceptr, s: StatePtrs, eps: f32, h: CUdeviceptr, bf16: bool) -> Result<()> {
+    fn mchunk(&self, dev: &Dev, d: MlstmDims, seq: usize, chunk: usize, qkv: [(CUdeviceptr, usize); 3], i: CUdeviceptr, f: CUdeviceptr, s: StatePtrs, eps: f32, h: Option<CUdeviceptr>, bf16: bool) -> Result<()> {
         // the chunk kernels read C alone: deferred updates first
         Self::settle(dev, d, 1, s)?;
         if !s.c16 {
@@ -899,8 +902,9 @@ impl CudaBackend {
 
     /// `mchunk` on an f32 C.
     #[allow(clippy::too_many_arguments)]
-    fn mchunk_f32(&self, dev: &Dev, d: MlstmDims, seq: usize, chunk: usize, qkv: [(CUdeviceptr, usize); 3], i: CUdeviceptr, f: CUdeviceptr, s: StatePtrs, eps: f32, h: CUdeviceptr, bf16: bool) -> Result<()> {
+    fn mchunk_f32(&self, dev: &Dev, d: MlstmDims, seq: usize, chunk: usize, qkv: [(CUdeviceptr, usize); 3], i: CUdeviceptr, f: CUdeviceptr, s: StatePtrs, eps: f32, h: Option<CUdeviceptr>, bf16: bool) -> Result<()> {
         let [(q, ldq), (k, ldk), (v, ldv)] = qkv;
+        let (outputs, h) = (h.is_some(), h.unwrap_or(0));
         let l = chunk.clamp(1, 64);
         let nc = seq.div_ceil(l);
         // Tensor cores where the shape and alignment allow (see kernels/mlstm_chunk.cu) and the
@@ -912,6 +916,10 @@ impl CudaBackend {
         }
         if bf16 && !tc {
             return Err(Error::Device("cuda mlstm prefill: bf16 q, k, v need the tensor-core chunk kernels".into()));
+        }
+        if !outputs && !tc {
+            // (the CUDA-core kernels' output blocks write the final m)
+            return Err(Error::Device("cuda mlstm prefill: a state-only prefill needs the tensor-core chunk kernels".into()));
         }
         let exact = (*dev.weight_dtype.lock().expect("dtype lock") == DType::F32 && !bf16) as usize;
         // the states entering the chunks: bf16 between the plain or bf16 tensor-core kernels, else f32
@@ -946,7 +954,7 @@ impl CudaBackend {
             // (a decode step launched right after it must not read the state early)
             dev.note_state_write(s.c);
         }
-        if choice.only == Some(ChunkPhase::States) {
+        if choice.only == Some(ChunkPhase::States) || !outputs {
             return Ok(());
         }
         dev.launch(out, out_grid, 256, 0, &mut oa)
@@ -966,6 +974,59 @@ impl CudaBackend {
         let tc = Self::chunk_tc(&self.dev, d, [0, 0, 0, s.h.ptr], [qk, qk, vw]);
         (chunk > 0 && rows > 0 && !Self::gemv_fits(rows, q) && Self::merged_projections(width, d, w) && gates && aligned && tc).then_some(chunk)
     }
+
+    /// The merged prompt path of `norm_mlstm_add` (see there), `chunk` from `merged_mlstm_prefill`;
+    /// without `outputs` only the state is updated (`norm_mlstm_state`): k and v alone are formed
+    /// and the chunk-output kernel, head norm and out_proj do not run.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_mlstm_prompt(&self, x: &mut CudaBuf, rows: usize, width: usize, d: MlstmDims, chunk: usize, w: &MlstmHalf<'_, Self>, state: &mut MlstmState<CudaBuf>, s: MlstmScratch<'_, CudaBuf>, outputs: bool) -> Result<()> {
+        Self::check_mlstm_half(x, rows, width, d, 1, w, &s, state)?;
+        let [q, k, v, o, ig, fg] = w.proj;
+        let (vw, dt) = (d.heads * d.dv, q.dtype);
+        // the rows of the merged weights formed: q, k, v, o, or k and v; where q, k, v start in them
+        let (lead, total) = if outputs { (q, q.rows + k.rows + v.rows + o.rows) } else { (k, k.rows + v.rows) };
+        let (q_at, k_at) = if outputs { (0, q.rows) } else { (0, 0) };
+        let v_at = k_at + k.rows;
+        let (xp, hp, ip, fp) = (x.ptr, s.h.ptr, s.i.ptr, s.f.ptr);
+        let words = [
+            if outputs { opc::MLSTM_ADD } else { opc::MLSTM_STATE }, xp, rows as u64, width as u64, w.norm.ptr, w.eps.to_bits() as u64, q.ptr, ig.ptr, fg.ptr, w.ibias.ptr, w.fbias.ptr,
+            w.gate_cap.to_bits() as u64, state.c.ptr, state.n.ptr, state.m.ptr, w.cell_eps.to_bits() as u64, w.head_norm.ptr, w.out_proj.ptr, hp, chunk as u64,
+            StatePtrs::of(state).c16 as u64,
+        ];
+        let st = StatePtrs::of(state);
+        self.op(&words, |dev| {
+            let xh = dev.half_scratch(rows * width, None)?;
+            let mut a = KArgs::new();
+            a.p(xp).i(rows).i(width).p(w.norm.ptr).f(w.eps).p(ig.ptr).p(fg.ptr).i(d.heads).p(w.ibias.ptr).p(w.fbias.ptr).f(w.gate_cap).p(ip).p(fp).p(xh).i(dt_code(dt));
+            let warps = if width % 512 == 0 { 32 } else { 16 }; // width / warps: whole 16-column steps
+            dev.launch(dev.f.rms_gate_dots, (rows.div_ceil(16) as u32, 1, 1), 32 * warps, 0, &mut a)?;
+            // q, k, v, o (or k, v) in bf16 for a bf16 model whose shape the bf16 chunk kernels take, else f32
+            let wide = dev.scratch(|s| &mut s.wide, rows * total * 4, false)?;
+            let at = |bytes: usize, n: usize| (wide + (bytes * n) as u64, total);
+            let bf16 = dt == DType::BF16 && {
+                let c = |n: usize| at(2, n).0;
+                Self::chunk_bf16(dev, d, [c(q_at), c(k_at), c(v_at), hp], [total; 3])
+            };
+            let bytes = if bf16 { 2 } else { 4 };
+            let col = |n: usize| at(bytes, n);
+            self.gemm_view(dev, rows, MatView { ptr: lead.ptr, rows: total, cols: width, dtype: dt }, 0, Some(xh), wide, 0.0, bf16)?;
+            // (without outputs q's slot holds k: the state kernels do not read it)
+            let qkv = [col(q_at), col(k_at), col(v_at)];
+            if !Self::chunk_tc(dev, d, [qkv[0].0, qkv[1].0, qkv[2].0, hp], [total; 3]) {
+                return Err(Error::Device("cuda norm_mlstm_add: the tensor-core chunk kernels cannot take these operands".into()));
+            }
+            self.mchunk(dev, d, rows, chunk, qkv, ip, fp, st, w.cell_eps, outputs.then_some(hp), bf16)?;
+            if !outputs {
+                return Ok(());
+            }
+            let hh = dev.half_scratch(rows * vw, None)?;
+            let (o, ldo) = col(v_at + v.rows);
+            let gate = (o, ldo, if bf16 { DType::BF16 } else { DType::F32 });
+            self.group_norm_rows(dev, hp, rows, vw, d.dv, w.head_norm.ptr, 0, w.eps, gate, 0, hh, dt)?;
+            self.gemm(dev, rows, w.out_proj, 0, Some(hh), xp, 1.0)
+        })
+    }
+
 
     /// What both merged `norm_mlstm_add` paths need of the projections: q, k, v, o adjacent in one
     /// 16-bit dtype (one product) and shaped for `d`, out_proj in that dtype.
@@ -1554,7 +1615,7 @@ impl Backend for CudaBackend {
                 Ok(())
             } else {
                 let (qk, vw) = (d.heads * d.dk, d.heads * d.dv);
-                self.mchunk(dev, d, seq, chunk, [(q.ptr, qk), (k.ptr, qk), (v.ptr, vw)], i.ptr, f.ptr, st, eps, hp, false)
+                self.mchunk(dev, d, seq, chunk, [(q.ptr, qk), (k.ptr, qk), (v.ptr, vw)], i.ptr, f.ptr, st, eps, Some(hp), false)
             }
         })
     }
@@ -1743,43 +1804,17 @@ impl Backend for CudaBackend {
         let Some(chunk) = self.merged_mlstm_prefill(x.ptr, rows, width, d, kernel, w, &s) else {
             return norm_mlstm_add_composed(self, x, rows, width, d, kernel, w, state, s);
         };
-        Self::check_mlstm_half(x, rows, width, d, 1, w, &s, state)?;
-        let [q, k, v, o, ig, fg] = w.proj;
-        let (total, vw, dt) = (q.rows + k.rows + v.rows + o.rows, d.heads * d.dv, q.dtype);
-        let (xp, hp, ip, fp) = (x.ptr, s.h.ptr, s.i.ptr, s.f.ptr);
-        let words = [
-            opc::MLSTM_ADD, xp, rows as u64, width as u64, w.norm.ptr, w.eps.to_bits() as u64, q.ptr, ig.ptr, fg.ptr, w.ibias.ptr, w.fbias.ptr,
-            w.gate_cap.to_bits() as u64, state.c.ptr, state.n.ptr, state.m.ptr, w.cell_eps.to_bits() as u64, w.head_norm.ptr, w.out_proj.ptr, hp, chunk as u64,
-            StatePtrs::of(state).c16 as u64,
-        ];
-        let st = StatePtrs::of(state);
-        self.op(&words, |dev| {
-            let xh = dev.half_scratch(rows * width, None)?;
-            let mut a = KArgs::new();
-            a.p(xp).i(rows).i(width).p(w.norm.ptr).f(w.eps).p(ig.ptr).p(fg.ptr).i(d.heads).p(w.ibias.ptr).p(w.fbias.ptr).f(w.gate_cap).p(ip).p(fp).p(xh).i(dt_code(dt));
-            let warps = if width % 512 == 0 { 32 } else { 16 }; // width / warps: whole 16-column steps
-            dev.launch(dev.f.rms_gate_dots, (rows.div_ceil(16) as u32, 1, 1), 32 * warps, 0, &mut a)?;
-            // q, k, v, o in bf16 for a bf16 model whose shape the bf16 chunk kernels take, else f32
-            let wide = dev.scratch(|s| &mut s.wide, rows * total * 4, false)?;
-            let at = |bytes: usize, n: usize| (wide + (bytes * n) as u64, total);
-            let bf16 = dt == DType::BF16 && {
-                let c = |n: usize| at(2, n).0;
-                Self::chunk_bf16(dev, d, [c(0), c(q.rows), c(q.rows + k.rows), hp], [total; 3])
-            };
-            let bytes = if bf16 { 2 } else { 4 };
-            let col = |n: usize| at(bytes, n);
-            self.gemm_view(dev, rows, MatView { ptr: q.ptr, rows: total, cols: width, dtype: dt }, 0, Some(xh), wide, 0.0, bf16)?;
-            let qkv = [col(0), col(q.rows), col(q.rows + k.rows)];
-            if !Self::chunk_tc(dev, d, [qkv[0].0, qkv[1].0, qkv[2].0, hp], [total; 3]) {
-                return Err(Error::Device("cuda norm_mlstm_add: the tensor-core chunk kernels cannot take these operands".into()));
-            }
-            self.mchunk(dev, d, rows, chunk, qkv, ip, fp, st, w.cell_eps, hp, bf16)?;
-            let hh = dev.half_scratch(rows * vw, None)?;
-            let (o, ldo) = col(q.rows + k.rows + v.rows);
-            let gate = (o, ldo, if bf16 { DType::BF16 } else { DType::F32 });
-            self.group_norm_rows(dev, hp, rows, vw, d.dv, w.head_norm.ptr, 0, w.eps, gate, 0, hh, dt)?;
-            self.gemm(dev, rows, w.out_proj, 0, Some(hh), xp, 1.0)
-        })
+        self.norm_mlstm_prompt(x, rows, width, d, chunk, w, state, s, true)
+    }
+
+    fn norm_mlstm_state(&self, x: &mut CudaBuf, rows: usize, width: usize, d: MlstmDims, kernel: MlstmKernel, w: &MlstmHalf<'_, Self>, state: &mut MlstmState<CudaBuf>, s: MlstmScratch<'_, CudaBuf>) -> Result<()> {
+        // The merged prompt path without what only the outputs need: the product of k and v alone
+        // (adjacent rows of the merged weights), the chunk states, no chunk outputs, head norm
+        // or out_proj.
+        match self.merged_mlstm_prefill(x.ptr, rows, width, d, Some(kernel), w, &s) {
+            Some(chunk) => self.norm_mlstm_prompt(x, rows, width, d, chunk, w, state, s, false),
+            None => norm_mlstm_add_composed(self, x, rows, width, d, Some(kernel), w, state, s),
+        }
     }
 
     // ---- capture hooks ----------------------------------------------------------------------------

@@ -7,10 +7,10 @@
 mod common;
 
 use common::*;
-use xlstm_core::testing::{assert_greedy_matches, golden_prefill, golden_steps, rel_err, Expected};
+use xlstm_core::testing::{assert_greedy_matches, golden_prefill, golden_prefill_pruned, golden_steps, rel_err, Expected};
 use xlstm_core::state::LayerState;
-use xlstm_core::{Backend, DType, MlstmKernel, Model};
-use xlstm_cuda::CudaBackend;
+use xlstm_core::{Backend, DType, LogitRows, MlstmKernel, Model};
+use xlstm_cuda::{CudaBackend, CudaBuf};
 
 const TOL: f64 = 1e-4;
 
@@ -22,16 +22,28 @@ fn parallel_and_state(g: &CudaBackend, case: &str, dt: DType, tol: f64) {
     let exp = Expected::load(case);
     let mut model = load(g, case, dt);
     let chunk = model.chunk_size;
-    let (_, err, st) = golden_prefill(&mut model, case, MlstmKernel::Chunkwise { chunk });
+    let kernel = MlstmKernel::Chunkwise { chunk };
+    let (_, err, st) = golden_prefill(&mut model, case, kernel);
     eprintln!("{case} {dt}: chunkwise logits rel err {err:.2e}");
     assert!(err < tol, "{case} {dt}: chunkwise logits rel err {err:e}");
-    for (li, layer) in st.layers.iter().enumerate() {
+    check_state(g, &exp, &format!("{case} {dt}"), &st.layers, tol);
+    // the last row's logits alone, or none: the last block pruned, the same logits and state
+    for logits in [LogitRows::Last, LogitRows::None] {
+        let (err, st) = golden_prefill_pruned(&mut model, case, kernel, logits);
+        eprintln!("{case} {dt}: {logits:?} logits rel err {err:.2e}");
+        assert!(err < tol, "{case} {dt}: {logits:?} logits rel err {err:e}");
+        check_state(g, &exp, &format!("{case} {dt} {logits:?}"), &st.layers, tol);
+    }
+}
+
+fn check_state(g: &CudaBackend, exp: &Expected, what: &str, layers: &[LayerState<CudaBuf>], tol: f64) {
+    for (li, layer) in layers.iter().enumerate() {
         let LayerState::Mlstm { cell, .. } = layer else { panic!() };
         g.mlstm_settle(cell).unwrap();
         for (name, buf) in [("C", &cell.c), ("n", &cell.n), ("m", &cell.m)] {
             let got = g.download(buf, buf.len()).unwrap();
             let e = rel_err(&got, &exp.f64(&format!("state_{li}_{name}")));
-            assert!(e < tol, "{case} {dt}: state_{li}_{name} rel err {e:e}");
+            assert!(e < tol, "{what}: state_{li}_{name} rel err {e:e}");
         }
     }
 }

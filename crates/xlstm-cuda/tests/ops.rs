@@ -761,6 +761,7 @@ fn norm_mlstm_add_eight_heads() {
         let mut cstate = cpu_state(&c, &mut rng, dims, if kernel.is_some() { 1 } else { rows }, true);
         round_c(&mut cstate, c_dtype);
         let mut gstate = gpu_state(&g, &cstate, c_dtype);
+        let mut gstate_alone = gpu_state(&g, &cstate, c_dtype);
         let z = |n: usize| vec![0f32; n];
         let mut cx = x.clone();
         let cw = MlstmHalf { norm: &nw, eps: 1e-6, proj: [&mats[0].1, &mats[1].1, &mats[2].1, &mats[3].1, &mats[4].1, &mats[5].1], ibias: &ib, fbias: &fb, gate_cap: 15.0, cell_eps: 1e-6, head_norm: &hw, out_proj: &mats[6].1 };
@@ -783,6 +784,16 @@ fn norm_mlstm_add_eight_heads() {
         eprintln!("{what}: x relative error {:.2e}", rel(&down(&g, &gx), &cx));
         assert_close(&what, &down(&g, &gx), &cx, 2e-2);
         assert_state(&what, &g, &gstate, &mut cstate, 2e-2);
+        // the state alone (a prompt's pruned last block: k and v only, no chunk outputs), from the
+        // same start: the same state
+        if let Some(kernel) = kernel {
+            let gs = MlstmScratch { xn: &mut a, q: &mut q, k: &mut k, v: &mut v, o: &mut o, i: &mut i, f: &mut f, h: &mut h, hn: &mut hn, y: &mut b };
+            g.set_op_timing(true);
+            g.norm_mlstm_state(&mut up(&g, &x), rows, d, dims, kernel, &gw, &mut gstate_alone, gs).unwrap();
+            assert!(g.op_times().iter().any(|t| t.0 == "norm_mlstm_state"), "merged state-only path taken ({wdt})");
+            g.set_op_timing(false);
+            assert_state(&format!("{what}, state only"), &g, &gstate_alone, &mut cstate, 2e-2);
+        }
     }
     }
     g.set_weight_dtype(DType::F32);

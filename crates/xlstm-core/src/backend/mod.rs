@@ -429,6 +429,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn norm_mlstm_add(&self, x: &mut Self::Buf, rows: usize, width: usize, dims: MlstmDims, kernel: Option<MlstmKernel>, w: &MlstmHalf<'_, Self>, state: &mut MlstmState<Self::Buf>, s: MlstmScratch<'_, Self::Buf>) -> Result<()> {
         norm_mlstm_add_composed(self, x, rows, width, dims, kernel, w, state, s)
     }
+    /// What `norm_mlstm_add` does to `state`, for prompt rows whose outputs nothing reads (a prompt's
+    /// last block, where only the last row's output goes on to the head): afterwards `x`'s rows and
+    /// every buffer of `s` are unspecified. A backend may skip the work that only the outputs need
+    /// (the CUDA backend: q, o, the chunk outputs, the head norm and out_proj). Default:
+    /// `norm_mlstm_add` itself.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_mlstm_state(&self, x: &mut Self::Buf, rows: usize, width: usize, dims: MlstmDims, kernel: MlstmKernel, w: &MlstmHalf<'_, Self>, state: &mut MlstmState<Self::Buf>, s: MlstmScratch<'_, Self::Buf>) -> Result<()> {
+        self.norm_mlstm_add(x, rows, width, dims, Some(kernel), w, state, s)
+    }
     // ---- decode-step capture (optional) --------------------------------------------------------
     /// One decode step of one sequence through a whole xlstm-large stack: for each block in order,
     /// what `norm_mlstm_add` and `norm_gated_ffn_add` (SiLU) do to the row `x` [width], where the

@@ -223,23 +223,51 @@ impl<B: Backend> Network<B> for LargeNet<B> {
             self.chosen_in_stack = matches!(logits, LogitRows::Chosen) && b.decode_stack(&mut s.x, d, self.dims, &blocks, &mut cells, Some(head))?;
             self.chosen_in_stack || b.decode_stack(&mut s.x, d, self.dims, &blocks, &mut cells, None)?
         };
-        for (blk, layer) in self.blocks.iter().zip(state.iter_mut()).filter(|_| !whole) {
+        // A prompt that wants the last row's logits or none: the last block's outputs matter for
+        // that one row at most, so that block updates the state from the other rows without
+        // forming their outputs, and runs its FFN on the last row alone, moved to row 0
+        // (llama.cpp prunes the last layer's unused rows the same way).
+        let pruned = match (rows, logits) {
+            (Rows::Sequence(kernel), LogitRows::Last | LogitRows::None) if !whole => Some((kernel, matches!(logits, LogitRows::Last))),
+            _ => None,
+        };
+        let last_block = self.blocks.len().saturating_sub(1);
+        for (l, (blk, layer)) in self.blocks.iter().zip(state.iter_mut()).enumerate().filter(|_| !whole) {
             let LayerState::Mlstm { cell, .. } = layer else { unreachable!("xlstm-large state holds mLSTM layers only") };
             // mLSTM sub-block: x += out_proj(σ(o) ⊙ LN_head(mLSTM(q, k, v, ĩ, f̃))) on RMSNorm(x).
             // The compositions below are the primitive ops in order (Backend defaults); a backend
             // may fuse each (see backend/mod.rs, "fusable compositions").
-            let kernel = match rows {
+            let mut kernel = match rows {
                 Rows::Sequence(kernel) => Some(kernel),
                 Rows::Step => None,
             };
             let half = mlstm_half(blk, c);
+            let mut rows_on = n;
+            if let Some((prompt_kernel, keep_last)) = pruned.filter(|_| l == last_block) {
+                let before = if keep_last { n - 1 } else { n };
+                if keep_last {
+                    b.copy(&s.x, before * d, &mut s.last, 0, d)?;
+                }
+                if before > 0 {
+                    let scratch = MlstmScratch { xn: &mut s.xn, q: &mut s.q, k: &mut s.k, v: &mut s.v, o: &mut s.o, i: &mut s.i, f: &mut s.f, h: &mut s.h, hn: &mut s.hn, y: &mut s.y };
+                    b.norm_mlstm_state(&mut s.x, before, d, self.dims, prompt_kernel, &half, cell, scratch)?;
+                }
+                if !keep_last {
+                    break;
+                }
+                b.copy(&s.last, 0, &mut s.x, 0, d)?;
+                // the last row as a recurrent step (one row: the decode step's kernels)
+                (rows_on, kernel) = (1, None);
+            }
             let mlstm_scratch = MlstmScratch { xn: &mut s.xn, q: &mut s.q, k: &mut s.k, v: &mut s.v, o: &mut s.o, i: &mut s.i, f: &mut s.f, h: &mut s.h, hn: &mut s.hn, y: &mut s.y };
-            b.norm_mlstm_add(&mut s.x, n, d, self.dims, kernel, &half, cell, mlstm_scratch)?; // x += [n, D]
+            b.norm_mlstm_add(&mut s.x, rows_on, d, self.dims, kernel, &half, cell, mlstm_scratch)?; // x += [rows_on, D]
             // FFN sub-block (SwiGLU): x += down(silu(up_gate(RMSNorm(x))) ⊙ up(RMSNorm(x)))
             let ffn_scratch = FfnScratch { xn: &mut s.xn, g: &mut s.g, u: &mut s.u, a: &mut s.a, y: &mut s.y };
-            b.norm_gated_ffn_add(&mut s.x, n, d, &blk.norm_ffn, eps, &blk.up_gate, &blk.up, &blk.down, ff, Activation::Silu, ffn_scratch)?; // x += [n, D]
+            b.norm_gated_ffn_add(&mut s.x, rows_on, d, &blk.norm_ffn, eps, &blk.up_gate, &blk.up, &blk.down, ff, Activation::Silu, ffn_scratch)?; // x += [rows_on, D]
         }
         match logits.range(n) {
+            // (a pruned prompt's last row is row 0)
+            Some((_, 1)) if pruned.is_some() => self.head_logits_of(b, 0, 1),
             Some((first, count)) => self.head_logits_of(b, first, count),
             None => Ok(Vec::new()),
         }
