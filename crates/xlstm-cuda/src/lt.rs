@@ -104,9 +104,33 @@ fn align_of(p: CUdeviceptr) -> u32 {
     }
 }
 
-/// Candidates asked of the heuristics, and timed calls per candidate (after one untimed).
+/// Candidates asked of the heuristics, and timed calls per candidate (after one untimed;
+/// `XLSTM_CUDA_LT_REPS` sets another count, `XLSTM_CUDA_LT_LOG=1` prints every candidate's time).
 const CANDIDATES: usize = 16;
 const REPS: usize = 5;
+
+fn reps() -> usize {
+    std::env::var("XLSTM_CUDA_LT_REPS").ok().and_then(|v| v.parse().ok()).filter(|&r| r > 0).unwrap_or(REPS)
+}
+
+/// An algorithm's configuration as the log prints it: id, tile, stages, split-K, cluster shape.
+fn describe_algo(algo: &lt::cublasLtMatmulAlgo_t) -> String {
+    use lt::cublasLtMatmulAlgoConfigAttributes_t as C;
+    let get = |attr| {
+        let (mut v, mut n) = (0u32, 0usize);
+        // SAFETY: a 4-byte buffer for a 4-byte attribute; the algorithm is a live value.
+        let s = unsafe { lt::cublasLtMatmulAlgoConfigGetAttribute(algo, attr, &mut v as *mut u32 as *mut c_void, 4, &mut n) };
+        if s == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS { v as i64 } else { -1 }
+    };
+    format!(
+        "algo {} tile {} stages {} split-k {} cluster {}",
+        get(C::CUBLASLT_ALGO_CONFIG_ID),
+        get(C::CUBLASLT_ALGO_CONFIG_TILE_ID),
+        get(C::CUBLASLT_ALGO_CONFIG_STAGES_ID),
+        get(C::CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
+        get(C::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID)
+    )
+}
 
 impl Lt {
     /// None when cuBLASLt cannot be loaded or `XLSTM_CUDA_LT=0`; `ws`: the workspace it may use
@@ -244,6 +268,7 @@ impl Lt {
             let ev = |_| dres::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| Error::Device(format!("cuda event: {e}")));
             let (start, end) = (ev(0)?, ev(1)?);
             let mut best = (f32::MAX, found[0]);
+            let (reps, log) = (reps(), std::env::var("XLSTM_CUDA_LT_LOG").is_ok_and(|v| v == "1"));
             for algo in &found {
                 // An algorithm that refuses these operands is skipped.
                 if self.launch(stream, &plan, algo, p, scratch).is_err() {
@@ -252,13 +277,16 @@ impl Lt {
                 // SAFETY: events and stream are valid; the elapsed time is read after the end event.
                 let ms = unsafe {
                     dres::event::record(start, stream).ok();
-                    for _ in 0..REPS {
+                    for _ in 0..reps {
                         self.launch(stream, &plan, algo, p, scratch)?;
                     }
                     dres::event::record(end, stream).ok();
                     dres::event::synchronize(end).ok();
                     dres::event::elapsed(start, end).unwrap_or(f32::MAX)
                 };
+                if log {
+                    eprintln!("cuBLASLt {}x{}x{} out16 {} beta {}: {} {:.1} us", p.m, p.n, p.k, p.out16, p.beta, describe_algo(algo), 1000.0 * ms / reps as f32);
+                }
                 if ms < best.0 {
                     best = (ms, *algo);
                 }
