@@ -983,9 +983,9 @@ impl CudaBackend {
         Self::check_mlstm_half(x, rows, width, d, 1, w, &s, state)?;
         let [q, k, v, o, ig, fg] = w.proj;
         let (vw, dt) = (d.heads * d.dv, q.dtype);
-        // the rows of the merged weights formed: q, k, v, o, or k and v; where q, k, v start in them
+        // the rows of the merged weights formed: q, k, v, o, or k and v; where k and v start in them
         let (lead, total) = if outputs { (q, q.rows + k.rows + v.rows + o.rows) } else { (k, k.rows + v.rows) };
-        let (q_at, k_at) = if outputs { (0, q.rows) } else { (0, 0) };
+        let k_at = if outputs { q.rows } else { 0 };
         let v_at = k_at + k.rows;
         let (xp, hp, ip, fp) = (x.ptr, s.h.ptr, s.i.ptr, s.f.ptr);
         let words = [
@@ -1005,13 +1005,13 @@ impl CudaBackend {
             let at = |bytes: usize, n: usize| (wide + (bytes * n) as u64, total);
             let bf16 = dt == DType::BF16 && {
                 let c = |n: usize| at(2, n).0;
-                Self::chunk_bf16(dev, d, [c(q_at), c(k_at), c(v_at), hp], [total; 3])
+                Self::chunk_bf16(dev, d, [c(0), c(k_at), c(v_at), hp], [total; 3])
             };
             let bytes = if bf16 { 2 } else { 4 };
             let col = |n: usize| at(bytes, n);
             self.gemm_view(dev, rows, MatView { ptr: lead.ptr, rows: total, cols: width, dtype: dt }, 0, Some(xh), wide, 0.0, bf16)?;
             // (without outputs q's slot holds k: the state kernels do not read it)
-            let qkv = [col(q_at), col(k_at), col(v_at)];
+            let qkv = [col(0), col(k_at), col(v_at)];
             if !Self::chunk_tc(dev, d, [qkv[0].0, qkv[1].0, qkv[2].0, hp], [total; 3]) {
                 return Err(Error::Device("cuda norm_mlstm_add: the tensor-core chunk kernels cannot take these operands".into()));
             }
@@ -1026,7 +1026,6 @@ impl CudaBackend {
             self.gemm(dev, rows, w.out_proj, 0, Some(hh), xp, 1.0)
         })
     }
-
 
     /// What both merged `norm_mlstm_add` paths need of the projections: q, k, v, o adjacent in one
     /// 16-bit dtype (one product) and shaped for `d`, out_proj in that dtype.
