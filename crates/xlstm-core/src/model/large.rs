@@ -49,6 +49,13 @@ struct Scratch<B: Backend> {
     last: B::Buf,
 }
 
+impl<B: Backend> Scratch<B> {
+    /// The residual rows and the mLSTM half's scratch, borrowed together.
+    fn mlstm(&mut self) -> (&mut B::Buf, MlstmScratch<'_, B::Buf>) {
+        (&mut self.x, MlstmScratch { xn: &mut self.xn, q: &mut self.q, k: &mut self.k, v: &mut self.v, o: &mut self.o, i: &mut self.i, f: &mut self.f, h: &mut self.h, hn: &mut self.hn, y: &mut self.y })
+    }
+}
+
 pub struct LargeNet<B: Backend> {
     cfg: LargeConfig,
     dims: MlstmDims,
@@ -249,8 +256,8 @@ impl<B: Backend> Network<B> for LargeNet<B> {
                     b.copy(&s.x, before * d, &mut s.last, 0, d)?;
                 }
                 if before > 0 {
-                    let scratch = MlstmScratch { xn: &mut s.xn, q: &mut s.q, k: &mut s.k, v: &mut s.v, o: &mut s.o, i: &mut s.i, f: &mut s.f, h: &mut s.h, hn: &mut s.hn, y: &mut s.y };
-                    b.norm_mlstm_state(&mut s.x, before, d, self.dims, prompt_kernel, &half, cell, scratch)?;
+                    let (x, scratch) = s.mlstm();
+                    b.norm_mlstm_state(x, before, d, self.dims, prompt_kernel, &half, cell, scratch)?;
                 }
                 if !keep_last {
                     break;
@@ -259,8 +266,8 @@ impl<B: Backend> Network<B> for LargeNet<B> {
                 // the last row as a recurrent step (one row: the decode step's kernels)
                 (rows_on, kernel) = (1, None);
             }
-            let mlstm_scratch = MlstmScratch { xn: &mut s.xn, q: &mut s.q, k: &mut s.k, v: &mut s.v, o: &mut s.o, i: &mut s.i, f: &mut s.f, h: &mut s.h, hn: &mut s.hn, y: &mut s.y };
-            b.norm_mlstm_add(&mut s.x, rows_on, d, self.dims, kernel, &half, cell, mlstm_scratch)?; // x += [rows_on, D]
+            let (x, mlstm_scratch) = s.mlstm();
+            b.norm_mlstm_add(x, rows_on, d, self.dims, kernel, &half, cell, mlstm_scratch)?; // x += [rows_on, D]
             // FFN sub-block (SwiGLU): x += down(silu(up_gate(RMSNorm(x))) ⊙ up(RMSNorm(x)))
             let ffn_scratch = FfnScratch { xn: &mut s.xn, g: &mut s.g, u: &mut s.u, a: &mut s.a, y: &mut s.y };
             b.norm_gated_ffn_add(&mut s.x, rows_on, d, &blk.norm_ffn, eps, &blk.up_gate, &blk.up, &blk.down, ff, Activation::Silu, ffn_scratch)?; // x += [rows_on, D]
