@@ -122,6 +122,26 @@ fn bench_prints_json_with_floor_and_ratio() {
 }
 
 #[test]
+fn bench_rests_before_each_timed_prefill_when_asked() {
+    let args = ["bench", "--config", "tiny", "--prompt-len", "16", "--gen-len", "2", "--prefill-reps", "2", "--json"];
+    let t = std::time::Instant::now();
+    let o = xlstm(&args);
+    let plain = t.elapsed();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["prefill"]["rest_ms"], 0, "back to back by default");
+    let t = std::time::Instant::now();
+    let o = xlstm(&[&args[..], &["--prefill-rest-ms", "1500"]].concat());
+    let rested = t.elapsed();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // two timed prefills, each after 1.5 s idle (the warm-up one without): 3 s more in all
+    assert!(rested >= plain + std::time::Duration::from_secs(2), "{rested:?} with the rests against {plain:?}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["prefill"]["rest_ms"], 1500);
+    assert!(v["prefill"]["ms"].as_f64().unwrap() < 1500.0, "the rest is not timed: {}", v["prefill"]);
+}
+
+#[test]
 fn inspect_reports_parameters_and_dtypes() {
     let o = xlstm(&["inspect", "--model", &data("large_tiny_bf16_sharded"), "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -415,4 +435,20 @@ fn tune_stores_settings_that_later_runs_apply() {
     assert_eq!(chunk_used(&[]), chunk, "stored tuning applied");
     assert_eq!(chunk_used(&[("XLSTM_USE_BEST", "0")]), 64, "XLSTM_USE_BEST=0 ignores it");
     assert_eq!(chunk_used(&[("XLSTM_CHUNK_SIZE", "8")]), 8, "the environment beats the tuning");
+}
+
+/// The side-by-side scripts run only on a GPU machine; here they must at least parse, so that a
+/// syntax error cannot land unseen (skipped where python3 or bash is missing).
+#[test]
+fn peer_bench_scripts_parse() {
+    let bench = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../bench");
+    let run = |prog: &str, args: &[&str]| std::process::Command::new(prog).args(args).current_dir(&bench).output();
+    match run("python3", &["-c", "import ast, sys; ast.parse(open(sys.argv[1]).read(), sys.argv[1])", "peer.py"]) {
+        Ok(o) => assert!(o.status.success(), "bench/peer.py: {}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => eprintln!("skipped: python3 not found ({e})"),
+    }
+    match run("bash", &["-n", "side_by_side.sh"]) {
+        Ok(o) => assert!(o.status.success(), "bench/side_by_side.sh: {}", String::from_utf8_lossy(&o.stderr)),
+        Err(e) => eprintln!("skipped: bash not found ({e})"),
+    }
 }

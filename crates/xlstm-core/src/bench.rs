@@ -59,6 +59,8 @@ pub struct PrefillResult {
     /// 2 × parameters-in-matrices per token.
     pub gflop_per_token: f64,
     pub achieved_gflop_s: f64,
+    /// Idle time before each timed prefill, ms (0: back to back).
+    pub rest_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -86,18 +88,23 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     (0..n as u64).map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed)) % vocab as u64) as u32).collect()
 }
 
-/// Times a prefill of `len` tokens (after one warm-up prefill of the same length).
-pub fn prefill<B: Backend>(model: &mut Model<B>, len: usize, kernel: MlstmKernel, reps: usize) -> Result<PrefillResult> {
+/// Times a prefill of `len` tokens (after one warm-up prefill of the same length). `rest_ms` idles
+/// before each timed one: a lone request reaching an idle GPU, which starts below its power limit,
+/// where prefills run back to back (0) hold it there.
+pub fn prefill<B: Backend>(model: &mut Model<B>, len: usize, kernel: MlstmKernel, reps: usize, rest_ms: u64) -> Result<PrefillResult> {
     let ids = tokens(len, model.vocab_size(), 7);
     let mut best = f64::MAX;
-    for _ in 0..reps.max(1) + 1 {
+    for rep in 0..reps.max(1) + 1 {
         let mut st = model.new_state(1)?;
+        if rep > 0 && rest_ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(rest_ms));
+        }
         let t = Instant::now();
         model.prefill(&ids, &mut st, kernel, LogitRows::Last)?;
         best = best.min(t.elapsed().as_secs_f64());
     }
     let gflop = 2.0 * model.weight_bytes_per_token() as f64 / model.dtype.size() as f64 / 1e9;
-    Ok(PrefillResult { tokens: len, ms: best * 1e3, tok_s: len as f64 / best, gflop_per_token: gflop, achieved_gflop_s: gflop * len as f64 / best })
+    Ok(PrefillResult { tokens: len, ms: best * 1e3, tok_s: len as f64 / best, gflop_per_token: gflop, achieved_gflop_s: gflop * len as f64 / best, rest_ms })
 }
 
 /// Times `steps` decode steps of a batch (after `warmup` untimed steps). `top_k`: each step ends in

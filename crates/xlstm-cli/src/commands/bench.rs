@@ -27,6 +27,10 @@ pub struct Args {
     /// Timed prefills (after one warm-up); the best is reported.
     #[arg(long, default_value_t = 1)]
     pub prefill_reps: usize,
+    /// Idle this many ms before each timed prefill (a lone request on an idle GPU; by default they
+    /// run back to back, as on a loaded server, where a GPU at its power limit clocks lower).
+    #[arg(long, default_value_t = 0)]
+    pub prefill_rest_ms: u64,
     /// Print one JSON object (otherwise a readable summary too).
     #[arg(long)]
     pub json: bool,
@@ -89,7 +93,7 @@ fn bench_on<B: Backend>(backend: B, a: Args) -> Result<()> {
     configure(&mut model, &mut settings)?;
     let warmup = settings.warmup().max(1);
     let kernel = MlstmKernel::Chunkwise { chunk: model.chunk_size };
-    let prefill = bench::prefill(&mut model, a.prompt_len, kernel, a.prefill_reps)?;
+    let prefill = bench::prefill(&mut model, a.prompt_len, kernel, a.prefill_reps, a.prefill_rest_ms)?;
     // Decode as greedy generation runs it: the fused head's top-1 unless --fast-head 0.
     let head = settings.fast_head().then_some(1);
     let decode = bench::decode(&mut model, a.batch, a.gen_len, warmup, head)?;
