@@ -88,9 +88,9 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     (0..n as u64).map(|i| ((i.wrapping_mul(2654435761).wrapping_add(seed)) % vocab as u64) as u32).collect()
 }
 
-/// Times a prefill of `len` tokens (after one warm-up prefill of the same length). `rest_ms` idles
-/// before each timed one: a lone request reaching an idle GPU, which starts below its power limit,
-/// where prefills run back to back (0) hold it there.
+/// Times a prefill of `len` tokens (after one warm-up prefill of the same length). With `rest_ms`
+/// > 0 each timed one follows that long idle, as a lone request finds a GPU (below its power
+/// limit); with 0 they run back to back, as on a loaded server, which holds a GPU at that limit.
 pub fn prefill<B: Backend>(model: &mut Model<B>, len: usize, kernel: MlstmKernel, reps: usize, rest_ms: u64) -> Result<PrefillResult> {
     let ids = tokens(len, model.vocab_size(), 7);
     let mut best = f64::MAX;
