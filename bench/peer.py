@@ -8,7 +8,7 @@ the xLSTM-7B shape, timed the way `xlstm bench` times us. Needs torch and the `x
 --runtime nxai is the strongest setup we know: fused weights, the Triton chunkwise prefill
 (`chunkwise--triton_limit_chunk`) and Triton step kernel, the whole decode step (model, state copy,
 greedy pick) captured in a CUDA graph and replayed. --runtime transformers runs `generate()` with
-`chunkwise--triton_xl_chunk`, `native_sequence__triton` and the Triton step kernel.
+`chunkwise--triton_limit_chunk`, `native_sequence__triton` and the Triton step kernel.
 
 Prints one JSON object per line: {"peer", "what": "prefill", "tokens", "ms" (best), "median_ms",
 "tok_s" (from the best), "rest_ms"} and {"peer", "what": "decode", "batch", "ms_per_step", "tok_s",
@@ -44,7 +44,8 @@ def nxai_model():
 def transformers_model():
     from transformers import xLSTMConfig, xLSTMForCausalLM
 
-    cfg = xLSTMConfig(chunkwise_kernel="chunkwise--triton_xl_chunk", sequence_kernel="native_sequence__triton", step_kernel="triton")
+    # (NX-AI's TFLA `chunkwise--triton_xl_chunk` crashes Triton 3.6's compiler: the limit-chunk kernel)
+    cfg = xLSTMConfig(chunkwise_kernel="chunkwise--triton_limit_chunk", sequence_kernel="native_sequence__triton", step_kernel="triton")
     with torch.device("cuda"):
         m = xLSTMForCausalLM(cfg)
     return m
