@@ -13,7 +13,7 @@ greedy pick) captured in a CUDA graph and replayed. --runtime transformers runs 
 Prints one JSON object per line: {"peer", "what": "prefill", "tokens", "ms" (best), "median_ms",
 "tok_s" (from the best), "rest_ms"} and {"peer", "what": "decode", "batch", "ms_per_step", "tok_s",
 "peak_gb"}. Prefills run back to back unless --prefill-rest-ms idles before each timed one, as
-`xlstm bench --prefill-rest-ms` does.
+`xlstm bench --prefill-rest-ms` does (several values: each in turn).
 """
 import argparse
 import json
@@ -59,17 +59,16 @@ def synced(fn):
 
 
 @torch.no_grad()
-def prefill(args, m, tokens):
+def prefill(args, m, tokens, rest_ms):
     ids = torch.randint(0, VOCAB, (1, tokens), device="cuda")
     run = (lambda: m(ids, None)) if args.runtime == "nxai" else (lambda: m(ids, use_cache=True))
     synced(run)  # warm-up: Triton compiles, allocator fills
     times = []
     for _ in range(args.prefill_reps):
-        if args.prefill_rest_ms:
-            time.sleep(args.prefill_rest_ms / 1e3)
+        time.sleep(rest_ms / 1e3)
         times.append(synced(run))
     best, median = min(times), sorted(times)[len(times) // 2]
-    log(peer=args.runtime, what="prefill", tokens=tokens, ms=best * 1e3, median_ms=median * 1e3, tok_s=tokens / best, rest_ms=args.prefill_rest_ms)
+    log(peer=args.runtime, what="prefill", tokens=tokens, ms=best * 1e3, median_ms=median * 1e3, tok_s=tokens / best, rest_ms=rest_ms)
 
 
 @torch.no_grad()
@@ -120,7 +119,7 @@ def main():
     p.add_argument("--prompt-len", type=int, nargs="*", default=[2048, 8192], help="prefill lengths (none: skip)")
     p.add_argument("--batch", type=int, nargs="*", default=[1, 16, 64], help="decode batch sizes (none: skip)")
     p.add_argument("--prefill-reps", type=int, default=3, help="timed prefills after one warm-up; the best is `ms`")
-    p.add_argument("--prefill-rest-ms", type=int, default=0, help="idle before each timed prefill")
+    p.add_argument("--prefill-rest-ms", type=int, nargs="+", default=[0], help="idle before each timed prefill (each value in turn)")
     p.add_argument("--steps", type=int, default=200, help="timed decode steps")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -129,7 +128,11 @@ def main():
         sys.exit("peer.py: --prefill-reps and --steps must be at least 1")
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
-    m = nxai_model() if args.runtime == "nxai" else transformers_model()
+    try:
+        m = nxai_model() if args.runtime == "nxai" else transformers_model()
+    except ImportError as e:
+        sys.exit(f"peer.py: --runtime {args.runtime} needs the xlstm and mlstm-kernels packages (2.0.6)"
+                 f"{' and transformers' if args.runtime == 'transformers' else ''}: install them or their wheels ({e})")
     m.eval()
     with torch.no_grad():
         for w in m.parameters():
@@ -142,10 +145,11 @@ def main():
         except Exception as e:  # (out of memory at a large batch: report it and go on)
             log(peer=args.runtime, what="decode", batch=b, error=repr(e)[:300])
     for n in args.prompt_len:
-        try:
-            prefill(args, m, n)
-        except Exception as e:
-            log(peer=args.runtime, what="prefill", tokens=n, error=repr(e)[:300])
+        for rest_ms in args.prefill_rest_ms:
+            try:
+                prefill(args, m, n, rest_ms)
+            except Exception as e:
+                log(peer=args.runtime, what="prefill", tokens=n, rest_ms=rest_ms, error=repr(e)[:300])
 
 
 if __name__ == "__main__":

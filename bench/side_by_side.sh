@@ -41,8 +41,7 @@ for rest in 0 1000; do
   ours "prefill_2048_rest$rest" --prompt-len 2048 --gen-len 8 --prefill-reps 5 --prefill-rest-ms "$rest"
   ours "prefill_8192_rest$rest" --prompt-len 8192 --gen-len 8 --prefill-reps 3 --prefill-rest-ms "$rest"
 done
-python3 "$here/peer.py" --runtime nxai --prompt-len 2048 8192 --batch 1 16 64 | tee "$out/peer.jsonl"
-python3 "$here/peer.py" --runtime nxai --prompt-len 2048 8192 --batch --prefill-rest-ms 1000 | tee -a "$out/peer.jsonl"
+python3 "$here/peer.py" --runtime nxai --prompt-len 2048 8192 --batch 1 16 64 --prefill-rest-ms 0 1000 | tee "$out/peer.jsonl"
 
 python3 - "$out" <<'EOF'
 import json, sys, os
