@@ -62,6 +62,46 @@ fn lm_tiny_parallel_logits() {
     assert!(err < TOL, "vs logits_parallel: {err:e}");
 }
 
+/// A prompt asking for the last row's logits or none prunes the last block (here an sLSTM block) to
+/// that row: the last row's logits against the reference's, nothing back for none, and the state
+/// after either exactly the state after asking for every row (the cells see every row either way).
+#[test]
+fn lm_tiny_pruned_prompt() {
+    let mut model = load();
+    let ids = Expected::load("lm_tiny").ids("input_ids");
+    let kernel = MlstmKernel::Chunkwise { chunk: 16 };
+    let mut all = model.new_state(1).unwrap();
+    model.prefill(&ids, &mut all, kernel, LogitRows::All).unwrap();
+    for logits in [LogitRows::Last, LogitRows::None] {
+        let (err, st) = xlstm_core::testing::golden_prefill_pruned(&mut model, "lm_tiny", kernel, logits);
+        assert!(err < TOL, "lm_tiny {logits:?}: logits rel err {err:e}");
+        assert!(state_host(&model, &st) == state_host(&model, &all), "lm_tiny {logits:?}: the state differs from the unpruned prompt's");
+    }
+}
+
+/// The same on random weights with the last block an mLSTM block (its up_z, norm, skip, gate and
+/// down projection then run on the last row only) and an sLSTM block, several prompt lengths.
+#[test]
+fn random_pruned_prompt_equals_whole() {
+    for at in [vec![0, 2], vec![1, 3]] {
+        let mut model = random_model(&at, 13);
+        for n in [2usize, 7, 33] {
+            let ids = random_ids(n, 97, 40 + n as u64);
+            let kernel = MlstmKernel::Chunkwise { chunk: 8 };
+            let mut all = model.new_state(1).unwrap();
+            let whole = model.prefill(&ids, &mut all, kernel, LogitRows::All).unwrap();
+            let mut st = model.new_state(1).unwrap();
+            let last = model.prefill(&ids, &mut st, kernel, LogitRows::Last).unwrap();
+            let err = rel32(&last, &whole[(n - 1) * 97..]);
+            assert!(err < TOL, "slstm_at {at:?}, {n} tokens: last row's logits rel err {err:e}");
+            assert!(state_host(&model, &st) == state_host(&model, &all), "slstm_at {at:?}, {n} tokens: state after Last");
+            let mut st = model.new_state(1).unwrap();
+            assert!(model.prefill(&ids, &mut st, kernel, LogitRows::None).unwrap().is_empty());
+            assert!(state_host(&model, &st) == state_host(&model, &all), "slstm_at {at:?}, {n} tokens: state after None");
+        }
+    }
+}
+
 #[test]
 fn lm_tiny_step_logits() {
     let exp = Expected::load("lm_tiny");

@@ -1015,7 +1015,17 @@ impl<B: Backend> Network<B> for LmNet<B> {
         let (d, inner) = (dm.d, dm.inner);
         let s = self.scratch.get(rows, n, |n| Self::make_scratch(b, dm, n))?;
         b.embed(&self.embedding, ids, &mut s.x)?; //                                      [n, D]
+        // A prompt that wants the last row's logits (true) or none (false): the last block's
+        // outputs matter for that one row at most, so after its recurrent cell has taken every
+        // row into the state, the rest of the block runs on the last row alone, moved to row 0
+        // (as xlstm-large prunes; llama.cpp does the same for the last layer's unused rows).
+        let pruned = match (rows, logits) {
+            (Rows::Sequence(_), LogitRows::Last | LogitRows::None) if n > 1 => Some(matches!(logits, LogitRows::Last)),
+            _ => None,
+        };
+        let last_block = self.blocks.len().saturating_sub(1);
         for (li, (blk, layer)) in self.blocks.iter().zip(state.iter_mut()).enumerate() {
+            let prune = pruned.filter(|_| li == last_block);
             b.group_norm(&s.x, n, d, d, match blk {
                 Block::M(m) => &m.norm,
                 Block::S(sb) => &sb.norm,
@@ -1026,8 +1036,10 @@ impl<B: Backend> Network<B> for LmNet<B> {
                     let hw = dm.qkv();
                     b.matmul(&s.xn, n, &m.up_x, &mut s.xm)?; //                              [n, I]
                     add_bias(b, &mut s.xm, n, inner, &m.up_x_bias)?;
-                    b.matmul(&s.xn, n, &m.up_z, &mut s.z)?; //                               [n, I]
-                    add_bias(b, &mut s.z, n, inner, &m.up_z_bias)?;
+                    if prune.is_none() {
+                        b.matmul(&s.xn, n, &m.up_z, &mut s.z)?; //                           [n, I]
+                        add_bias(b, &mut s.z, n, inner, &m.up_z_bias)?;
+                    }
                     match rows {
                         Rows::Sequence(_) => b.conv1d_prefill(cd, n, &s.xm, &m.conv_w, &m.conv_b, &mut conv.buf, true, &mut s.c)?,
                         Rows::Step => b.conv1d_step(cd, n, &s.xm, &m.conv_w, &m.conv_b, &mut conv.buf, true, &mut s.c)?,
@@ -1047,12 +1059,26 @@ impl<B: Backend> Network<B> for LmNet<B> {
                         Rows::Sequence(kernel) => b.mlstm_prefill(kernel, cd, n, &s.q, &s.k, &s.v, &s.ig, &s.fg, cell, MLSTM_EPS, &mut s.h)?,
                         Rows::Step => b.mlstm_step(cd, n, &s.q, &s.k, &s.v, &s.ig, &s.fg, cell, MLSTM_EPS, &mut s.h)?,
                     } //                                                                    h̃ [n, I]
-                    b.group_norm(&s.h, n, inner, cd.dv, &m.outnorm, None, GN_EPS, &mut s.hn)?; // per-head norm [n, I]
-                    b.scaled_add(&mut s.hn, &s.c, &m.skip, n, inner)?; //                     + skip ⊙ c
-                    b.swiglu(&s.z, &s.hn, n * inner, &mut s.a)?; //                           ⊙ SiLU(z) [n, I]
-                    b.matmul(&s.a, n, &m.down, &mut s.y)?; //                                 [n, D]
-                    add_bias(b, &mut s.y, n, d, &m.down_bias)?;
-                    b.add(&mut s.x, &s.y, n * d)?;
+                    // the rows the rest runs on, and their h̃ and c
+                    let (t, h, c) = match prune {
+                        None => (n, &s.h, &s.c),
+                        Some(false) => break,
+                        Some(true) => {
+                            b.copy(&s.xn, (n - 1) * d, &mut s.y, 0, d)?;
+                            b.matmul(&s.y, 1, &m.up_z, &mut s.z)?; //                        z of the last row [1, I]
+                            add_bias(b, &mut s.z, 1, inner, &m.up_z_bias)?;
+                            b.copy(&s.h, (n - 1) * inner, &mut s.a, 0, inner)?;
+                            b.copy(&s.c, (n - 1) * inner, &mut s.q, 0, inner)?;
+                            last_row_to_front(b, &mut s.x, &mut s.last, n, d)?;
+                            (1, &s.a, &s.q)
+                        }
+                    };
+                    b.group_norm(h, t, inner, cd.dv, &m.outnorm, None, GN_EPS, &mut s.hn)?; // per-head norm [t, I]
+                    b.scaled_add(&mut s.hn, c, &m.skip, t, inner)?; //                        + skip ⊙ c
+                    b.swiglu(&s.z, &s.hn, t * inner, &mut s.a)?; //                           ⊙ SiLU(z) [t, I]
+                    b.matmul(&s.a, t, &m.down, &mut s.y)?; //                                 [t, D]
+                    add_bias(b, &mut s.y, t, d, &m.down_bias)?;
+                    b.add(&mut s.x, &s.y, t * d)?;
                 }
                 (Block::S(sb), LayerState::Slstm { cell, conv }) => {
                     let hw = dm.s_gates();
@@ -1076,19 +1102,29 @@ impl<B: Backend> Network<B> for LmNet<B> {
                         Rows::Sequence(_) => b.slstm_prefill(n, gates, &sb.r, &sb.bias, cell, &mut s.h)?,
                         Rows::Step => b.slstm_step(n, gates, &sb.r, &sb.bias, cell, &mut s.h)?,
                     } //                                                                    h [n, H]
-                    b.group_norm(&s.h, n, d, dm.s_dh(), &sb.group_norm, None, GN_EPS, &mut s.hn)?; // [n, H]
-                    b.add(&mut s.x, &s.hn, n * d)?;
+                    // the rows the rest runs on, and their h
+                    let (t, h) = match prune {
+                        None => (n, &s.h),
+                        Some(false) => break,
+                        Some(true) => {
+                            b.copy(&s.h, (n - 1) * d, &mut s.y, 0, d)?;
+                            last_row_to_front(b, &mut s.x, &mut s.last, n, d)?;
+                            (1, &s.y)
+                        }
+                    };
+                    b.group_norm(h, t, d, dm.s_dh(), &sb.group_norm, None, GN_EPS, &mut s.hn)?; // [t, H]
+                    b.add(&mut s.x, &s.hn, t * d)?;
                     if let Some(f) = &sb.ffn {
                         let ff = dm.ffn;
-                        b.group_norm(&s.x, n, d, d, &f.norm, None, LN_EPS, &mut s.xn)?; //   [n, D]
-                        b.matmul(&s.xn, n, &f.up_gate, &mut s.g)?; //                         [n, F]
-                        add_bias(b, &mut s.g, n, ff, &f.up_gate_bias)?;
-                        b.matmul(&s.xn, n, &f.up, &mut s.u)?; //                              [n, F]
-                        add_bias(b, &mut s.u, n, ff, &f.up_bias)?;
-                        b.gated_act(f.act, &s.g, &s.u, n * ff, &mut s.a)?; //                 act(g) ⊙ u [n, F]
-                        b.matmul(&s.a, n, &f.down, &mut s.y)?; //                             [n, D]
-                        add_bias(b, &mut s.y, n, d, &f.down_bias)?;
-                        b.add(&mut s.x, &s.y, n * d)?;
+                        b.group_norm(&s.x, t, d, d, &f.norm, None, LN_EPS, &mut s.xn)?; //   [t, D]
+                        b.matmul(&s.xn, t, &f.up_gate, &mut s.g)?; //                         [t, F]
+                        add_bias(b, &mut s.g, t, ff, &f.up_gate_bias)?;
+                        b.matmul(&s.xn, t, &f.up, &mut s.u)?; //                              [t, F]
+                        add_bias(b, &mut s.u, t, ff, &f.up_bias)?;
+                        b.gated_act(f.act, &s.g, &s.u, t * ff, &mut s.a)?; //                 act(g) ⊙ u [t, F]
+                        b.matmul(&s.a, t, &f.down, &mut s.y)?; //                             [t, D]
+                        add_bias(b, &mut s.y, t, d, &f.down_bias)?;
+                        b.add(&mut s.x, &s.y, t * d)?;
                     }
                 }
                 _ => {
@@ -1097,6 +1133,8 @@ impl<B: Backend> Network<B> for LmNet<B> {
             }
         }
         match logits.range(n) {
+            // (a pruned prompt's last row is row 0)
+            Some((_, 1)) if pruned.is_some() => self.head_logits_of(b, 0, 1),
             Some((first, count)) => self.head_logits_of(b, first, count),
             None => Ok(Vec::new()),
         }
@@ -1105,6 +1143,12 @@ impl<B: Backend> Network<B> for LmNet<B> {
     fn head_logits(&mut self, b: &B, rows: usize) -> Result<Vec<f32>> {
         self.head_logits_of(b, 0, rows)
     }
+}
+
+/// Moves row `n - 1` of `x` ([n, width]) to row 0 through `tmp` (a pruned prompt's last row).
+fn last_row_to_front<B: Backend>(b: &B, x: &mut B::Buf, tmp: &mut B::Buf, n: usize, width: usize) -> Result<()> {
+    b.copy(x, (n - 1) * width, tmp, 0, width)?;
+    b.copy(tmp, 0, x, 0, width)
 }
 
 impl<B: Backend> LmNet<B> {
