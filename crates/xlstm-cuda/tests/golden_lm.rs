@@ -6,15 +6,19 @@
 mod common;
 
 use common::*;
-use xlstm_core::testing::{golden_prefill, golden_steps, Expected};
+use xlstm_core::testing::{golden_prefill, golden_prefill_pruned, golden_steps, Expected};
+use xlstm_core::LogitRows;
 use xlstm_core::{DType, MlstmKernel, Model};
 
-/// lm_tiny's prompt through `kernels` and step by step, every logit within `tol` of the reference.
+/// lm_tiny's prompt through `kernels` and step by step, every logit within `tol` of the reference;
+/// and the prompt asking for its last row's logits only (the last block pruned to that row).
 fn prefill_and_steps(model: &mut Model<xlstm_cuda::CudaBackend>, kernels: &[MlstmKernel], tol: f64, what: &str) {
     for &kernel in kernels {
         let (_, e, _) = golden_prefill(model, "lm_tiny", kernel);
         eprintln!("lm_tiny prefill {kernel:?}{what}: rel err {e:.2e}");
         assert!(e < tol, "lm_tiny prefill {kernel:?}{what}: rel err {e:e}");
+        let (e, _) = golden_prefill_pruned(model, "lm_tiny", kernel, LogitRows::Last);
+        assert!(e < tol, "lm_tiny prefill {kernel:?}{what}, last row only: rel err {e:e}");
     }
     let (_, e) = golden_steps(model, "lm_tiny");
     eprintln!("lm_tiny step{what}: rel err {e:.2e}");

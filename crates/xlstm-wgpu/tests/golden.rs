@@ -38,6 +38,9 @@ fn parallel(case: &str, kernel: Option<MlstmKernel>, check_state: bool) {
     let err = rel_err(&logits, &exp.f64("logits_f64"));
     eprintln!("{case} {kernel:?}: rel err {err:.3e} on {}", model.backend.name());
     assert!(err < TOL, "{case} {kernel:?}: logits rel err {err:e}");
+    // the last row's logits alone: the prompt's last block pruned to that row
+    let (err, _) = golden_prefill_pruned(&mut model, case, kernel, LogitRows::Last);
+    assert!(err < TOL, "{case} {kernel:?}, last row only: logits rel err {err:e}");
     if check_state {
         for (li, layer) in st.layers.iter().enumerate() {
             let LayerState::Mlstm { cell, .. } = layer else { panic!("xlstm-large holds mLSTM layers") };
