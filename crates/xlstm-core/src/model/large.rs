@@ -230,14 +230,9 @@ impl<B: Backend> Network<B> for LargeNet<B> {
             self.chosen_in_stack = matches!(logits, LogitRows::Chosen) && b.decode_stack(&mut s.x, d, self.dims, &blocks, &mut cells, Some(head))?;
             self.chosen_in_stack || b.decode_stack(&mut s.x, d, self.dims, &blocks, &mut cells, None)?
         };
-        // A prompt that wants the last row's logits or none: the last block's outputs matter for
-        // that one row at most, so that block updates the state from the other rows without
-        // forming their outputs, and runs its FFN on the last row alone, moved to row 0
-        // (llama.cpp prunes the last layer's unused rows the same way).
-        let pruned = match (rows, logits) {
-            (Rows::Sequence(kernel), LogitRows::Last | LogitRows::None) if !whole => Some((kernel, matches!(logits, LogitRows::Last))),
-            _ => None,
-        };
+        // A pruned prompt (`LogitRows::prunable`): the last block updates the state from the other
+        // rows without forming their outputs, and runs its FFN on the last row alone.
+        let pruned = logits.prunable(rows).filter(|_| !whole);
         let last_block = self.blocks.len().saturating_sub(1);
         for (l, (blk, layer)) in self.blocks.iter().zip(state.iter_mut()).enumerate().filter(|_| !whole) {
             let LayerState::Mlstm { cell, .. } = layer else { unreachable!("xlstm-large state holds mLSTM layers only") };
@@ -272,9 +267,7 @@ impl<B: Backend> Network<B> for LargeNet<B> {
             let ffn_scratch = FfnScratch { xn: &mut s.xn, g: &mut s.g, u: &mut s.u, a: &mut s.a, y: &mut s.y };
             b.norm_gated_ffn_add(&mut s.x, rows_on, d, &blk.norm_ffn, eps, &blk.up_gate, &blk.up, &blk.down, ff, Activation::Silu, ffn_scratch)?; // x += [rows_on, D]
         }
-        match logits.range(n) {
-            // (a pruned prompt's last row is row 0)
-            Some((_, 1)) if pruned.is_some() => self.head_logits_of(b, 0, 1),
+        match logits.range_pruned(n, pruned.is_some()) {
             Some((first, count)) => self.head_logits_of(b, first, count),
             None => Ok(Vec::new()),
         }

@@ -1015,14 +1015,10 @@ impl<B: Backend> Network<B> for LmNet<B> {
         let (d, inner) = (dm.d, dm.inner);
         let s = self.scratch.get(rows, n, |n| Self::make_scratch(b, dm, n))?;
         b.embed(&self.embedding, ids, &mut s.x)?; //                                      [n, D]
-        // A prompt that wants the last row's logits (true) or none (false): the last block's
-        // outputs matter for that one row at most, so after its recurrent cell has taken every
-        // row into the state, the rest of the block runs on the last row alone, moved to row 0
-        // (as xlstm-large prunes; llama.cpp does the same for the last layer's unused rows).
-        let pruned = match (rows, logits) {
-            (Rows::Sequence(_), LogitRows::Last | LogitRows::None) if n > 1 => Some(matches!(logits, LogitRows::Last)),
-            _ => None,
-        };
+        // A pruned prompt (`LogitRows::prunable`; whether the last row is kept): after the last
+        // block's recurrent cell has taken every row into the state, the rest of the block runs
+        // on the last row alone.
+        let pruned = logits.prunable(rows).filter(|_| n > 1).map(|(_, keep_last)| keep_last);
         let last_block = self.blocks.len().saturating_sub(1);
         for (li, (blk, layer)) in self.blocks.iter().zip(state.iter_mut()).enumerate() {
             let prune = pruned.filter(|_| li == last_block);
@@ -1132,9 +1128,7 @@ impl<B: Backend> Network<B> for LmNet<B> {
                 }
             }
         }
-        match logits.range(n) {
-            // (a pruned prompt's last row is row 0)
-            Some((_, 1)) if pruned.is_some() => self.head_logits_of(b, 0, 1),
+        match logits.range_pruned(n, pruned.is_some()) {
             Some((first, count)) => self.head_logits_of(b, first, count),
             None => Ok(Vec::new()),
         }

@@ -41,6 +41,22 @@ impl LogitRows {
             LogitRows::Last => Some((n - 1, 1)),
         }
     }
+
+    /// A prompt pass (`rows` = `Rows::Sequence(kernel)`) that asks for the last row's logits or
+    /// none: its last block's outputs matter for that one row at most, so a network may run the
+    /// block's output side on that row alone, moved to row 0 (llama.cpp prunes the last layer's
+    /// unused rows the same way). Some((kernel, whether the last row is kept)), else None.
+    pub fn prunable(self, rows: Rows) -> Option<(MlstmKernel, bool)> {
+        match (rows, self) {
+            (Rows::Sequence(kernel), LogitRows::Last | LogitRows::None) => Some((kernel, self == LogitRows::Last)),
+            _ => None,
+        }
+    }
+
+    /// `range` after a forward that pruned its last block (`pruned`): the last row is row 0.
+    pub fn range_pruned(self, n: usize, pruned: bool) -> Option<(usize, usize)> {
+        self.range(n).map(|(first, count)| if pruned { (0, count) } else { (first, count) })
+    }
 }
 
 /// What a model family implements: its layers over a block of rows, and its state layout.
